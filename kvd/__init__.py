@@ -1,0 +1,3 @@
+"""kvd: a distributed key-value store on Twisted."""
+
+__version__ = "0.1.0"

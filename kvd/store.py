@@ -1,0 +1,548 @@
+"""
+A node's durable key-value store: memory first, a JSON-lines journal behind it.
+
+Layout of a data dir::
+
+    LOCK                   held (flock) by the one process that owns the dir
+    snapshot.json          {"kvd": 1, "generation": G, "data": {key: value, ...}}
+    journal-G.jsonl        one JSON record a line, written after the snapshot of generation G:
+                           ["p", key, value]  put
+                           ["d", key]         delete
+
+Writes change the in-memory dict at once and queue their record. One write + fsync at a time
+goes to the journal off the reactor thread; records queued meanwhile go out together in the
+next one (group commit), and each write's Deferred fires once its record is durable.
+
+When the journal outgrows the snapshot, new records go to journal-(G+1) and a copy of the
+state is written as the snapshot of generation G+1 (temp file, fsync, rename, fsync dir);
+only then are older journals removed. Start-up loads the snapshot and replays every journal
+of its generation or later, so a crash at any step of that sequence recovers to the same
+state. Because compaction happens when the journal is as large as the snapshot, its cost is
+amortised to a constant per written byte, whatever the number of keys.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+T = TypeVar("T")
+
+#: Runs a blocking function somewhere (a thread pool, in production) and gives its result.
+Runner = Callable[[Callable[[], T]], "Deferred[T]"]
+
+SNAPSHOT = "snapshot.json"
+SNAPSHOT_TMP = "snapshot.json.tmp"
+LOCK = "LOCK"
+FORMAT = 1
+_JOURNAL = re.compile(r"^journal-(\d+)\.jsonl$")
+#: Journals smaller than this are never compacted, so a small store does not rewrite its
+#: snapshot every few writes.
+COMPACT_MIN_BYTES = 4 * 1024 * 1024
+#: Items per slice when serialising a snapshot: between slices the GIL can go back to the
+#: reactor thread, so compaction of a large store does not stall request handling.
+SNAPSHOT_SLICE = 20_000
+
+_log = Logger()
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written; the message is one readable line."""
+
+
+class CorruptStore(StoreError):
+    """The data dir holds something recovery must not guess about."""
+
+
+class StoreLocked(StoreError):
+    """Another process owns the data dir."""
+
+
+class StoreFailed(StoreError):
+    """An earlier journal write failed; the store accepts no more writes."""
+
+
+def synchronous(f: Callable[[], T]) -> Deferred[T]:
+    """A L{Runner} that runs C{f} at once, for tests and tools."""
+    try:
+        return succeed(f())
+    except Exception:
+        return fail()
+
+
+def journal_name(generation: int) -> str:
+    return f"journal-{generation}.jsonl"
+
+
+def encode_put(key: str, value: str) -> bytes:
+    return (json.dumps(["p", key, value], ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def encode_delete(key: str) -> bytes:
+    return (json.dumps(["d", key], ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_append(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _snapshot_chunks(generation: int, items: list[tuple[str, str]]) -> Iterator[bytes]:
+    yield b'{"kvd":%d,"generation":%d,"data":{' % (FORMAT, generation)
+    for start in range(0, len(items), SNAPSHOT_SLICE):
+        body = json.dumps(dict(items[start : start + SNAPSHOT_SLICE]), ensure_ascii=False)
+        if start:
+            yield b","
+        yield body[1:-1].encode()
+    yield b"}}\n"
+
+
+def write_snapshot(
+    directory: str,
+    generation: int,
+    items: list[tuple[str, str]],
+    step: Callable[[str], None] = lambda name: None,
+) -> int:
+    """
+    Make C{items} the snapshot of C{generation}, atomically, and return its size in bytes.
+
+    C{step} is called after each step that leaves the disk in a new state; tests make it
+    raise to leave the dir as a crash at that point would.
+    """
+    tmp = os.path.join(directory, SNAPSHOT_TMP)
+    size = 0
+    with open(tmp, "wb") as f:
+        for chunk in _snapshot_chunks(generation, items):
+            f.write(chunk)
+            size += len(chunk)
+        step("written")
+        f.flush()
+        os.fsync(f.fileno())
+    step("synced")
+    os.replace(tmp, os.path.join(directory, SNAPSHOT))
+    step("renamed")
+    _fsync_dir(directory)
+    step("dir-synced")
+    return size
+
+
+def _decode_records(path: str, data: bytes, last: bool) -> tuple[list[list[Any]], int]:
+    """
+    Parse a journal's bytes into records; return them and the length of the good prefix.
+
+    A final line without its newline, or a final line that does not parse, is a record torn
+    by a crash while it was being appended; it is left out (and the caller cuts it off).
+    Anything else that does not parse is corruption.
+    """
+    end = data.rfind(b"\n") + 1
+    body, tail = data[:end], data[end:]
+    lines = body.split(b"\n")[:-1]
+    try:
+        records = json.loads(b"[" + b",".join(lines) + b"]") if lines else []
+        bad: int | None = None
+    except ValueError:
+        records, bad = [], None
+        for number, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                bad = number
+                break
+    if bad is not None:
+        if last and bad == len(lines) - 1 and not tail:
+            end -= len(lines[bad]) + 1
+        else:
+            raise CorruptStore(f"{path}: record {bad + 1} is not valid JSON; refusing to start")
+    if tail and not last:
+        raise CorruptStore(f"{path}: ends in a partial record but is not the newest journal")
+    return records, end
+
+
+def _apply(path: str, data: dict[str, str], records: list[Any]) -> None:
+    for number, record in enumerate(records, 1):
+        if (
+            isinstance(record, list)
+            and len(record) == 3
+            and record[0] == "p"
+            and isinstance(record[1], str)
+            and isinstance(record[2], str)
+        ):
+            data[record[1]] = record[2]
+        elif isinstance(record, list) and len(record) == 2 and record[0] == "d" and isinstance(record[1], str):
+            data.pop(record[1], None)
+        else:
+            raise CorruptStore(f"{path}: record {number} is not a put or delete; refusing to start")
+
+
+@define
+class Recovered:
+    """What recovery found in a data dir."""
+
+    data: dict[str, str]
+    generation: int
+    snapshot_bytes: int
+    journal_generation: int
+    journal_bytes: int
+    torn_bytes: int
+    stale: list[str]
+
+
+def recover(directory: str) -> Recovered:
+    """
+    Read a data dir's state without changing any file.
+
+    @raise CorruptStore: for anything but a torn final record.
+    """
+    names = os.listdir(directory)
+    generation, data, snapshot_bytes = 0, {}, 0
+    snapshot = os.path.join(directory, SNAPSHOT)
+    if SNAPSHOT in names:
+        with open(snapshot, "rb") as f:
+            raw = f.read()
+        snapshot_bytes = len(raw)
+        try:
+            loaded = json.loads(raw)
+        except ValueError as e:
+            raise CorruptStore(f"{snapshot}: not valid JSON ({e}); refusing to start") from None
+        if (
+            not isinstance(loaded, dict)
+            or loaded.get("kvd") != FORMAT
+            or not isinstance(loaded.get("generation"), int)
+            or not isinstance(loaded.get("data"), dict)
+        ):
+            raise CorruptStore(f"{snapshot}: not a kvd snapshot of format {FORMAT}; refusing to start")
+        generation, data = loaded["generation"], loaded["data"]
+        if not all(isinstance(v, str) for v in data.values()):
+            raise CorruptStore(f"{snapshot}: holds a value that is not a string; refusing to start")
+
+    journals = sorted((int(m.group(1)), name) for name in names if (m := _JOURNAL.match(name)))
+    stale = [name for number, name in journals if number < generation]
+    live = [(number, name) for number, name in journals if number >= generation]
+    if live and live[0][0] != generation:
+        raise CorruptStore(
+            f"{directory}: {live[0][1]} found but the snapshot is of generation {generation}"
+            " (missing snapshot or journal); refusing to start"
+        )
+    for (a, name), (b, _) in zip(live, live[1:], strict=False):
+        if b != a + 1:
+            raise CorruptStore(f"{directory}: journals are not consecutive after {name}; refusing to start")
+
+    journal_generation, journal_bytes, torn = generation, 0, 0
+    for position, (number, name) in enumerate(live):
+        path = os.path.join(directory, name)
+        with open(path, "rb") as f:
+            raw = f.read()
+        last = position == len(live) - 1
+        records, good = _decode_records(path, raw, last)
+        _apply(path, data, records)
+        journal_generation, journal_bytes, torn = number, good, len(raw) - good
+    return Recovered(data, generation, snapshot_bytes, journal_generation, journal_bytes, torn, stale)
+
+
+@define
+class Store:
+    """
+    The live store of one node. Make one with L{Store.open}.
+
+    @ivar fsync: whether each group commit is fsynced (the default); without it a power
+        failure can lose acknowledged writes, so it is only for benchmarks.
+    """
+
+    directory: str
+    _data: dict[str, str]
+    _run: Runner[Any]
+    fsync: bool
+    _lock_fd: int
+    _journal_fd: int
+    _generation: int
+    _journal_generation: int
+    _journal_bytes: int
+    _snapshot_bytes: int
+    compact_min_bytes: int = COMPACT_MIN_BYTES
+    _queue: list[bytes] = field(factory=list)
+    _waiters: list[Deferred[None]] = field(factory=list)
+    _writing: bool = False
+    _compacting: bool = False
+    _failed: StoreError | None = None
+    _idle: list[Deferred[None]] = field(factory=list)
+    _closed: bool = False
+    #: Called with a step name during compaction; see L{write_snapshot}.
+    _step: Callable[[str], None] = lambda name: None
+
+    @classmethod
+    def open(
+        cls,
+        directory: str,
+        run: Runner[Any] = synchronous,
+        fsync: bool = True,
+        compact_min_bytes: int = COMPACT_MIN_BYTES,
+    ) -> Store:
+        """
+        Take the data dir (creating it if needed), recover its state and make it writable.
+
+        @raise StoreError: with a one-line message, having changed no file, when the dir
+            cannot be created or locked or its contents are corrupt.
+        """
+        try:
+            os.makedirs(directory, exist_ok=True)
+            lock_fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot use data dir {directory}: {e.strerror}") from None
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock_fd)
+            raise StoreLocked(f"data dir {directory} is in use by another kvd process") from None
+        try:
+            found = recover(directory)
+            journal = os.path.join(directory, journal_name(found.journal_generation))
+            if found.torn_bytes:
+                _log.warn(
+                    "{journal}: dropped a torn final record ({torn} bytes) left by a crash",
+                    journal=journal,
+                    torn=found.torn_bytes,
+                )
+                os.truncate(journal, found.journal_bytes)
+            journal_fd = _open_append(journal)
+            _fsync_dir(directory)
+            leftover = [os.path.join(directory, name) for name in found.stale]
+            if os.path.exists(os.path.join(directory, SNAPSHOT_TMP)):
+                leftover.append(os.path.join(directory, SNAPSHOT_TMP))
+            for path in leftover:
+                os.remove(path)
+        except OSError as e:
+            os.close(lock_fd)
+            raise StoreError(f"cannot use data dir {directory}: {e}") from None
+        except StoreError:
+            os.close(lock_fd)
+            raise
+        return cls(
+            directory=directory,
+            data=found.data,
+            run=run,
+            fsync=fsync,
+            lock_fd=lock_fd,
+            journal_fd=journal_fd,
+            generation=found.generation,
+            journal_generation=found.journal_generation,
+            journal_bytes=found.journal_bytes,
+            snapshot_bytes=found.snapshot_bytes,
+            compact_min_bytes=compact_min_bytes,
+        )
+
+    # Reads: memory only.
+
+    def get(self, key: str) -> str | None:
+        return self._data.get(key)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def items(self) -> Iterable[tuple[str, str]]:
+        return self._data.items()
+
+    @property
+    def journal_bytes(self) -> int:
+        return self._journal_bytes
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    # Writes: memory at once, durable when the returned Deferred fires.
+
+    def put(self, key: str, value: str) -> Deferred[None]:
+        if self._failed is not None:
+            return _failed(self._failed)
+        self._data[key] = value
+        return self._append(encode_put(key, value))
+
+    def delete(self, key: str) -> Deferred[bool] | None:
+        """
+        Remove C{key}; C{None} when it is absent (nothing is written), else a Deferred that
+        fires with C{True} once the deletion is durable.
+        """
+        if key not in self._data:
+            return None
+        if self._failed is not None:
+            return _failed(self._failed)
+        del self._data[key]
+        return self._append(encode_delete(key)).addCallback(lambda _: True)
+
+    def _append(self, record: bytes) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._queue.append(record)
+        self._waiters.append(d)
+        if not self._writing:
+            self._flush()
+        return d
+
+    def _flush(self) -> None:
+        records, waiters = self._queue, self._waiters
+        self._queue, self._waiters = [], []
+        data = b"".join(records)
+        fd, fsync = self._journal_fd, self.fsync
+
+        def write() -> None:
+            _write_all(fd, data)
+            if fsync:
+                os.fsync(fd)
+
+        self._writing = True
+        self._run(write).addBoth(self._flushed, waiters, len(data))
+
+    def _flushed(self, result: object, waiters: list[Deferred[None]], size: int) -> None:
+        self._writing = False
+        if isinstance(result, Failure):
+            _log.failure("journal write failed; refusing further writes", result)
+            self._failed = StoreFailed(f"journal write failed in {self.directory}: {result.getErrorMessage()}")
+            for d in waiters + self._waiters:
+                d.errback(self._failed)
+            self._queue, self._waiters = [], []
+            self._check_idle()
+            return
+        self._journal_bytes += size
+        for d in waiters:
+            d.callback(None)
+        if self._should_compact():
+            self._start_compaction()
+        elif self._queue:
+            self._flush()
+        else:
+            self._check_idle()
+
+    # Compaction.
+
+    def _should_compact(self) -> bool:
+        return (
+            not self._compacting
+            and not self._closed
+            and self._journal_bytes > max(self._snapshot_bytes, self.compact_min_bytes)
+        )
+
+    def compact(self) -> Deferred[None]:
+        """Write a snapshot now (unless one is being written) and wait until it is done."""
+        d = self.when_idle()
+        if not self._compacting and not self._writing and self._failed is None:
+            self._start_compaction()
+            d = self.when_idle()
+        return d
+
+    def _start_compaction(self) -> None:
+        """
+        Switch new records to the next journal, then snapshot the state as of the switch.
+
+        Called only while no journal write is in flight, so the old journal is complete.
+        """
+        self._compacting = True
+        self._writing = True
+        generation = self._journal_generation + 1
+        path = os.path.join(self.directory, journal_name(generation))
+        directory = self.directory
+
+        def create() -> int:
+            fd = _open_append(path)
+            _fsync_dir(directory)
+            return fd
+
+        def created(fd: int) -> None:
+            old_fd, self._journal_fd = self._journal_fd, fd
+            os.close(old_fd)
+            self._journal_generation, self._journal_bytes = generation, 0
+            items = list(self._data.items())
+            self._run(lambda: write_snapshot(directory, generation, items, self._step)).addBoth(
+                self._snapshotted, generation
+            )
+            self._writing = False
+            if self._queue:
+                self._flush()
+            else:
+                self._check_idle()
+
+        def failed(failure: Failure) -> None:
+            self._writing = False
+            self._compacting = False
+            _log.failure("could not start a new journal in {directory}", failure, directory=directory)
+            if self._queue:
+                self._flush()
+            self._check_idle()
+
+        self._run(create).addCallbacks(created, failed)
+
+    def _snapshotted(self, result: object, generation: int) -> None:
+        self._compacting = False
+        if isinstance(result, Failure):
+            # The old journals are still there, so nothing is lost: start-up replays them.
+            _log.failure("snapshot of generation {generation} failed", result, generation=generation)
+        else:
+            assert isinstance(result, int)
+            self._snapshot_bytes = result
+            old, self._generation = self._generation, generation
+            for number in range(old, generation):
+                try:
+                    os.remove(os.path.join(self.directory, journal_name(number)))
+                except FileNotFoundError:
+                    pass
+        self._check_idle()
+
+    # Shutdown.
+
+    def when_idle(self) -> Deferred[None]:
+        """A Deferred that fires once every queued write is durable and no snapshot is running."""
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        self._check_idle()
+        return d
+
+    def _check_idle(self) -> None:
+        if self._writing or self._compacting or self._queue:
+            return
+        idle, self._idle = self._idle, []
+        for d in idle:
+            d.callback(None)
+
+    def close(self) -> Deferred[None]:
+        """Let pending writes become durable, then release the data dir."""
+        self._closed = True
+
+        def release(_: None) -> None:
+            os.close(self._journal_fd)
+            os.close(self._lock_fd)
+
+        return self.when_idle().addCallback(release)
+
+    def abandon(self) -> None:
+        """Drop the store as a crash would: no flush; only file descriptors are closed."""
+        self._closed = True
+        os.close(self._journal_fd)
+        os.close(self._lock_fd)
+
+
+def _failed(error: Exception) -> Deferred[Any]:
+    return fail(error)

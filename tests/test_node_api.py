@@ -1,0 +1,149 @@
+"""A node's HTTP API, driven through treq's StubTreq: a real client against the real resource, in memory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, ensureDeferred
+
+from kvd.resources import NodeAPI
+from kvd.store import Store
+
+BASE = "http://node.invalid"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store.open(str(tmp_path / "data"))
+    yield s
+    s.abandon()
+
+
+@pytest.fixture
+def client(store: Store) -> StubTreq:
+    return StubTreq(NodeAPI("a", store, max_value_bytes=64).resource())
+
+
+def call(client: StubTreq, method: str, path: str, data: bytes | None = None) -> tuple[int, Any, Any]:
+    """Make one request and return (status, parsed JSON body, headers), or fail the test."""
+
+    async def go() -> tuple[int, Any, Any]:
+        response = await client.request(method, BASE + path, data=data)
+        body = await response.content()
+        assert response.headers.getRawHeaders(b"content-type") == [b"application/json"], body
+        return response.code, json.loads(body), response.headers
+
+    results: list[Any] = []
+    d: Deferred[Any] = ensureDeferred(go())
+    client.flush()
+    d.addBoth(results.append)
+    assert results, "the request did not finish"
+    if isinstance(results[0], BaseException) or hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]  # type: ignore[no-any-return]
+
+
+def test_put_then_get_answers_the_documented_json(client: StubTreq) -> None:
+    assert call(client, "PUT", "/kv/mykey1", b"myvalue1")[:2] == (
+        200,
+        {"success": True, "key": "mykey1", "value": "myvalue1"},
+    )
+    assert call(client, "GET", "/kv/mykey1")[:2] == (200, {"success": True, "key": "mykey1", "value": "myvalue1"})
+
+
+def test_delete_answers_the_key_then_the_key_is_gone(client: StubTreq) -> None:
+    call(client, "PUT", "/kv/k", b"v")
+    assert call(client, "DELETE", "/kv/k")[:2] == (200, {"success": True, "key": "k"})
+    status, body, _ = call(client, "GET", "/kv/k")
+    assert status == 404 and body["success"] is False and body["key"] == "k" and body["error"]
+
+
+def test_delete_of_an_absent_key_is_404(client: StubTreq) -> None:
+    status, body, _ = call(client, "DELETE", "/kv/never")
+    assert status == 404 and body["success"] is False and body["key"] == "never"
+
+
+def test_acknowledged_put_is_already_in_the_journal(client: StubTreq, store: Store) -> None:
+    call(client, "PUT", "/kv/k", b"v")
+    reopened = Path(store.directory, "journal-0.jsonl").read_bytes()
+    assert reopened == b'["p","k","v"]\n'
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        ("/kv/a%2Fb", "a/b"),
+        ("/kv/%F0%9F%94%91", "\U0001f511"),
+        ("/kv/sp%20ace", "sp ace"),
+        ("/kv/..", ".."),
+        ("/kv/" + "k" * 512, "k" * 512),
+    ],
+)
+def test_keys_are_one_percent_decoded_segment_and_round_trip(client: StubTreq, path: str, key: str) -> None:
+    assert call(client, "PUT", path, "välue".encode())[:2] == (200, {"success": True, "key": key, "value": "välue"})
+    assert call(client, "GET", path)[1]["key"] == key
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/kv/",
+        "/kv/a/b",
+        "/kv/" + "k" * 513,
+        "/kv/%00",
+        "/kv/a%0Ab",
+        "/kv/%C0%AF",
+        "/kv/%ED%A0%80",
+    ],
+)
+def test_bad_keys_get_400_json(client: StubTreq, path: str) -> None:
+    status, body, _ = call(client, "PUT", path, b"v")
+    assert status == 400 and body["success"] is False and body["error"]
+
+
+def test_a_value_that_is_not_utf8_gets_400(client: StubTreq, store: Store) -> None:
+    status, body, _ = call(client, "PUT", "/kv/k", b"\xff\xfe")
+    assert status == 400 and "UTF-8" in body["error"]
+    assert store.get("k") is None
+
+
+def test_a_value_over_the_limit_gets_413_and_is_not_stored(client: StubTreq, store: Store) -> None:
+    assert call(client, "PUT", "/kv/k", b"x" * 64)[0] == 200
+    status, body, _ = call(client, "PUT", "/kv/k", b"x" * 65)
+    assert status == 413 and body["success"] is False
+    assert store.get("k") == "x" * 64
+
+
+def test_unknown_method_is_405_with_allow(client: StubTreq) -> None:
+    status, body, headers = call(client, "POST", "/kv/k", b"v")
+    assert status == 405 and body["success"] is False
+    assert b"PUT" in headers.getRawHeaders(b"allow")[0]
+
+
+def test_unknown_path_is_404_json(client: StubTreq) -> None:
+    status, body, _ = call(client, "GET", "/nowhere")
+    assert status == 404 and body == {"success": False, "error": "no such endpoint"}
+
+
+def test_node_reports_its_id_and_live_key_count(client: StubTreq) -> None:
+    call(client, "PUT", "/kv/a", b"1")
+    call(client, "PUT", "/kv/b", b"2")
+    call(client, "DELETE", "/kv/a")
+    assert call(client, "GET", "/node")[:2] == (200, {"success": True, "id": "a", "keys": 1})
+
+
+def test_healthz(client: StubTreq) -> None:
+    assert call(client, "GET", "/healthz")[:2] == (200, {"success": True, "status": "ok"})
+
+
+def test_a_store_that_failed_answers_503_not_a_traceback(client: StubTreq, store: Store) -> None:
+    from kvd.store import StoreFailed
+
+    store._failed = StoreFailed("journal write failed in /x: disk full")
+    status, body, _ = call(client, "PUT", "/kv/k", b"v")
+    assert status == 503 and "disk full" in body["error"]

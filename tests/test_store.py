@@ -1,0 +1,316 @@
+"""The node's store: durability, group commit, recovery and compaction, with no reactor."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from kvd.store import (
+    SNAPSHOT,
+    SNAPSHOT_TMP,
+    CorruptStore,
+    Store,
+    StoreFailed,
+    StoreLocked,
+    journal_name,
+)
+
+
+class ManualRunner:
+    """Queues blocking jobs instead of running them, so a test decides when I/O happens."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((f, d))
+        return d
+
+    def run_one(self) -> None:
+        f, d = self.jobs.pop(0)
+        try:
+            result = f()
+        except Exception:
+            d.errback(Failure())
+        else:
+            d.callback(result)
+
+    def run_all(self) -> None:
+        while self.jobs:
+            self.run_one()
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def fired(d: Deferred[Any]) -> bool:
+    results: list[object] = []
+    d.addBoth(lambda r: results.append(r) or r)
+    return bool(results)
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Store]]:
+    """Stores a test opened; abandoned (file descriptors closed) at the end."""
+    stores: list[Store] = []
+    yield stores
+    for store in stores:
+        if not store._closed:
+            store.abandon()
+
+
+def open_store(opened: list[Store], directory: Path, **kwargs: Any) -> Store:
+    store = Store.open(str(directory), **kwargs)
+    opened.append(store)
+    return store
+
+
+def reopen(opened: list[Store], store: Store, **kwargs: Any) -> Store:
+    """Reopen a store's dir as a process restarted after a crash would."""
+    if not store._closed:
+        store.abandon()
+    return open_store(opened, Path(store.directory), **kwargs)
+
+
+def test_acknowledged_writes_survive_a_crash(tmp_path: Path, opened: list[Store]) -> None:
+    store = open_store(opened, tmp_path)
+    assert fired(store.put("a", "1"))
+    assert fired(store.put("b", "2"))
+    assert fired(store.put("a", "3"))
+    deleted = store.delete("b")
+    assert deleted is not None and fired(deleted)
+    store = reopen(opened, store)
+    assert dict(store.items()) == {"a": "3"}
+
+
+def test_delete_of_an_absent_key_writes_nothing(tmp_path: Path, opened: list[Store]) -> None:
+    store = open_store(opened, tmp_path)
+    assert store.delete("nope") is None
+    assert (tmp_path / journal_name(0)).read_bytes() == b""
+
+
+def test_a_write_is_acknowledged_only_once_durable(tmp_path: Path, opened: list[Store]) -> None:
+    runner = ManualRunner()
+    store = open_store(opened, tmp_path, run=runner)
+    d = store.put("k", "v")
+    assert store.get("k") == "v", "reads see the write at once"
+    assert not fired(d)
+    assert (tmp_path / journal_name(0)).read_bytes() == b""
+    runner.run_all()
+    assert fired(d)
+    assert b'"k"' in (tmp_path / journal_name(0)).read_bytes()
+
+
+def test_writes_arriving_during_a_commit_share_the_next_one(tmp_path: Path, opened: list[Store]) -> None:
+    runner = ManualRunner()
+    store = open_store(opened, tmp_path, run=runner)
+    first = store.put("k0", "v")
+    waiting = [store.put(f"k{i}", "v") for i in range(1, 33)]
+    assert len(runner.jobs) == 1, "one write in flight; the rest wait"
+    runner.run_one()
+    assert fired(first) and not any(fired(d) for d in waiting)
+    assert len(runner.jobs) == 1, "the 32 waiting writes go out in one write + fsync"
+    runner.run_one()
+    assert all(fired(d) for d in waiting)
+    assert not runner.jobs
+
+
+def test_torn_final_record_is_dropped_and_later_writes_are_kept(tmp_path: Path, opened: list[Store]) -> None:
+    store = open_store(opened, tmp_path)
+    store.put("a", "1")
+    store.abandon()
+    with open(tmp_path / journal_name(0), "ab") as f:
+        f.write(b'["p","b","tor')
+    store = reopen(opened, store)
+    assert dict(store.items()) == {"a": "1"}
+    store.put("c", "3")
+    store = reopen(opened, store)
+    assert dict(store.items()) == {"a": "1", "c": "3"}
+
+
+def test_unparseable_final_line_counts_as_torn(tmp_path: Path, opened: list[Store]) -> None:
+    store = open_store(opened, tmp_path)
+    store.put("a", "1")
+    store.abandon()
+    with open(tmp_path / journal_name(0), "ab") as f:
+        f.write(b"\x00\x00\x00\x00\n")
+    store = reopen(opened, store)
+    assert dict(store.items()) == {"a": "1"}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda d: _insert_line(d / journal_name(0), 0, b"garbage"), id="journal-middle"),
+        pytest.param(lambda d: _insert_line(d / journal_name(0), 1, b'["x","a"]'), id="journal-unknown-record"),
+        pytest.param(lambda d: (d / SNAPSHOT).write_bytes(b'{"kvd": 1, "generation": 0, "da'), id="snapshot-cut"),
+        pytest.param(lambda d: (d / SNAPSHOT).write_bytes(b'{"hello": "world"}'), id="snapshot-foreign"),
+        pytest.param(lambda d: (d / journal_name(7)).write_bytes(b""), id="journal-gap"),
+    ],
+)
+def test_corruption_stops_start_up_and_changes_no_file(
+    tmp_path: Path, opened: list[Store], damage: Callable[[Path], None]
+) -> None:
+    store = open_store(opened, tmp_path)
+    store.put("a", "1")
+    store.put("b", "2")
+    store.abandon()
+    damage(tmp_path)
+    before = files(tmp_path)
+    with pytest.raises(CorruptStore) as e:
+        Store.open(str(tmp_path))
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+    assert files(tmp_path) == before
+
+
+def _insert_line(path: Path, position: int, line: bytes) -> None:
+    lines = path.read_bytes().split(b"\n")
+    lines.insert(position, line)
+    path.write_bytes(b"\n".join(lines))
+
+
+def test_a_second_process_cannot_take_the_data_dir(tmp_path: Path, opened: list[Store]) -> None:
+    open_store(opened, tmp_path)
+    with pytest.raises(StoreLocked, match="in use"):
+        Store.open(str(tmp_path))
+
+
+def test_a_failed_journal_write_fails_the_put_and_every_later_write(tmp_path: Path, opened: list[Store]) -> None:
+    runner = ManualRunner()
+    store = open_store(opened, tmp_path, run=runner)
+    d = store.put("a", "1")
+    os.close(store._journal_fd)
+    store._journal_fd = os.open(os.devnull, os.O_RDONLY)  # writes now fail with EBADF
+    runner.run_all()
+    errors: list[Failure] = []
+    d.addErrback(errors.append)
+    assert errors and errors[0].check(StoreFailed)
+    later: list[Failure] = []
+    store.put("b", "2").addErrback(later.append)
+    assert later and later[0].check(StoreFailed)
+
+
+def test_compaction_writes_a_snapshot_and_drops_the_old_journal(tmp_path: Path, opened: list[Store]) -> None:
+    store = open_store(opened, tmp_path, compact_min_bytes=200)
+    for i in range(50):
+        store.put(f"key{i}", "x" * 20)
+    assert store.generation >= 1
+    assert (tmp_path / SNAPSHOT).exists()
+    journals = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("journal-"))
+    assert journals == [journal_name(store.generation)]
+    store = reopen(opened, store)
+    assert dict(store.items()) == {f"key{i}": "x" * 20 for i in range(50)}
+
+
+def test_journal_stays_bounded_by_the_snapshot_under_overwrites(tmp_path: Path, opened: list[Store]) -> None:
+    """Cost per write stays flat: the journal never grows far past the snapshot."""
+    store = open_store(opened, tmp_path, compact_min_bytes=1000)
+    for i in range(5000):
+        store.put(f"key{i % 100}", str(i))
+    assert store.journal_bytes <= max(os.path.getsize(tmp_path / SNAPSHOT), 1000) + 100
+
+
+CRASH_STEPS = ["before-snapshot", "written", "synced", "renamed", "dir-synced"]
+
+
+@pytest.mark.parametrize("step", CRASH_STEPS)
+def test_a_crash_at_any_compaction_step_recovers_the_same_state(tmp_path: Path, opened: list[Store], step: str) -> None:
+    runner = ManualRunner()
+    store = open_store(opened, tmp_path, run=runner)
+    expected: dict[str, str] = {}
+    for i in range(20):
+        store.put(f"k{i}", f"v{i}")
+        expected[f"k{i}"] = f"v{i}"
+    runner.run_all()
+
+    def crash_at(name: str) -> None:
+        if name == step:
+            raise SimulatedCrash(name)
+
+    store._step = crash_at
+    store.compact()
+    runner.run_one()  # the new journal is created; the snapshot job is queued
+    # Writes during compaction land in the new journal.
+    store.put("k0", "changed")
+    store.delete("k1")
+    expected["k0"] = "changed"
+    del expected["k1"]
+    snapshot_job = runner.jobs.pop(0)
+    runner.run_all()
+    if step != "before-snapshot":
+        with pytest.raises(SimulatedCrash):
+            snapshot_job[0]()
+    store = reopen(opened, store)
+    assert dict(store.items()) == expected
+    assert not (tmp_path / SNAPSHOT_TMP).exists()
+    store.put("after", "crash")
+    store = reopen(opened, store)
+    assert dict(store.items()) == {**expected, "after": "crash"}
+
+
+def test_close_waits_for_pending_writes(tmp_path: Path, opened: list[Store]) -> None:
+    runner = ManualRunner()
+    store = open_store(opened, tmp_path, run=runner)
+    d = store.put("a", "1")
+    closed = store.close()
+    assert not fired(closed)
+    runner.run_all()
+    assert fired(d) and fired(closed)
+    store = open_store(opened, tmp_path)
+    assert store.get("a") == "1"
+
+
+keys = st.sampled_from(["a", "b", "c", "ключ", "a b", "\U0001f511", 'q"uote'])
+values = st.text(max_size=20)
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), keys, values),
+        st.tuples(st.just("delete"), keys),
+        st.tuples(st.just("compact")),
+        st.tuples(st.just("reopen")),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(operations)
+def test_any_history_reopened_equals_a_model_dict(tmp_path_factory: pytest.TempPathFactory, ops: list[Any]) -> None:
+    directory = tmp_path_factory.mktemp("store")
+    stores: list[Store] = []
+    store = open_store(stores, directory, compact_min_bytes=64)
+    model: dict[str, str] = {}
+    try:
+        for op in ops:
+            if op[0] == "put":
+                assert fired(store.put(op[1], op[2]))
+                model[op[1]] = op[2]
+            elif op[0] == "delete":
+                d = store.delete(op[1])
+                assert (d is None) == (op[1] not in model)
+                model.pop(op[1], None)
+            elif op[0] == "compact":
+                assert fired(store.compact())
+            else:
+                store = reopen(stores, store)
+            assert dict(store.items()) == model
+        store = reopen(stores, store)
+        assert dict(store.items()) == model
+    finally:
+        for s in stores:
+            if not s._closed:
+                s.abandon()

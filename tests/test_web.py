@@ -1,0 +1,58 @@
+"""The Site every role serves: request bodies are bounded before they are buffered."""
+
+from __future__ import annotations
+
+from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
+
+from kvd.web import BoundedSite
+
+
+class Echo(Resource):
+    isLeaf = True
+
+    def render_PUT(self, request: object) -> bytes:
+        return b"got %d bytes" % len(request.content.read())  # type: ignore[attr-defined]
+
+
+def connect(limit: int) -> tuple[object, StringTransport]:
+    site = BoundedSite(Echo(), max_body=limit)
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_a_content_length_over_the_limit_is_refused_before_the_body_arrives() -> None:
+    protocol, transport = connect(10)
+    protocol.dataReceived(  # type: ignore[attr-defined]
+        b"PUT /kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n"
+    )
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert b"100 Continue" not in answer
+    assert b'"success": false' in answer
+    assert transport.disconnecting
+
+
+def test_a_chunked_body_is_cut_off_once_it_passes_the_limit() -> None:
+    protocol, transport = connect(10)
+    protocol.dataReceived(  # type: ignore[attr-defined]
+        b"PUT /kv/k HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n12345678\r\n"
+    )
+    assert transport.value() == b""
+    protocol.dataReceived(b"8\r\n12345678\r\n0\r\n\r\n")  # type: ignore[attr-defined]
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert b"got" not in answer, "the resource never sees a cut-off body"
+    assert transport.disconnecting
+
+
+def test_bodies_within_the_limit_reach_the_resource() -> None:
+    protocol, transport = connect(10)
+    protocol.dataReceived(  # type: ignore[attr-defined]
+        b"PUT /kv/k HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n12345\r\n5\r\n67890\r\n0\r\n\r\n"
+    )
+    protocol.dataReceived(b"PUT /kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789")  # type: ignore[attr-defined]
+    answer = transport.value()
+    assert answer.count(b"HTTP/1.1 200 ") == 2 and answer.count(b"got 10 bytes") == 2, answer

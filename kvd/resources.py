@@ -13,6 +13,8 @@ from urllib.parse import unquote_to_bytes
 
 from attrs import define
 from klein import Klein
+from twisted.internet.defer import TimeoutError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -21,6 +23,8 @@ from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
 from werkzeug.routing import BaseConverter
 
+from kvd.client import Peers, PeerTimeout, PeerUnreachable, kv_path
+from kvd.gateway import Cluster
 from kvd.keys import (
     DEFAULT_MAX_VALUE_BYTES,
     ClientError,
@@ -29,10 +33,24 @@ from kvd.keys import (
     parse_key,
     parse_value,
 )
+from kvd.registry import InvalidRegistration, Registry, StaleIncarnation
 from kvd.store import Store, StoreError
 
 _log = Logger()
 _KV_PREFIX = b"/kv/"
+_OWNERS_PREFIX = b"/cluster/owners/"
+#: The longest long poll the registry holds open.
+MAX_WAIT = 300.0
+DEFAULT_WAIT = 30.0
+
+
+class NodeFailed(Exception):
+    """The node that owns a key could not answer; 502, or 504 when it took too long."""
+
+    def __init__(self, node_id: str, status: int, reason: str) -> None:
+        super().__init__(f"node {node_id} did not answer: {reason}")
+        self.node_id = node_id
+        self.status = status
 
 
 def _json(request: IRequest, obj: object, status: int = 200) -> bytes:
@@ -47,9 +65,25 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def _key_of(request: IRequest) -> str:
+def _key_of(request: IRequest, prefix: bytes = _KV_PREFIX) -> str:
+    """The key in a request's path, remembered for error answers."""
     # The raw path, not Klein's decoded argument: a key may hold an encoded "/" (%2F).
-    return parse_key(request.path[len(_KV_PREFIX) :])
+    key = parse_key(request.path[len(prefix) :])
+    request.kvd_key = key  # type: ignore[attr-defined]
+    return key
+
+
+def _number_arg(request: IRequest, name: bytes, kind: type[float] | type[int]) -> Any:
+    values = request.args.get(name)
+    if not values:
+        return None
+    try:
+        value = kind(values[0])
+    except ValueError:
+        raise ClientError(f"{name.decode()} must be a number") from None
+    if not 0 <= value < float("inf"):
+        raise ClientError(f"{name.decode()} must be 0 or more")
+    return value
 
 
 def _render_error(request: IRequest, failure: Failure) -> bytes:
@@ -61,6 +95,12 @@ def _render_error(request: IRequest, failure: Failure) -> bytes:
         body["key"] = key
     if isinstance(error, (ClientError, Unavailable)):
         status, body["error"] = error.status, str(error)
+    elif isinstance(error, InvalidRegistration):
+        status, body["error"] = 400, str(error)
+    elif isinstance(error, StaleIncarnation):
+        status, body["error"] = 409, str(error)
+    elif isinstance(error, NodeFailed):
+        status, body["error"], body["node"] = error.status, str(error), error.node_id
     elif isinstance(error, StoreError):
         status, body["error"] = 503, str(error)
     elif isinstance(error, RouteNotFound):
@@ -153,7 +193,7 @@ class NodeAPI:
     @app.route("/kv/<rest:_>", methods=["GET"])
     def get(self, request: IRequest, _: str) -> bytes:
         # Not async: a read touches memory only, and a coroutine per GET is measurable.
-        request.kvd_key = key = _key_of(request)  # type: ignore[attr-defined]
+        key = _key_of(request)
         value = self.store.get(key)
         if value is None:
             raise NotFound("no such key")
@@ -161,14 +201,14 @@ class NodeAPI:
 
     @app.route("/kv/<rest:_>", methods=["PUT"])
     async def put(self, request: IRequest, _: str) -> bytes:
-        request.kvd_key = key = _key_of(request)  # type: ignore[attr-defined]
+        key = _key_of(request)
         value = parse_value(request.content.read(), self.max_value_bytes)
         await self.store.put(key, value)
         return _json(request, {"success": True, "key": key, "value": value})
 
     @app.route("/kv/<rest:_>", methods=["DELETE"])
     async def delete(self, request: IRequest, _: str) -> bytes:
-        request.kvd_key = key = _key_of(request)  # type: ignore[attr-defined]
+        key = _key_of(request)
         deleted = self.store.delete(key)
         if deleted is None:
             raise NotFound("no such key")
@@ -178,6 +218,113 @@ class NodeAPI:
     @app.route("/node", methods=["GET"])
     def node(self, request: IRequest) -> bytes:
         return _json(request, {"success": True, "id": self.node_id, "keys": len(self.store)})
+
+    def resource(self) -> Resource:
+        return api_resource(self.app)
+
+
+@define
+class RegistryAPI:
+    """The service registry's HTTP API over a L{Registry}; C{clock} gives the time and times long polls."""
+
+    registry: Registry
+    clock: IReactorTime
+
+    app = Klein()
+    _common_routes(app)
+
+    @app.route("/registry/nodes", methods=["GET"])
+    async def nodes(self, request: IRequest) -> bytes:
+        index = _number_arg(request, b"index", int)
+        wait = _number_arg(request, b"wait", float)
+        self.registry.expire(self.clock.seconds())
+        if index is not None:
+            waiting = self.registry.wait_for_change(index)
+            waiting.addTimeout(min(DEFAULT_WAIT if wait is None else wait, MAX_WAIT), self.clock)
+            try:
+                await waiting
+            except TimeoutError:
+                pass  # nothing changed: answer with the same index
+        return _json(request, {"success": True, **self.registry.snapshot(), "ttl": self.registry.ttl})
+
+    @app.route("/registry/nodes/<rest:node_id>", methods=["PUT"])
+    def register(self, request: IRequest, node_id: str) -> bytes:
+        try:
+            body = json.loads(request.content.read())
+        except ValueError:
+            raise ClientError('the body must be JSON: {"url": URL, "weight": 1}') from None
+        self.registry.register(node_id, body, self.clock.seconds())
+        return _json(request, {"success": True, "ttl": self.registry.ttl})
+
+    @app.route("/registry/nodes/<rest:node_id>", methods=["DELETE"])
+    def leave(self, request: IRequest, node_id: str) -> bytes:
+        incarnation = _number_arg(request, b"incarnation", int)
+        if not self.registry.leave(node_id, self.clock.seconds(), incarnation):
+            raise NotFound(f"no registered node {node_id!r}")
+        return _json(request, {"success": True, "id": node_id})
+
+    def resource(self) -> Resource:
+        return api_resource(self.app)
+
+
+@define
+class GatewayAPI:
+    """
+    The client API in front of the cluster: each request goes to the key's owner and the
+    owner's answer comes back unchanged (status and JSON body), plus C{/cluster}.
+    """
+
+    cluster: Cluster
+    peers: Peers
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+
+    app = Klein()
+    _common_routes(app)
+
+    @app.route("/kv/", methods=["GET", "PUT", "DELETE"])
+    def empty_key(self, request: IRequest) -> bytes:
+        return _key_of(request)  # type: ignore[return-value]  # always raises BadKey
+
+    @app.route("/kv/<rest:_>", methods=["GET", "PUT", "DELETE"])
+    async def kv(self, request: IRequest, _: str) -> bytes:
+        key = _key_of(request)
+        method = request.method.decode("ascii")
+        body = None
+        if method == "PUT":
+            body = request.content.read()
+            parse_value(body, self.max_value_bytes)
+        node = self.cluster.owner(key)
+        try:
+            answer = await self.peers.call(method, node.url + kv_path(key), body)
+        except PeerTimeout as e:
+            raise NodeFailed(node.id, 504, e.reason) from None
+        except PeerUnreachable as e:
+            raise NodeFailed(node.id, 502, e.reason) from None
+        request.setResponseCode(answer.status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % len(answer.body))
+        return answer.body
+
+    @app.route("/cluster", methods=["GET"])
+    def describe(self, request: IRequest) -> bytes:
+        return _json(
+            request,
+            {
+                "success": True,
+                "nodes": [m.to_json() for m in self.cluster.sorted()],
+                "replicas": self.cluster.replicas,
+                "vnodes": self.cluster.vnodes,
+            },
+        )
+
+    @app.route("/cluster/owners/", methods=["GET"])
+    def owners_of_nothing(self, request: IRequest) -> bytes:
+        return _key_of(request, _OWNERS_PREFIX)  # type: ignore[return-value]  # always raises BadKey
+
+    @app.route("/cluster/owners/<rest:_>", methods=["GET"])
+    def owners(self, request: IRequest, _: str) -> bytes:
+        key = _key_of(request, _OWNERS_PREFIX)
+        return _json(request, {"success": True, "key": key, "nodes": self.cluster.owners(key)})
 
     def resource(self) -> Resource:
         return api_resource(self.app)

@@ -546,3 +546,32 @@ class Store:
 
 def _failed(error: Exception) -> Deferred[Any]:
     return fail(error)
+
+
+INCARNATION = "incarnation"
+
+
+def next_incarnation(directory: str) -> int:
+    """
+    Count one more start of the node that owns C{directory} and return the count.
+
+    The registry orders a node's registrations by it, so it must grow across restarts
+    whatever the wall clock does; it is kept (atomically, durably) in the data dir. Call it
+    only while holding the dir's lock.
+    """
+    path = os.path.join(directory, INCARNATION)
+    try:
+        with open(path, "rb") as f:
+            current = int(f.read().strip() or b"0")
+    except FileNotFoundError:
+        current = 0
+    except ValueError:
+        raise CorruptStore(f"{path}: not a whole number; refusing to start") from None
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(b"%d\n" % (current + 1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+    return current + 1

@@ -8,11 +8,17 @@ stderr and a non-zero status, never a traceback.
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
+from treq.client import HTTPClient
 from twisted.application import service
+from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamServerEndpoint
@@ -21,23 +27,63 @@ from twisted.logger import Logger, LoggingFile
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.resource import IResource
 
+from kvd.client import DEFAULT_TIMEOUT, Peers, RegistryClient
+from kvd.gateway import DEFAULT_REPLICAS, Cluster
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES
-from kvd.resources import NodeAPI
-from kvd.store import Store, StoreError
+from kvd.membership import Heartbeat, NodeInfo, Watcher
+from kvd.registry import InvalidRegistration, Registry, validate_node_id
+from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
+from kvd.ring import DEFAULT_VNODES
+from kvd.store import Store, StoreError, next_incarnation
 from kvd.web import BoundedSite
 
 _log = Logger()
 
-ROLES = ("node",)
+ROLES = ("node", "registry", "gateway", "dev")
 DEFAULT_LISTEN = {
     "node": "tcp:5000:interface=127.0.0.1",
+    "registry": "tcp:8500:interface=127.0.0.1",
+    "gateway": "tcp:8000:interface=127.0.0.1",
 }
+DEV_REGISTRY_PORT, DEV_GATEWAY_PORT, DEV_FIRST_NODE_PORT = 8500, 8000, 8001
+DEFAULT_TTL = 10.0
+#: Registry bodies are small JSON objects.
+REGISTRY_MAX_BODY = 64 * 1024
 
-
-class StartupError(Exception):
-    """Start-up cannot go on; the message is the one line the operator sees."""
+#: Which options each role takes (beyond --role, --access-log), and their defaults.
+ROLE_OPTIONS: dict[str, dict[str, Any]] = {
+    "node": {
+        "listen": DEFAULT_LISTEN["node"],
+        "node-id": None,
+        "data-dir": None,
+        "registry": None,
+        "advertise": None,
+        "fsync": "always",
+        "max-value-bytes": DEFAULT_MAX_VALUE_BYTES,
+    },
+    "registry": {"listen": DEFAULT_LISTEN["registry"], "ttl": DEFAULT_TTL},
+    "gateway": {
+        "listen": DEFAULT_LISTEN["gateway"],
+        "registry": None,
+        "vnodes": DEFAULT_VNODES,
+        "replicas": DEFAULT_REPLICAS,
+        "timeout": DEFAULT_TIMEOUT,
+        "max-value-bytes": DEFAULT_MAX_VALUE_BYTES,
+    },
+    "dev": {
+        "data-dir": "./kvd-data",
+        "nodes": 3,
+        "ttl": DEFAULT_TTL,
+        "vnodes": DEFAULT_VNODES,
+        "replicas": DEFAULT_REPLICAS,
+        "timeout": DEFAULT_TIMEOUT,
+        "fsync": "always",
+        "max-value-bytes": DEFAULT_MAX_VALUE_BYTES,
+    },
+}
 
 
 def _exit(message: str, status: int = 1) -> NoReturn:
@@ -51,15 +97,25 @@ def _exit(message: str, status: int = 1) -> NoReturn:
     raise SystemExit(status)
 
 
-def _positive_int(name: str) -> Any:
-    def parse(text: str) -> int:
+def _number(name: str, kind: Callable[[str], Any], minimum: float) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise usage.UsageError(f"{name} must be a whole number, not {text!r}") from None
-        if value < 1:
-            raise usage.UsageError(f"{name} must be at least 1, not {value}")
+            raise usage.UsageError(f"{name} must be a number, not {text!r}") from None
+        if not minimum <= value < float("inf"):
+            raise usage.UsageError(f"{name} must be at least {minimum:g}, not {text}")
         return value
+
+    return parse
+
+
+def _http_url(name: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise usage.UsageError(f"{name} must be an http:// or https:// URL, not {text!r}")
+        return text.rstrip("/")
 
     return parse
 
@@ -67,34 +123,113 @@ def _positive_int(name: str) -> Any:
 class Options(usage.Options):
     synopsis = "--role ROLE [options]"
     longdesc = (
-        "Run one kvd role. Roles: node (one storage node). Every role listens on a Twisted "
-        "endpoint description (--listen), loopback by default, and serves GET /healthz."
+        "Run one kvd role: node (one storage node), registry (the service registry), gateway "
+        "(the client entry point, placing keys on a consistent-hash ring), or dev (registry, "
+        "gateway and --nodes nodes in one process: registry 127.0.0.1:8500, gateway "
+        "127.0.0.1:8000, nodes 127.0.0.1:8001 and up). Every role listens on a Twisted endpoint "
+        "description (--listen), loopback by default, and serves GET /healthz. Each option "
+        "names the roles it applies to; giving it to another role is an error."
     )
 
     optFlags = [
-        ["access-log", None, "Log every request (off by default: it costs about a third of the throughput)."],
+        [
+            "access-log",
+            None,
+            "all roles: log every request (off by default: it costs about a third of the throughput).",
+        ],
     ]
 
     optParameters: list[list[Any]] = [
         ["role", None, None, "The role to run: " + ", ".join(ROLES) + "."],
-        ["listen", None, None, "Endpoint to listen on (default: node tcp:5000:interface=127.0.0.1)."],
-        ["node-id", None, None, "node: this node's id (required)."],
-        ["data-dir", None, None, "node: directory for this node's data, created if missing (required)."],
+        [
+            "listen",
+            None,
+            None,
+            "node, registry, gateway: endpoint to listen on (defaults: node tcp:5000:interface=127.0.0.1, "
+            "registry tcp:8500:interface=127.0.0.1, gateway tcp:8000:interface=127.0.0.1).",
+        ],
+        ["node-id", None, None, "node: this node's id (required): letters, digits, '.', '_', '-'; up to 128."],
+        [
+            "data-dir",
+            None,
+            None,
+            "node: this node's own directory, created if missing (required). dev: the parent of every "
+            "node's directory [default: ./kvd-data].",
+        ],
+        [
+            "registry",
+            None,
+            None,
+            "node, gateway: the registry's URL, e.g. http://127.0.0.1:8500.",
+            _http_url("--registry"),
+        ],
+        [
+            "advertise",
+            None,
+            None,
+            "node: the URL registered for this node [default: http://ADDRESS:PORT of --listen].",
+            _http_url("--advertise"),
+        ],
         [
             "fsync",
             None,
-            "always",
-            "node: 'always' fsyncs every group commit; 'never' is UNSAFE (a crash or power cut loses "
-            "acknowledged writes) and only for benchmarks.",
+            None,
+            "node, dev: 'always' [default] fsyncs every group commit; 'never' is UNSAFE (a crash or power "
+            "cut loses acknowledged writes) and only for benchmarks.",
         ],
         [
             "max-value-bytes",
             None,
-            DEFAULT_MAX_VALUE_BYTES,
-            "node: largest value accepted, in bytes; larger requests get 413.",
-            _positive_int("--max-value-bytes"),
+            None,
+            f"node, gateway, dev: largest value accepted, in bytes; larger requests get 413 [default: "
+            f"{DEFAULT_MAX_VALUE_BYTES}].",
+            _number("--max-value-bytes", int, 1),
         ],
+        [
+            "ttl",
+            None,
+            None,
+            f"registry, dev: lease length in seconds [default: {DEFAULT_TTL:g}].",
+            _number("--ttl", float, 0.1),
+        ],
+        [
+            "vnodes",
+            None,
+            None,
+            f"gateway, dev: ring points per node of weight 1 [default: {DEFAULT_VNODES}].",
+            _number("--vnodes", int, 1),
+        ],
+        [
+            "replicas",
+            None,
+            None,
+            f"gateway, dev: length of a key's preference list [default: {DEFAULT_REPLICAS}].",
+            _number("--replicas", int, 1),
+        ],
+        [
+            "timeout",
+            None,
+            None,
+            f"gateway, dev: seconds to wait for a node's answer [default: {DEFAULT_TIMEOUT:g}].",
+            _number("--timeout", float, 0.001),
+        ],
+        ["nodes", None, None, "dev: how many nodes to run [default: 3].", _number("--nodes", int, 1)],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["static-nodes"] = {}
+
+    def opt_node(self, spec: str) -> None:
+        """gateway: a static member, ID=URL (repeatable); instead of --registry."""
+        node_id, sep, url = spec.partition("=")
+        if not sep:
+            raise usage.UsageError(f"--node takes ID=URL, not {spec!r}")
+        try:
+            validate_node_id(node_id)
+        except InvalidRegistration as e:
+            raise usage.UsageError(f"--node {spec!r}: {e}") from None
+        self["static-nodes"][node_id] = _http_url("--node")(url)
 
     def opt_version(self) -> NoReturn:
         from kvd import __version__
@@ -115,14 +250,59 @@ class Options(usage.Options):
             raise usage.UsageError("--role is required: one of " + ", ".join(ROLES))
         if role not in ROLES:
             raise usage.UsageError(f"unknown role {role!r}: expected one of " + ", ".join(ROLES))
-        if self["listen"] is None:
-            self["listen"] = DEFAULT_LISTEN[role]
-        if self["fsync"] not in ("always", "never"):
+        takes = ROLE_OPTIONS[role]
+        for name in (
+            "listen",
+            "node-id",
+            "data-dir",
+            "registry",
+            "advertise",
+            "fsync",
+            "max-value-bytes",
+            "ttl",
+            "vnodes",
+            "replicas",
+            "timeout",
+            "nodes",
+        ):
+            if self[name] is not None and name not in takes:
+                raise usage.UsageError(f"--{name} does not apply to --role {role}")
+        if self["static-nodes"] and role != "gateway":
+            raise usage.UsageError(f"--node does not apply to --role {role}")
+        for name, default in takes.items():
+            if self[name] is None:
+                self[name] = default
+        if "fsync" in takes and self["fsync"] not in ("always", "never"):
             raise usage.UsageError(f"--fsync must be 'always' or 'never', not {self['fsync']!r}")
         if role == "node":
             for required in ("node-id", "data-dir"):
                 if not self[required]:
                     raise usage.UsageError(f"--role node needs --{required}")
+            try:
+                validate_node_id(self["node-id"])
+            except InvalidRegistration as e:
+                raise usage.UsageError(f"--node-id: {e}") from None
+            if self["registry"] and not self["advertise"]:
+                self["advertise"] = advertised_url(self["listen"])
+        if role == "gateway":
+            if bool(self["registry"]) == bool(self["static-nodes"]):
+                raise usage.UsageError("--role gateway needs either --registry URL or --node ID=URL (not both)")
+
+
+def advertised_url(listen: str) -> str:
+    """The URL other processes reach a listening endpoint at, for the usual tcp/ssl descriptions."""
+    kind, _, rest = listen.partition(":")
+    fields = rest.split(":")
+    port = fields[0] if fields and fields[0].isdigit() else None
+    options = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+    if kind not in ("tcp", "ssl") or port is None or port == "0":
+        raise usage.UsageError(f"cannot tell the URL of --listen {listen!r}: give --advertise URL")
+    host = options.get("interface", "")
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.getfqdn()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if kind == 'ssl' else 'http'}://{host}:{port}"
 
 
 class ThreadPoolService(service.Service):
@@ -145,7 +325,7 @@ class ThreadPoolService(service.Service):
 
 
 class StoreService(service.Service):
-    """Opens the node's store at start; at stop, lets pending writes become durable."""
+    """At stop, lets the store's pending writes become durable and releases its dir."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -186,6 +366,53 @@ class ListenService(service.Service):
         return None
 
 
+class HeartbeatService(service.Service):
+    """Keeps a node registered while it runs; leaves the registry first thing at stop."""
+
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        self.heartbeat = heartbeat
+
+    def startService(self) -> None:
+        super().startService()
+        self.heartbeat.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self.heartbeat.stop())
+
+
+class WatcherService(service.Service):
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+
+    def startService(self) -> None:
+        super().startService()
+        self.watcher.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.watcher.stop()
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    # One "Starting factory" log line per pooled connection is noise, not news.
+    noisy = False
+
+
+class HTTPClientService(service.Service):
+    """Owns the persistent connection pool of a process's outgoing calls; closes it at stop."""
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 64
+        self.pool._factory = _QuietClientFactory
+        self.peers = Peers(HTTPClient(Agent(reactor, pool=self.pool)), reactor, timeout)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.pool.closeCachedConnections()  # type: ignore[no-any-return]
+
+
 def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     try:
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
@@ -194,34 +421,99 @@ def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
         _exit(f"bad --listen endpoint {description!r}: {e}")
 
 
+def _listen(reactor: Any, description: str, resource: IResource, config: Options, max_body: int) -> ListenService:
+    site = BoundedSite(resource, max_body=max_body, access_log=bool(config["access-log"]))
+    return ListenService(_endpoint(reactor, description), description, site)
+
+
 def _exit_zero_on_sigterm(reactor: IReactorCore) -> None:
     """
     Make SIGTERM a clean stop that exits 0: twistd would otherwise re-raise the signal
     after shutdown, so systemd and scripts would see a process killed by a signal.
     """
 
+    stopping: list[int] = []
+
     def stop(signum: int, frame: object) -> None:
-        reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+        if not stopping:
+            stopping.append(signum)
+            reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
 
     reactor.callWhenRunning(signal.signal, signal.SIGTERM, stop)
 
 
-def node_services(config: Options, reactor: Any) -> list[service.Service]:
-    endpoint = _endpoint(reactor, config["listen"])
-    pool = ThreadPoolService(reactor, f"kvd-store-{config['node-id']}")
+def node_services(
+    reactor: Any,
+    config: Options,
+    node_id: str,
+    data_dir: str,
+    listen: str,
+    registry: str | None,
+    advertise: str | None,
+    pool: ThreadPoolService,
+) -> list[service.Service]:
+    """One storage node's services, in start order (they stop in reverse)."""
+    endpoint = _endpoint(reactor, listen)
     try:
-        store = Store.open(config["data-dir"], run=pool.run, fsync=config["fsync"] == "always")
+        store = Store.open(data_dir, run=pool.run, fsync=config["fsync"] == "always")
+        incarnation = next_incarnation(data_dir)
     except StoreError as e:
         _exit(str(e))
-    api = NodeAPI(config["node-id"], store, config["max-value-bytes"])
-    site = _site(api.resource(), config, max_body=config["max-value-bytes"])
-    listen = ListenService(endpoint, config["listen"], site)
-    # Stopped in reverse order: stop listening, let writes become durable, stop the threads.
-    return [pool, StoreService(store), listen]
+    except OSError as e:
+        _exit(f"cannot use data dir {data_dir}: {e}")
+    api = NodeAPI(node_id, store, config["max-value-bytes"])
+    site = BoundedSite(api.resource(), max_body=config["max-value-bytes"], access_log=bool(config["access-log"]))
+    services: list[service.Service] = [StoreService(store), ListenService(endpoint, listen, site)]
+    if registry is not None:
+        assert advertise is not None
+        client = HTTPClientService(reactor, DEFAULT_TIMEOUT)
+        heartbeat = Heartbeat(RegistryClient(client.peers, registry), node_id, advertise, incarnation, reactor)
+        services += [client, HeartbeatService(heartbeat)]
+    return services
 
 
-def _site(resource: IResource, config: Options, max_body: int) -> BoundedSite:
-    return BoundedSite(resource, max_body=max_body, access_log=config["access-log"])
+def registry_services(reactor: Any, config: Options, listen: str) -> list[service.Service]:
+    registry = Registry(config["ttl"])
+    api = RegistryAPI(registry, reactor)
+    expiry = TimerService(min(1.0, config["ttl"] / 4), lambda: registry.expire(reactor.seconds()))
+    expiry.clock = reactor
+    return [expiry, _listen(reactor, listen, api.resource(), config, REGISTRY_MAX_BODY)]
+
+
+def gateway_services(
+    reactor: Any, config: Options, listen: str, registry: str | None, static: dict[str, str]
+) -> list[service.Service]:
+    cluster = Cluster(vnodes=config["vnodes"], replicas=config["replicas"])
+    client = HTTPClientService(reactor, config["timeout"])
+    services: list[service.Service] = [client]
+    if static:
+        cluster.update({node_id: NodeInfo(node_id, url) for node_id, url in static.items()})
+    else:
+        assert registry is not None
+        watcher = Watcher(RegistryClient(client.peers, registry), reactor, cluster.update)
+        services.append(WatcherService(watcher))
+    api = GatewayAPI(cluster, client.peers, config["max-value-bytes"])
+    services.append(_listen(reactor, listen, api.resource(), config, config["max-value-bytes"]))
+    return services
+
+
+def dev_services(reactor: Any, config: Options, pool: ThreadPoolService) -> list[service.Service]:
+    registry_url = f"http://127.0.0.1:{DEV_REGISTRY_PORT}"
+    services = registry_services(reactor, config, f"tcp:{DEV_REGISTRY_PORT}:interface=127.0.0.1")
+    for number in range(1, config["nodes"] + 1):
+        port = DEV_FIRST_NODE_PORT + number - 1
+        services += node_services(
+            reactor,
+            config,
+            f"node{number}",
+            os.path.join(config["data-dir"], f"node{number}"),
+            f"tcp:{port}:interface=127.0.0.1",
+            registry_url,
+            f"http://127.0.0.1:{port}",
+            pool,
+        )
+    services += gateway_services(reactor, config, f"tcp:{DEV_GATEWAY_PORT}:interface=127.0.0.1", registry_url, {})
+    return services
 
 
 def makeService(config: Options, reactor: Any = None) -> service.MultiService:
@@ -229,8 +521,30 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    role = config["role"]
+    services: list[service.Service] = []
+    if role in ("node", "dev"):
+        pool = ThreadPoolService(reactor, "kvd-store", maxthreads=2 * (config["nodes"] if role == "dev" else 1))
+        services.append(pool)
+    if role == "node":
+        services += node_services(
+            reactor,
+            config,
+            config["node-id"],
+            config["data-dir"],
+            config["listen"],
+            config["registry"],
+            config["advertise"],
+            pool,
+        )
+    elif role == "registry":
+        services += registry_services(reactor, config, config["listen"])
+    elif role == "gateway":
+        services += gateway_services(reactor, config, config["listen"], config["registry"], config["static-nodes"])
+    else:
+        services += dev_services(reactor, config, pool)
     top = service.MultiService()
-    for child in node_services(config, reactor):
+    for child in services:
         child.setServiceParent(top)
     _exit_zero_on_sigterm(reactor)
     return top

@@ -55,7 +55,7 @@ def test_every_node_option_is_parsed() -> None:
         (("--role", "node", "--data-dir", "/d"), "needs --node-id"),
         (("--role", "node", "--node-id", "a"), "needs --data-dir"),
         (("--role", "node", "--node-id", "a", "--data-dir", "/d", "--fsync", "sometimes"), "--fsync must be"),
-        (("--role", "node", "--node-id", "a", "--data-dir", "/d", "--max-value-bytes", "lots"), "whole number"),
+        (("--role", "node", "--node-id", "a", "--data-dir", "/d", "--max-value-bytes", "lots"), "must be a number"),
         (("--role", "node", "--node-id", "a", "--data-dir", "/d", "--max-value-bytes", "0"), "at least 1"),
         (("--role", "node", "--bogus"), "bogus"),
     ],

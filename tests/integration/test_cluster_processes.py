@@ -1,0 +1,170 @@
+"""Real processes: a registry, three nodes and a gateway on loopback ports; and the dev role."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .conftest import Kvd, Processes, free_port, request
+
+pytestmark = pytest.mark.timeout(180)
+TTL = "1.5"
+
+
+def eventually(check: Callable[[], bool], seconds: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not hold within {seconds}s")
+
+
+def member_ids(port: int) -> list[str]:
+    return [n["id"] for n in request(port, "GET", "/registry/nodes")[1]["nodes"]]
+
+
+def start_cluster(processes: Processes, registry_port: int | None = None) -> tuple[Kvd, list[Kvd], Kvd]:
+    registry_port = registry_port or free_port()
+    registry = processes.kvd(
+        "registry",
+        "--role",
+        "registry",
+        "--ttl",
+        TTL,
+        "--listen",
+        f"tcp:{registry_port}:interface=127.0.0.1",
+        port=registry_port,
+    ).start()
+    url = f"http://127.0.0.1:{registry_port}"
+    nodes = [processes.node(n, None, "--registry", url).start() for n in ("a", "b", "c")]
+    gateway_port = free_port()
+    gateway = processes.kvd(
+        "gateway",
+        "--role",
+        "gateway",
+        "--registry",
+        url,
+        "--timeout",
+        "2",
+        "--listen",
+        f"tcp:{gateway_port}:interface=127.0.0.1",
+        port=gateway_port,
+    ).start()
+    eventually(lambda: len(request(gateway.port, "GET", "/cluster")[1]["nodes"]) == 3, what="gateway sees 3 nodes")
+    return registry, nodes, gateway
+
+
+def test_clients_reach_every_key_through_the_gateway(processes: Processes) -> None:
+    registry, nodes, gateway = start_cluster(processes)
+    for i in range(60):
+        assert request(gateway.port, "PUT", f"/kv/k{i}", f"v{i}".encode()) == (
+            200,
+            {"success": True, "key": f"k{i}", "value": f"v{i}"},
+        )
+    counts = [request(n.port, "GET", "/node")[1]["keys"] for n in nodes]
+    assert sum(counts) == 60 and all(c > 0 for c in counts), counts
+    for i in range(60):
+        owners = request(gateway.port, "GET", f"/cluster/owners/k{i}")[1]["nodes"]
+        first = next(n for n in nodes if n.name.startswith(f"node-{owners[0]}-"))
+        assert request(first.port, "GET", f"/kv/k{i}")[1]["value"] == f"v{i}"
+        assert request(gateway.port, "GET", f"/kv/k{i}")[1]["value"] == f"v{i}"
+
+
+def test_a_killed_node_leaves_after_the_ttl(processes: Processes) -> None:
+    registry, nodes, gateway = start_cluster(processes)
+    nodes[1].kill()
+    eventually(lambda: member_ids(registry.port) == ["a", "c"], what="b expires from the registry")
+    eventually(
+        lambda: [n["id"] for n in request(gateway.port, "GET", "/cluster")[1]["nodes"]] == ["a", "c"],
+        what="the gateway drops b",
+    )
+    assert request(gateway.port, "PUT", "/kv/after", b"x")[0] == 200
+
+
+def test_an_unreachable_owner_is_a_502_naming_it_never_a_hang(processes: Processes) -> None:
+    nodes = [processes.node(n).start() for n in ("a", "b")]
+    port = free_port()
+    gateway = processes.kvd(
+        "static-gateway",
+        "--role",
+        "gateway",
+        *[f"--node={n}=http://127.0.0.1:{node.port}" for n, node in zip("ab", nodes, strict=True)],
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        port=port,
+    ).start()
+    owner = request(gateway.port, "GET", "/cluster/owners/k")[1]["nodes"][0]
+    nodes["ab".index(owner)].kill()
+    status, body = request(gateway.port, "GET", "/kv/k", timeout=10)
+    assert status == 502 and body["node"] == owner and body["success"] is False, body
+
+
+def test_nodes_come_back_after_a_registry_restart_and_the_gateway_serves_meanwhile(processes: Processes) -> None:
+    registry, nodes, gateway = start_cluster(processes)
+    assert request(gateway.port, "PUT", "/kv/k", b"v")[0] == 200
+    registry.kill()
+    time.sleep(3)  # several TTLs with the registry gone
+    assert request(gateway.port, "GET", "/kv/k") == (200, {"success": True, "key": "k", "value": "v"})
+    assert len(request(gateway.port, "GET", "/cluster")[1]["nodes"]) == 3
+    registry.start()
+    eventually(lambda: member_ids(registry.port) == ["a", "b", "c"], what="nodes re-register")
+    assert request(gateway.port, "GET", "/kv/k")[0] == 200
+
+
+def test_a_stopped_node_leaves_the_registry_at_once(processes: Processes) -> None:
+    registry, nodes, gateway = start_cluster(processes)
+    assert nodes[2].terminate() == 0
+    assert member_ids(registry.port) == ["a", "b"]
+
+
+def test_a_gateway_with_a_static_node_list(processes: Processes) -> None:
+    node = processes.node("solo").start()
+    port = free_port()
+    gateway = processes.kvd(
+        "static-gateway",
+        "--role",
+        "gateway",
+        "--node",
+        f"solo=http://127.0.0.1:{node.port}",
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        port=port,
+    ).start()
+    assert request(gateway.port, "PUT", "/kv/x", b"y")[0] == 200
+    assert request(node.port, "GET", "/kv/x")[1]["value"] == "y"
+
+
+def _ports_free(*ports: int) -> bool:
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted listens
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def test_the_dev_role_runs_the_whole_cluster_in_one_process(processes: Processes, tmp_path: Path) -> None:
+    if not _ports_free(8000, 8500, 8001, 8002, 8003):
+        pytest.skip("the dev role's documented ports are in use on this machine")
+    dev = processes.kvd("dev", "--role", "dev", port=8000).start()
+    eventually(lambda: len(request(8000, "GET", "/cluster")[1]["nodes"]) == 3, what="dev cluster has 3 nodes")
+    assert request(8000, "PUT", "/kv/greeting", b"hello") == (
+        200,
+        {"success": True, "key": "greeting", "value": "hello"},
+    )
+    assert request(8000, "GET", "/kv/greeting")[1]["value"] == "hello"
+    owners = request(8000, "GET", "/cluster/owners/greeting")[1]["nodes"]
+    assert sorted(owners) == ["node1", "node2", "node3"]
+    assert member_ids(8500) == ["node1", "node2", "node3"]
+    assert sorted(p.name for p in (tmp_path / "kvd-data").iterdir()) == ["node1", "node2", "node3"]
+    assert dev.terminate() == 0

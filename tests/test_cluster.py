@@ -1,0 +1,272 @@
+"""
+The whole cluster in one process, with no sockets: a registry, nodes and a gateway talking
+through real treq clients and real Klein resources over an in-memory network, on a Clock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hyperlink import URL
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent, _SynchronousProducer
+from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.web.iweb import IAgent
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from kvd.client import Peers, RegistryClient
+from kvd.gateway import Cluster
+from kvd.membership import CARRY_SECONDS, Heartbeat, NodeInfo, Watcher
+from kvd.registry import Registry
+from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
+from kvd.store import Store
+
+TTL = 9.0
+
+
+@implementer(IAgent)
+class Network:
+    """Routes each request to the resource registered for its host; unknown or down hosts refuse."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, RequestTraversalAgent] = {}
+        self.down: set[str] = set()
+
+    def serve(self, host: str, resource: Resource) -> None:
+        self.hosts[host] = RequestTraversalAgent(resource)
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred[Any]:
+        host = URL.from_text(uri.decode()).host
+        if host in self.down or host not in self.hosts:
+            return fail(ConnectionRefusedError(host))
+        return self.hosts[host].request(method, uri, headers, bodyProducer)
+
+    def flush(self) -> None:
+        for _ in range(20):
+            for agent in list(self.hosts.values()):
+                agent.flush()
+
+
+class Hang(Resource):
+    """A node that accepts requests and never answers."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> Any:
+        return NOT_DONE_YET
+
+
+class Harness:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.clock = Clock()
+        self.network = Network()
+        http = HTTPClient(self.network, data_to_body_producer=_SynchronousProducer)
+        self.peers = Peers(http, self.clock, 2.0)
+        self.client = Peers(http, self.clock, 60.0)  # the test's own client is patient
+        self.registry = Registry(TTL)
+        self.network.serve("registry.test", RegistryAPI(self.registry, self.clock).resource())
+        self.stores: dict[str, Store] = {}
+        self.heartbeats: dict[str, Heartbeat] = {}
+        self.cluster = Cluster(vnodes=64, replicas=3)
+        self.watcher = Watcher(self.registry_client(), self.clock, self.cluster.update, wait=5.0)
+        self.network.serve("gateway.test", GatewayAPI(self.cluster, self.peers).resource())
+
+    def registry_client(self) -> RegistryClient:
+        return RegistryClient(self.peers, "http://registry.test")
+
+    def start_node(self, node_id: str, incarnation: int = 1) -> Heartbeat:
+        store = self.stores.get(node_id) or Store.open(str(self.tmp_path / node_id))
+        self.stores[node_id] = store
+        host = f"{node_id}.test"
+        self.network.down.discard(host)
+        self.network.serve(host, NodeAPI(node_id, store).resource())
+        heartbeat = Heartbeat(self.registry_client(), node_id, f"http://{host}", incarnation, self.clock)
+        self.heartbeats[node_id] = heartbeat
+        heartbeat.start()
+        self.settle()
+        return heartbeat
+
+    def crash_node(self, node_id: str) -> None:
+        """The node's process dies: it stops answering and stops renewing."""
+        self.heartbeats[node_id]._stopped = True
+        pending = self.heartbeats[node_id]._pending
+        if pending is not None and pending.active():
+            pending.cancel()
+        self.network.down.add(f"{node_id}.test")
+
+    def settle(self) -> None:
+        self.network.flush()
+
+    def advance(self, seconds: float, step: float = 0.5) -> None:
+        elapsed = 0.0
+        while elapsed < seconds:
+            self.clock.advance(step)
+            self.settle()
+            elapsed += step
+
+    def call(self, method: str, url: str, body: bytes | None = None) -> tuple[int, Any]:
+        results: list[Any] = []
+        d = ensureDeferred(self._call(method, url, body))
+        d.addBoth(results.append)
+        self.settle()
+        assert results, f"{method} {url} did not finish"
+        if hasattr(results[0], "raiseException"):
+            results[0].raiseException()
+        return results[0]  # type: ignore[no-any-return]
+
+    async def _call(self, method: str, url: str, body: bytes | None) -> tuple[int, Any]:
+        answer = await self.client.call(method, url, body)
+        return answer.status, json.loads(answer.body)
+
+    def gateway(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+        return self.call(method, "http://gateway.test" + path, body)
+
+    def close(self) -> None:
+        self.watcher.stop()
+        for store in self.stores.values():
+            store.abandon()
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tmp_path)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def test_nodes_register_at_start_and_the_gateway_sees_them(harness: Harness) -> None:
+    harness.watcher.start()
+    for node_id in ("a", "b", "c"):
+        harness.start_node(node_id)
+    harness.advance(1)
+    status, body = harness.gateway("GET", "/cluster")
+    assert status == 200
+    assert body == {
+        "success": True,
+        "nodes": [{"id": n, "url": f"http://{n}.test", "weight": 1} for n in ("a", "b", "c")],
+        "replicas": 3,
+        "vnodes": 64,
+    }
+
+
+def test_the_gateway_forwards_each_key_to_its_first_owner(harness: Harness) -> None:
+    harness.watcher.start()
+    for node_id in ("a", "b", "c"):
+        harness.start_node(node_id)
+    harness.advance(1)
+    for i in range(30):
+        key = f"key{i}"
+        assert harness.gateway("PUT", f"/kv/{key}", b"v%d" % i) == (
+            200,
+            {"success": True, "key": key, "value": f"v{i}"},
+        )
+        owners = harness.gateway("GET", f"/cluster/owners/{key}")[1]["nodes"]
+        assert sorted(owners) == ["a", "b", "c"]
+        assert harness.stores[owners[0]].get(key) == f"v{i}"
+        assert all(harness.stores[other].get(key) is None for other in owners[1:])
+        assert harness.gateway("GET", f"/kv/{key}") == (200, {"success": True, "key": key, "value": f"v{i}"})
+    assert harness.gateway("DELETE", "/kv/key0") == (200, {"success": True, "key": "key0"})
+    assert harness.gateway("GET", "/kv/key0")[0] == 404
+
+
+def test_heartbeats_keep_a_live_node_registered_past_many_ttls(harness: Harness) -> None:
+    harness.start_node("a")
+    harness.advance(TTL * 5)
+    assert harness.registry.is_member("a")
+
+
+def test_a_crashed_node_is_dropped_after_the_ttl_and_the_gateway_follows(harness: Harness) -> None:
+    harness.watcher.start()
+    harness.start_node("a")
+    harness.start_node("b")
+    harness.advance(1)
+    assert set(harness.cluster.members) == {"a", "b"}
+    harness.crash_node("b")
+    harness.advance(TTL / 2)
+    assert set(harness.cluster.members) == {"a", "b"}, "still within the lease"
+    harness.advance(TTL)
+    assert set(harness.cluster.members) == {"a"}
+
+
+def test_a_stopped_node_leaves_at_once(harness: Harness) -> None:
+    harness.watcher.start()
+    harness.start_node("a")
+    heartbeat = harness.start_node("b")
+    harness.advance(1)
+    stopped = ensureDeferred(heartbeat.stop())
+    harness.settle()
+    assert stopped.called
+    harness.advance(1)
+    assert set(harness.cluster.members) == {"a"}
+    assert not harness.registry.is_member("b")
+
+
+def test_a_restarted_registry_relearns_nodes_and_the_gateway_keeps_serving(harness: Harness) -> None:
+    harness.watcher.start()
+    harness.start_node("a")
+    harness.start_node("b")
+    harness.advance(1)
+    assert harness.gateway("PUT", "/kv/k", b"v")[0] == 200
+
+    harness.network.down.add("registry.test")  # the registry dies...
+    harness.advance(TTL * 2)
+    assert set(harness.cluster.members) == {"a", "b"}, "the gateway serves from the last membership"
+    assert harness.gateway("GET", "/kv/k") == (200, {"success": True, "key": "k", "value": "v"})
+
+    harness.registry = Registry(TTL)  # ...and comes back empty
+    harness.network.serve("registry.test", RegistryAPI(harness.registry, harness.clock).resource())
+    harness.network.down.discard("registry.test")
+    harness.advance(TTL)
+    assert {m.id for m in harness.registry.members()} == {"a", "b"}, "nodes registered again"
+    assert harness.gateway("GET", "/kv/k")[0] == 200
+    harness.advance(CARRY_SECONDS)
+    assert set(harness.cluster.members) == {"a", "b"}
+
+
+def test_a_node_that_does_not_answer_gets_504_naming_it(harness: Harness) -> None:
+    harness.cluster.update({"slow": NodeInfo("slow", "http://slow.test")})
+    harness.network.serve("slow.test", Hang())
+    results: list[Any] = []
+    ensureDeferred(harness._call("GET", "http://gateway.test/kv/k", None)).addBoth(results.append)
+    harness.settle()
+    assert not results, "still waiting for the node"
+    harness.advance(3)
+    assert results == [(504, {"success": False, "key": "k", "node": "slow", "error": results[0][1]["error"]})]
+    assert "slow" in results[0][1]["error"]
+
+
+def test_an_unreachable_node_gets_502_naming_it(harness: Harness) -> None:
+    harness.cluster.update({"gone": NodeInfo("gone", "http://gone.test")})
+    status, body = harness.gateway("PUT", "/kv/k", b"v")
+    assert status == 502 and body["node"] == "gone" and body["key"] == "k" and body["success"] is False
+
+
+def test_no_nodes_is_503(harness: Harness) -> None:
+    status, body = harness.gateway("GET", "/kv/k")
+    assert status == 503 and body["success"] is False and "no storage nodes" in body["error"]
+
+
+def test_the_gateway_checks_keys_and_values_itself(harness: Harness) -> None:
+    harness.cluster.update({"gone": NodeInfo("gone", "http://gone.test")})
+    assert harness.gateway("PUT", "/kv/a%2F", b"\xff")[0] == 400
+    assert harness.gateway("GET", "/kv/")[0] == 400
+    assert harness.gateway("GET", "/cluster/owners/")[0] == 400
+
+
+def test_owners_list_replicas_distinct_nodes_first_owner_first(harness: Harness) -> None:
+    harness.cluster.update({n: NodeInfo(n, f"http://{n}.test") for n in "abcd"})
+    status, body = harness.gateway("GET", "/cluster/owners/a%2Fb")
+    assert status == 200 and body["key"] == "a/b"
+    assert len(body["nodes"]) == 3 and len(set(body["nodes"])) == 3
+    assert body["nodes"][0] == harness.cluster.owner("a/b").id

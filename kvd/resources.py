@@ -8,17 +8,19 @@ is logged with its traceback and answered with a plain 500 JSON body, never the 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from attrs import define
 from klein import Klein
-from twisted.internet.defer import TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
 from werkzeug.routing import BaseConverter
@@ -127,30 +129,64 @@ def _render_error(request: IRequest, failure: Failure) -> bytes:
     return _json(request, body, status)
 
 
-class _Utf8Paths(Resource):
+#: A key-value handler: C{(request, key)} to a body, or a Deferred of one.
+KVHandler = Callable[[IRequest, str], "bytes | Deferred[bytes]"]
+
+
+class _FrontDoor(Resource):
     """
-    Answers a path that is not UTF-8 with 400 JSON before Klein sees it (Klein would answer
-    in plain text).
+    What a role's Site serves: C{/kv/{key}} requests go straight to their handlers, and
+    everything else to the role's Klein app.
+
+    Klein binds a werkzeug URL map (with a getsockname call), matches it and runs a chain
+    of Deferreds for every request; on the key-value path that was half of a node's time.
+    The handlers are the same methods Klein routes to, and errors go through the same
+    error table. A path that is not UTF-8 gets 400 JSON here (Klein would answer in plain
+    text).
     """
 
     isLeaf = True
 
-    def __init__(self, app: Resource) -> None:
+    def __init__(self, app: Resource, kv: Mapping[bytes, KVHandler]) -> None:
         super().__init__()
         self._app = app
+        self._kv = kv
 
     def render(self, request: IRequest) -> Any:
+        path = request.path
+        if path.startswith(_KV_PREFIX) and len(path) > len(_KV_PREFIX):
+            handler = self._kv.get(request.method)
+            if handler is not None:
+                return self._render_kv(request, handler)
         try:
-            unquote_to_bytes(request.path).decode("utf-8")
+            unquote_to_bytes(path).decode("utf-8")
         except UnicodeDecodeError:
-            _log.info("{path}: 400 the URL path is not valid UTF-8", path=_text(request.path))
+            _log.info("{path}: 400 the URL path is not valid UTF-8", path=_text(path))
             return _json(request, {"success": False, "error": "the URL path is not valid UTF-8"}, 400)
         return self._app.render(request)
 
+    def _render_kv(self, request: Any, handler: KVHandler) -> Any:
+        try:
+            result = handler(request, "")
+        except Exception:
+            return _render_error(request, Failure())
+        if not isinstance(result, Deferred):
+            return result
+        result.addErrback(lambda failure: _render_error(request, failure))
+        result.addCallback(_write_and_finish, request)
+        request.notifyFinish().addErrback(lambda _: result.cancel())
+        return NOT_DONE_YET
 
-def api_resource(app: Klein) -> Resource:
-    """The resource to serve for a role's Klein app."""
-    return _Utf8Paths(app.resource())
+
+def _write_and_finish(body: bytes, request: Any) -> None:
+    if not request.finished and not request._disconnected:
+        request.write(body)
+        request.finish()
+
+
+def api_resource(app: Klein, kv: Mapping[bytes, KVHandler] | None = None) -> Resource:
+    """The resource to serve for a role's Klein app (and its key-value handlers, by method)."""
+    return _FrontDoor(app.resource(), kv or {})
 
 
 class _Rest(BaseConverter):
@@ -220,7 +256,14 @@ class NodeAPI:
         return _json(request, {"success": True, "id": self.node_id, "keys": len(self.store)})
 
     def resource(self) -> Resource:
-        return api_resource(self.app)
+        return api_resource(
+            self.app,
+            {
+                b"GET": self.get,
+                b"PUT": lambda request, _: Deferred.fromCoroutine(self.put(request, _)),
+                b"DELETE": lambda request, _: Deferred.fromCoroutine(self.delete(request, _)),
+            },
+        )
 
 
 @define
@@ -317,6 +360,10 @@ class GatewayAPI:
             },
         )
 
+    def resource(self) -> Resource:
+        forward: KVHandler = lambda request, _: Deferred.fromCoroutine(self.kv(request, _))  # noqa: E731
+        return api_resource(self.app, {b"GET": forward, b"PUT": forward, b"DELETE": forward})
+
     @app.route("/cluster/owners/", methods=["GET"])
     def owners_of_nothing(self, request: IRequest) -> bytes:
         return _key_of(request, _OWNERS_PREFIX)  # type: ignore[return-value]  # always raises BadKey
@@ -326,5 +373,3 @@ class GatewayAPI:
         key = _key_of(request, _OWNERS_PREFIX)
         return _json(request, {"success": True, "key": key, "nodes": self.cluster.owners(key)})
 
-    def resource(self) -> Resource:
-        return api_resource(self.app)

@@ -10,6 +10,7 @@ naming the URL, never a hang.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -320,6 +321,14 @@ class KeepAlivePool:
     max_answer: int = DEFAULT_MAX_ANSWER
     max_idle: int = 64
     _idle: dict[tuple[str, int], list[KeepAliveProtocol]] = field(factory=dict)
+    #: Connects a protocol to (host, port); tests replace it.
+    connect: Callable[[str, int, KeepAliveProtocol], Deferred[KeepAliveProtocol]] | None = None
+
+    def _connect(self, host: str, port: int, protocol: KeepAliveProtocol) -> Deferred[KeepAliveProtocol]:
+        if self.connect is not None:
+            return self.connect(host, port, protocol)
+        connected: Deferred[KeepAliveProtocol] = connectProtocol(HostnameEndpoint(self.reactor, host, port), protocol)
+        return connected
 
     async def call(self, host: str, port: int, method: str, path: str, body: bytes | None) -> Answer:
         head = b"%s %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Length: %d\r\n\r\n" % (
@@ -341,8 +350,7 @@ class KeepAlivePool:
                 break
             self._keep(host, port, connection)
             return answer
-        endpoint = HostnameEndpoint(self.reactor, host, port)
-        fresh: KeepAliveProtocol = await connectProtocol(endpoint, KeepAliveProtocol(self.max_answer))
+        fresh = await self._connect(host, port, KeepAliveProtocol(self.max_answer))
         try:
             answer = await fresh.request(head, body)
         except _Closed as e:

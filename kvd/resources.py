@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from attrs import define
+from attrs import define, field
 from klein import Klein
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -35,6 +35,7 @@ from kvd.keys import (
     parse_key,
     parse_value,
 )
+from kvd.metrics import CONTENT_TYPE, Metrics
 from kvd.registry import InvalidRegistration, Registry, StaleIncarnation
 from kvd.store import Store, StoreError
 
@@ -210,6 +211,13 @@ def _common_routes(app: Klein) -> None:
     def healthz(self: Any, request: IRequest) -> bytes:
         return _json(request, {"success": True, "status": "ok"})
 
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self: Any, request: IRequest) -> bytes:
+        body: bytes = self.metrics.render()
+        request.setHeader(b"content-type", CONTENT_TYPE)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
+
 
 @define
 class NodeAPI:
@@ -218,6 +226,25 @@ class NodeAPI:
     node_id: str
     store: Store
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    metrics: Metrics = field(factory=Metrics)
+
+    def __attrs_post_init__(self) -> None:
+        store = self.store
+        self.metrics.gauges(
+            ("kvd_keys", "Live keys held (tombstones not counted).", lambda: len(store)),
+            ("kvd_journal_bytes", "Size of the journal since the last snapshot.", lambda: store.journal_bytes),
+            ("kvd_snapshot_bytes", "Size of the last snapshot.", lambda: store.snapshot_bytes),
+        )
+        fsync = self.metrics.histogram("kvd_fsync_seconds", "Time of one group commit: journal write and fsync.")
+        batch = self.metrics.histogram(
+            "kvd_group_commit_writes", "Writes made durable by one group commit.", (1, 2, 4, 8, 16, 32, 64, 128, 256)
+        )
+
+        def observe(seconds: float, writes: int) -> None:
+            fsync.observe(seconds)
+            batch.observe(writes)
+
+        store.observe_commit = observe
 
     app = Klein()
     _common_routes(app)
@@ -272,6 +299,15 @@ class RegistryAPI:
 
     registry: Registry
     clock: IReactorTime
+    metrics: Metrics = field(factory=Metrics)
+
+    def __attrs_post_init__(self) -> None:
+        registry = self.registry
+        self.metrics.gauges(
+            ("kvd_registry_leases", "Members holding a live lease.", lambda: len(registry.members())),
+            ("kvd_registry_index", "The registry's change index.", lambda: registry.index),
+            ("kvd_registry_long_polls", "Long polls waiting for a change.", lambda: registry.waiting),
+        )
 
     app = Klein()
     _common_routes(app)
@@ -320,6 +356,11 @@ class GatewayAPI:
     cluster: Cluster
     peers: Peers
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    metrics: Metrics = field(factory=Metrics)
+
+    def __attrs_post_init__(self) -> None:
+        cluster = self.cluster
+        self.metrics.gauges(("kvd_ring_members", "Nodes on the gateway's ring.", lambda: len(cluster.members)))
 
     app = Klein()
     _common_routes(app)
@@ -372,4 +413,3 @@ class GatewayAPI:
     def owners(self, request: IRequest, _: str) -> bytes:
         key = _key_of(request, _OWNERS_PREFIX)
         return _json(request, {"success": True, "key": key, "nodes": self.cluster.owners(key)})
-

@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -291,6 +292,8 @@ class Store:
     _closed: bool = False
     #: Called with a step name during compaction; see L{write_snapshot}.
     _step: Callable[[str], None] = lambda name: None
+    #: Called after each group commit with its duration (write + fsync) and its write count.
+    observe_commit: Callable[[float, int], None] | None = None
 
     @classmethod
     def open(
@@ -375,6 +378,10 @@ class Store:
     def generation(self) -> int:
         return self._generation
 
+    @property
+    def snapshot_bytes(self) -> int:
+        return self._snapshot_bytes
+
     # Writes: memory at once, durable when the returned Deferred fires.
 
     def put(self, key: str, value: str) -> Deferred[None]:
@@ -409,10 +416,12 @@ class Store:
         data = b"".join(records)
         fd, fsync = self._journal_fd, self.fsync
 
-        def write() -> None:
+        def write() -> float:
+            started = time.perf_counter()
             _write_all(fd, data)
             if fsync:
                 os.fsync(fd)
+            return time.perf_counter() - started
 
         self._writing = True
         self._run(write).addBoth(self._flushed, waiters, len(data))
@@ -428,6 +437,9 @@ class Store:
             self._check_idle()
             return
         self._journal_bytes += size
+        if self.observe_commit is not None:
+            assert isinstance(result, float)
+            self.observe_commit(result, len(waiters))
         for d in waiters:
             d.callback(None)
         if self._should_compact():

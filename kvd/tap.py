@@ -35,6 +35,7 @@ from kvd.client import DEFAULT_TIMEOUT, KeepAlivePool, Peers, RegistryClient
 from kvd.gateway import DEFAULT_REPLICAS, Cluster
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES
 from kvd.membership import Heartbeat, NodeInfo, Watcher
+from kvd.metrics import Metrics
 from kvd.registry import InvalidRegistration, Registry, validate_node_id
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
 from kvd.ring import DEFAULT_VNODES
@@ -424,8 +425,10 @@ def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
         _exit(f"bad --listen endpoint {description!r}: {e}")
 
 
-def _listen(reactor: Any, description: str, resource: IResource, config: Options, max_body: int) -> ListenService:
-    site = BoundedSite(resource, max_body=max_body, access_log=bool(config["access-log"]))
+def _listen(
+    reactor: Any, description: str, resource: IResource, config: Options, max_body: int, metrics: Metrics
+) -> ListenService:
+    site = BoundedSite(resource, max_body=max_body, access_log=bool(config["access-log"]), metrics=metrics)
     return ListenService(_endpoint(reactor, description), description, site)
 
 
@@ -465,7 +468,9 @@ def node_services(
     except OSError as e:
         _exit(f"cannot use data dir {data_dir}: {e}")
     api = NodeAPI(node_id, store, config["max-value-bytes"])
-    site = BoundedSite(api.resource(), max_body=config["max-value-bytes"], access_log=bool(config["access-log"]))
+    site = BoundedSite(
+        api.resource(), max_body=config["max-value-bytes"], access_log=bool(config["access-log"]), metrics=api.metrics
+    )
     services: list[service.Service] = [StoreService(store), ListenService(endpoint, listen, site)]
     if registry is not None:
         assert advertise is not None
@@ -480,7 +485,7 @@ def registry_services(reactor: Any, config: Options, listen: str) -> list[servic
     api = RegistryAPI(registry, reactor)
     expiry = TimerService(min(1.0, config["ttl"] / 4), lambda: registry.expire(reactor.seconds()))
     expiry.clock = reactor
-    return [expiry, _listen(reactor, listen, api.resource(), config, REGISTRY_MAX_BODY)]
+    return [expiry, _listen(reactor, listen, api.resource(), config, REGISTRY_MAX_BODY, api.metrics)]
 
 
 def gateway_services(
@@ -496,7 +501,7 @@ def gateway_services(
         watcher = Watcher(RegistryClient(client.peers, registry), reactor, cluster.update)
         services.append(WatcherService(watcher))
     api = GatewayAPI(cluster, client.peers, config["max-value-bytes"])
-    services.append(_listen(reactor, listen, api.resource(), config, config["max-value-bytes"]))
+    services.append(_listen(reactor, listen, api.resource(), config, config["max-value-bytes"], api.metrics))
     return services
 
 

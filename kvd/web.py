@@ -20,6 +20,8 @@ from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from kvd.metrics import Metrics, now
+
 _log = Logger()
 
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -62,6 +64,8 @@ class BoundedChannel(HTTPChannel):
         self._refused = True
         limit = self.site.max_body
         _log.info("refused a request body over {limit} bytes", limit=limit)
+        if self.site.metrics is not None:
+            self.site.metrics.observe_request(getattr(self, "_path", b""), getattr(self, "_command", b"?"), 413, 0.0)
         assert self.transport is not None
         self.transport.write(_too_large(limit))
         self.loseConnection()
@@ -88,6 +92,11 @@ class BoundedRequest(Request):
 
     channel: BoundedChannel
     _received = 0
+    started = 0.0
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.started = now()
+        super().requestReceived(command, path, version)
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
@@ -129,12 +138,20 @@ class BoundedSite(Site):
         max_body: int = DEFAULT_MAX_BODY,
         access_log: bool = False,
         timeout: float = DEFAULT_IDLE_TIMEOUT,
+        metrics: Metrics | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, timeout=timeout, **kwargs)
         self.max_body = max_body
         self.access_log = access_log
+        self.metrics = metrics
 
     def log(self, request: HTTPRequest) -> None:
+        # Called by every request as it finishes.
+        if self.metrics is not None:
+            started = getattr(request, "started", 0.0)
+            self.metrics.observe_request(
+                request.path, request.method, request.code, now() - started if started else 0.0
+            )
         if self.access_log:
             super().log(request)

@@ -18,9 +18,9 @@ import treq
 from attrs import define, field, frozen
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionLost
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 #: An answer bigger than this is cut off: enough for a JSON-escaped value of the default
@@ -155,8 +155,8 @@ class RegistryClient:
         )
         return answer.status
 
-    async def nodes(self, index: int | None = None, wait: float = 0) -> tuple[int, list[dict[str, Any]]]:
-        """The registry's members and change index; with C{index}, a long poll of C{wait} seconds."""
+    async def nodes(self, index: int | None = None, wait: float = 0) -> tuple[int, list[dict[str, Any]], str | None]:
+        """The registry's change index, members and epoch; with C{index}, a long poll of C{wait} seconds."""
         path = "/registry/nodes"
         if index is not None:
             path += f"?index={index}&wait={wait:g}"
@@ -167,7 +167,8 @@ class RegistryClient:
         nodes = body.get("nodes")
         if not isinstance(nodes, list) or not isinstance(body.get("index"), int):
             raise PeerUnreachable(self.base_url, "answer is not a registry listing")
-        return body["index"], nodes
+        epoch = body.get("epoch")
+        return body["index"], nodes, epoch if isinstance(epoch, str) else None
 
 
 def _json_or_none(answer: Answer) -> Any:
@@ -175,6 +176,11 @@ def _json_or_none(answer: Answer) -> Any:
         return answer.json()
     except ValueError:
         return None
+
+
+class _QuietFactory(Factory):
+    # One "Starting factory" log line per connection to a node is noise, not news.
+    noisy = False
 
 
 class _Closed(Exception):
@@ -199,6 +205,7 @@ class KeepAliveProtocol(Protocol):
         self._length: int | None = None
         self._chunked = False
         self._body_start = -1
+        self._has_answer_body = True
         self.used = 0
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -209,8 +216,9 @@ class KeepAliveProtocol(Protocol):
             else:
                 self._fail(_Closed(reason.getErrorMessage()))
 
-    def request(self, head: bytes, body: bytes | None) -> Deferred[Answer]:
+    def request(self, head: bytes, body: bytes | None, has_answer_body: bool = True) -> Deferred[Answer]:
         assert self.waiting is None and self.transport is not None
+        self._has_answer_body = has_answer_body
         self.used += 1
         self.reusable = False
         self._buffer.clear()
@@ -267,8 +275,8 @@ class KeepAliveProtocol(Protocol):
                 keep_alive = value == b"keep-alive" or (keep_alive and value != b"close")
         self.reusable = keep_alive and (self._length is not None or self._chunked)
         self._body_start = end + 4
-        if self._status in (204, 304) or 100 <= self._status < 200:
-            self._length = 0
+        if not self._has_answer_body or self._status in (204, 304) or 100 <= self._status < 200:
+            self._length, self._chunked = 0, False
         return True
 
     def _parse_chunks(self) -> None:
@@ -327,8 +335,8 @@ class KeepAlivePool:
     def _connect(self, host: str, port: int, protocol: KeepAliveProtocol) -> Deferred[KeepAliveProtocol]:
         if self.connect is not None:
             return self.connect(host, port, protocol)
-        connected: Deferred[KeepAliveProtocol] = connectProtocol(HostnameEndpoint(self.reactor, host, port), protocol)
-        return connected
+        factory = _QuietFactory.forProtocol(lambda: protocol)
+        return HostnameEndpoint(self.reactor, host, port).connect(factory).addCallback(lambda _: protocol)
 
     async def call(self, host: str, port: int, method: str, path: str, body: bytes | None) -> Answer:
         head = b"%s %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Length: %d\r\n\r\n" % (
@@ -344,7 +352,7 @@ class KeepAlivePool:
             if connection.closed:
                 continue
             try:
-                answer = await connection.request(head, body)
+                answer = await connection.request(head, body, method != "HEAD")
             except _Closed:
                 # The peer closed a kept connection as we reused it: retry once, on a new one.
                 break
@@ -352,7 +360,7 @@ class KeepAlivePool:
             return answer
         fresh = await self._connect(host, port, KeepAliveProtocol(self.max_answer))
         try:
-            answer = await fresh.request(head, body)
+            answer = await fresh.request(head, body, method != "HEAD")
         except _Closed as e:
             raise ConnectionLost(str(e)) from None
         self._keep(host, port, fresh)

@@ -11,6 +11,7 @@ from urllib.parse import unquote_to_bytes
 MAX_KEY_BYTES = 512
 DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 
 class ClientError(Exception):
@@ -50,6 +51,8 @@ def parse_key(raw: bytes) -> str:
     """
     if b"/" in raw:
         raise BadKey("a key is one URL path segment: encode '/' in a key as %2F")
+    if _BAD_ESCAPE.search(raw):
+        raise BadKey("a key has a '%' that is not a percent-encoding: encode '%' as %25")
     decoded = unquote_to_bytes(raw)
     if not 1 <= len(decoded) <= MAX_KEY_BYTES:
         raise BadKey(f"a key must be 1 to {MAX_KEY_BYTES} bytes of UTF-8 (this one is {len(decoded)})")

@@ -26,6 +26,8 @@ from kvd.client import PeerError, RegistryClient
 _log = Logger()
 
 MAX_BACKOFF = 10.0
+#: A node's longest wait between tries before the registry has told it its TTL.
+FIRST_CONTACT_BACKOFF = 3.0
 #: How long a gateway waits in one long poll before asking again.
 LONG_POLL_SECONDS = 30.0
 #: How long a gateway keeps the members it knew when the registry restarts: longer than the
@@ -144,8 +146,8 @@ class Heartbeat:
             )
         self._outage = reason
         # Never wait longer than a renewal period, so the node is back within one TTL of
-        # the registry's return.
-        return min(self._backoff.next(), self.ttl / 3 if self.ttl else MAX_BACKOFF)
+        # the registry's return (before the first answer, within the default TTL's third).
+        return min(self._backoff.next(), self.ttl / 3 if self.ttl else FIRST_CONTACT_BACKOFF)
 
     async def stop(self) -> None:
         """Stop renewing and leave the registry (best effort: it forgets us after the TTL anyway)."""
@@ -169,9 +171,9 @@ class Watcher:
 
     C{on_change} is called with the new membership whenever it changes. While the registry
     cannot be reached, nothing is called: the gateway serves from what it last saw. When the
-    registry comes back with a lower index (it restarted and is relearning its members), the
-    previous members are kept alongside the new listing for L{CARRY_SECONDS}, so requests
-    keep flowing while nodes re-register.
+    registry comes back restarted (a new epoch, or a lower index) and is relearning its
+    members, the previous members are kept alongside the new listing for L{CARRY_SECONDS},
+    so requests keep flowing while nodes re-register.
     """
 
     registry: RegistryClient
@@ -180,6 +182,8 @@ class Watcher:
     wait: float = LONG_POLL_SECONDS
     members: dict[str, NodeInfo] = field(factory=dict)
     index: int | None = None
+    #: Changes when the registry restarts, even if its index comes back the same.
+    epoch: str | None = None
     _backoff: _Backoff = field(factory=_Backoff)
     _outage: str | None = None
     _carry: dict[str, NodeInfo] = field(factory=dict)
@@ -211,12 +215,12 @@ class Watcher:
 
     async def poll_once(self) -> float:
         """Ask the registry once (a long poll once an index is known); return the delay before the next ask."""
-        carrying = self.clock.seconds() < self._carry_until
+        # While carrying old members, and once more when that ends, ask without waiting.
         try:
-            if self.index is None or carrying:
-                index, listing = await self.registry.nodes()
+            if self.index is None or self._carry:
+                index, listing, epoch = await self.registry.nodes()
             else:
-                index, listing = await self.registry.nodes(self.index, self.wait)
+                index, listing, epoch = await self.registry.nodes(self.index, self.wait)
         except PeerError as e:
             if self._outage is None:
                 _log.warn(
@@ -232,20 +236,22 @@ class Watcher:
         self._outage = None
         self._backoff.reset()
         now = self.clock.seconds()
-        if self.index is not None and index < self.index:
+        restarted = self.epoch is not None and epoch != self.epoch
+        if self.index is not None and (restarted or index < self.index):
             _log.info(
                 "registry {registry} restarted; keeping the last members while nodes re-register",
                 registry=self.registry.base_url,
             )
             self._carry = dict(self.members)
             self._carry_until = now + CARRY_SECONDS
-        self.index = index
+        self.index, self.epoch = index, epoch
         members = parse_members(listing)
+        delay = 0.0
         if now < self._carry_until:
             members = {**self._carry, **members}
             delay = min(1.0, self._carry_until - now)
         else:
-            delay = 0.0
+            self._carry = {}
         if members != self.members:
             self.members = members
             self.on_change(members)

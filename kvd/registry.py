@@ -202,8 +202,9 @@ class Registry:
 
         @param body: the parsed JSON request body,
             C{{"url": URL, "weight": W, "incarnation": N}}; C{weight}
-            defaults to 1 and C{incarnation} to 0.  Other keys are ignored,
-            so newer nodes can send more.
+            defaults to 1; without C{incarnation} the registration is always
+            accepted and keeps the highest incarnation seen.  Other keys are
+            ignored, so newer nodes can send more.
         @return: C{True} if membership changed (a join, or a new url,
             weight or incarnation), C{False} for a plain renewal.
         @raise InvalidRegistration: the id or body is malformed.
@@ -215,10 +216,15 @@ class Registry:
             raise InvalidRegistration("The request body must be a JSON object.")
         url = _validate_url(body.get("url"))
         weight = _validate_weight(body.get("weight", 1))
-        incarnation = _validate_incarnation(body.get("incarnation", 0))
         highest = self._highest_incarnation.get(node_id)
-        if highest is not None and incarnation < highest:
-            raise StaleIncarnation(node_id, incarnation, highest)
+        if "incarnation" in body:
+            incarnation = _validate_incarnation(body["incarnation"])
+            if highest is not None and incarnation < highest:
+                raise StaleIncarnation(node_id, incarnation, highest)
+        else:
+            # A registration that claims no incarnation (an operator's curl, say) is taken
+            # as it comes, and keeps the highest one seen, so stale heartbeats stay refused.
+            incarnation = highest or 0
 
         start = self.index
         self._drop_expired(now)

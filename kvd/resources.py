@@ -8,13 +8,14 @@ is logged with its traceback and answered with a plain 500 JSON body, never the 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from attrs import define, field
 from klein import Klein
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -85,7 +86,7 @@ def _number_arg(request: IRequest, name: bytes, kind: type[float] | type[int]) -
     except ValueError:
         raise ClientError(f"{name.decode()} must be a number") from None
     if not 0 <= value < float("inf"):
-        raise ClientError(f"{name.decode()} must be 0 or more")
+        raise ClientError(f"{name.decode()} must be a finite number, 0 or more")
     return value
 
 
@@ -173,14 +174,20 @@ class _FrontDoor(Resource):
             return _render_error(request, Failure())
         if not isinstance(result, Deferred):
             return result
-        result.addErrback(lambda failure: _render_error(request, failure))
+        result.addErrback(_render_failure, request)
         result.addCallback(_write_and_finish, request)
         request.notifyFinish().addErrback(lambda _: result.cancel())
         return NOT_DONE_YET
 
 
-def _write_and_finish(body: bytes, request: Any) -> None:
-    if not request.finished and not request._disconnected:
+def _render_failure(failure: Failure, request: Any) -> bytes | None:
+    if failure.check(CancelledError) and request._disconnected:
+        return None  # the client went away; a write it started still completes
+    return _render_error(request, failure)
+
+
+def _write_and_finish(body: bytes | None, request: Any) -> None:
+    if body is not None and not request.finished and not request._disconnected:
         request.write(body)
         request.finish()
 
@@ -209,6 +216,9 @@ def _common_routes(app: Klein) -> None:
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self: Any, request: IRequest) -> bytes:
+        problem = self.problem() if hasattr(self, "problem") else None
+        if problem is not None:
+            return _json(request, {"success": False, "status": "failing", "error": problem}, 503)
         return _json(request, {"success": True, "status": "ok"})
 
     @app.route("/metrics", methods=["GET"])
@@ -278,6 +288,11 @@ class NodeAPI:
         await deleted
         return _json(request, {"success": True, "key": key})
 
+    def problem(self) -> str | None:
+        """Why this node cannot serve writes, if it cannot (for /healthz)."""
+        failed = self.store.failed
+        return None if failed is None else str(failed)
+
     @app.route("/node", methods=["GET"])
     def node(self, request: IRequest) -> bytes:
         return _json(request, {"success": True, "id": self.node_id, "keys": len(self.store)})
@@ -300,6 +315,8 @@ class RegistryAPI:
     registry: Registry
     clock: IReactorTime
     metrics: Metrics = field(factory=Metrics)
+    #: Tells watchers this is a new registry process even when its index matches an old one.
+    epoch: str = field(factory=lambda: secrets.token_hex(8))
 
     def __attrs_post_init__(self) -> None:
         registry = self.registry
@@ -324,7 +341,9 @@ class RegistryAPI:
                 await waiting
             except TimeoutError:
                 pass  # nothing changed: answer with the same index
-        return _json(request, {"success": True, **self.registry.snapshot(), "ttl": self.registry.ttl})
+        return _json(
+            request, {"success": True, **self.registry.snapshot(), "ttl": self.registry.ttl, "epoch": self.epoch}
+        )
 
     @app.route("/registry/nodes/<rest:node_id>", methods=["PUT"])
     def register(self, request: IRequest, node_id: str) -> bytes:

@@ -42,6 +42,7 @@ T = TypeVar("T")
 Runner = Callable[[Callable[[], T]], "Deferred[T]"]
 
 SNAPSHOT = "snapshot.json"
+INCARNATION = "incarnation"
 SNAPSHOT_TMP = "snapshot.json.tmp"
 LOCK = "LOCK"
 FORMAT = 1
@@ -70,6 +71,10 @@ class StoreLocked(StoreError):
 
 class StoreFailed(StoreError):
     """An earlier journal write failed; the store accepts no more writes."""
+
+
+class StoreClosed(StoreError):
+    """The store is closing (the node is shutting down) and accepts no more writes."""
 
 
 def synchronous(f: Callable[[], T]) -> Deferred[T]:
@@ -239,6 +244,8 @@ def recover(directory: str) -> Recovered:
         if not all(isinstance(v, str) for v in data.values()):
             raise CorruptStore(f"{snapshot}: holds a value that is not a string; refusing to start")
 
+    if INCARNATION in names:
+        read_incarnation(directory)
     journals = sorted((int(m.group(1)), name) for name in names if (m := _JOURNAL.match(name)))
     stale = [name for number, name in journals if number < generation]
     live = [(number, name) for number, name in journals if number >= generation]
@@ -285,6 +292,10 @@ class Store:
     compact_min_bytes: int = COMPACT_MIN_BYTES
     _queue: list[bytes] = field(factory=list)
     _waiters: list[Deferred[None]] = field(factory=list)
+    #: (key, value before the write) for each queued and each in-flight write, to undo them
+    #: in memory if their journal write fails.
+    _undo: list[tuple[str, str | None]] = field(factory=list)
+    _in_flight_undo: list[tuple[str, str | None]] = field(factory=list)
     _writing: bool = False
     _compacting: bool = False
     _failed: StoreError | None = None
@@ -309,6 +320,8 @@ class Store:
         @raise StoreError: with a one-line message, having changed no file, when the dir
             cannot be created or locked or its contents are corrupt.
         """
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise StoreError(f"data dir {directory} exists and is not a directory")
         try:
             os.makedirs(directory, exist_ok=True)
             lock_fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
@@ -379,16 +392,30 @@ class Store:
         return self._generation
 
     @property
+    def failed(self) -> StoreError | None:
+        """Why the store takes no more writes, if it has failed."""
+        return self._failed
+
+    @property
     def snapshot_bytes(self) -> int:
         return self._snapshot_bytes
 
     # Writes: memory at once, durable when the returned Deferred fires.
 
-    def put(self, key: str, value: str) -> Deferred[None]:
+    def _refusal(self) -> StoreError | None:
         if self._failed is not None:
-            return _failed(self._failed)
+            return self._failed
+        if self._closed:
+            return StoreClosed(f"the store in {self.directory} is closing; no more writes")
+        return None
+
+    def put(self, key: str, value: str) -> Deferred[None]:
+        refusal = self._refusal()
+        if refusal is not None:
+            return _failed(refusal)
+        previous = self._data.get(key)
         self._data[key] = value
-        return self._append(encode_put(key, value))
+        return self._append(encode_put(key, value), key, previous)
 
     def delete(self, key: str) -> Deferred[bool] | None:
         """
@@ -397,15 +424,17 @@ class Store:
         """
         if key not in self._data:
             return None
-        if self._failed is not None:
-            return _failed(self._failed)
-        del self._data[key]
-        return self._append(encode_delete(key)).addCallback(lambda _: True)
+        refusal = self._refusal()
+        if refusal is not None:
+            return _failed(refusal)
+        previous = self._data.pop(key)
+        return self._append(encode_delete(key), key, previous).addCallback(lambda _: True)
 
-    def _append(self, record: bytes) -> Deferred[None]:
+    def _append(self, record: bytes, key: str, previous: str | None) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self._queue.append(record)
         self._waiters.append(d)
+        self._undo.append((key, previous))
         if not self._writing:
             self._flush()
         return d
@@ -413,6 +442,7 @@ class Store:
     def _flush(self) -> None:
         records, waiters = self._queue, self._waiters
         self._queue, self._waiters = [], []
+        self._in_flight_undo, self._undo = self._undo, []
         data = b"".join(records)
         fd, fsync = self._journal_fd, self.fsync
 
@@ -431,11 +461,18 @@ class Store:
         if isinstance(result, Failure):
             _log.failure("journal write failed; refusing further writes", result)
             self._failed = StoreFailed(f"journal write failed in {self.directory}: {result.getErrorMessage()}")
+            # Nothing that failed may stay readable: put memory back as it was, newest first.
+            for key, previous in reversed(self._in_flight_undo + self._undo):
+                if previous is None:
+                    self._data.pop(key, None)
+                else:
+                    self._data[key] = previous
             for d in waiters + self._waiters:
                 d.errback(self._failed)
-            self._queue, self._waiters = [], []
+            self._queue, self._waiters, self._undo, self._in_flight_undo = [], [], [], []
             self._check_idle()
             return
+        self._in_flight_undo = []
         self._journal_bytes += size
         if self.observe_commit is not None:
             assert isinstance(result, float)
@@ -560,7 +597,16 @@ def _failed(error: Exception) -> Deferred[Any]:
     return fail(error)
 
 
-INCARNATION = "incarnation"
+def read_incarnation(directory: str) -> int:
+    """The data dir's start count (0 before the first start)."""
+    path = os.path.join(directory, INCARNATION)
+    try:
+        with open(path, "rb") as f:
+            return int(f.read().strip() or b"0")
+    except FileNotFoundError:
+        return 0
+    except ValueError:
+        raise CorruptStore(f"{path}: not a whole number; refusing to start") from None
 
 
 def next_incarnation(directory: str) -> int:
@@ -572,13 +618,7 @@ def next_incarnation(directory: str) -> int:
     only while holding the dir's lock.
     """
     path = os.path.join(directory, INCARNATION)
-    try:
-        with open(path, "rb") as f:
-            current = int(f.read().strip() or b"0")
-    except FileNotFoundError:
-        current = 0
-    except ValueError:
-        raise CorruptStore(f"{path}: not a whole number; refusing to start") from None
+    current = read_incarnation(directory)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(b"%d\n" % (current + 1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import socket
 import sys
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 from treq.client import HTTPClient
 from twisted.application import service
 from twisted.application.internet import TimerService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
@@ -28,7 +29,7 @@ from twisted.logger import Logger, LoggingFile
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import IResource
 
 from kvd.client import DEFAULT_TIMEOUT, KeepAlivePool, Peers, RegistryClient
@@ -234,6 +235,7 @@ class Options(usage.Options):
         self["static-nodes"][node_id] = _http_url("--node")(url)
 
     def opt_version(self) -> NoReturn:
+        """Print kvd's version and exit."""
         from kvd import __version__
 
         print(f"kvd {__version__}")
@@ -294,25 +296,32 @@ class Options(usage.Options):
 def advertised_url(listen: str) -> str:
     """The URL other processes reach a listening endpoint at, for the usual tcp/ssl descriptions."""
     kind, _, rest = listen.partition(":")
-    fields = rest.split(":")
+    fields = re.split(r"(?<!\\):", rest)  # a backslash escapes a colon (IPv6 addresses)
     port = fields[0] if fields and fields[0].isdigit() else None
     options = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
     if kind not in ("tcp", "ssl") or port is None or port == "0":
         raise usage.UsageError(f"cannot tell the URL of --listen {listen!r}: give --advertise URL")
-    host = options.get("interface", "")
+    host = options.get("interface", "").replace("\\", "")
     if host in ("", "0.0.0.0", "::"):
-        host = socket.getfqdn()
+        # The machine's own name: what other machines can resolve to it (getfqdn() can
+        # answer "localhost", which would send them to themselves).
+        host = socket.gethostname()
     if ":" in host:
         host = f"[{host}]"
     return f"{'https' if kind == 'ssl' else 'http'}://{host}:{port}"
 
 
-class ThreadPoolService(service.Service):
-    """Owns a thread pool for blocking file I/O; stops it after the services that use it."""
+class StoreService(service.Service):
+    """
+    Owns a node's store and the threads its file I/O runs on. At stop it lets every pending
+    write become durable, and only then stops the threads: stopped first, they would drop
+    the last group commit and leave its writers waiting forever.
+    """
 
-    def __init__(self, reactor: Any, name: str, maxthreads: int = 2) -> None:
+    def __init__(self, reactor: Any, name: str) -> None:
         self.reactor = reactor
-        self.pool = ThreadPool(minthreads=1, maxthreads=maxthreads, name=name)
+        self.pool = ThreadPool(minthreads=1, maxthreads=2, name=name)
+        self.store: Store | None = None
 
     def run(self, f: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.pool, f)
@@ -321,20 +330,16 @@ class ThreadPoolService(service.Service):
         super().startService()
         self.pool.start()
 
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
-
-
-class StoreService(service.Service):
-    """At stop, lets the store's pending writes become durable and releases its dir."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return self.store.close()
+        if self.store is None:
+            self.pool.stop()
+            return succeed(None)
+        return self.store.close().addBoth(self._stop_threads)
+
+    def _stop_threads(self, result: object) -> object:
+        self.pool.stop()
+        return result
 
 
 class ListenService(service.Service):
@@ -396,18 +401,12 @@ class WatcherService(service.Service):
         self.watcher.stop()
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    # One "Starting factory" log line per pooled connection is noise, not news.
-    noisy = False
-
-
 class HTTPClientService(service.Service):
     """Owns the persistent connection pool of a process's outgoing calls; closes it at stop."""
 
     def __init__(self, reactor: Any, timeout: float) -> None:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 64
-        self.pool._factory = _QuietClientFactory
         self.keep_alive = KeepAlivePool(reactor)
         self.peers = Peers(HTTPClient(Agent(reactor, pool=self.pool)), reactor, timeout, keep_alive=self.keep_alive)
 
@@ -421,8 +420,8 @@ def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     try:
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
         return endpoint
-    except (ValueError, TypeError, KeyError) as e:
-        _exit(f"bad --listen endpoint {description!r}: {e}")
+    except Exception as e:  # bad syntax, or an ssl: certificate that cannot be read
+        _exit(f"bad --listen endpoint {description!r}: {e or type(e).__name__}")
 
 
 def _listen(
@@ -456,12 +455,12 @@ def node_services(
     listen: str,
     registry: str | None,
     advertise: str | None,
-    pool: ThreadPoolService,
 ) -> list[service.Service]:
-    """One storage node's services, in start order (they stop in reverse)."""
+    """One storage node's services, in start order."""
     endpoint = _endpoint(reactor, listen)
+    storage = StoreService(reactor, f"kvd-store-{node_id}")
     try:
-        store = Store.open(data_dir, run=pool.run, fsync=config["fsync"] == "always")
+        store = storage.store = Store.open(data_dir, run=storage.run, fsync=config["fsync"] == "always")
         incarnation = next_incarnation(data_dir)
     except StoreError as e:
         _exit(str(e))
@@ -471,7 +470,7 @@ def node_services(
     site = BoundedSite(
         api.resource(), max_body=config["max-value-bytes"], access_log=bool(config["access-log"]), metrics=api.metrics
     )
-    services: list[service.Service] = [StoreService(store), ListenService(endpoint, listen, site)]
+    services: list[service.Service] = [storage, ListenService(endpoint, listen, site)]
     if registry is not None:
         assert advertise is not None
         client = HTTPClientService(reactor, DEFAULT_TIMEOUT)
@@ -505,7 +504,7 @@ def gateway_services(
     return services
 
 
-def dev_services(reactor: Any, config: Options, pool: ThreadPoolService) -> list[service.Service]:
+def dev_services(reactor: Any, config: Options) -> list[service.Service]:
     registry_url = f"http://127.0.0.1:{DEV_REGISTRY_PORT}"
     services = registry_services(reactor, config, f"tcp:{DEV_REGISTRY_PORT}:interface=127.0.0.1")
     for number in range(1, config["nodes"] + 1):
@@ -518,7 +517,6 @@ def dev_services(reactor: Any, config: Options, pool: ThreadPoolService) -> list
             f"tcp:{port}:interface=127.0.0.1",
             registry_url,
             f"http://127.0.0.1:{port}",
-            pool,
         )
     services += gateway_services(reactor, config, f"tcp:{DEV_GATEWAY_PORT}:interface=127.0.0.1", registry_url, {})
     return services
@@ -531,9 +529,6 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
         reactor = global_reactor
     role = config["role"]
     services: list[service.Service] = []
-    if role in ("node", "dev"):
-        pool = ThreadPoolService(reactor, "kvd-store", maxthreads=2 * (config["nodes"] if role == "dev" else 1))
-        services.append(pool)
     if role == "node":
         services += node_services(
             reactor,
@@ -543,14 +538,13 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
             config["listen"],
             config["registry"],
             config["advertise"],
-            pool,
         )
     elif role == "registry":
         services += registry_services(reactor, config, config["listen"])
     elif role == "gateway":
         services += gateway_services(reactor, config, config["listen"], config["registry"], config["static-nodes"])
     else:
-        services += dev_services(reactor, config, pool)
+        services += dev_services(reactor, config)
     top = service.MultiService()
     for child in services:
         child.setServiceParent(top)

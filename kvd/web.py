@@ -70,6 +70,12 @@ class BoundedChannel(HTTPChannel):
         self.transport.write(_too_large(limit))
         self.loseConnection()
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's own answer to a malformed request line or header is an empty 400.
+        assert self.transport is not None
+        self.transport.write(_raw_response(400, b"Bad Request", {"success": False, "error": "malformed HTTP request"}))
+        self.loseConnection()
+
     def allHeadersReceived(self) -> None:
         if self.length is not None and self.length > self.site.max_body:
             # Before super(): it would answer "100 Continue" to a client that asked.

@@ -143,3 +143,12 @@ def test_peers_name_the_url_when_a_peer_refuses(wire: Wire) -> None:
     results: list[Any] = []
     peers.call("GET", "http://127.0.0.1:8001/kv/k").addBoth(results.append)
     assert results[0].check(PeerUnreachable) and "127.0.0.1:8001" in str(results[0].value)
+
+
+def test_the_answer_to_head_has_no_body_whatever_its_length_says(wire: Wire, pool: KeepAlivePool) -> None:
+    results = start(pool, "HEAD")
+    wire.answer(0, OK.split(b"\r\n\r\n")[0] + b"\r\n\r\n")
+    assert results == [Answer(200, b"")]
+    again = start(pool)
+    wire.answer(0, OK)
+    assert again and len(wire.connections) == 1, "the connection is still in step"

@@ -99,6 +99,8 @@ def test_keys_are_one_percent_decoded_segment_and_round_trip(client: StubTreq, p
         "/kv/a%0Ab",
         "/kv/%C0%AF",
         "/kv/%ED%A0%80",
+        "/kv/x%ZZ",
+        "/kv/x%2",
     ],
 )
 def test_bad_keys_get_400_json(client: StubTreq, path: str) -> None:
@@ -147,3 +149,5 @@ def test_a_store_that_failed_answers_503_not_a_traceback(client: StubTreq, store
     store._failed = StoreFailed("journal write failed in /x: disk full")
     status, body, _ = call(client, "PUT", "/kv/k", b"v")
     assert status == 503 and "disk full" in body["error"]
+    status, body, _ = call(client, "GET", "/healthz")
+    assert status == 503 and body["status"] == "failing" and "disk full" in body["error"]

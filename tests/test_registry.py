@@ -245,11 +245,14 @@ def test_older_incarnation_is_rejected_and_changes_nothing() -> None:
     assert "older" in str(info.value)
 
 
-def test_missing_incarnation_counts_as_zero_and_is_stale_after_a_newer_one() -> None:
+def test_a_registration_without_incarnation_is_accepted_and_keeps_the_highest() -> None:
+    """An operator's curl in DESIGN.md's shape always works; stale heartbeats stay refused after it."""
     registry = Registry(ttl=TTL)
-    registry.register("n", body(incarnation=1), now=0.0)
+    registry.register("n", body(incarnation=5), now=0.0)
+    registry.register("n", {"url": "http://manual:1"}, now=1.0)
+    assert registry.member("n") is not None and registry.member("n").url == "http://manual:1"  # type: ignore[union-attr]
     with pytest.raises(StaleIncarnation):
-        registry.register("n", body(), now=1.0)
+        registry.register("n", body(incarnation=4), now=2.0)
 
 
 def test_older_incarnation_is_rejected_after_leave() -> None:

@@ -18,9 +18,12 @@ from kvd.store import (
     SNAPSHOT_TMP,
     CorruptStore,
     Store,
+    StoreClosed,
+    StoreError,
     StoreFailed,
     StoreLocked,
     journal_name,
+    next_incarnation,
 )
 
 
@@ -192,13 +195,18 @@ def test_a_second_process_cannot_take_the_data_dir(tmp_path: Path, opened: list[
 def test_a_failed_journal_write_fails_the_put_and_every_later_write(tmp_path: Path, opened: list[Store]) -> None:
     runner = ManualRunner()
     store = open_store(opened, tmp_path, run=runner)
+    store.put("kept", "old")
+    runner.run_all()
     d = store.put("a", "1")
+    store.put("kept", "new")
+    store.delete("kept")
     os.close(store._journal_fd)
     store._journal_fd = os.open(os.devnull, os.O_RDONLY)  # writes now fail with EBADF
     runner.run_all()
     errors: list[Failure] = []
     d.addErrback(errors.append)
     assert errors and errors[0].check(StoreFailed)
+    assert dict(store.items()) == {"kept": "old"}, "no write that failed stays readable"
     later: list[Failure] = []
     store.put("b", "2").addErrback(later.append)
     assert later and later[0].check(StoreFailed)
@@ -262,6 +270,20 @@ def test_a_crash_at_any_compaction_step_recovers_the_same_state(tmp_path: Path, 
     assert dict(store.items()) == {**expected, "after": "crash"}
 
 
+def test_writes_after_close_are_refused_but_pending_ones_complete(tmp_path: Path, opened: list[Store]) -> None:
+    runner = ManualRunner()
+    store = open_store(opened, tmp_path, run=runner)
+    pending = store.put("a", "1")
+    store.close()
+    refused: list[Failure] = []
+    store.put("b", "2").addErrback(refused.append)
+    assert refused and refused[0].check(StoreClosed)
+    runner.run_all()
+    assert fired(pending)
+    store = open_store(opened, tmp_path)
+    assert dict(store.items()) == {"a": "1"}
+
+
 def test_close_waits_for_pending_writes(tmp_path: Path, opened: list[Store]) -> None:
     runner = ManualRunner()
     store = open_store(opened, tmp_path, run=runner)
@@ -314,3 +336,20 @@ def test_any_history_reopened_equals_a_model_dict(tmp_path_factory: pytest.TempP
         for s in stores:
             if not s._closed:
                 s.abandon()
+
+
+def test_a_corrupt_incarnation_file_stops_start_up_before_any_file_is_created(tmp_path: Path) -> None:
+    (tmp_path / "incarnation").write_bytes(b"lots\n")
+    with pytest.raises(CorruptStore, match="incarnation"):
+        Store.open(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LOCK", "incarnation"]
+
+
+def test_incarnations_count_up_across_starts(tmp_path: Path) -> None:
+    assert [next_incarnation(str(tmp_path)) for _ in range(3)] == [1, 2, 3]
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="not a directory"):
+        Store.open(str(tmp_path / "file"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactor
 
-from kvd.tap import Options, makeService
+from kvd.tap import Options, advertised_url, makeService
 
 
 def parse(*argv: str) -> Options:
@@ -100,3 +100,35 @@ def test_a_bad_endpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
         makeService(options, reactor=MemoryReactor())
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tcp:notaport" in err, err
+
+
+@pytest.mark.parametrize(
+    ("listen", "url"),
+    [
+        ("tcp:5001:interface=127.0.0.1", "http://127.0.0.1:5001"),
+        ("ssl:5443:interface=10.0.0.6:privateKey=k.pem", "https://10.0.0.6:5443"),
+        ("tcp:5001:interface=\\:\\:1", "http://[::1]:5001"),
+    ],
+)
+def test_the_advertised_url_follows_the_listen_address(listen: str, url: str) -> None:
+    assert advertised_url(listen) == url
+
+
+def test_listening_on_every_address_advertises_the_host_name() -> None:
+    import socket
+
+    assert advertised_url("tcp:5001") == f"http://{socket.gethostname()}:5001"
+
+
+def test_options_of_another_role_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("--role", "registry", "--node-id", "a")
+    assert "--node-id does not apply to --role registry" in capsys.readouterr().err
+
+
+def test_a_gateway_needs_a_registry_or_static_nodes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("--role", "gateway")
+    assert "--registry" in capsys.readouterr().err
+    options = parse("--role", "gateway", "--node", "a=http://127.0.0.1:5001", "--node", "b=http://127.0.0.1:5002")
+    assert options["static-nodes"] == {"a": "http://127.0.0.1:5001", "b": "http://127.0.0.1:5002"}

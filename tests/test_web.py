@@ -56,3 +56,10 @@ def test_bodies_within_the_limit_reach_the_resource() -> None:
     protocol.dataReceived(b"PUT /kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789")  # type: ignore[attr-defined]
     answer = transport.value()
     assert answer.count(b"HTTP/1.1 200 ") == 2 and answer.count(b"got 10 bytes") == 2, answer
+
+
+def test_a_malformed_request_gets_a_json_400() -> None:
+    protocol, transport = connect(10)
+    protocol.dataReceived(b"GET /kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")  # type: ignore[attr-defined]
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"success": false' in answer, answer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
 import time
 from collections.abc import Callable
@@ -76,6 +77,20 @@ def test_clients_reach_every_key_through_the_gateway(processes: Processes) -> No
         first = next(n for n in nodes if n.name.startswith(f"node-{owners[0]}-"))
         assert request(first.port, "GET", f"/kv/k{i}")[1]["value"] == f"v{i}"
         assert request(gateway.port, "GET", f"/kv/k{i}")[1]["value"] == f"v{i}"
+
+
+def test_head_through_the_gateway_answers_at_once(processes: Processes) -> None:
+    registry, nodes, gateway = start_cluster(processes)
+    request(gateway.port, "PUT", "/kv/h", b"v")
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=3)
+    try:
+        for path, expected in (("/kv/h", 200), ("/kv/absent", 404)):
+            connection.request("HEAD", path)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == expected
+    finally:
+        connection.close()
 
 
 def test_a_killed_node_leaves_after_the_ttl(processes: Processes) -> None:

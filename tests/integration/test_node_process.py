@@ -94,6 +94,46 @@ def test_sigterm_finishes_writes_and_exits_0(processes: Processes) -> None:
     assert request(node.port, "GET", "/node")[1]["keys"] == 50
 
 
+def test_sigterm_under_32_writers_answers_in_flight_writes_and_keeps_them(processes: Processes) -> None:
+    node = processes.node("a").start()
+    acknowledged: dict[str, str] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def writer(number: int) -> None:
+        for i in range(100_000):
+            if stop.is_set():
+                return
+            key, value = f"w{number}-{i}", f"value {number} {i}"
+            try:
+                status, _ = request(node.port, "PUT", f"/kv/{key}", value.encode(), timeout=15)
+            except OSError:
+                return  # refused: the node has stopped listening
+            if status == 200:
+                with lock:
+                    acknowledged[key] = value
+            elif status != 503:  # 503: the node is shutting down and took no more writes
+                raise AssertionError(status)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(32)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(acknowledged) < 300 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    status = node.terminate(timeout=30)
+    stopped_in = time.monotonic() - started
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert status == 0
+    assert stopped_in < 15, f"shutdown took {stopped_in:.1f}s"
+    node.start()
+    missing = [k for k, v in acknowledged.items() if request(node.port, "GET", f"/kv/{k}")[1].get("value") != v]
+    assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:3]}"
+
+
 def test_a_port_in_use_is_one_line_and_non_zero(processes: Processes) -> None:
     first = processes.node("a").start()
     second = processes.node("b", first.port)

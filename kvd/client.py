@@ -22,6 +22,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
 #: An answer bigger than this is cut off: enough for a JSON-escaped value of the default
 #: maximum size (control characters escape to six bytes) and a little more.
@@ -74,9 +75,18 @@ class Peers:
     max_answer: int = DEFAULT_MAX_ANSWER
     #: When set, plain-http calls go through it instead of treq.
     keep_alive: KeepAlivePool | None = None
+    #: The Authorization header sent with every call (the cluster secret), if any.
+    authorization: bytes | None = None
     _origins: dict[str, tuple[str, int, str] | None] = field(factory=dict)
 
-    def call(self, method: str, url: str, body: bytes | None = None, timeout: float | None = None) -> Deferred[Answer]:
+    def call(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None = None,
+        timeout: float | None = None,
+        authorization: bytes | None = None,
+    ) -> Deferred[Answer]:
         """
         Make one request and read the whole answer, within C{timeout} seconds in all.
 
@@ -85,12 +95,13 @@ class Peers:
         """
         limit = self.timeout if timeout is None else timeout
         deadline = self.reactor.seconds() + limit
+        authorization = authorization or self.authorization
         target = self._plain_http(url) if self.keep_alive is not None else None
         if target is not None and self.keep_alive is not None:
             host, port, path = target
-            d = Deferred.fromCoroutine(self.keep_alive.call(host, port, method, path, body))
+            d = Deferred.fromCoroutine(self.keep_alive.call(host, port, method, path, body, authorization))
         else:
-            d = Deferred.fromCoroutine(self._call(method, url, body, limit))
+            d = Deferred.fromCoroutine(self._call(method, url, body, limit, authorization))
         d.addTimeout(limit, self.reactor)
         return d.addErrback(self._explain, url, limit, deadline)
 
@@ -106,8 +117,13 @@ class Peers:
             return None
         return known[0], known[1], "/kv/" + rest
 
-    async def _call(self, method: str, url: str, body: bytes | None, limit: float) -> Answer:
-        response = await self.http.request(method, url, data=body, timeout=limit, reactor=self.reactor, unbuffered=True)
+    async def _call(
+        self, method: str, url: str, body: bytes | None, limit: float, authorization: bytes | None
+    ) -> Answer:
+        headers = Headers({b"Authorization": [authorization]}) if authorization else None
+        response = await self.http.request(
+            method, url, data=body, headers=headers, timeout=limit, reactor=self.reactor, unbuffered=True
+        )
         chunks: list[bytes] = []
         size = 0
 
@@ -338,13 +354,16 @@ class KeepAlivePool:
         factory = _QuietFactory.forProtocol(lambda: protocol)
         return HostnameEndpoint(self.reactor, host, port).connect(factory).addCallback(lambda _: protocol)
 
-    async def call(self, host: str, port: int, method: str, path: str, body: bytes | None) -> Answer:
-        head = b"%s %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Length: %d\r\n\r\n" % (
+    async def call(
+        self, host: str, port: int, method: str, path: str, body: bytes | None, authorization: bytes | None = None
+    ) -> Answer:
+        head = b"%s %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Length: %d\r\n%s\r\n" % (
             method.encode("ascii"),
             path.encode("ascii"),
             host.encode("idna"),
             port,
             len(body or b""),
+            b"Authorization: %s\r\n" % authorization if authorization else b"",
         )
         idle = self._idle.setdefault((host, port), [])
         while idle:

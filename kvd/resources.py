@@ -26,6 +26,7 @@ from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
 from werkzeug.routing import BaseConverter
 
+from kvd.auth import Auth
 from kvd.client import Peers, PeerTimeout, PeerUnreachable, kv_path
 from kvd.gateway import Cluster
 from kvd.keys import (
@@ -149,13 +150,18 @@ class _FrontDoor(Resource):
 
     isLeaf = True
 
-    def __init__(self, app: Resource, kv: Mapping[bytes, KVHandler]) -> None:
+    def __init__(self, app: Resource, kv: Mapping[bytes, KVHandler], auth: Auth) -> None:
         super().__init__()
         self._app = app
         self._kv = kv
+        self._auth = auth
 
     def render(self, request: IRequest) -> Any:
         path = request.path
+        if not self._auth.allows(path, request.getHeader(b"authorization")):
+            _log.info("{method} {path}: 401 no valid bearer token", method=_text(request.method), path=_text(path))
+            request.setHeader(b"www-authenticate", b'Bearer realm="kvd"')
+            return _json(request, {"success": False, "error": "this needs a valid Authorization: Bearer token"}, 401)
         if path.startswith(_KV_PREFIX) and len(path) > len(_KV_PREFIX):
             handler = self._kv.get(request.method)
             if handler is not None:
@@ -192,9 +198,9 @@ def _write_and_finish(body: bytes | None, request: Any) -> None:
         request.finish()
 
 
-def api_resource(app: Klein, kv: Mapping[bytes, KVHandler] | None = None) -> Resource:
+def api_resource(app: Klein, auth: Auth, kv: Mapping[bytes, KVHandler] | None = None) -> Resource:
     """The resource to serve for a role's Klein app (and its key-value handlers, by method)."""
-    return _FrontDoor(app.resource(), kv or {})
+    return _FrontDoor(app.resource(), kv or {}, auth)
 
 
 class _Rest(BaseConverter):
@@ -237,6 +243,7 @@ class NodeAPI:
     store: Store
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     metrics: Metrics = field(factory=Metrics)
+    auth: Auth = field(factory=Auth)
 
     def __attrs_post_init__(self) -> None:
         store = self.store
@@ -300,6 +307,7 @@ class NodeAPI:
     def resource(self) -> Resource:
         return api_resource(
             self.app,
+            self.auth,
             {
                 b"GET": self.get,
                 b"PUT": lambda request, _: Deferred.fromCoroutine(self.put(request, _)),
@@ -315,6 +323,7 @@ class RegistryAPI:
     registry: Registry
     clock: IReactorTime
     metrics: Metrics = field(factory=Metrics)
+    auth: Auth = field(factory=Auth)
     #: Tells watchers this is a new registry process even when its index matches an old one.
     epoch: str = field(factory=lambda: secrets.token_hex(8))
 
@@ -362,7 +371,7 @@ class RegistryAPI:
         return _json(request, {"success": True, "id": node_id})
 
     def resource(self) -> Resource:
-        return api_resource(self.app)
+        return api_resource(self.app, self.auth)
 
 
 @define
@@ -376,6 +385,7 @@ class GatewayAPI:
     peers: Peers
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     metrics: Metrics = field(factory=Metrics)
+    auth: Auth = field(factory=Auth)
 
     def __attrs_post_init__(self) -> None:
         cluster = self.cluster
@@ -397,8 +407,10 @@ class GatewayAPI:
             body = request.content.read()
             parse_value(body, self.max_value_bytes)
         node = self.cluster.owner(key)
+        # Nodes take the cluster secret when there is one; else the client's own token.
+        authorization = self.peers.authorization or request.getHeader(b"authorization")
         try:
-            answer = await self.peers.call(method, node.url + kv_path(key), body)
+            answer = await self.peers.call(method, node.url + kv_path(key), body, authorization=authorization)
         except PeerTimeout as e:
             raise NodeFailed(node.id, 504, e.reason) from None
         except PeerUnreachable as e:
@@ -422,7 +434,7 @@ class GatewayAPI:
 
     def resource(self) -> Resource:
         forward: KVHandler = lambda request, _: Deferred.fromCoroutine(self.kv(request, _))  # noqa: E731
-        return api_resource(self.app, {b"GET": forward, b"PUT": forward, b"DELETE": forward})
+        return api_resource(self.app, self.auth, {b"GET": forward, b"PUT": forward, b"DELETE": forward})
 
     @app.route("/cluster/owners/", methods=["GET"])
     def owners_of_nothing(self, request: IRequest) -> bytes:

@@ -24,14 +24,16 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamServerEndpoint
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LoggingFile
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.resource import IResource
 
+from kvd.auth import Auth, BadSecretFile, bearer, read_secret
 from kvd.client import DEFAULT_TIMEOUT, KeepAlivePool, Peers, RegistryClient
 from kvd.gateway import DEFAULT_REPLICAS, Cluster
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES
@@ -217,6 +219,26 @@ class Options(usage.Options):
             _number("--timeout", float, 0.001),
         ],
         ["nodes", None, None, "dev: how many nodes to run [default: 3].", _number("--nodes", int, 1)],
+        [
+            "cluster-secret-file",
+            None,
+            None,
+            "all roles: a file holding the cluster secret; then the registry API and /internal/ require "
+            "'Authorization: Bearer <secret>', and this process sends it on every call it makes.",
+        ],
+        [
+            "client-token-file",
+            None,
+            None,
+            "node, gateway, dev: a file holding the token /kv/ requires ('Authorization: Bearer <token>').",
+        ],
+        [
+            "ca-cert",
+            None,
+            None,
+            "all roles: PEM file of the CA certificate(s) that https peers must be signed by "
+            "[default: the system's trusted CAs].",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -273,6 +295,16 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} does not apply to --role {role}")
         if self["static-nodes"] and role != "gateway":
             raise usage.UsageError(f"--node does not apply to --role {role}")
+        if self["client-token-file"] and role == "registry":
+            raise usage.UsageError("--client-token-file does not apply to --role registry")
+        try:
+            self["auth"] = Auth(
+                read_secret(self["cluster-secret-file"], "cluster secret") if self["cluster-secret-file"] else None,
+                read_secret(self["client-token-file"], "client token") if self["client-token-file"] else None,
+            )
+        except BadSecretFile as e:
+            raise usage.UsageError(str(e)) from None
+        self["tls-policy"] = tls_policy(self["ca-cert"])
         for name, default in takes.items():
             if self[name] is None:
                 self[name] = default
@@ -291,6 +323,25 @@ class Options(usage.Options):
         if role == "gateway":
             if bool(self["registry"]) == bool(self["static-nodes"]):
                 raise usage.UsageError("--role gateway needs either --registry URL or --node ID=URL (not both)")
+
+
+def tls_policy(ca_cert: str | None) -> BrowserLikePolicyForHTTPS:
+    """How outgoing https calls check certificates: against C{ca_cert}, else the system's CAs."""
+    if ca_cert is None:
+        return BrowserLikePolicyForHTTPS()
+    try:
+        with open(ca_cert, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise usage.UsageError(f"cannot read --ca-cert {ca_cert}: {e.strerror}") from None
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.S)
+    try:
+        certificates = [Certificate.loadPEM(block) for block in blocks]
+    except Exception:
+        certificates = []
+    if not certificates:
+        raise usage.UsageError(f"--ca-cert {ca_cert} holds no PEM certificate")
+    return BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(certificates))
 
 
 def advertised_url(listen: str) -> str:
@@ -404,11 +455,19 @@ class WatcherService(service.Service):
 class HTTPClientService(service.Service):
     """Owns the persistent connection pool of a process's outgoing calls; closes it at stop."""
 
-    def __init__(self, reactor: Any, timeout: float) -> None:
+    def __init__(self, reactor: Any, timeout: float, config: Options) -> None:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 64
         self.keep_alive = KeepAlivePool(reactor)
-        self.peers = Peers(HTTPClient(Agent(reactor, pool=self.pool)), reactor, timeout, keep_alive=self.keep_alive)
+        agent = Agent(reactor, contextFactory=config["tls-policy"], pool=self.pool)
+        secret = config["auth"].cluster_secret
+        self.peers = Peers(
+            HTTPClient(agent),
+            reactor,
+            timeout,
+            keep_alive=self.keep_alive,
+            authorization=bearer(secret) if secret else None,
+        )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -466,14 +525,14 @@ def node_services(
         _exit(str(e))
     except OSError as e:
         _exit(f"cannot use data dir {data_dir}: {e}")
-    api = NodeAPI(node_id, store, config["max-value-bytes"])
+    api = NodeAPI(node_id, store, config["max-value-bytes"], auth=config["auth"])
     site = BoundedSite(
         api.resource(), max_body=config["max-value-bytes"], access_log=bool(config["access-log"]), metrics=api.metrics
     )
     services: list[service.Service] = [storage, ListenService(endpoint, listen, site)]
     if registry is not None:
         assert advertise is not None
-        client = HTTPClientService(reactor, DEFAULT_TIMEOUT)
+        client = HTTPClientService(reactor, DEFAULT_TIMEOUT, config)
         heartbeat = Heartbeat(RegistryClient(client.peers, registry), node_id, advertise, incarnation, reactor)
         services += [client, HeartbeatService(heartbeat)]
     return services
@@ -481,7 +540,7 @@ def node_services(
 
 def registry_services(reactor: Any, config: Options, listen: str) -> list[service.Service]:
     registry = Registry(config["ttl"])
-    api = RegistryAPI(registry, reactor)
+    api = RegistryAPI(registry, reactor, auth=config["auth"])
     expiry = TimerService(min(1.0, config["ttl"] / 4), lambda: registry.expire(reactor.seconds()))
     expiry.clock = reactor
     return [expiry, _listen(reactor, listen, api.resource(), config, REGISTRY_MAX_BODY, api.metrics)]
@@ -491,7 +550,7 @@ def gateway_services(
     reactor: Any, config: Options, listen: str, registry: str | None, static: dict[str, str]
 ) -> list[service.Service]:
     cluster = Cluster(vnodes=config["vnodes"], replicas=config["replicas"])
-    client = HTTPClientService(reactor, config["timeout"])
+    client = HTTPClientService(reactor, config["timeout"], config)
     services: list[service.Service] = [client]
     if static:
         cluster.update({node_id: NodeInfo(node_id, url) for node_id, url in static.items()})
@@ -499,7 +558,7 @@ def gateway_services(
         assert registry is not None
         watcher = Watcher(RegistryClient(client.peers, registry), reactor, cluster.update)
         services.append(WatcherService(watcher))
-    api = GatewayAPI(cluster, client.peers, config["max-value-bytes"])
+    api = GatewayAPI(cluster, client.peers, config["max-value-bytes"], auth=config["auth"])
     services.append(_listen(reactor, listen, api.resource(), config, config["max-value-bytes"], api.metrics))
     return services
 

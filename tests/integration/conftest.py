@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -45,12 +46,22 @@ def twistd_command() -> list[str]:
 
 
 def request(
-    port: int, method: str, path: str, body: bytes | None = None, timeout: float = 10.0
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """One HTTP request to 127.0.0.1:port; returns (status, parsed JSON)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    """One HTTP(S) request to 127.0.0.1:port; returns (status, parsed JSON)."""
+    connection = (
+        http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=tls)
+        if tls is not None
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    )
     try:
-        connection.request(method, path, body=body)
+        connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
         return response.status, json.loads(response.read())
     finally:
@@ -60,7 +71,10 @@ def request(
 class Kvd:
     """One `twistd -n kvd` process."""
 
-    def __init__(self, workdir: Path, name: str, args: list[str], port: int | None) -> None:
+    def __init__(
+        self, workdir: Path, name: str, args: list[str], port: int | None, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.tls = tls
         self.workdir = workdir
         self.name = name
         self.args = args
@@ -84,7 +98,7 @@ class Kvd:
                 output = (self.workdir / f"{self.name}.out").read_text()
                 raise AssertionError(f"{self.name} exited {self.process.returncode}: {output} {self.tail()}")
             try:
-                if request(self.port, "GET", "/healthz", timeout=1)[0] == 200:
+                if request(self.port, "GET", "/healthz", timeout=1, tls=self.tls)[0] == 200:
                     return
             except OSError:
                 pass
@@ -120,8 +134,8 @@ class Processes:
         self.workdir = workdir
         self.started: list[Kvd] = []
 
-    def kvd(self, name: str, *args: str, port: int | None = None) -> Kvd:
-        process = Kvd(self.workdir, name, list(args), port)
+    def kvd(self, name: str, *args: str, port: int | None = None, tls: ssl.SSLContext | None = None) -> Kvd:
+        process = Kvd(self.workdir, name, list(args), port, tls)
         self.started.append(process)
         return process
 

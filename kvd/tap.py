@@ -142,6 +142,11 @@ class Options(usage.Options):
             None,
             "all roles: log every request (off by default: it costs about a third of the throughput).",
         ],
+        [
+            "no-metrics",
+            None,
+            "all roles: do not count requests for /metrics (its gauges stay); for measuring what counting costs.",
+        ],
     ]
 
     optParameters: list[list[Any]] = [
@@ -475,6 +480,10 @@ class HTTPClientService(service.Service):
         return self.pool.closeCachedConnections()  # type: ignore[no-any-return]
 
 
+def _counted(config: Options, metrics: Metrics) -> Metrics | None:
+    return None if config["no-metrics"] else metrics
+
+
 def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     try:
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
@@ -486,7 +495,9 @@ def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
 def _listen(
     reactor: Any, description: str, resource: IResource, config: Options, max_body: int, metrics: Metrics
 ) -> ListenService:
-    site = BoundedSite(resource, max_body=max_body, access_log=bool(config["access-log"]), metrics=metrics)
+    site = BoundedSite(
+        resource, max_body=max_body, access_log=bool(config["access-log"]), metrics=_counted(config, metrics)
+    )
     return ListenService(_endpoint(reactor, description), description, site)
 
 
@@ -527,7 +538,10 @@ def node_services(
         _exit(f"cannot use data dir {data_dir}: {e}")
     api = NodeAPI(node_id, store, config["max-value-bytes"], auth=config["auth"])
     site = BoundedSite(
-        api.resource(), max_body=config["max-value-bytes"], access_log=bool(config["access-log"]), metrics=api.metrics
+        api.resource(),
+        max_body=config["max-value-bytes"],
+        access_log=bool(config["access-log"]),
+        metrics=_counted(config, api.metrics),
     )
     services: list[service.Service] = [storage, ListenService(endpoint, listen, site)]
     if registry is not None:

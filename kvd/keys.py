@@ -65,6 +65,19 @@ def parse_key(raw: bytes) -> str:
     return key
 
 
+def check_key(key: object) -> str:
+    """A key that arrived decoded (in a JSON batch); the same rules as L{parse_key}."""
+    if not isinstance(key, str):
+        raise BadKey("a key must be a string")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadKey("a key must be valid UTF-8") from None
+    if not 1 <= size <= MAX_KEY_BYTES or _CONTROL.search(key):
+        raise BadKey(f"a key must be 1 to {MAX_KEY_BYTES} bytes of UTF-8 with no control characters")
+    return key
+
+
 def parse_value(body: bytes, limit: int) -> str:
     """
     Turn a request body into a value.

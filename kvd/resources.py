@@ -27,19 +27,21 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 from werkzeug.routing import BaseConverter
 
 from kvd.auth import Auth
-from kvd.client import Peers, PeerTimeout, PeerUnreachable, kv_path
 from kvd.gateway import Cluster
 from kvd.keys import (
     DEFAULT_MAX_VALUE_BYTES,
     ClientError,
     NotFound,
     Unavailable,
+    check_key,
     parse_key,
     parse_value,
 )
 from kvd.metrics import CONTENT_TYPE, Metrics
 from kvd.registry import InvalidRegistration, Registry, StaleIncarnation
-from kvd.store import Store, StoreError
+from kvd.replication import QuorumFailed, Repairer, Replicator
+from kvd.store import BUCKETS, Store, StoreError
+from kvd.versions import is_version
 
 _log = Logger()
 _KV_PREFIX = b"/kv/"
@@ -78,6 +80,24 @@ def _key_of(request: IRequest, prefix: bytes = _KV_PREFIX) -> str:
     return key
 
 
+def _batch(request: IRequest, field: str) -> list[Any]:
+    """The list under C{field} of a JSON request body."""
+    try:
+        body = json.loads(request.content.read())
+    except ValueError:
+        raise ClientError("the body must be JSON") from None
+    items = body.get(field) if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise ClientError(f'the body must be {{"{field}": [...]}}')
+    return items
+
+
+def _versioned(request: IRequest, body: dict[str, Any]) -> bytes:
+    """A key's answer, with its version as the ETag too."""
+    request.setHeader(b"etag", b'"%s"' % body["version"].encode())
+    return _json(request, body)
+
+
 def _number_arg(request: IRequest, name: bytes, kind: type[float] | type[int]) -> Any:
     values = request.args.get(name)
     if not values:
@@ -98,7 +118,9 @@ def _render_error(request: IRequest, failure: Failure) -> bytes:
     key = getattr(request, "kvd_key", None)
     if key is not None:
         body["key"] = key
-    if isinstance(error, (ClientError, Unavailable)):
+    if isinstance(error, QuorumFailed):
+        status, body["error"], body["answered"], body["needed"] = 503, str(error), error.answered, error.needed
+    elif isinstance(error, (ClientError, Unavailable)):
         status, body["error"] = error.status, str(error)
     elif isinstance(error, InvalidRegistration):
         status, body["error"] = 400, str(error)
@@ -150,11 +172,18 @@ class _FrontDoor(Resource):
 
     isLeaf = True
 
-    def __init__(self, app: Resource, kv: Mapping[bytes, KVHandler], auth: Auth) -> None:
+    def __init__(
+        self,
+        app: Resource,
+        kv: Mapping[bytes, KVHandler],
+        auth: Auth,
+        exact: Mapping[tuple[bytes, bytes], KVHandler] | None = None,
+    ) -> None:
         super().__init__()
         self._app = app
         self._kv = kv
         self._auth = auth
+        self._exact = exact or {}
 
     def render(self, request: IRequest) -> Any:
         path = request.path
@@ -166,6 +195,9 @@ class _FrontDoor(Resource):
             handler = self._kv.get(request.method)
             if handler is not None:
                 return self._render_kv(request, handler)
+        exact = self._exact.get((request.method, path))
+        if exact is not None:
+            return self._render_kv(request, exact)
         try:
             unquote_to_bytes(path).decode("utf-8")
         except UnicodeDecodeError:
@@ -198,9 +230,14 @@ def _write_and_finish(body: bytes | None, request: Any) -> None:
         request.finish()
 
 
-def api_resource(app: Klein, auth: Auth, kv: Mapping[bytes, KVHandler] | None = None) -> Resource:
-    """The resource to serve for a role's Klein app (and its key-value handlers, by method)."""
-    return _FrontDoor(app.resource(), kv or {}, auth)
+def api_resource(
+    app: Klein,
+    auth: Auth,
+    kv: Mapping[bytes, KVHandler] | None = None,
+    exact: Mapping[tuple[bytes, bytes], KVHandler] | None = None,
+) -> Resource:
+    """The resource to serve for a role's Klein app, its key-value handlers by method, and hot exact routes."""
+    return _FrontDoor(app.resource(), kv or {}, auth, exact)
 
 
 class _Rest(BaseConverter):
@@ -274,17 +311,17 @@ class NodeAPI:
     def get(self, request: IRequest, _: str) -> bytes:
         # Not async: a read touches memory only, and a coroutine per GET is measurable.
         key = _key_of(request)
-        value = self.store.get(key)
-        if value is None:
+        entry = self.store.entry(key)
+        if entry is None or entry[0] is None:
             raise NotFound("no such key")
-        return _json(request, {"success": True, "key": key, "value": value})
+        return _versioned(request, {"success": True, "key": key, "value": entry[0], "version": entry[1]})
 
     @app.route("/kv/<rest:_>", methods=["PUT"])
     async def put(self, request: IRequest, _: str) -> bytes:
         key = _key_of(request)
         value = parse_value(request.content.read(), self.max_value_bytes)
-        await self.store.put(key, value)
-        return _json(request, {"success": True, "key": key, "value": value})
+        version = await self.store.put(key, value)
+        return _versioned(request, {"success": True, "key": key, "value": value, "version": version})
 
     @app.route("/kv/<rest:_>", methods=["DELETE"])
     async def delete(self, request: IRequest, _: str) -> bytes:
@@ -294,6 +331,65 @@ class NodeAPI:
             raise NotFound("no such key")
         await deleted
         return _json(request, {"success": True, "key": key})
+
+    # The internal API: what gateways use to replicate, read and repair. Batches, so one
+    # request carries many keys.
+
+    @app.route("/internal/apply", methods=["POST"])
+    async def internal_apply(self, request: IRequest) -> bytes:
+        """Apply [key, value or null, version] items; answer once all are durable, with which were live before."""
+        items = _batch(request, "items")
+        writes, live = [], []
+        for item in items:
+            if not (isinstance(item, list) and len(item) == 3 and (item[1] is None or isinstance(item[1], str))):
+                raise ClientError("each item is [key, value or null, version]")
+            key, value, version = check_key(item[0]), item[1], item[2]
+            if not is_version(version):
+                raise ClientError(f"not a version: {version!r}")
+            live.append(self.store.get(key) is not None)
+            written = self.store.apply(key, value, version)
+            if written is not None:
+                writes.append(written)
+        for written in writes:
+            await written
+        return _json(request, {"success": True, "applied": len(writes), "live": live})
+
+    @app.route("/internal/read", methods=["POST"])
+    def internal_read(self, request: IRequest) -> bytes:
+        """The entries ([value or null, version]) of the given keys; unknown keys are left out."""
+        found = {}
+        for key in _batch(request, "keys"):
+            entry = self.store.entry(check_key(key))
+            if entry is not None:
+                found[key] = list(entry)
+        return _json(request, {"success": True, "entries": found})
+
+    @app.route("/internal/digests", methods=["GET"])
+    def internal_digests(self, request: IRequest) -> bytes:
+        return _json(request, {"success": True, "digests": [f"{d:016x}" for d in self.store.digests()]})
+
+    @app.route("/internal/versions", methods=["POST"])
+    def internal_versions(self, request: IRequest) -> bytes:
+        """key -> version of every key (tombstones too) in the given key ranges."""
+        buckets = _batch(request, "buckets")
+        if not all(isinstance(b, int) and 0 <= b < BUCKETS for b in buckets):
+            raise ClientError(f"buckets are whole numbers from 0 to {BUCKETS - 1}")
+        versions, tombstones = self.store.versions_in(set(buckets))
+        return _json(request, {"success": True, "versions": versions, "tombstones": tombstones})
+
+    @app.route("/internal/drop", methods=["POST"])
+    async def internal_drop(self, request: IRequest) -> bytes:
+        """Forget [key, version] items this node no longer needs (only where the version still matches)."""
+        writes = []
+        for item in _batch(request, "items"):
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], str)):
+                raise ClientError("each item is [key, version]")
+            written = self.store.drop(check_key(item[0]), item[1])
+            if written is not None:
+                writes.append(written)
+        for written in writes:
+            await written
+        return _json(request, {"success": True, "dropped": len(writes)})
 
     def problem(self) -> str | None:
         """Why this node cannot serve writes, if it cannot (for /healthz)."""
@@ -312,6 +408,10 @@ class NodeAPI:
                 b"GET": self.get,
                 b"PUT": lambda request, _: Deferred.fromCoroutine(self.put(request, _)),
                 b"DELETE": lambda request, _: Deferred.fromCoroutine(self.delete(request, _)),
+            },
+            {
+                (b"POST", b"/internal/apply"): lambda request, _: Deferred.fromCoroutine(self.internal_apply(request)),
+                (b"POST", b"/internal/read"): lambda request, _: self.internal_read(request),
             },
         )
 
@@ -377,19 +477,28 @@ class RegistryAPI:
 @define
 class GatewayAPI:
     """
-    The client API in front of the cluster: each request goes to the key's owner and the
-    owner's answer comes back unchanged (status and JSON body), plus C{/cluster}.
+    The client API in front of the cluster: each write goes to the key's N replicas and is
+    answered after W; each read asks R and answers the newest (see L{kvd.replication}).
+    Plus C{/cluster}, with the repair sweep's progress.
     """
 
     cluster: Cluster
-    peers: Peers
+    replicator: Replicator
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     metrics: Metrics = field(factory=Metrics)
     auth: Auth = field(factory=Auth)
+    repairer: Repairer | None = None
 
     def __attrs_post_init__(self) -> None:
-        cluster = self.cluster
+        cluster, repairer = self.cluster, self.repairer
         self.metrics.gauges(("kvd_ring_members", "Nodes on the gateway's ring.", lambda: len(cluster.members)))
+        if repairer is not None:
+            progress = repairer.progress
+            self.metrics.gauges(
+                ("kvd_repair_backlog", "Keys the last repair sweep still had to send.", lambda: progress.keys_to_send),
+                ("kvd_repair_sent", "Keys repair sweeps have sent to their owners.", lambda: progress.sent),
+                ("kvd_repair_dropped", "Keys dropped from nodes that no longer own them.", lambda: progress.dropped),
+            )
 
     app = Klein()
     _common_routes(app)
@@ -401,24 +510,20 @@ class GatewayAPI:
     @app.route("/kv/<rest:_>", methods=["GET", "PUT", "DELETE"])
     async def kv(self, request: IRequest, _: str) -> bytes:
         key = _key_of(request)
-        method = request.method.decode("ascii")
-        body = None
-        if method == "PUT":
-            body = request.content.read()
-            parse_value(body, self.max_value_bytes)
-        node = self.cluster.owner(key)
-        # Nodes take the cluster secret when there is one; else the client's own token.
-        authorization = self.peers.authorization or request.getHeader(b"authorization")
-        try:
-            answer = await self.peers.call(method, node.url + kv_path(key), body, authorization=authorization)
-        except PeerTimeout as e:
-            raise NodeFailed(node.id, 504, e.reason) from None
-        except PeerUnreachable as e:
-            raise NodeFailed(node.id, 502, e.reason) from None
-        request.setResponseCode(answer.status)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", b"%d" % len(answer.body))
-        return answer.body
+        method = request.method
+        if method == b"PUT":
+            value = parse_value(request.content.read(), self.max_value_bytes)
+            version, _live = await self.replicator.write(key, value)
+            return _versioned(request, {"success": True, "key": key, "value": value, "version": version})
+        if method == b"DELETE":
+            version, was_live = await self.replicator.write(key, None)
+            if not was_live:
+                raise NotFound("no such key")
+            return _versioned(request, {"success": True, "key": key, "version": version})
+        entry = await self.replicator.read(key)
+        if entry is None or entry[0] is None:
+            raise NotFound("no such key")
+        return _versioned(request, {"success": True, "key": key, "value": entry[0], "version": entry[1]})
 
     @app.route("/cluster", methods=["GET"])
     def describe(self, request: IRequest) -> bytes:
@@ -429,6 +534,9 @@ class GatewayAPI:
                 "nodes": [m.to_json() for m in self.cluster.sorted()],
                 "replicas": self.cluster.replicas,
                 "vnodes": self.cluster.vnodes,
+                "write_quorum": self.replicator.write_quorum,
+                "read_quorum": self.replicator.read_quorum,
+                "repair": None if self.repairer is None else self.repairer.progress.to_json(),
             },
         )
 

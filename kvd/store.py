@@ -445,9 +445,15 @@ class Store:
             self._digests = digests
         return list(self._digests)
 
-    def versions_in(self, buckets: set[int]) -> dict[str, str]:
-        """key -> version for every key (tombstones too) in the given ranges."""
-        return {k: e[1] for k, e in self._data.items() if bucket_of(k) in buckets}
+    def versions_in(self, buckets: set[int]) -> tuple[dict[str, str], list[str]]:
+        """key -> version for every key in the given ranges, and which of them are tombstones."""
+        versions, tombstones = {}, []
+        for key, (value, version) in self._data.items():
+            if bucket_of(key) in buckets:
+                versions[key] = version
+                if value is None:
+                    tombstones.append(key)
+        return versions, tombstones
 
     @property
     def journal_bytes(self) -> int:
@@ -481,11 +487,12 @@ class Store:
             self.clock.observe(current[1])
         return self.clock.next()
 
-    def put(self, key: str, value: str) -> Deferred[None]:
-        """Set C{key} with a new local version; fires once durable."""
-        d = self.apply(key, value, self._local_version(key))
+    def put(self, key: str, value: str) -> Deferred[str]:
+        """Set C{key} with a new local version; fires with that version once durable."""
+        version = self._local_version(key)
+        d = self.apply(key, value, version)
         assert d is not None
-        return d
+        return d.addCallback(lambda _: version)
 
     def delete(self, key: str) -> Deferred[bool] | None:
         """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -40,9 +41,11 @@ from kvd.keys import DEFAULT_MAX_VALUE_BYTES
 from kvd.membership import Heartbeat, NodeInfo, Watcher
 from kvd.metrics import Metrics
 from kvd.registry import InvalidRegistration, Registry, validate_node_id
+from kvd.replication import Repairer, Replicator
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
 from kvd.ring import DEFAULT_VNODES
 from kvd.store import Store, StoreError, next_incarnation
+from kvd.versions import HybridClock
 from kvd.web import BoundedSite
 
 _log = Logger()
@@ -55,6 +58,9 @@ DEFAULT_LISTEN = {
 }
 DEV_REGISTRY_PORT, DEV_GATEWAY_PORT, DEV_FIRST_NODE_PORT = 8500, 8000, 8001
 DEFAULT_TTL = 10.0
+DEFAULT_QUORUM = 2
+DEFAULT_REPAIR_INTERVAL = 2.0
+DEFAULT_TOMBSTONE_GRACE = 3600.0
 #: Registry bodies are small JSON objects.
 REGISTRY_MAX_BODY = 64 * 1024
 
@@ -75,6 +81,10 @@ ROLE_OPTIONS: dict[str, dict[str, Any]] = {
         "registry": None,
         "vnodes": DEFAULT_VNODES,
         "replicas": DEFAULT_REPLICAS,
+        "read-quorum": DEFAULT_QUORUM,
+        "write-quorum": DEFAULT_QUORUM,
+        "repair-interval": DEFAULT_REPAIR_INTERVAL,
+        "tombstone-grace": DEFAULT_TOMBSTONE_GRACE,
         "timeout": DEFAULT_TIMEOUT,
         "max-value-bytes": DEFAULT_MAX_VALUE_BYTES,
     },
@@ -84,6 +94,10 @@ ROLE_OPTIONS: dict[str, dict[str, Any]] = {
         "ttl": DEFAULT_TTL,
         "vnodes": DEFAULT_VNODES,
         "replicas": DEFAULT_REPLICAS,
+        "read-quorum": DEFAULT_QUORUM,
+        "write-quorum": DEFAULT_QUORUM,
+        "repair-interval": DEFAULT_REPAIR_INTERVAL,
+        "tombstone-grace": DEFAULT_TOMBSTONE_GRACE,
         "timeout": DEFAULT_TIMEOUT,
         "fsync": "always",
         "max-value-bytes": DEFAULT_MAX_VALUE_BYTES,
@@ -225,6 +239,38 @@ class Options(usage.Options):
         ],
         ["nodes", None, None, "dev: how many nodes to run [default: 3].", _number("--nodes", int, 1)],
         [
+            "write-quorum",
+            None,
+            None,
+            f"gateway, dev: replicas that must make a write durable before it is answered [default: {DEFAULT_QUORUM}, "
+            "at most --replicas].",
+            _number("--write-quorum", int, 1),
+        ],
+        [
+            "read-quorum",
+            None,
+            None,
+            f"gateway, dev: replicas a read asks; the newest answer wins [default: {DEFAULT_QUORUM}, "
+            "at most --replicas].",
+            _number("--read-quorum", int, 1),
+        ],
+        [
+            "repair-interval",
+            None,
+            None,
+            f"gateway, dev: seconds between repair sweeps (anti-entropy, handoff, rebalancing) "
+            f"[default: {DEFAULT_REPAIR_INTERVAL:g}].",
+            _number("--repair-interval", float, 0.01),
+        ],
+        [
+            "tombstone-grace",
+            None,
+            None,
+            f"gateway, dev: seconds a deletion's tombstone is kept once every replica has it "
+            f"[default: {DEFAULT_TOMBSTONE_GRACE:g}].",
+            _number("--tombstone-grace", float, 0),
+        ],
+        [
             "cluster-secret-file",
             None,
             None,
@@ -295,6 +341,10 @@ class Options(usage.Options):
             "replicas",
             "timeout",
             "nodes",
+            "read-quorum",
+            "write-quorum",
+            "repair-interval",
+            "tombstone-grace",
         ):
             if self[name] is not None and name not in takes:
                 raise usage.UsageError(f"--{name} does not apply to --role {role}")
@@ -325,6 +375,14 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--node-id: {e}") from None
             if self["registry"] and not self["advertise"]:
                 self["advertise"] = advertised_url(self["listen"])
+        if role == "dev":
+            # A small dev cluster keeps working: fewer nodes than replicas or quorums shrinks them.
+            for name in ("replicas", "read-quorum", "write-quorum"):
+                self[name] = min(self[name], self["nodes"])
+        if "replicas" in takes:
+            for name in ("read-quorum", "write-quorum"):
+                if self[name] > self["replicas"]:
+                    raise usage.UsageError(f"--{name} {self[name]} is more than --replicas {self['replicas']}")
         if role == "gateway":
             if bool(self["registry"]) == bool(self["static-nodes"]):
                 raise usage.UsageError("--role gateway needs either --registry URL or --node ID=URL (not both)")
@@ -572,7 +630,13 @@ def gateway_services(
         assert registry is not None
         watcher = Watcher(RegistryClient(client.peers, registry), reactor, cluster.update)
         services.append(WatcherService(watcher))
-    api = GatewayAPI(cluster, client.peers, config["max-value-bytes"], auth=config["auth"])
+    clock = HybridClock(reactor.seconds, f"gw-{secrets.token_hex(4)}")
+    replicator = Replicator(cluster, client.peers, clock, config["write-quorum"], config["read-quorum"])
+    repairer = Repairer(cluster, client.peers, reactor.seconds, config["tombstone-grace"])
+    sweeps = TimerService(config["repair-interval"], lambda: Deferred.fromCoroutine(repairer.sweep()))
+    sweeps.clock = reactor
+    services.append(sweeps)
+    api = GatewayAPI(cluster, replicator, config["max-value-bytes"], auth=config["auth"], repairer=repairer)
     services.append(_listen(reactor, listen, api.resource(), config, config["max-value-bytes"], api.metrics))
     return services
 

@@ -25,6 +25,7 @@ from kvd.metrics import Metrics, now
 _log = Logger()
 
 DEFAULT_MAX_BODY = 1024 * 1024
+INTERNAL_MAX_BODY = 64 * 1024 * 1024
 #: Seconds a connection may sit idle (or dribble a request) before it is closed.
 DEFAULT_IDLE_TIMEOUT = 60
 
@@ -62,7 +63,7 @@ class BoundedChannel(HTTPChannel):
         if self._refused:
             return
         self._refused = True
-        limit = self.site.max_body
+        limit = self.site.limit_for(getattr(self, "_path", b""))
         _log.info("refused a request body over {limit} bytes", limit=limit)
         if self.site.metrics is not None:
             self.site.metrics.observe_request(getattr(self, "_path", b""), getattr(self, "_command", b"?"), 413, 0.0)
@@ -91,7 +92,7 @@ class BoundedChannel(HTTPChannel):
         self.loseConnection()
 
     def allHeadersReceived(self) -> None:
-        if self.length is not None and self.length > self.site.max_body:
+        if self.length is not None and self.length > self.site.limit_for(self._path):
             # Before super(): it would answer "100 Continue" to a client that asked.
             self.refuse()
             self.setRawMode()
@@ -120,7 +121,7 @@ class BoundedRequest(Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
-        if self._received > self.channel.site.max_body:
+        if self._received > self.channel.site.limit_for(getattr(self.channel, "_path", b"")):
             self.channel.refuse()
             return
         super().handleContentChunk(data)
@@ -163,8 +164,13 @@ class BoundedSite(Site):
     ) -> None:
         super().__init__(resource, timeout=timeout, **kwargs)
         self.max_body = max_body
+        #: Batches between kvd processes carry many values at once.
+        self.internal_max_body = max(max_body, INTERNAL_MAX_BODY)
         self.access_log = access_log
         self.metrics = metrics
+
+    def limit_for(self, path: bytes) -> int:
+        return self.internal_max_body if path.startswith(b"/internal/") else self.max_body
 
     def log(self, request: HTTPRequest) -> None:
         # Called by every request as it finishes.

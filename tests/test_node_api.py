@@ -48,12 +48,15 @@ def call(client: StubTreq, method: str, path: str, data: bytes | None = None) ->
     return results[0]  # type: ignore[no-any-return]
 
 
-def test_put_then_get_answers_the_documented_json(client: StubTreq) -> None:
-    assert call(client, "PUT", "/kv/mykey1", b"myvalue1")[:2] == (
-        200,
-        {"success": True, "key": "mykey1", "value": "myvalue1"},
-    )
-    assert call(client, "GET", "/kv/mykey1")[:2] == (200, {"success": True, "key": "mykey1", "value": "myvalue1"})
+def test_put_then_get_answers_the_documented_json_with_a_version(client: StubTreq) -> None:
+    status, body, headers = call(client, "PUT", "/kv/mykey1", b"myvalue1")
+    version = body.pop("version")
+    assert (status, body) == (200, {"success": True, "key": "mykey1", "value": "myvalue1"})
+    assert headers.getRawHeaders(b"etag") == [f'"{version}"'.encode()]
+    status, body, _ = call(client, "GET", "/kv/mykey1")
+    assert (status, body) == (200, {"success": True, "key": "mykey1", "value": "myvalue1", "version": version})
+    status, body, _ = call(client, "PUT", "/kv/mykey1", b"again")
+    assert body["version"] > version, "a later write gets a later version"
 
 
 def test_delete_answers_the_key_then_the_key_is_gone(client: StubTreq) -> None:
@@ -85,7 +88,8 @@ def test_acknowledged_put_is_already_in_the_journal(client: StubTreq, store: Sto
     ],
 )
 def test_keys_are_one_percent_decoded_segment_and_round_trip(client: StubTreq, path: str, key: str) -> None:
-    assert call(client, "PUT", path, "välue".encode())[:2] == (200, {"success": True, "key": key, "value": "välue"})
+    status, body, _ = call(client, "PUT", path, "välue".encode())
+    assert (status, body["key"], body["value"]) == (200, key, "välue")
     assert call(client, "GET", path)[1]["key"] == key
 
 

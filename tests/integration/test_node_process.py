@@ -18,11 +18,13 @@ pytestmark = pytest.mark.timeout(120)
 
 def test_the_readme_session(processes: Processes) -> None:
     node = processes.node("a").start()
-    assert request(node.port, "PUT", "/kv/mykey1", b"myvalue1") == (
+    status, body = request(node.port, "PUT", "/kv/mykey1", b"myvalue1")
+    version = body.pop("version")
+    assert (status, body) == (200, {"success": True, "key": "mykey1", "value": "myvalue1"})
+    assert request(node.port, "GET", "/kv/mykey1") == (
         200,
-        {"success": True, "key": "mykey1", "value": "myvalue1"},
+        {"success": True, "key": "mykey1", "value": "myvalue1", "version": version},
     )
-    assert request(node.port, "GET", "/kv/mykey1") == (200, {"success": True, "key": "mykey1", "value": "myvalue1"})
     assert request(node.port, "DELETE", "/kv/mykey1") == (200, {"success": True, "key": "mykey1"})
     assert request(node.port, "GET", "/kv/mykey1")[0] == 404
     assert request(node.port, "GET", "/node") == (200, {"success": True, "id": "a", "keys": 0})

@@ -47,7 +47,7 @@ def test_a_cluster_over_tls_with_secrets_and_an_untrusted_node_refused(processes
     ).start()
     registry_url = f"https://127.0.0.1:{registry_port}"
 
-    def node(node_id: str, pem: Path) -> None:
+    def node(node_id: str, pem: Path) -> int:
         port = free_port()
         processes.kvd(
             f"node-{node_id}",
@@ -69,6 +69,7 @@ def test_a_cluster_over_tls_with_secrets_and_an_untrusted_node_refused(processes
             port=port,
             tls=client if pem == server else ssl._create_unverified_context(),
         ).start()
+        return port
 
     node("a", server)
     node("b", server)
@@ -112,8 +113,9 @@ def test_a_cluster_over_tls_with_secrets_and_an_untrusted_node_refused(processes
     )
     assert status == 200 and [n["id"] for n in body["nodes"]] == ["a", "b"]
 
-    # A node whose certificate no trusted CA signed is refused by the gateway.
-    node("c", stranger)
+    # A node whose certificate no trusted CA signed is refused by the gateway: writes go on
+    # (a and b make the quorum) but none reaches c.
+    c_port = node("c", stranger)
     deadline = time.monotonic() + 20
     while cluster() != ["a", "b", "c"] and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -123,6 +125,14 @@ def test_a_cluster_over_tls_with_secrets_and_an_untrusted_node_refused(processes
         if request(gateway.port, "GET", f"/cluster/owners/x{i}", tls=client)[1]["nodes"][0] == "c"
     )
     status, body = request(gateway.port, "PUT", f"/kv/{key}", b"v", tls=client, headers=auth)
-    assert status == 502 and body["node"] == "c", body
+    assert status == 200, body
+    deadline = time.monotonic() + 15  # a repair sweep, which must not get through to c either
+    while request(gateway.port, "GET", "/cluster", tls=client)[1]["repair"]["last_error"] is None:
+        assert time.monotonic() < deadline, "no repair sweep reported c"
+        time.sleep(0.2)
+    unverified = ssl._create_unverified_context()
+    assert request(c_port, "GET", "/node", tls=unverified)[1]["keys"] == 0, "c received nothing"
+    repair = request(gateway.port, "GET", "/cluster", tls=client)[1]["repair"]
+    assert f"127.0.0.1:{c_port}" in repair["last_error"] and "certificate verify failed" in repair["last_error"], repair
     for text in (registry.tail(), gateway.tail()):
         assert SECRET not in text and TOKEN not in text, "secrets never reach the logs"

@@ -26,10 +26,10 @@ from kvd.client import Peers, RegistryClient
 from kvd.gateway import Cluster
 from kvd.membership import CARRY_SECONDS, Heartbeat, NodeInfo, Watcher
 from kvd.registry import Registry
-from kvd.replication import Replicator, Repairer
-from kvd.versions import HybridClock
+from kvd.replication import Repairer, Replicator
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
 from kvd.store import Store
+from kvd.versions import HybridClock
 
 TTL = 9.0
 

@@ -402,7 +402,9 @@ def test_digests_track_every_change_and_match_a_fresh_count(tmp_path: Path, open
     assert kept != before
     store = reopen(opened, store)
     assert store.digests() == kept, "recomputed from disk, the same"
-    assert store.versions_in(set(range(256))) == {"b": "0000000000010000000.gw", "c": store.entry("c")[1]}  # type: ignore[index]
+    versions, tombstones = store.versions_in(set(range(256)))
+    assert versions == {"b": "0000000000010000000.gw", "c": store.entry("c")[1]}  # type: ignore[index]
+    assert tombstones == ["b"]
 
 
 def test_data_written_before_versions_existed_still_loads(tmp_path: Path, opened: list[Store]) -> None:

@@ -277,8 +277,12 @@ class Repairer:
     tombstone_grace: float = 3600.0
     ranges_per_sweep: int = 32
     progress: RepairProgress = field(factory=RepairProgress)
+    #: Seconds between full passes over every range, changed or not: they find tombstones
+    #: whose grace has run out, and anything a digest collision could hide.
+    full_pass_interval: float = 300.0
     _reconciled: dict[tuple[str, int], str] = field(factory=dict)
     _members: dict[str, NodeInfo] = field(factory=dict)
+    _next_full_pass: float = 0.0
     _running: bool = False
 
     async def sweep(self) -> None:
@@ -307,9 +311,11 @@ class Repairer:
         members = dict(self.cluster.members)
         if not members:
             return
-        if members != self._members:
-            self._reconciled.clear()  # new owners: every range must be looked at again
+        now = self.now()
+        if members != self._members or now >= self._next_full_pass:
+            self._reconciled.clear()  # new owners, or time for a full pass: look at every range again
             self._members = members
+            self._next_full_pass = now + min(self.full_pass_interval, self.tombstone_grace / 2 or 1.0)
         self.progress.rounds += 1
         digests: dict[str, list[str]] = {}
         for node_id, node in members.items():

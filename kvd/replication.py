@@ -275,7 +275,7 @@ class Repairer:
     peers: Peers
     now: Callable[[], float]
     tombstone_grace: float = 3600.0
-    ranges_per_sweep: int = 32
+    ranges_per_sweep: int = BUCKETS
     progress: RepairProgress = field(factory=RepairProgress)
     #: Seconds between full passes over every range, changed or not: they find tombstones
     #: whose grace has run out, and anything a digest collision could hide.

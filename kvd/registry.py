@@ -64,7 +64,9 @@ __all__ = [
 
 MAX_ID_LENGTH = 128
 MAX_URL_LENGTH = 2048
-MAX_WEIGHT = 1000
+#: A node of weight w takes w x --vnodes points on every gateway's ring (4000 each by default);
+#: past this a ring rebuild would stall a gateway for seconds.
+MAX_WEIGHT = 16
 # Large enough for a wall-clock-in-nanoseconds incarnation, small enough to
 # survive any JSON implementation that uses 64-bit integers.
 MAX_INCARNATION = 2**63 - 1
@@ -145,7 +147,10 @@ def _validate_url(url: object) -> str:
         raise InvalidRegistration(f'"url" is longer than {MAX_URL_LENGTH} characters.')
     if _URL_FORBIDDEN.search(url) is not None or not url.isascii():
         raise InvalidRegistration(f'"url" {_shown(url)} contains spaces, control characters or non-ASCII characters.')
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise InvalidRegistration(f'"url" {_shown(url)} is not a URL.') from None
     if parts.scheme not in ("http", "https"):
         raise InvalidRegistration(f'"url" {_shown(url)} must start with http:// or https://.')
     if not parts.hostname:

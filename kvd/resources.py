@@ -51,15 +51,6 @@ MAX_WAIT = 300.0
 DEFAULT_WAIT = 30.0
 
 
-class NodeFailed(Exception):
-    """The node that owns a key could not answer; 502, or 504 when it took too long."""
-
-    def __init__(self, node_id: str, status: int, reason: str) -> None:
-        super().__init__(f"node {node_id} did not answer: {reason}")
-        self.node_id = node_id
-        self.status = status
-
-
 def _json(request: IRequest, obj: object, status: int = 200) -> bytes:
     request.setResponseCode(status)
     body = json.dumps(obj, ensure_ascii=False).encode()
@@ -84,7 +75,7 @@ def _batch(request: IRequest, field: str) -> list[Any]:
     """The list under C{field} of a JSON request body."""
     try:
         body = json.loads(request.content.read())
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ClientError("the body must be JSON") from None
     items = body.get(field) if isinstance(body, dict) else None
     if not isinstance(items, list):
@@ -126,8 +117,6 @@ def _render_error(request: IRequest, failure: Failure) -> bytes:
         status, body["error"] = 400, str(error)
     elif isinstance(error, StaleIncarnation):
         status, body["error"] = 409, str(error)
-    elif isinstance(error, NodeFailed):
-        status, body["error"], body["node"] = error.status, str(error), error.node_id
     elif isinstance(error, StoreError):
         status, body["error"] = 503, str(error)
     elif isinstance(error, RouteNotFound):
@@ -458,7 +447,7 @@ class RegistryAPI:
     def register(self, request: IRequest, node_id: str) -> bytes:
         try:
             body = json.loads(request.content.read())
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting deep enough to exhaust the parser, too
             raise ClientError('the body must be JSON: {"url": URL, "weight": 1}') from None
         self.registry.register(node_id, body, self.clock.seconds())
         return _json(request, {"success": True, "ttl": self.registry.ttl})

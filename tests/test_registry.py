@@ -380,10 +380,11 @@ def test_leave_with_invalid_incarnation_is_rejected(incarnation: object) -> None
         (body(weight=1.0), '"weight" must be an integer'),  # type: ignore[arg-type]
         (body(weight=True), '"weight" must be an integer'),
         ({"url": URL_A, "weight": None}, '"weight" must be an integer'),
-        (body(weight=0), '"weight" must be between 1 and 1000'),
-        (body(weight=-3), '"weight" must be between 1 and 1000'),
-        (body(weight=1001), '"weight" must be between 1 and 1000'),
-        (body(weight=10**100), '"weight" must be between 1 and 1000'),
+        (body(weight=0), '"weight" must be between 1 and 16'),
+        (body(weight=-3), '"weight" must be between 1 and 16'),
+        (body(weight=17), '"weight" must be between 1 and 16'),
+        (body(weight=10**100), '"weight" must be between 1 and 16'),
+        (body(url="http://[::1"), "is not a URL"),
         (body(incarnation="2"), '"incarnation" must be an integer'),  # type: ignore[arg-type]
         (body(incarnation=2.0), '"incarnation" must be an integer'),  # type: ignore[arg-type]
         (body(incarnation=False), '"incarnation" must be an integer'),

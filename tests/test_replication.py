@@ -199,7 +199,9 @@ actions = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(actions)
 def test_any_schedule_of_writes_crashes_joins_and_leaves_converges(
     tmp_path_factory: pytest.TempPathFactory, schedule: list[Any]

@@ -309,7 +309,9 @@ operations = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(operations)
 def test_any_history_reopened_equals_a_model_dict(tmp_path_factory: pytest.TempPathFactory, ops: list[Any]) -> None:
     directory = tmp_path_factory.mktemp("store")

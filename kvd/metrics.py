@@ -10,12 +10,14 @@ that describe state (keys held, journal size, ring members, leases) are read whe
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -50,43 +52,56 @@ class _Gauges(Collector):
             yield GaugeMetricFamily(name, documentation, value=read())
 
 
+class _Requests(Collector):
+    """The request counter and latency histogram, built from plain counts at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        counts = CounterMetricFamily(
+            "kvd_http_requests",
+            "HTTP requests answered, by route, method and status.",
+            labels=("route", "method", "status"),
+        )
+        for (route, method, status), count in sorted(self._metrics.counts.items()):
+            counts.add_metric([route, method.decode("ascii", "replace"), str(status)], count)
+        yield counts
+        latency = HistogramMetricFamily(
+            "kvd_http_request_seconds", "Time from a request's arrival to its answer, by route.", labels=("route",)
+        )
+        for route, (buckets, total) in sorted(self._metrics.latency.items()):
+            cumulative, running = [], 0
+            for bound, count in zip((*_LATENCY_BUCKETS, float("inf")), buckets, strict=True):
+                running += count
+                cumulative.append((floatToGoString(bound), running))
+            latency.add_metric([route], cumulative, total)
+        yield latency
+
+
 class Metrics:
     """One role's metrics."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "kvd_http_requests",
-            "HTTP requests answered, by route, method and status.",
-            ("route", "method", "status"),
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "kvd_http_request_seconds",
-            "Time from a request's arrival to its answer, by route.",
-            ("route",),
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._latency_by_route: dict[str, Any] = {}
-        self._requests_by_key: dict[tuple[str, bytes, int], Any] = {}
+        # Plain counts on the request path (prometheus_client's own counters take a lock per
+        # increment, which cost a tenth of a node's throughput); exported when scraped.
+        self.counts: dict[tuple[str, bytes, int], int] = {}
+        self.latency: dict[str, tuple[list[int], float]] = {}
+        self.registry.register(_Requests(self))
 
     def observe_request(self, path: bytes, method: bytes, status: int, seconds: float) -> None:
         route = route_of(path)
-        # labels() looks children up under a lock; remembering them keeps the hot path short.
         key = (route, method, status)
-        counter = self._requests_by_key.get(key)
-        if counter is None:
-            if len(self._requests_by_key) > 1000:  # odd methods cannot grow this without bound
-                key = (route, b"OTHER", status)
-            counter = self._requests_by_key.setdefault(
-                key, self.requests.labels(route, key[1].decode("ascii", "replace"), str(status))
-            )
-        counter.inc()
-        histogram = self._latency_by_route.get(route)
-        if histogram is None:
-            histogram = self._latency_by_route.setdefault(route, self.latency.labels(route))
-        histogram.observe(seconds)
+        counts = self.counts
+        if key not in counts and len(counts) > 1000:  # odd methods cannot grow this without bound
+            key = (route, b"OTHER", status)
+        counts[key] = counts.get(key, 0) + 1
+        found = self.latency.get(route)
+        if found is None:
+            found = self.latency[route] = ([0] * (len(_LATENCY_BUCKETS) + 1), 0.0)
+        found[0][bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.latency[route] = (found[0], found[1] + seconds)
 
     def gauges(self, *gauges: tuple[str, str, Callable[[], float]]) -> None:
         self.registry.register(_Gauges(gauges))

@@ -37,6 +37,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ports_free(*ports: int) -> bool:
+    """Whether every port could be listened on now (as Twisted does, with SO_REUSEADDR)."""
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
 def twistd_command() -> list[str]:
     script = Path(sys.executable).parent / "twistd"
     if script.exists():

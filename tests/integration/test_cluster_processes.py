@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import http.client
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from .conftest import Kvd, Processes, free_port, request
+from .conftest import Kvd, Processes, free_port, ports_free, request
 
 pytestmark = pytest.mark.timeout(180)
 TTL = "1.5"
@@ -32,8 +31,9 @@ def member_ids(port: int) -> list[str]:
     return [n["id"] for n in request(port, "GET", "/registry/nodes")[1]["nodes"]]
 
 
-def start_cluster(processes: Processes, registry_port: int | None = None) -> tuple[Kvd, list[Kvd], Kvd]:
-    registry_port = registry_port or free_port()
+def start_cluster(processes: Processes, *gateway_options: str) -> tuple[Kvd, list[Kvd], Kvd]:
+    """A registry, nodes a, b and c, and a gateway (given C{gateway_options}), each a process."""
+    registry_port = free_port()
     registry = processes.kvd(
         "registry",
         "--role",
@@ -55,6 +55,7 @@ def start_cluster(processes: Processes, registry_port: int | None = None) -> tup
         url,
         "--timeout",
         "2",
+        *gateway_options,
         "--listen",
         f"tcp:{gateway_port}:interface=127.0.0.1",
         port=gateway_port,
@@ -162,19 +163,8 @@ def test_a_gateway_with_a_static_node_list(processes: Processes) -> None:
     assert request(node.port, "GET", "/kv/x")[1]["value"] == "y"
 
 
-def _ports_free(*ports: int) -> bool:
-    for port in ports:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted listens
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
 def test_the_dev_role_runs_the_whole_cluster_in_one_process(processes: Processes, tmp_path: Path) -> None:
-    if not _ports_free(8000, 8500, 8001, 8002, 8003):
+    if not ports_free(8000, 8500, 8001, 8002, 8003):
         pytest.skip("the dev role's documented ports are in use on this machine")
     dev = processes.kvd("dev", "--role", "dev", port=8000).start()
     eventually(lambda: len(request(8000, "GET", "/cluster")[1]["nodes"]) == 3, what="dev cluster has 3 nodes")

@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
 
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
 
-from .conftest import Kvd, request
+from .conftest import Kvd, ports_free, request
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
@@ -152,17 +152,6 @@ def test_every_json_answer_has_success_every_error_has_error_and_more_fields_are
 # --- a live dev cluster ----------------------------------------------------------------------
 
 
-def _ports_free(ports: tuple[int, ...]) -> bool:
-    for port in ports:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted listens
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
 def _stop(process: subprocess.Popen[bytes] | None) -> None:
     """SIGTERM (a clean stop), then SIGKILL if it has not exited within 20 s."""
     if process is None or process.poll() is not None:
@@ -186,7 +175,7 @@ class DevCluster:
 @pytest.fixture(scope="module")
 def dev_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCluster]:
     """`twistd kvd --role dev` on its fixed ports, from a temporary directory, once 3 nodes are on the ring."""
-    if not _ports_free(DEV_PORTS):
+    if not ports_free(*DEV_PORTS):
         pytest.skip(f"the dev role's fixed ports {', '.join(map(str, DEV_PORTS))} are not all free on this machine")
     workdir = tmp_path_factory.mktemp("dev")
     dev = Kvd(workdir, "dev", ["--role", "dev", "--data-dir", str(workdir / "kvd-data")], port=8000)

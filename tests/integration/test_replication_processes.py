@@ -8,49 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Kvd, Processes, free_port, request
-from .test_cluster_processes import eventually, member_ids
+from .conftest import Kvd, Processes, request
+from .test_cluster_processes import eventually, member_ids, start_cluster
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def cluster(processes: Processes) -> tuple[Kvd, dict[str, Kvd], Kvd, str]:
-    registry_port = free_port()
-    registry = processes.kvd(
-        "registry",
-        "--role",
-        "registry",
-        "--ttl",
-        "1.5",
-        "--listen",
-        f"tcp:{registry_port}:interface=127.0.0.1",
-        port=registry_port,
-    ).start()
-    url = f"http://127.0.0.1:{registry_port}"
-    nodes = {n: processes.node(n, None, "--registry", url).start() for n in ("a", "b", "c")}
-    port = free_port()
-    gateway = processes.kvd(
-        "gateway",
-        "--role",
-        "gateway",
-        "--registry",
-        url,
-        "--replicas",
-        "3",
-        "--write-quorum",
-        "2",
-        "--read-quorum",
-        "2",
-        "--repair-interval",
-        "0.3",
-        "--timeout",
-        "2",
-        "--listen",
-        f"tcp:{port}:interface=127.0.0.1",
-        port=port,
-    ).start()
-    eventually(lambda: len(request(port, "GET", "/cluster")[1]["nodes"]) == 3, what="gateway sees 3 nodes")
-    return registry, nodes, gateway, url
+    registry, nodes, gateway = start_cluster(
+        processes, "--replicas", "3", "--write-quorum", "2", "--read-quorum", "2", "--repair-interval", "0.3"
+    )
+    return registry, dict(zip("abc", nodes, strict=True)), gateway, f"http://127.0.0.1:{registry.port}"
 
 
 def keys_on(node: Kvd) -> int:

@@ -60,11 +60,6 @@ class Answer:
         return json.loads(self.body)
 
 
-def kv_path(key: str) -> str:
-    """The canonical request path for a key: one segment, everything but unreserved encoded."""
-    return "/kv/" + quote(key.encode("utf-8"), safe="")
-
-
 @define
 class Peers:
     """Makes bounded HTTP calls to other kvd processes."""

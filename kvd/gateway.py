@@ -54,13 +54,3 @@ class Cluster:
     def owners(self, key: str) -> list[str]:
         """The key's preference list, first owner first."""
         return self.ring.preference_list(key, self.replicas)
-
-    def owner(self, key: str) -> NodeInfo:
-        """The node that serves a key.
-
-        @raise NoNodes: when there are none.
-        """
-        node_id = self.ring.owner(key)
-        if node_id is None:
-            raise NoNodes()
-        return self.members[node_id]

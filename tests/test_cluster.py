@@ -301,4 +301,4 @@ def test_owners_list_replicas_distinct_nodes_first_owner_first(harness: Harness)
     status, body = harness.gateway("GET", "/cluster/owners/a%2Fb")
     assert status == 200 and body["key"] == "a/b"
     assert len(body["nodes"]) == 3 and len(set(body["nodes"])) == 3
-    assert body["nodes"][0] == harness.cluster.owner("a/b").id
+    assert body["nodes"][0] == harness.cluster.ring.owner("a/b")

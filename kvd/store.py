@@ -56,6 +56,26 @@ NO_VERSION = ""
 BUCKETS = 256
 #: A key's value (None for a tombstone: a deletion replicas must learn of) and version.
 Entry = tuple["str | None", str]
+#: In memory and in snapshots an entry is one string, its version then SEP then its value
+#: (a tombstone is its version alone): a tuple and a second string object per key would
+#: double the memory a key takes, and slow loading a snapshot. Versions never hold SEP.
+SEP = "\x1f"
+
+
+def pack(value: str | None, version: str) -> str:
+    return version if value is None else version + SEP + value
+
+
+def unpack(packed: str) -> Entry:
+    cut = packed.find(SEP)
+    return (None, packed) if cut < 0 else (packed[cut + 1 :], packed[:cut])
+
+
+def _version(packed: str) -> str:
+    cut = packed.find(SEP)
+    return packed if cut < 0 else packed[:cut]
+
+
 _JOURNAL = re.compile(r"^journal-(\d+)\.jsonl$")
 #: Journals smaller than this are never compacted, so a small store does not rewrite its
 #: snapshot every few writes.
@@ -131,7 +151,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _snapshot_chunks(generation: int, items: list[tuple[str, Entry]]) -> Iterator[bytes]:
+def _snapshot_chunks(generation: int, items: list[tuple[str, str]]) -> Iterator[bytes]:
     yield b'{"kvd":%d,"generation":%d,"data":{' % (FORMAT, generation)
     for start in range(0, len(items), SNAPSHOT_SLICE):
         body = json.dumps(dict(items[start : start + SNAPSHOT_SLICE]), ensure_ascii=False)
@@ -144,7 +164,7 @@ def _snapshot_chunks(generation: int, items: list[tuple[str, Entry]]) -> Iterato
 def write_snapshot(
     directory: str,
     generation: int,
-    items: list[tuple[str, Entry]],
+    items: list[tuple[str, str]],
     step: Callable[[str], None] = lambda name: None,
 ) -> int:
     """
@@ -202,47 +222,39 @@ def _decode_records(path: str, data: bytes, last: bool) -> tuple[list[list[Any]]
     return records, end
 
 
-def _apply(path: str, data: dict[str, Entry], records: list[Any]) -> None:
+def _apply(path: str, data: dict[str, str], records: list[Any]) -> None:
     for number, record in enumerate(records, 1):
         if not isinstance(record, list) or not record or not all(isinstance(f, str) for f in record[1:]):
             raise CorruptStore(f"{path}: record {number} is not a kvd record; refusing to start")
         kind, size = record[0], len(record)
         if kind == "p" and size == 4:
-            data[record[1]] = (record[2], record[3])
+            data[record[1]] = record[3] + SEP + record[2]
         elif kind == "d" and size == 3:
-            data[record[1]] = (None, record[2])
+            data[record[1]] = record[2]
         elif kind == "x" and size == 2:
             data.pop(record[1], None)
         elif kind == "p" and size == 3:  # format 1: no version
-            data[record[1]] = (record[2], NO_VERSION)
+            data[record[1]] = NO_VERSION + SEP + record[2]
         elif kind == "d" and size == 2:  # format 1: deletes left no tombstone
             data.pop(record[1], None)
         else:
             raise CorruptStore(f"{path}: record {number} is not a put, delete or drop; refusing to start")
 
 
-def _entries(path: str, format: int, data: dict[str, Any]) -> dict[str, Entry]:
-    """A snapshot's data as entries; format 1 held bare values."""
+def _entries(path: str, format: int, data: dict[str, Any]) -> dict[str, str]:
+    """A snapshot's data as packed entries; format 1 held bare values, with no versions."""
+    if not all(type(v) is str for v in data.values()):
+        raise CorruptStore(f"{path}: holds an entry that is not a string; refusing to start")
     if format == 1:
-        if not all(isinstance(v, str) for v in data.values()):
-            raise CorruptStore(f"{path}: holds a value that is not a string; refusing to start")
-        return {k: (v, NO_VERSION) for k, v in data.items()}
-    for value in data.values():
-        if not (
-            isinstance(value, list)
-            and len(value) == 2
-            and (value[0] is None or isinstance(value[0], str))
-            and isinstance(value[1], str)
-        ):
-            raise CorruptStore(f"{path}: holds an entry that is not [value, version]; refusing to start")
-    return {k: (v[0], v[1]) for k, v in data.items()}
+        return {k: NO_VERSION + SEP + v for k, v in data.items()}
+    return data
 
 
 @define
 class Recovered:
     """What recovery found in a data dir."""
 
-    data: dict[str, Entry]
+    data: dict[str, str]
     generation: int
     snapshot_bytes: int
     journal_generation: int
@@ -313,7 +325,7 @@ class Store:
     """
 
     directory: str
-    _data: dict[str, Entry]
+    _data: dict[str, str]
     _run: Runner[Any]
     fsync: bool
     _lock_fd: int
@@ -327,8 +339,8 @@ class Store:
     _waiters: list[Deferred[None]] = field(factory=list)
     #: (key, value before the write) for each queued and each in-flight write, to undo them
     #: in memory if their journal write fails.
-    _undo: list[tuple[str, Entry | None]] = field(factory=list)
-    _in_flight_undo: list[tuple[str, Entry | None]] = field(factory=list)
+    _undo: list[tuple[str, str | None]] = field(factory=list)
+    _in_flight_undo: list[tuple[str, str | None]] = field(factory=list)
     #: Versions for writes made here rather than replicated (the node's own client API).
     clock: HybridClock = field(factory=lambda: HybridClock(time.time, "local"))
     _live: int = -1
@@ -412,17 +424,21 @@ class Store:
 
     def get(self, key: str) -> str | None:
         """The key's live value; None when absent or deleted."""
-        entry = self._data.get(key)
-        return None if entry is None else entry[0]
+        packed = self._data.get(key)
+        if packed is None:
+            return None
+        cut = packed.find(SEP)
+        return None if cut < 0 else packed[cut + 1 :]
 
     def entry(self, key: str) -> Entry | None:
         """The key's value (None for a tombstone) and version, if the store knows the key at all."""
-        return self._data.get(key)
+        packed = self._data.get(key)
+        return None if packed is None else unpack(packed)
 
     def __len__(self) -> int:
         """Live keys: tombstones do not count."""
         if self._live < 0:
-            self._live = sum(1 for value, _ in self._data.values() if value is not None)
+            self._live = sum(1 for packed in self._data.values() if SEP in packed)
         return self._live
 
     def __contains__(self, key: object) -> bool:
@@ -430,27 +446,27 @@ class Store:
 
     def items(self) -> Iterable[tuple[str, str]]:
         """(key, value) of every live key."""
-        return ((k, v) for k, (v, _) in self._data.items() if v is not None)
+        return ((k, v) for k, (v, _) in self.entries() if v is not None)
 
     def entries(self) -> Iterable[tuple[str, Entry]]:
         """(key, (value or None, version)) of every key, tombstones included."""
-        return self._data.items()
+        return ((k, unpack(packed)) for k, packed in self._data.items())
 
     def digests(self) -> list[int]:
         """The digest of each of the L{BUCKETS} key ranges."""
         if self._digests is None:
             digests = [0] * BUCKETS
-            for key, (_, version) in self._data.items():
-                digests[bucket_of(key)] ^= _mark(key, version)
+            for key, packed in self._data.items():
+                digests[bucket_of(key)] ^= _mark(key, _version(packed))
             self._digests = digests
         return list(self._digests)
 
     def versions_in(self, buckets: set[int]) -> tuple[dict[str, str], list[str]]:
         """key -> version for every key in the given ranges, and which of them are tombstones."""
         versions, tombstones = {}, []
-        for key, (value, version) in self._data.items():
+        for key, packed in self._data.items():
             if bucket_of(key) in buckets:
-                versions[key] = version
+                value, versions[key] = unpack(packed)
                 if value is None:
                     tombstones.append(key)
         return versions, tombstones
@@ -484,7 +500,7 @@ class Store:
     def _local_version(self, key: str) -> str:
         current = self._data.get(key)
         if current is not None:
-            self.clock.observe(current[1])
+            self.clock.observe(_version(current))
         return self.clock.next()
 
     def put(self, key: str, value: str) -> Deferred[str]:
@@ -512,12 +528,12 @@ class Store:
         fires once the write is durable.
         """
         current = self._data.get(key)
-        if current is not None and current[1] >= version:
+        if current is not None and _version(current) >= version:
             return None
         refusal = self._refusal()
         if refusal is not None:
             return _failed(refusal)
-        self._set(key, (value, version))
+        self._set(key, pack(value, version))
         return self._append(encode_entry(key, value, version), key, current)
 
     def drop(self, key: str, version: str) -> Deferred[None] | None:
@@ -526,7 +542,7 @@ class Store:
         no longer owns, once their owners have them. C{None} when nothing was done.
         """
         current = self._data.get(key)
-        if current is None or current[1] != version:
+        if current is None or _version(current) != version:
             return None
         refusal = self._refusal()
         if refusal is not None:
@@ -534,23 +550,23 @@ class Store:
         self._set(key, None)
         return self._append(encode_drop(key), key, current)
 
-    def _set(self, key: str, entry: Entry | None) -> None:
+    def _set(self, key: str, packed: str | None) -> None:
         """Change memory, keeping the live count and the digests in step."""
         old = self._data.get(key)
-        if entry is None:
+        if packed is None:
             self._data.pop(key, None)
         else:
-            self._data[key] = entry
+            self._data[key] = packed
         if self._live >= 0:
-            self._live += (entry is not None and entry[0] is not None) - (old is not None and old[0] is not None)
+            self._live += (packed is not None and SEP in packed) - (old is not None and SEP in old)
         if self._digests is not None:
             bucket = bucket_of(key)
             if old is not None:
-                self._digests[bucket] ^= _mark(key, old[1])
-            if entry is not None:
-                self._digests[bucket] ^= _mark(key, entry[1])
+                self._digests[bucket] ^= _mark(key, _version(old))
+            if packed is not None:
+                self._digests[bucket] ^= _mark(key, _version(packed))
 
-    def _append(self, record: bytes, key: str, previous: Entry | None) -> Deferred[None]:
+    def _append(self, record: bytes, key: str, previous: str | None) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self._queue.append(record)
         self._waiters.append(d)
@@ -584,9 +600,10 @@ class Store:
             # Nothing that failed may stay readable: put memory back as it was, newest first.
             for key, previous in reversed(self._in_flight_undo + self._undo):
                 self._set(key, previous)
-            for d in waiters + self._waiters:
-                d.errback(self._failed)
+            failed = waiters + self._waiters
             self._queue, self._waiters, self._undo, self._in_flight_undo = [], [], [], []
+            for d in failed:
+                d.errback(self._failed)
             self._check_idle()
             return
         self._in_flight_undo = []
@@ -594,14 +611,16 @@ class Store:
         if self.observe_commit is not None:
             assert isinstance(result, float)
             self.observe_commit(result, len(waiters))
-        for d in waiters:
-            d.callback(None)
+        # Start what comes next before telling the writers: their callbacks may write again
+        # (a pipelined request, say), and must find the next journal write under way, not
+        # start a second one beside it.
         if self._should_compact():
             self._start_compaction()
         elif self._queue:
             self._flush()
-        else:
-            self._check_idle()
+        for d in waiters:
+            d.callback(None)
+        self._check_idle()
 
     # Compaction.
 

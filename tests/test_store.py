@@ -416,3 +416,27 @@ def test_data_written_before_versions_existed_still_loads(tmp_path: Path, opened
     assert dict(store.items()) == {"a": "1", "c": "3"}
     store.put("a", "new")
     assert store.get("a") == "new", "a local write beats an unversioned value"
+
+
+def test_a_writer_that_writes_again_when_acknowledged_waits_its_turn(tmp_path: Path, opened: list[Store]) -> None:
+    """A pipelined client writes as soon as its last write is answered: one journal write at a time."""
+    runner = ManualRunner()
+    store = open_store(opened, tmp_path, run=runner)
+    store.put("w", "0")
+    store.put("x", "1").addCallback(lambda _: store.put("a", "3"))
+    store.put("y", "1").addCallback(lambda _: store.put("a", "4"))
+    runner.run_one()  # w is durable; x and y go out together
+    runner.run_one()  # x and y are durable; their writers write a=3, then a=4
+    assert len(runner.jobs) == 1, "one journal write in flight, never two"
+    runner.run_all()
+    assert store.get("a") == "4"
+    store = reopen(opened, store)
+    assert store.get("a") == "4", "the journal holds the writes in the order memory saw them"
+
+
+def test_memory_holds_one_string_per_key(tmp_path: Path, opened: list[Store]) -> None:
+    store = open_store(opened, tmp_path)
+    store.put("k", "v")
+    store.apply("gone", None, "0000000000010000000.gw")
+    assert all(type(packed) is str for packed in store._data.values())
+    assert store.entry("k") == ("v", store.entry("k")[1]) and store.entry("gone") == (None, "0000000000010000000.gw")  # type: ignore[index]

@@ -50,7 +50,9 @@ def main() -> None:
         def connection() -> http.client.HTTPConnection:
             return http.client.HTTPConnection("127.0.0.1", port, timeout=15)
 
-        def call(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+        def call(
+            conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None = None
+        ) -> tuple[int, dict]:
             conn.request(method, path, body=body)
             response = conn.getresponse()
             return response.status, json.loads(response.read())

@@ -40,8 +40,20 @@ KEYS = 1000
 
 def node(workdir: Path, name: str, listen: str, *extra: str) -> list[str]:
     return twistd_command() + [
-        "-n", "--pidfile=", "--logfile", str(workdir / f"{name}.log"), "kvd", "--role", "node",
-        "--node-id", "a", "--data-dir", str(workdir / name), "--listen", listen, *extra,
+        "-n",
+        "--pidfile=",
+        "--logfile",
+        str(workdir / f"{name}.log"),
+        "kvd",
+        "--role",
+        "node",
+        "--node-id",
+        "a",
+        "--data-dir",
+        str(workdir / name),
+        "--listen",
+        listen,
+        *extra,
     ]
 
 
@@ -93,13 +105,26 @@ def main() -> None:
         for r in range(args.rounds):
             plain.append(measure(workdir, f"plain{r}", "tcp:{port}:interface=127.0.0.1", "http", lua, args.duration))
             tls.append(
-                measure(workdir, f"tls{r}", "ssl:{port}:interface=127.0.0.1:privateKey=" + str(pem), "https", lua,
-                        args.duration)
+                measure(
+                    workdir,
+                    f"tls{r}",
+                    "ssl:{port}:interface=127.0.0.1:privateKey=" + str(pem),
+                    "https",
+                    lua,
+                    args.duration,
+                )
             )
             counted.append(plain[-1])
             uncounted.append(
-                measure(workdir, f"nometrics{r}", "tcp:{port}:interface=127.0.0.1", "http", lua, args.duration,
-                        "--no-metrics")
+                measure(
+                    workdir,
+                    f"nometrics{r}",
+                    "tcp:{port}:interface=127.0.0.1",
+                    "http",
+                    lua,
+                    args.duration,
+                    "--no-metrics",
+                )
             )
             print(f"  round {r + 1}: http {plain[-1]:.0f}, https {tls[-1]:.0f}, --no-metrics {uncounted[-1]:.0f} GET/s")
         p, t, c, u = median(plain), median(tls), median(counted), median(uncounted)
@@ -108,8 +133,10 @@ def main() -> None:
         print(f"GET, metrics counted          {c:9.0f} req/s")
         print(f"GET, --no-metrics             {u:9.0f} req/s")
         ratio = c / u
-        print(f"counted / not counted         {ratio:9.2f}   (cost {100 * (1 - ratio):.1f}%)   target >= {METRICS_TARGET}"
-              f"   {met(ratio, METRICS_TARGET)}")
+        print(
+            f"counted / not counted         {ratio:9.2f}   (cost {100 * (1 - ratio):.1f}%)   target >= {METRICS_TARGET}"
+            f"   {met(ratio, METRICS_TARGET)}"
+        )
 
 
 if __name__ == "__main__":

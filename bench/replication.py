@@ -45,8 +45,17 @@ def kvd(workdir: Path, name: str, *args: str) -> list[str]:
 
 def node(workdir: Path, node_id: str, port: int, *extra: str) -> list[str]:
     return kvd(
-        workdir, node_id, "--role", "node", "--node-id", node_id, "--data-dir", str(workdir / node_id),
-        "--listen", f"tcp:{port}:interface=127.0.0.1", *extra,
+        workdir,
+        node_id,
+        "--role",
+        "node",
+        "--node-id",
+        node_id,
+        "--data-dir",
+        str(workdir / node_id),
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        *extra,
     )
 
 
@@ -60,8 +69,16 @@ class Cluster:
         stack.enter_context(
             Server(
                 "registry",
-                kvd(workdir, "registry", "--role", "registry", "--ttl", "3",
-                    "--listen", f"tcp:{registry_port}:interface=127.0.0.1"),
+                kvd(
+                    workdir,
+                    "registry",
+                    "--role",
+                    "registry",
+                    "--ttl",
+                    "3",
+                    "--listen",
+                    f"tcp:{registry_port}:interface=127.0.0.1",
+                ),
                 registry_port,
                 workdir,
             )
@@ -74,8 +91,18 @@ class Cluster:
         stack.enter_context(
             Server(
                 "gateway",
-                kvd(workdir, "gateway", "--role", "gateway", "--registry", self.registry_url,
-                    "--repair-interval", "0.5", "--listen", f"tcp:{self.gateway_port}:interface=127.0.0.1"),
+                kvd(
+                    workdir,
+                    "gateway",
+                    "--role",
+                    "gateway",
+                    "--registry",
+                    self.registry_url,
+                    "--repair-interval",
+                    "0.5",
+                    "--listen",
+                    f"tcp:{self.gateway_port}:interface=127.0.0.1",
+                ),
                 self.gateway_port,
                 workdir,
             )
@@ -165,8 +192,10 @@ def main() -> None:
                 time.sleep(0.05)
             caught_up = time.monotonic() - restarted
             held = cluster.keys_on("b") - base
-            print(f"b holds {held}/{args.writes} after restart + {caught_up:.2f} s   target <= {CATCH_UP_TARGET:g} s   "
-                  f"{met(caught_up, CATCH_UP_TARGET, at_least=False) if held >= args.writes else 'MISSED'}")
+            print(
+                f"b holds {held}/{args.writes} after restart + {caught_up:.2f} s   target <= {CATCH_UP_TARGET:g} s   "
+                f"{met(caught_up, CATCH_UP_TARGET, at_least=False) if held >= args.writes else 'MISSED'}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""Benchmark what durability costs a kvd node: PUT req/s with --fsync always vs --fsync never.
+
+Usage: python bench/fsync.py [--duration S] [--keys N] [--rounds R] [--no-pin]
+
+For each mode in turn (never both at once): start a node on a free loopback port with a
+fresh data dir, PUT --keys keys, then run wrk (-t2 -c32) with a Lua script cycling PUTs of a
+100-byte body over those keys. With --fsync always every answer waits for its journal
+record's fsync, and writes that arrive during an fsync share the next one (group commit);
+with --fsync never the journal is written but never fsynced.
+Target: always >= 0.7 x never.
+
+Also prints the disk's own latency for one small append + fsync in the same temp dir, for
+scale. By default the node is pinned to core 0 and wrk to core 1 (taskset); --no-pin lets
+the scheduler place them. Prints numbers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import _common as c
+
+TARGET = 0.7
+VALUE_BYTES = 100
+PREFIX = "bench-key-"
+
+
+def fsync_latency_ms(directory: Path, count: int = 200, limit_seconds: float = 10.0) -> float:
+    """Median milliseconds of one 140-byte append + fsync to a file in C{directory}."""
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    samples = []
+    started = time.monotonic()
+    try:
+        for _ in range(count):
+            if time.monotonic() - started > limit_seconds:
+                break
+            t = time.perf_counter()
+            os.write(fd, b"x" * 139 + b"\n")
+            os.fsync(fd)
+            samples.append((time.perf_counter() - t) * 1000)
+    finally:
+        os.close(fd)
+        os.remove(path)
+    return c.median(samples)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of unmeasured wrk before each run (default 2; 0: none)"
+    )
+    parser.add_argument("--keys", type=int, default=1000, help="keys preloaded and cycled over (default 1000)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat always-then-never R times; medians are reported (default 1)"
+    )
+    parser.add_argument("--dir", default=None, help="make the data dirs under DIR (default: the system temp dir)")
+    c.add_pin_arguments(parser)
+    c.add_profile_argument(parser)
+    args = parser.parse_args(argv)
+
+    kvd_at = c.ensure_kvd_importable()
+    server_cpu, wrk_cpu = c.pin_cores(args)
+    print(f"machine: {c.machine()}")
+    c.report_quiet()
+    print(f"kvd from {kvd_at} ({c.code_version(kvd_at)}); twistd: {' '.join(c.twistd_command())}")
+    if server_cpu is None:
+        print("pinning: none (node and wrk share both cores)")
+    else:
+        print(f"pinning: node on core {server_cpu}, wrk on core {wrk_cpu} (taskset)")
+    print(
+        f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s (+{args.warmup:g}s warm-up) PUTs, "
+        f"{args.keys} keys, {VALUE_BYTES}-byte values"
+    )
+
+    items = [(f"{PREFIX}{i}", "p" * VALUE_BYTES) for i in range(args.keys)]
+    results: dict[str, list[c.WrkResult]] = {"always": [], "never": []}
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kvd-bench-", dir=args.dir) as tmp:
+        work = Path(tmp)
+        print(f"disk: one 140-byte append + fsync in {work}: median {fsync_latency_ms(work):.2f} ms")
+        put_lua = c.write_lua(work, "put.lua", c.PUT_LUA, n=args.keys, prefix=PREFIX, size=VALUE_BYTES)
+        for round_ in range(args.rounds):
+            print(f"round {round_ + 1}/{args.rounds}")
+            for mode in ("always", "never"):
+                port = c.free_port()
+                name = f"node-fsync-{mode}-{round_}"
+                argv = c.node_argv(port, work / f"{name}-data", work / f"{name}.log", "--fsync", mode)
+                with c.Server(name, argv, port, work, cpu=server_cpu) as server:
+                    c.preload(port, items)
+                    url = f"http://127.0.0.1:{port}"
+                    if args.warmup:
+                        c.run_wrk(url, put_lua, args.warmup, args.threads, args.connections, wrk_cpu)
+                    profile = Path(args.profile) / f"fsync-{mode}-{round_}.txt" if args.profile else None
+                    with c.PySpy(server.pid, profile, args.duration) if profile else contextlib.nullcontext():
+                        result = c.run_wrk(url, put_lua, args.duration, args.threads, args.connections, wrk_cpu)
+                    journal = sum(p.stat().st_size for p in (work / f"{name}-data").glob("journal-*.jsonl"))
+                print(
+                    f"  --fsync {mode:6}: {result.rps:8.0f} PUT/s  p50 {result.latency.get('50', float('nan')):6.2f} ms"
+                    f"  p99 {result.p99_ms:6.2f} ms  ({result.requests} requests, journal {journal / 1e6:.1f} MB)"
+                )
+                results[mode].append(result)
+                if profile:
+                    print("\n".join("    " + line for line in c.summarize_profile(profile)))
+
+    always = c.median([r.rps for r in results["always"]])
+    never = c.median([r.rps for r in results["never"]])
+    ratios = [a.rps / n.rps for a, n in zip(results["always"], results["never"], strict=True)]
+    ratio = c.median(ratios)
+    print()
+    print(f"summary ({'median of ' + str(args.rounds) + ' rounds' if args.rounds > 1 else '1 round'}):")
+    p99 = {mode: c.median([r.p99_ms for r in results[mode]]) for mode in results}
+    print(f"  PUT/s --fsync always (group commit): {always:8.0f}   p99 {p99['always']:.2f} ms")
+    print(f"  PUT/s --fsync never  (unsafe)      : {never:8.0f}   p99 {p99['never']:.2f} ms")
+    spread = f"  (rounds: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
+    print(f"  ratio always / never, same round   : {ratio:8.2f}   target >= {TARGET}: {c.met(ratio, TARGET)}{spread}")
+
+
+if __name__ == "__main__":
+    main()

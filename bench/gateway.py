@@ -3,7 +3,9 @@ The gateway hop: GET req/s through a gateway with three nodes behind it, against
 straight to one node holding the same keys, in the same run, at 32 connections.
 
 Target (issue 3): gateway >= 0.5 x node. Both measured with wrk; the node alone first, then
-registry + 3 nodes + gateway. Every process is stopped at the end.
+registry + 3 nodes + two gateways, one reading from one replica (--read-quorum 1: the hop
+issue 3 measures) and one with the default read quorum of 2 (each GET asks two replicas and
+answers the newest). Every process is stopped at the end.
 
     python bench/gateway.py [--duration 10] [--keys 1000]
 """
@@ -97,37 +99,48 @@ def main() -> None:
                 node_port = free_port()
                 argv = node(workdir, f"node{number}", node_port, "--registry", registry_url)
                 stack.enter_context(Server(f"node{number}", argv, node_port, workdir))
-            gateway_port = free_port()
-            stack.enter_context(
-                Server(
-                    "gateway",
-                    kvd(
+            gateways = {}
+            for quorum in ("1", "2"):
+                gateway_port = free_port()
+                stack.enter_context(
+                    Server(
+                        f"gateway-r{quorum}",
+                        kvd(
+                            workdir,
+                            f"gateway-r{quorum}",
+                            "--role",
+                            "gateway",
+                            "--registry",
+                            registry_url,
+                            "--read-quorum",
+                            quorum,
+                            "--listen",
+                            f"tcp:{gateway_port}:interface=127.0.0.1",
+                        ),
+                        gateway_port,
                         workdir,
-                        "gateway",
-                        "--role",
-                        "gateway",
-                        "--registry",
-                        registry_url,
-                        "--listen",
-                        f"tcp:{gateway_port}:interface=127.0.0.1",
-                    ),
-                    gateway_port,
-                    workdir,
+                    )
                 )
-            )
+                gateways[quorum] = gateway_port
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                status, body, _ = request(gateway_port, "GET", "/cluster")
+                status, body, _ = request(gateways["2"], "GET", "/cluster")
                 if status == 200 and body.count(b'"id"') == 3:
                     break
                 time.sleep(0.1)
             else:
                 raise RuntimeError("the gateway did not see 3 nodes within 30 s")
-            preload(gateway_port, items)
-            hop = run_wrk(f"http://127.0.0.1:{gateway_port}", lua, args.duration, connections=args.connections)
-        print(f"via gateway     GET {hop.rps:10.0f} req/s   p99 {hop.p99_ms:7.2f} ms   (3 nodes behind it)")
-        ratio = hop.rps / direct.rps
-        print(f"gateway / node      {ratio:10.2f}   target >= {TARGET}   {met(ratio, TARGET)}")
+            preload(gateways["2"], items)
+            hops = {
+                q: run_wrk(f"http://127.0.0.1:{port}", lua, args.duration, connections=args.connections)
+                for q, port in gateways.items()
+            }
+        for quorum, hop in hops.items():
+            ratio = hop.rps / direct.rps
+            print(
+                f"via gateway, R={quorum} GET {hop.rps:10.0f} req/s   p99 {hop.p99_ms:7.2f} ms   "
+                f"gateway / node {ratio:.2f}   target >= {TARGET}   {met(ratio, TARGET)}"
+            )
 
 
 if __name__ == "__main__":

@@ -332,13 +332,35 @@ class Repairer:
             answer = await self._json(node, "POST", "/internal/versions", {"buckets": stale})
             listings[node_id] = answer["versions"]
             tombstones.update((key, answer["versions"][key]) for key in answer["tombstones"])
-        await self._reconcile(members, listings, tombstones)
-        for node_id in members:
-            for b in stale:
-                self._reconciled[(node_id, b)] = digests[node_id][b]
+        progress: dict[str, dict[str, Any]] = {n: {"keys_to_send": 0, "sent": 0, "dropped": 0} for n in members}
+        try:
+            await self._reconcile(members, listings, tombstones, progress)
+        except PeerError as e:
+            for report in progress.values():
+                report["last_error"] = str(e)
+            raise
+        else:
+            for node_id in members:
+                for b in stale:
+                    self._reconciled[(node_id, b)] = digests[node_id][b]
+        finally:
+            await self._report(members, progress)
+
+    async def _report(self, members: dict[str, NodeInfo], progress: dict[str, dict[str, Any]]) -> None:
+        """Tell each node what this sweep moved for it (its GET /node shows it)."""
+        for node_id, report in progress.items():
+            report.setdefault("last_error", None)
+            try:
+                await self._json(members[node_id], "POST", "/internal/progress", report)
+            except PeerError:
+                pass  # the sweep's own error says enough
 
     async def _reconcile(
-        self, members: dict[str, NodeInfo], listings: dict[str, dict[str, str]], tombstones: set[tuple[str, str]]
+        self,
+        members: dict[str, NodeInfo],
+        listings: dict[str, dict[str, str]],
+        tombstones: set[tuple[str, str]],
+        progress: dict[str, dict[str, Any]],
     ) -> None:
         keys: set[str] = set()
         for listing in listings.values():
@@ -371,6 +393,9 @@ class Repairer:
                 for owner in owners:
                     collect.setdefault(owner, []).append([key, top])
         self.progress.keys_to_send = sum(len(v) for v in pushes.values())
+        for wanted in pushes.values():
+            for key in wanted:
+                progress[sources[key]]["keys_to_send"] += 1
         failed_targets: set[str] = set()
         for target, wanted in pushes.items():
             for start in range(0, len(wanted), MAX_BATCH):
@@ -380,10 +405,13 @@ class Repairer:
                     await self._json(members[target], "POST", "/internal/apply", {"items": items})
                 except PeerError as e:
                     self.progress.last_error = str(e)
+                    progress[target]["last_error"] = str(e)
                     failed_targets.add(target)
                     break
                 self.progress.sent += len(items)
                 self.progress.keys_to_send -= len(items)
+                for key in chunk:
+                    progress[sources[key]]["sent"] += 1
         for holder, items in drops.items():
             # Only once every owner of the key has it (no push to an owner failed).
             safe = [item for item in items if not any(o in failed_targets for o in self.cluster.owners(item[0]))]
@@ -392,6 +420,7 @@ class Repairer:
                     members[holder], "POST", "/internal/drop", {"items": safe[start : start + MAX_BATCH]}
                 )
                 self.progress.dropped += answer["dropped"]
+                progress[holder]["dropped"] += answer["dropped"]
         for owner, items in collect.items():
             if owner in failed_targets:
                 continue

@@ -270,6 +270,8 @@ class NodeAPI:
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     metrics: Metrics = field(factory=Metrics)
     auth: Auth = field(factory=Auth)
+    #: The last repair sweep's report of what it moved for this node, if any.
+    rebalance: dict[str, Any] | None = None
 
     def __attrs_post_init__(self) -> None:
         store = self.store
@@ -380,6 +382,20 @@ class NodeAPI:
             await written
         return _json(request, {"success": True, "dropped": len(writes)})
 
+    @app.route("/internal/progress", methods=["POST"])
+    def internal_progress(self, request: IRequest) -> bytes:
+        """A repair sweep's report of what it moved for this node; shown in GET /node."""
+        try:
+            report = json.loads(request.content.read())
+        except (ValueError, RecursionError):
+            raise ClientError("the body must be JSON") from None
+        fields = {"keys_to_send": int, "sent": int, "dropped": int}
+        if not isinstance(report, dict) or not all(isinstance(report.get(f), t) for f, t in fields.items()):
+            raise ClientError("a progress report has keys_to_send, sent, dropped and last_error")
+        error = report.get("last_error")
+        self.rebalance = {**{f: report[f] for f in fields}, "last_error": error if isinstance(error, str) else None}
+        return _json(request, {"success": True})
+
     def problem(self) -> str | None:
         """Why this node cannot serve writes, if it cannot (for /healthz)."""
         failed = self.store.failed
@@ -387,7 +403,10 @@ class NodeAPI:
 
     @app.route("/node", methods=["GET"])
     def node(self, request: IRequest) -> bytes:
-        return _json(request, {"success": True, "id": self.node_id, "keys": len(self.store)})
+        body: dict[str, Any] = {"success": True, "id": self.node_id, "keys": len(self.store)}
+        if self.rebalance is not None:
+            body["rebalance"] = self.rebalance
+        return _json(request, body)
 
     def resource(self) -> Resource:
         return api_resource(

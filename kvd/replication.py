@@ -189,7 +189,7 @@ class Replicator:
             raise QuorumFailed("write", len(acks), needed, errors)
         return version, any(acks)
 
-    async def read(self, key: str) -> Entry | None:
+    def read(self, key: str) -> Deferred[Entry | None]:
         """
         The newest entry among R replicas (None: no replica knows the key); stale replicas
         that answered are repaired in the background.
@@ -198,9 +198,52 @@ class Replicator:
         """
         owners, fallbacks = self._candidates(key)
         needed = min(self.read_quorum, self.cluster.replicas)
+        targets = owners[:needed]
+        if len(targets) < needed:
+            return Deferred.fromCoroutine(self._read(key, owners, fallbacks, needed, owners + fallbacks))
+        # The common case without a coroutine (this is the gateway's busiest path): ask the
+        # first R owners at once; only if one fails, ask the others in turn.
+        result: Deferred[Entry | None] = Deferred()
         answers: dict[str, Entry | None] = {}
         errors: list[str] = []
-        candidates = owners + fallbacks
+        pending = [len(targets)]
+
+        def settle() -> None:
+            pending[0] -= 1
+            if pending[0]:
+                return
+            if len(answers) == needed:
+                result.callback(self._newest(key, owners, answers))
+            else:
+                rest = [n for n in owners + fallbacks if n not in targets]
+                again = self._read(key, owners, fallbacks, needed, rest, errors, answers)
+                Deferred.fromCoroutine(again).chainDeferred(result)
+
+        def answered(entry: Entry | None, node_id: str) -> None:
+            answers[node_id] = entry
+            settle()
+
+        def failed(failure: Any, node_id: str) -> None:
+            errors.append(f"{node_id}: {failure.getErrorMessage()}")
+            settle()
+
+        for node_id in targets:
+            d = self.link(self.cluster.members[node_id]).read(key)
+            d.addCallbacks(answered, failed, callbackArgs=(node_id,), errbackArgs=(node_id,))
+        return result
+
+    async def _read(
+        self,
+        key: str,
+        owners: list[str],
+        fallbacks: list[str],
+        needed: int,
+        candidates: list[str],
+        errors: list[str] | None = None,
+        answers: dict[str, Entry | None] | None = None,
+    ) -> Entry | None:
+        answers = {} if answers is None else answers
+        errors = [] if errors is None else errors
         while len(answers) < needed and candidates:
             batch, candidates = candidates[: needed - len(answers)], candidates[needed - len(answers) :]
             results: list[tuple[bool, Any]] = await DeferredList(
@@ -213,6 +256,10 @@ class Replicator:
                     errors.append(f"{node_id}: {result.getErrorMessage()}")
         if len(answers) < needed:
             raise QuorumFailed("read", len(answers), needed, errors)
+        return self._newest(key, owners, answers)
+
+    def _newest(self, key: str, owners: list[str], answers: dict[str, Entry | None]) -> Entry | None:
+        """The newest of the answers; owners that answered with less are repaired."""
         known = [entry for entry in answers.values() if entry is not None]
         if not known:
             return None

@@ -229,6 +229,28 @@ class Server:
                 self._out = None
 
 
+def kvd_argv(workdir: Path, name: str, *args: str) -> list[str]:
+    """twistd running kvd in the foreground with C{args}, logging to WORKDIR/NAME.log."""
+    return twistd_command() + ["-n", "--pidfile=", "--logfile", str(workdir / f"{name}.log"), "kvd", *args]
+
+
+def named_node_argv(workdir: Path, node_id: str, port: int, *extra: str) -> list[str]:
+    """A node called C{node_id} with its data in WORKDIR/NODE_ID, on 127.0.0.1:port."""
+    return kvd_argv(
+        workdir,
+        node_id,
+        "--role",
+        "node",
+        "--node-id",
+        node_id,
+        "--data-dir",
+        str(workdir / node_id),
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        *extra,
+    )
+
+
 def node_argv(port: int, data_dir: Path, log: Path, *extra: str) -> list[str]:
     """twistd running one kvd node with default flags (no access log, fsync always) plus C{extra}."""
     return twistd_command() + [

@@ -23,37 +23,18 @@ from _common import (
     Server,
     ensure_kvd_importable,
     free_port,
+    kvd_argv,
     machine,
     met,
+    named_node_argv,
     preload,
     report_quiet,
     request,
     run_wrk,
-    twistd_command,
     write_lua,
 )
 
 TARGET = 0.5
-
-
-def kvd(workdir: Path, name: str, *args: str) -> list[str]:
-    return twistd_command() + ["-n", "--pidfile=", "--logfile", str(workdir / f"{name}.log"), "kvd", *args]
-
-
-def node(workdir: Path, node_id: str, port: int, *extra: str) -> list[str]:
-    return kvd(
-        workdir,
-        node_id,
-        "--role",
-        "node",
-        "--node-id",
-        node_id,
-        "--data-dir",
-        str(workdir / node_id),
-        "--listen",
-        f"tcp:{port}:interface=127.0.0.1",
-        *extra,
-    )
 
 
 def main() -> None:
@@ -72,7 +53,7 @@ def main() -> None:
         lua = write_lua(workdir, "get.lua", GET_LUA, n=args.keys, prefix="key")
 
         port = free_port()
-        with Server("alone", node(workdir, "alone", port), port, workdir):
+        with Server("alone", named_node_argv(workdir, "alone", port), port, workdir):
             preload(port, items)
             direct = run_wrk(f"http://127.0.0.1:{port}", lua, args.duration, connections=args.connections)
         print(f"node alone      GET {direct.rps:10.0f} req/s   p99 {direct.p99_ms:7.2f} ms")
@@ -83,7 +64,7 @@ def main() -> None:
             stack.enter_context(
                 Server(
                     "registry",
-                    kvd(
+                    kvd_argv(
                         workdir,
                         "registry",
                         "--role",
@@ -97,7 +78,7 @@ def main() -> None:
             )
             for number in range(1, 4):
                 node_port = free_port()
-                argv = node(workdir, f"node{number}", node_port, "--registry", registry_url)
+                argv = named_node_argv(workdir, f"node{number}", node_port, "--registry", registry_url)
                 stack.enter_context(Server(f"node{number}", argv, node_port, workdir))
             gateways = {}
             for quorum in ("1", "2"):
@@ -105,7 +86,7 @@ def main() -> None:
                 stack.enter_context(
                     Server(
                         f"gateway-r{quorum}",
-                        kvd(
+                        kvd_argv(
                             workdir,
                             f"gateway-r{quorum}",
                             "--role",

@@ -26,37 +26,18 @@ from _common import (
     Server,
     ensure_kvd_importable,
     free_port,
+    kvd_argv,
     machine,
     met,
+    named_node_argv,
     report_quiet,
     request,
     run_wrk,
-    twistd_command,
     write_lua,
 )
 
 PUT_TARGET = 0.35
 CATCH_UP_TARGET = 10.0
-
-
-def kvd(workdir: Path, name: str, *args: str) -> list[str]:
-    return twistd_command() + ["-n", "--pidfile=", "--logfile", str(workdir / f"{name}.log"), "kvd", *args]
-
-
-def node(workdir: Path, node_id: str, port: int, *extra: str) -> list[str]:
-    return kvd(
-        workdir,
-        node_id,
-        "--role",
-        "node",
-        "--node-id",
-        node_id,
-        "--data-dir",
-        str(workdir / node_id),
-        "--listen",
-        f"tcp:{port}:interface=127.0.0.1",
-        *extra,
-    )
 
 
 class Cluster:
@@ -69,7 +50,7 @@ class Cluster:
         stack.enter_context(
             Server(
                 "registry",
-                kvd(
+                kvd_argv(
                     workdir,
                     "registry",
                     "--role",
@@ -91,7 +72,7 @@ class Cluster:
         stack.enter_context(
             Server(
                 "gateway",
-                kvd(
+                kvd_argv(
                     workdir,
                     "gateway",
                     "--role",
@@ -111,7 +92,9 @@ class Cluster:
 
     def start_node(self, node_id: str) -> None:
         port = self.ports.setdefault(node_id, free_port())
-        server = Server(node_id, node(self.workdir, node_id, port, "--registry", self.registry_url), port, self.workdir)
+        server = Server(
+            node_id, named_node_argv(self.workdir, node_id, port, "--registry", self.registry_url), port, self.workdir
+        )
         self.nodes[node_id] = self.stack.enter_context(server)
 
     def kill(self, node_id: str) -> None:
@@ -170,7 +153,7 @@ def main() -> None:
         workdir = Path(tmp)
         lua = write_lua(workdir, "put.lua", PUT_LUA, n=1000, prefix="key", size=100)
         port = free_port()
-        with Server("alone", node(workdir, "alone", port), port, workdir):
+        with Server("alone", named_node_argv(workdir, "alone", port), port, workdir):
             direct = run_wrk(f"http://127.0.0.1:{port}", lua, args.duration)
         print(f"PUT, one node alone           {direct.rps:9.0f} req/s  p99 {direct.p99_ms:7.2f} ms")
 

@@ -331,6 +331,7 @@ class Repairer:
     _members: dict[str, NodeInfo] = field(factory=dict)
     _next_full_pass: float = 0.0
     _running: bool = False
+    _owners: Callable[[str], list[str]] = lambda key: []
 
     async def sweep(self) -> None:
         if self._running:
@@ -342,6 +343,10 @@ class Repairer:
             if str(e) != self.progress.last_error:
                 _log.warn("repair sweep incomplete: {error}", error=str(e))
             self.progress.last_error = str(e)
+        except Exception:
+            # Never let a bug stop the sweeps for good (a failure would end the TimerService).
+            _log.failure("repair sweep failed")
+            self.progress.last_error = "repair sweep failed unexpectedly; see the gateway's log"
         else:
             self.progress.last_error = None
         finally:
@@ -355,9 +360,12 @@ class Repairer:
         return answer.json()
 
     async def _sweep(self) -> None:
-        members = dict(self.cluster.members)
+        # One view of the cluster for the whole sweep: membership can change while it runs.
+        members, ring = dict(self.cluster.members), self.cluster.ring
         if not members:
             return
+        replicas = min(self.cluster.replicas, len(members))
+        self._owners = lambda key: ring.preference_list(key, replicas)
         now = self.now()
         if members != self._members or now >= self._next_full_pass:
             self._reconciled.clear()  # new owners, or time for a full pass: look at every range again
@@ -423,7 +431,7 @@ class Repairer:
             top = max(holders.values())
             newest[key] = top
             sources[key] = next(n for n, v in holders.items() if v == top)
-            owners = self.cluster.owners(key)
+            owners = self._owners(key)
             lacking = [o for o in owners if holders.get(o, "") < top]
             for owner in lacking:
                 pushes.setdefault(owner, []).append(key)
@@ -461,7 +469,7 @@ class Repairer:
                     progress[sources[key]]["sent"] += 1
         for holder, items in drops.items():
             # Only once every owner of the key has it (no push to an owner failed).
-            safe = [item for item in items if not any(o in failed_targets for o in self.cluster.owners(item[0]))]
+            safe = [item for item in items if not any(o in failed_targets for o in self._owners(item[0]))]
             for start in range(0, len(safe), MAX_BATCH):
                 answer = await self._json(
                     members[holder], "POST", "/internal/drop", {"items": safe[start : start + MAX_BATCH]}

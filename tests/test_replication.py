@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from test_cluster import TTL, Harness
 from twisted.internet.defer import ensureDeferred
 
+from kvd.replication import Repairer
+
 NODES = ["n1", "n2", "n3", "n4", "n5"]
 
 
@@ -258,3 +260,43 @@ def test_each_node_shows_what_the_last_sweep_moved_for_it(simulation: Simulation
     assert sum(r["sent"] for r in reports.values()) == received, reports
     assert sum(r["dropped"] for r in reports.values()) == received, "each key n4 took left one old owner"
     assert all(r["keys_to_send"] >= r["sent"] and r["last_error"] is None for r in reports.values())
+
+
+def test_a_membership_change_during_a_sweep_does_not_break_it(simulation: Simulation) -> None:
+    for n in NODES[:3]:
+        simulation.start(n)
+    simulation.h.advance(1)
+    for i in range(30):
+        simulation.write(f"k{i}", f"v{i}")
+
+    class JoinMidway(Repairer):
+        joined = False
+
+        async def _json(self, node: Any, method: str, path: str, body: object = None) -> Any:
+            if path == "/internal/versions" and not self.joined:
+                self.joined = True
+                simulation.start("n4")  # the gateway learns of n4 while the sweep is running
+            return await super()._json(node, method, path, body)
+
+    h = simulation.h
+    repairer = h.repairer = JoinMidway(h.cluster, h.peers, h.clock.seconds, tombstone_grace=60, ranges_per_sweep=256)
+    simulation.sweep()
+    assert repairer.joined and repairer.progress.last_error is None
+    simulation.quiesce()
+    simulation.check()
+
+
+def test_an_unexpected_error_in_a_sweep_is_logged_and_the_next_sweep_still_runs(simulation: Simulation) -> None:
+    simulation.start("n1")
+    h = simulation.h
+
+    class Broken(Repairer):
+        async def _sweep(self) -> None:
+            raise KeyError("a bug")
+
+    repairer = Broken(h.cluster, h.peers, h.clock.seconds)
+    results: list[Any] = []
+    ensureDeferred(repairer.sweep()).addBoth(results.append)
+    assert results == [None], "sweep() itself never fails: a failure would stop its TimerService"
+    assert "unexpectedly" in (repairer.progress.last_error or "")
+    assert not repairer._running

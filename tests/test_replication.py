@@ -35,6 +35,14 @@ class Simulation:
         self.acknowledged: dict[str, str | None] = {}
         self.uncertain: set[str] = set()
 
+    def begin(self, nodes: int, keys: int = 0) -> None:
+        """Start the first C{nodes} nodes, let the gateway see them, and write C{keys} keys."""
+        for n in NODES[:nodes]:
+            self.start(n)
+        self.h.advance(1)
+        for i in range(keys):
+            self.write(f"k{i}", f"v{i}")
+
     def start(self, node_id: str) -> None:
         self.incarnations[node_id] = self.incarnations.get(node_id, 0) + 1
         self.h.start_node(node_id, self.incarnations[node_id])
@@ -107,9 +115,7 @@ def simulation(tmp_path: Path) -> Any:
 
 
 def test_a_node_that_missed_writes_catches_up_without_reads(simulation: Simulation) -> None:
-    for n in NODES[:3]:
-        simulation.start(n)
-    simulation.h.advance(1)
+    simulation.begin(3)
     simulation.crash("n2")
     for i in range(40):
         simulation.write(f"k{i}", f"v{i}")
@@ -123,9 +129,7 @@ def test_a_node_that_missed_writes_catches_up_without_reads(simulation: Simulati
 
 
 def test_writes_while_a_replica_is_down_go_to_a_fallback_and_move_back(simulation: Simulation) -> None:
-    for n in NODES[:4]:
-        simulation.start(n)
-    simulation.h.advance(1)
+    simulation.begin(4)
     simulation.crash("n1")
     simulation.crash("n2")  # keys owned by n1, n2 and one other need a fallback for W=2
     for i in range(40):
@@ -138,11 +142,7 @@ def test_writes_while_a_replica_is_down_go_to_a_fallback_and_move_back(simulatio
 
 
 def test_a_join_moves_keys_to_the_new_node_and_off_the_old_ones(simulation: Simulation) -> None:
-    for n in NODES[:3]:
-        simulation.start(n)
-    simulation.h.advance(1)
-    for i in range(60):
-        simulation.write(f"k{i}", f"v{i}")
+    simulation.begin(3, 60)
     simulation.start("n4")
     simulation.quiesce()
     simulation.check()
@@ -150,20 +150,14 @@ def test_a_join_moves_keys_to_the_new_node_and_off_the_old_ones(simulation: Simu
 
 
 def test_a_leave_re_replicates_the_leavers_keys(simulation: Simulation) -> None:
-    for n in NODES[:4]:
-        simulation.start(n)
-    simulation.h.advance(1)
-    for i in range(60):
-        simulation.write(f"k{i}", f"v{i}")
+    simulation.begin(4, 60)
     simulation.leave("n2")
     simulation.quiesce()
     simulation.check()
 
 
 def test_replicas_converge_on_the_newest_write_and_deletes_win_over_older_values(simulation: Simulation) -> None:
-    for n in NODES[:3]:
-        simulation.start(n)
-    simulation.h.advance(1)
+    simulation.begin(3)
     simulation.write("k", "first")
     simulation.crash("n3")
     simulation.write("k", "second")
@@ -175,9 +169,7 @@ def test_replicas_converge_on_the_newest_write_and_deletes_win_over_older_values
 
 
 def test_tombstones_are_collected_once_every_replica_has_them_and_the_grace_passed(simulation: Simulation) -> None:
-    for n in NODES[:3]:
-        simulation.start(n)
-    simulation.h.advance(1)
+    simulation.begin(3)
     simulation.write("k", "v")
     simulation.write("k", None)
     simulation.quiesce()
@@ -246,11 +238,7 @@ def test_any_schedule_of_writes_crashes_joins_and_leaves_converges(
 
 
 def test_each_node_shows_what_the_last_sweep_moved_for_it(simulation: Simulation) -> None:
-    for n in NODES[:3]:
-        simulation.start(n)
-    simulation.h.advance(1)
-    for i in range(60):
-        simulation.write(f"k{i}", f"v{i}")
+    simulation.begin(3, 60)
     simulation.start("n4")
     simulation.h.advance(1)
     simulation.sweep()
@@ -263,11 +251,7 @@ def test_each_node_shows_what_the_last_sweep_moved_for_it(simulation: Simulation
 
 
 def test_a_membership_change_during_a_sweep_does_not_break_it(simulation: Simulation) -> None:
-    for n in NODES[:3]:
-        simulation.start(n)
-    simulation.h.advance(1)
-    for i in range(30):
-        simulation.write(f"k{i}", f"v{i}")
+    simulation.begin(3, 30)
 
     class JoinMidway(Repairer):
         joined = False

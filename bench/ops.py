@@ -24,13 +24,13 @@ from _common import (
     Server,
     ensure_kvd_importable,
     free_port,
+    kvd_argv,
     machine,
     median,
     met,
     preload,
     report_quiet,
     run_wrk,
-    twistd_command,
     write_lua,
 )
 
@@ -39,22 +39,9 @@ KEYS = 1000
 
 
 def node(workdir: Path, name: str, listen: str, *extra: str) -> list[str]:
-    return twistd_command() + [
-        "-n",
-        "--pidfile=",
-        "--logfile",
-        str(workdir / f"{name}.log"),
-        "kvd",
-        "--role",
-        "node",
-        "--node-id",
-        "a",
-        "--data-dir",
-        str(workdir / name),
-        "--listen",
-        listen,
-        *extra,
-    ]
+    return kvd_argv(
+        workdir, name, "--role", "node", "--node-id", "a", "--data-dir", str(workdir / name), "--listen", listen, *extra
+    )
 
 
 def measure(workdir: Path, name: str, listen_for: str, scheme: str, lua: Path, duration: float, *extra: str) -> float:

@@ -46,6 +46,11 @@ class Auth:
     def __repr__(self) -> str:
         return f"Auth(cluster_secret={'set' if self.cluster_secret else None}, client_token=...)"
 
+    @property
+    def required(self) -> bool:
+        """Whether anything needs a token at all (if not, requests need no checking)."""
+        return self.cluster_secret is not None or self.client_token is not None
+
     def allows(self, path: bytes, authorization: bytes | None) -> bool:
         """Whether a request for C{path} with this C{Authorization} header may proceed."""
         if path.startswith(_PROTECTED_BY_SECRET) or path == b"/registry":

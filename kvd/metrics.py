@@ -70,10 +70,11 @@ class _Requests(Collector):
         latency = HistogramMetricFamily(
             "kvd_http_request_seconds", "Time from a request's arrival to its answer, by route.", labels=("route",)
         )
-        for route, (buckets, total) in sorted(self._metrics.latency.items()):
-            cumulative, running = [], 0
-            for bound, count in zip((*_LATENCY_BUCKETS, float("inf")), buckets, strict=True):
-                running += count
+        for route, histogram in sorted(self._metrics.latency.items()):
+            buckets, total = histogram[:-1], histogram[-1]
+            cumulative, running = [], 0.0
+            for bound, in_bucket in zip((*_LATENCY_BUCKETS, float("inf")), buckets, strict=True):
+                running += in_bucket
                 cumulative.append((floatToGoString(bound), running))
             latency.add_metric([route], cumulative, total)
         yield latency
@@ -87,7 +88,8 @@ class Metrics:
         # Plain counts on the request path (prometheus_client's own counters take a lock per
         # increment, which cost a tenth of a node's throughput); exported when scraped.
         self.counts: dict[tuple[str, bytes, int], int] = {}
-        self.latency: dict[str, tuple[list[int], float]] = {}
+        #: route -> a count per latency bucket, then the sum of the latencies
+        self.latency: dict[str, list[float]] = {}
         self.registry.register(_Requests(self))
 
     def observe_request(self, path: bytes, method: bytes, status: int, seconds: float) -> None:
@@ -97,11 +99,11 @@ class Metrics:
         if key not in counts and len(counts) > 1000:  # odd methods cannot grow this without bound
             key = (route, b"OTHER", status)
         counts[key] = counts.get(key, 0) + 1
-        found = self.latency.get(route)
-        if found is None:
-            found = self.latency[route] = ([0] * (len(_LATENCY_BUCKETS) + 1), 0.0)
-        found[0][bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-        self.latency[route] = (found[0], found[1] + seconds)
+        histogram = self.latency.get(route)
+        if histogram is None:
+            histogram = self.latency[route] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+        histogram[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        histogram[-1] += seconds
 
     def gauges(self, *gauges: tuple[str, str, Callable[[], float]]) -> None:
         self.registry.register(_Gauges(gauges))

@@ -42,6 +42,7 @@ from kvd.registry import InvalidRegistration, Registry, StaleIncarnation
 from kvd.replication import QuorumFailed, Repairer, Replicator
 from kvd.store import BUCKETS, Entry, Store, StoreError
 from kvd.versions import is_version
+from kvd.web import json_body
 
 _log = Logger()
 _KV_PREFIX = b"/kv/"
@@ -53,7 +54,7 @@ DEFAULT_WAIT = 30.0
 
 def _json(request: IRequest, obj: object, status: int = 200) -> bytes:
     request.setResponseCode(status)
-    body = json.dumps(obj, ensure_ascii=False).encode()
+    body = json_body(obj)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"content-length", b"%d" % len(body))
     return body
@@ -176,7 +177,7 @@ class _FrontDoor(Resource):
 
     def render(self, request: IRequest) -> Any:
         path = request.path
-        if not self._auth.allows(path, request.getHeader(b"authorization")):
+        if self._auth.required and not self._auth.allows(path, request.getHeader(b"authorization")):
             _log.info("{method} {path}: 401 no valid bearer token", method=_text(request.method), path=_text(path))
             request.setHeader(b"www-authenticate", b'Bearer realm="kvd"')
             return _json(request, {"success": False, "error": "this needs a valid Authorization: Bearer token"}, 401)

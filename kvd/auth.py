@@ -14,8 +14,9 @@ import hmac
 
 from attrs import frozen
 
-_PROTECTED_BY_SECRET = (b"/registry/", b"/internal/")
-_PROTECTED_BY_TOKEN = (b"/kv/",)
+from kvd import paths
+
+_PROTECTED_BY_SECRET = (paths.REGISTRY, paths.INTERNAL)
 
 
 class BadSecretFile(Exception):
@@ -55,7 +56,7 @@ class Auth:
         """Whether a request for C{path} with this C{Authorization} header may proceed."""
         if path.startswith(_PROTECTED_BY_SECRET) or path == b"/registry":
             return self.cluster_secret is None or _matches(authorization, self.cluster_secret)
-        if path.startswith(_PROTECTED_BY_TOKEN) and self.client_token is not None:
+        if path.startswith(paths.KV) and self.client_token is not None:
             return _matches(authorization, self.client_token) or (
                 self.cluster_secret is not None and _matches(authorization, self.cluster_secret)
             )

@@ -10,14 +10,15 @@ from urllib.parse import unquote_to_bytes
 
 MAX_KEY_BYTES = 512
 DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
+#: Characters of values in one internal batch (a request, or a node's answer to a read)
+#: before the rest wait for the next: one value over it still goes, alone.
+BATCH_VALUE_BUDGET = 4 * 1024 * 1024
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 
 class ClientError(Exception):
     """A request the client must change; the message is shown to the client."""
-
-    status = 400
 
 
 class BadKey(ClientError):
@@ -29,17 +30,24 @@ class BadValue(ClientError):
 
 
 class ValueTooLarge(ClientError):
-    status = 413
+    pass
 
 
 class NotFound(ClientError):
-    status = 404
+    pass
 
 
 class Unavailable(Exception):
     """The request was fine but cannot be served now; shown to the client with a 503."""
 
-    status = 503
+
+def internal_message_limit(max_value_bytes: int) -> int:
+    """
+    The largest internal message (an apply batch, a read answer) that values of up to
+    C{max_value_bytes} make: the batch's value budget plus one largest value, each byte of
+    which JSON may escape to six (a control character), plus the keys of a whole batch.
+    """
+    return 6 * (BATCH_VALUE_BUDGET + max_value_bytes) + 512 * 6 * (MAX_KEY_BYTES + 64)
 
 
 def parse_key(raw: bytes) -> str:

@@ -19,14 +19,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from kvd import paths
+
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 #: Path prefixes whose rest is a key or an id, and the route name they are counted under.
 _TEMPLATES = (
-    (b"/kv/", "/kv/{key}"),
-    (b"/cluster/owners/", "/cluster/owners/{key}"),
-    (b"/registry/nodes/", "/registry/nodes/{id}"),
-    (b"/internal/", "/internal/*"),
+    (paths.KV, "/kv/{key}"),
+    (paths.OWNERS, "/cluster/owners/{key}"),
+    (paths.REGISTRY_NODES, "/registry/nodes/{id}"),
+    (paths.INTERNAL, "/internal/*"),
 )
 _KNOWN = {"/healthz", "/metrics", "/node", "/cluster", "/registry/nodes"}
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -1,16 +1,21 @@
 """
 The HTTP layer of every role: thin Klein handlers that parse, call the domain and render JSON.
 
-One error table (L{_render_error}) maps domain errors to status codes; anything unexpected
-is logged with its traceback and answered with a plain 500 JSON body, never the traceback.
+Each role's routes are declared once, with L{Routes}: that feeds Klein, and the hottest
+routes (the key-value ones, and the internal batches) also feed a fast path that skips
+Klein's router. One error table (L{STATUSES}, L{render_error}) maps domain errors to status
+codes; anything unexpected is logged with its traceback and answered with a plain 500 JSON
+body, never the traceback. Client errors (4xx) are not logged: they are the client's news,
+not the server's (C{--access-log} records every request).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import secrets
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from attrs import define, field
@@ -26,30 +31,52 @@ from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
 from werkzeug.routing import BaseConverter
 
+from kvd import paths
 from kvd.auth import Auth
-from kvd.gateway import Cluster
+from kvd.gateway.cluster import Cluster
+from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.quorum import QuorumFailed
+from kvd.gateway.repair import Repairer
+from kvd.internal import RepairReport
 from kvd.keys import (
+    BATCH_VALUE_BUDGET,
     DEFAULT_MAX_VALUE_BYTES,
+    BadKey,
     ClientError,
     NotFound,
     Unavailable,
+    ValueTooLarge,
     check_key,
     parse_key,
     parse_value,
 )
 from kvd.metrics import CONTENT_TYPE, Metrics
 from kvd.registry import InvalidRegistration, Registry, StaleIncarnation
-from kvd.replication import QuorumFailed, Repairer, Replicator
 from kvd.store import BUCKETS, Entry, Store, StoreError
 from kvd.versions import is_version
 from kvd.web import json_body
 
 _log = Logger()
-_KV_PREFIX = b"/kv/"
-_OWNERS_PREFIX = b"/cluster/owners/"
 #: The longest long poll the registry holds open.
 MAX_WAIT = 300.0
 DEFAULT_WAIT = 30.0
+
+#: The error table: the first row whose class the error is an instance of gives its status.
+STATUSES: tuple[tuple[type[BaseException], int], ...] = (
+    (NotFound, 404),
+    (ValueTooLarge, 413),
+    (ClientError, 400),
+    (InvalidRegistration, 400),
+    (StaleIncarnation, 409),
+    (Unavailable, 503),
+    (StoreError, 503),
+    (RouteNotFound, 404),
+    (MethodNotAllowed, 405),
+)
+
+#: What a handler gives: a body, a Deferred of one, or a coroutine of one.
+Rendered = Any
+H = TypeVar("H", bound=Callable[..., Any])
 
 
 def _json(request: IRequest, obj: object, status: int = 200) -> bytes:
@@ -64,23 +91,20 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def _key_of(request: IRequest, prefix: bytes = _KV_PREFIX) -> str:
-    """The key in a request's path, remembered for error answers."""
-    # The raw path, not Klein's decoded argument: a key may hold an encoded "/" (%2F).
-    key = parse_key(request.path[len(prefix) :])
-    request.kvd_key = key  # type: ignore[attr-defined]
-    return key
-
-
-def _batch(request: IRequest, field: str) -> list[Any]:
-    """The list under C{field} of a JSON request body."""
+def json_request(request: IRequest, what: str) -> Any:
+    """The request body, parsed as JSON; C{what} says what it should be, in the error."""
     try:
-        body = json.loads(request.content.read())
-    except (ValueError, RecursionError):
-        raise ClientError("the body must be JSON") from None
-    items = body.get(field) if isinstance(body, dict) else None
+        return json.loads(request.content.read())
+    except (ValueError, RecursionError):  # nesting deep enough to exhaust the parser, too
+        raise ClientError(f"the body must be JSON: {what}") from None
+
+
+def _batch(request: IRequest, name: str) -> list[Any]:
+    """The list under C{name} of a JSON request body."""
+    body = json_request(request, f'{{"{name}": [...]}}')
+    items = body.get(name) if isinstance(body, dict) else None
     if not isinstance(items, list):
-        raise ClientError(f'the body must be {{"{field}": [...]}}')
+        raise ClientError(f'the body must be {{"{name}": [...]}}')
     return items
 
 
@@ -103,30 +127,11 @@ def _number_arg(request: IRequest, name: bytes, kind: type[float] | type[int]) -
     return value
 
 
-def _render_error(request: IRequest, failure: Failure) -> bytes:
-    """The error table: one place that turns a failure into a status and a JSON body."""
+def render_error(request: IRequest, failure: Failure, key: str | None = None) -> bytes:
+    """The error table at work: a failure becomes a status and a JSON body."""
     error = failure.value
-    body: dict[str, Any] = {"success": False}
-    key = getattr(request, "kvd_key", None)
-    if key is not None:
-        body["key"] = key
-    if isinstance(error, QuorumFailed):
-        status, body["error"], body["answered"], body["needed"] = 503, str(error), error.answered, error.needed
-    elif isinstance(error, (ClientError, Unavailable)):
-        status, body["error"] = error.status, str(error)
-    elif isinstance(error, InvalidRegistration):
-        status, body["error"] = 400, str(error)
-    elif isinstance(error, StaleIncarnation):
-        status, body["error"] = 409, str(error)
-    elif isinstance(error, StoreError):
-        status, body["error"] = 503, str(error)
-    elif isinstance(error, RouteNotFound):
-        status, body["error"] = 404, "no such endpoint"
-    elif isinstance(error, MethodNotAllowed):
-        allowed = ", ".join(error.valid_methods or [])
-        request.setHeader(b"allow", allowed.encode())
-        status, body["error"] = 405, f"method not allowed here; allowed: {allowed}"
-    else:
+    status = next((code for kind, code in STATUSES if isinstance(error, kind)), None)
+    if status is None:
         _log.failure(
             "unexpected error answering {method} {path}",
             failure,
@@ -134,100 +139,64 @@ def _render_error(request: IRequest, failure: Failure) -> bytes:
             path=_text(request.path),
         )
         return _json(request, {"success": False, "error": "internal error; see the server log"}, 500)
-    _log.info(
-        "{method} {path}: {status} {error}",
-        method=_text(request.method),
-        path=_text(request.path),
-        status=status,
-        error=body["error"],
-    )
+    body: dict[str, Any] = {"success": False}
+    if key is not None:
+        body["key"] = key
+    if isinstance(error, RouteNotFound):
+        body["error"] = "no such endpoint"
+    elif isinstance(error, MethodNotAllowed):
+        allowed = ", ".join(error.valid_methods or [])
+        request.setHeader(b"allow", allowed.encode())
+        body["error"] = f"method not allowed here; allowed: {allowed}"
+    else:
+        body["error"] = str(error)
+    if isinstance(error, QuorumFailed):
+        body["answered"], body["needed"] = error.answered, error.needed
+    if status >= 500:
+        _log.warn(
+            "{method} {path}: {status} {error}",
+            method=_text(request.method),
+            path=_text(request.path),
+            status=status,
+            error=body["error"],
+        )
     return _json(request, body, status)
 
 
-#: A key-value handler: C{(request, key)} to a body, or a Deferred of one.
-KVHandler = Callable[[IRequest, str], "bytes | Deferred[bytes]"]
+def _settled(result: Rendered, request: IRequest, key: str | None) -> Rendered:
+    """A handler's result with its errors rendered: bytes, or a Deferred that fires with bytes."""
+    if inspect.iscoroutine(result):
+        result = Deferred.fromCoroutine(result)
+    if isinstance(result, Deferred):
+        return result.addErrback(_render_failure, request, key)
+    return result
 
 
-class _FrontDoor(Resource):
-    """
-    What a role's Site serves: C{/kv/{key}} requests go straight to their handlers, and
-    everything else to the role's Klein app.
-
-    Klein binds a werkzeug URL map (with a getsockname call), matches it and runs a chain
-    of Deferreds for every request; on the key-value path that was half of a node's time.
-    The handlers are the same methods Klein routes to, and errors go through the same
-    error table. A path that is not UTF-8 gets 400 JSON here (Klein would answer in plain
-    text).
-    """
-
-    isLeaf = True
-
-    def __init__(
-        self,
-        app: Resource,
-        kv: Mapping[bytes, KVHandler],
-        auth: Auth,
-        exact: Mapping[tuple[bytes, bytes], KVHandler] | None = None,
-    ) -> None:
-        super().__init__()
-        self._app = app
-        self._kv = kv
-        self._auth = auth
-        self._exact = exact or {}
-
-    def render(self, request: IRequest) -> Any:
-        path = request.path
-        if self._auth.required and not self._auth.allows(path, request.getHeader(b"authorization")):
-            _log.info("{method} {path}: 401 no valid bearer token", method=_text(request.method), path=_text(path))
-            request.setHeader(b"www-authenticate", b'Bearer realm="kvd"')
-            return _json(request, {"success": False, "error": "this needs a valid Authorization: Bearer token"}, 401)
-        if path.startswith(_KV_PREFIX) and len(path) > len(_KV_PREFIX):
-            handler = self._kv.get(request.method)
-            if handler is not None:
-                return self._render_kv(request, handler)
-        exact = self._exact.get((request.method, path))
-        if exact is not None:
-            return self._render_kv(request, exact)
-        try:
-            unquote_to_bytes(path).decode("utf-8")
-        except UnicodeDecodeError:
-            _log.info("{path}: 400 the URL path is not valid UTF-8", path=_text(path))
-            return _json(request, {"success": False, "error": "the URL path is not valid UTF-8"}, 400)
-        return self._app.render(request)
-
-    def _render_kv(self, request: Any, handler: KVHandler) -> Any:
-        try:
-            result = handler(request, "")
-        except Exception:
-            return _render_error(request, Failure())
-        if not isinstance(result, Deferred):
-            return result
-        result.addErrback(_render_failure, request)
-        result.addCallback(_write_and_finish, request)
-        request.notifyFinish().addErrback(lambda _: result.cancel())
-        return NOT_DONE_YET
-
-
-def _render_failure(failure: Failure, request: Any) -> bytes | None:
+def _render_failure(failure: Failure, request: Any, key: str | None) -> bytes | None:
     if failure.check(CancelledError) and request._disconnected:
         return None  # the client went away; a write it started still completes
-    return _render_error(request, failure)
+    return render_error(request, failure, key)
 
 
-def _write_and_finish(body: bytes | None, request: Any) -> None:
-    if body is not None and not request.finished and not request._disconnected:
-        request.write(body)
-        request.finish()
+def _call_keyed(handler: Callable[..., Rendered], api: object, request: IRequest, prefix: bytes) -> Rendered:
+    # The raw path, not Klein's decoded argument: a key may hold an encoded "/" (%2F).
+    try:
+        key = parse_key(request.path[len(prefix) :])
+    except BadKey:
+        return render_error(request, Failure())
+    try:
+        result = handler(api, request, key)
+    except Exception:
+        return render_error(request, Failure(), key)
+    return _settled(result, request, key)
 
 
-def api_resource(
-    app: Klein,
-    auth: Auth,
-    kv: Mapping[bytes, KVHandler] | None = None,
-    exact: Mapping[tuple[bytes, bytes], KVHandler] | None = None,
-) -> Resource:
-    """The resource to serve for a role's Klein app, its key-value handlers by method, and hot exact routes."""
-    return _FrontDoor(app.resource(), kv or {}, auth, exact)
+def _call(handler: Callable[..., Rendered], api: object, request: IRequest) -> Rendered:
+    try:
+        result = handler(api, request)
+    except Exception:
+        return render_error(request, Failure())
+    return _settled(result, request, None)
 
 
 class _Rest(BaseConverter):
@@ -237,29 +206,141 @@ class _Rest(BaseConverter):
     part_isolating = False
 
 
-def _common_routes(app: Klein) -> None:
-    """Routes and error handling every role's app shares."""
-    app.url_map.merge_slashes = False
-    app.url_map.strict_slashes = False
-    app.url_map.converters["rest"] = _Rest
+class Routes:
+    """
+    A role's routes, declared once: each becomes a Klein route, and those marked C{fast}
+    are also served by L{Routes.resource}'s front door without Klein's router (which binds
+    a werkzeug map and runs a chain of Deferreds for every request: on the key-value path
+    that was half of a node's time). Both call the same handler the same way.
+    """
 
-    @app.handle_errors(Exception)
-    def error(self: Any, request: IRequest, failure: Failure) -> bytes:
-        return _render_error(request, failure)
+    def __init__(self) -> None:
+        self.app = Klein()
+        self._keyed: dict[tuple[bytes, bytes], Callable[..., Rendered]] = {}
+        self._exact: dict[tuple[bytes, bytes], Callable[..., Rendered]] = {}
+        self._common()
 
-    @app.route("/healthz", methods=["GET"])
-    def healthz(self: Any, request: IRequest) -> bytes:
-        problem = self.problem() if hasattr(self, "problem") else None
-        if problem is not None:
-            return _json(request, {"success": False, "status": "failing", "error": problem}, 503)
-        return _json(request, {"success": True, "status": "ok"})
+    def key(self, prefix: bytes, *methods: str, fast: bool = False) -> Callable[[H], H]:
+        """A handler C{(api, request, key)} for C{PREFIX{key}}: the key is parsed (400 if bad) and errors carry it."""
 
-    @app.route("/metrics", methods=["GET"])
-    def metrics(self: Any, request: IRequest) -> bytes:
-        body: bytes = self.metrics.render()
-        request.setHeader(b"content-type", CONTENT_TYPE)
-        request.setHeader(b"content-length", b"%d" % len(body))
-        return body
+        def register(handler: H) -> H:
+            def via_klein(api: object, request: IRequest, **_: object) -> Rendered:
+                return _call_keyed(handler, api, request, prefix)
+
+            name = handler.__name__
+            self.app.route(prefix.decode(), methods=list(methods), endpoint=f"{name}-empty")(via_klein)
+            self.app.route(prefix.decode() + "<rest:_>", methods=list(methods), endpoint=name)(via_klein)
+            if fast:
+                for method in methods:
+                    self._keyed[(method.encode(), prefix)] = handler
+            return handler
+
+        return register
+
+    def path(self, path: str, *methods: str, fast: bool = False) -> Callable[[H], H]:
+        """A handler C{(api, request, **url arguments)} for one path (Klein's syntax for arguments)."""
+
+        def register(handler: H) -> H:
+            def via_klein(api: object, request: IRequest, **arguments: object) -> Rendered:
+                try:
+                    result = handler(api, request, **arguments)
+                except Exception:
+                    return render_error(request, Failure())
+                return _settled(result, request, None)
+
+            self.app.route(path, methods=list(methods), endpoint=handler.__name__)(via_klein)
+            if fast:
+                for method in methods:
+                    self._exact[(method.encode(), path.encode())] = handler
+            return handler
+
+        return register
+
+    def _common(self) -> None:
+        """Routes and error handling every role's app shares."""
+        app = self.app
+        app.url_map.merge_slashes = False
+        app.url_map.strict_slashes = False
+        app.url_map.converters["rest"] = _Rest
+
+        @app.handle_errors(Exception)
+        def error(self: Any, request: IRequest, failure: Failure) -> bytes:
+            return render_error(request, failure)
+
+        @self.path("/healthz", "GET")
+        def healthz(api: Any, request: IRequest) -> bytes:
+            problem = api.problem() if hasattr(api, "problem") else None
+            if problem is not None:
+                return _json(request, {"success": False, "status": "failing", "error": problem}, 503)
+            return _json(request, {"success": True, "status": "ok"})
+
+        @self.path("/metrics", "GET")
+        def metrics(api: Any, request: IRequest) -> bytes:
+            body: bytes = api.metrics.render()
+            request.setHeader(b"content-type", CONTENT_TYPE)
+            request.setHeader(b"content-length", b"%d" % len(body))
+            return body
+
+    def resource(self, api: object, auth: Auth) -> Resource:
+        """What a role's Site serves for C{api}, an instance of the class these routes belong to."""
+        app: Klein = self.app.__get__(api, type(api))
+        return _FrontDoor(api, app.resource(), self._keyed, self._exact, auth)
+
+
+class _FrontDoor(Resource):
+    """
+    Checks the bearer token, then sends the fast routes straight to their handlers and
+    everything else to the role's Klein app. A path that is not UTF-8 gets 400 JSON here
+    (Klein would answer in plain text).
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        api: object,
+        app: Resource,
+        keyed: dict[tuple[bytes, bytes], Callable[..., Rendered]],
+        exact: dict[tuple[bytes, bytes], Callable[..., Rendered]],
+        auth: Auth,
+    ) -> None:
+        super().__init__()
+        self._api = api
+        self._app = app
+        self._kv = {method: handler for (method, prefix), handler in keyed.items() if prefix == paths.KV}
+        self._exact = exact
+        self._auth = auth
+
+    def render(self, request: IRequest) -> Any:
+        path = request.path
+        if self._auth.required and not self._auth.allows(path, request.getHeader(b"authorization")):
+            request.setHeader(b"www-authenticate", b'Bearer realm="kvd"')
+            return _json(request, {"success": False, "error": "this needs a valid Authorization: Bearer token"}, 401)
+        if path.startswith(paths.KV) and len(path) > len(paths.KV):
+            handler = self._kv.get(request.method)
+            if handler is not None:
+                return self._finish(request, _call_keyed(handler, self._api, request, paths.KV))
+        exact = self._exact.get((request.method, path))
+        if exact is not None:
+            return self._finish(request, _call(exact, self._api, request))
+        try:
+            unquote_to_bytes(path).decode("utf-8")
+        except UnicodeDecodeError:
+            return _json(request, {"success": False, "error": "the URL path is not valid UTF-8"}, 400)
+        return self._app.render(request)
+
+    def _finish(self, request: Any, result: Rendered) -> Any:
+        if not isinstance(result, Deferred):
+            return result
+        result.addCallback(_write_and_finish, request)
+        request.notifyFinish().addErrback(lambda _: result.cancel())
+        return NOT_DONE_YET
+
+
+def _write_and_finish(body: bytes | None, request: Any) -> None:
+    if body is not None and not request.finished and not request._disconnected:
+        request.write(body)
+        request.finish()
 
 
 @define
@@ -272,7 +353,7 @@ class NodeAPI:
     metrics: Metrics = field(factory=Metrics)
     auth: Auth = field(factory=Auth)
     #: The last repair sweep's report of what it moved for this node, if any.
-    rebalance: dict[str, Any] | None = None
+    rebalance: RepairReport | None = None
 
     def __attrs_post_init__(self) -> None:
         store = self.store
@@ -292,32 +373,24 @@ class NodeAPI:
 
         store.observe_commit = observe
 
-    app = Klein()
-    _common_routes(app)
+    routes = Routes()
 
-    @app.route("/kv/", methods=["GET", "PUT", "DELETE"])
-    def empty_key(self, request: IRequest) -> bytes:
-        return _key_of(request)  # type: ignore[return-value]  # always raises BadKey
-
-    @app.route("/kv/<rest:_>", methods=["GET"])
-    def get(self, request: IRequest, _: str) -> bytes:
+    @routes.key(paths.KV, "GET", fast=True)
+    def get(self, request: IRequest, key: str) -> bytes:
         # Not async: a read touches memory only, and a coroutine per GET is measurable.
-        key = _key_of(request)
         entry = self.store.entry(key)
         if entry is None or entry[0] is None:
             raise NotFound("no such key")
         return _versioned(request, {"success": True, "key": key, "value": entry[0], "version": entry[1]})
 
-    @app.route("/kv/<rest:_>", methods=["PUT"])
-    async def put(self, request: IRequest, _: str) -> bytes:
-        key = _key_of(request)
+    @routes.key(paths.KV, "PUT", fast=True)
+    async def put(self, request: IRequest, key: str) -> bytes:
         value = parse_value(request.content.read(), self.max_value_bytes)
         version = await self.store.put(key, value)
         return _versioned(request, {"success": True, "key": key, "value": value, "version": version})
 
-    @app.route("/kv/<rest:_>", methods=["DELETE"])
-    async def delete(self, request: IRequest, _: str) -> bytes:
-        key = _key_of(request)
+    @routes.key(paths.KV, "DELETE", fast=True)
+    async def delete(self, request: IRequest, key: str) -> bytes:
         deleted = self.store.delete(key)
         if deleted is None:
             raise NotFound("no such key")
@@ -325,9 +398,9 @@ class NodeAPI:
         return _json(request, {"success": True, "key": key})
 
     # The internal API: what gateways use to replicate, read and repair. Batches, so one
-    # request carries many keys.
+    # request carries many keys. Its client is kvd.gateway.nodes.
 
-    @app.route("/internal/apply", methods=["POST"])
+    @routes.path("/internal/apply", "POST", fast=True)
     async def internal_apply(self, request: IRequest) -> bytes:
         """Apply [key, value or null, version] items; answer once all are durable, with which were live before."""
         items = _batch(request, "items")
@@ -346,21 +419,33 @@ class NodeAPI:
             await written
         return _json(request, {"success": True, "applied": len(writes), "live": live})
 
-    @app.route("/internal/read", methods=["POST"])
+    @routes.path("/internal/read", "POST", fast=True)
     def internal_read(self, request: IRequest) -> bytes:
-        """The entries ([value or null, version]) of the given keys; unknown keys are left out."""
-        found = {}
-        for key in _batch(request, "keys"):
+        """
+        The entries ([value or null, version]) of the given keys; unknown keys are left out.
+        With C{max_chars}, entries stop once their values pass it (one at least) and the
+        keys not looked at are listed in C{more}, to be asked for again.
+        """
+        body = json_request(request, '{"keys": [...]}')
+        keys = body.get("keys") if isinstance(body, dict) else None
+        budget = body.get("max_chars", BATCH_VALUE_BUDGET) if isinstance(body, dict) else None
+        if not isinstance(keys, list) or type(budget) is not int:
+            raise ClientError('the body must be {"keys": [...], "max_chars": N}')
+        found: dict[str, list[str | None]] = {}
+        for done, key in enumerate(keys):
+            if budget < 0:
+                return _json(request, {"success": True, "entries": found, "more": keys[done:]})
             entry = self.store.entry(check_key(key))
             if entry is not None:
                 found[key] = list(entry)
+                budget -= len(entry[0] or "")
         return _json(request, {"success": True, "entries": found})
 
-    @app.route("/internal/digests", methods=["GET"])
+    @routes.path("/internal/digests", "GET")
     def internal_digests(self, request: IRequest) -> bytes:
         return _json(request, {"success": True, "digests": [f"{d:016x}" for d in self.store.digests()]})
 
-    @app.route("/internal/versions", methods=["POST"])
+    @routes.path("/internal/versions", "POST")
     def internal_versions(self, request: IRequest) -> bytes:
         """key -> version of every key (tombstones too) in the given key ranges."""
         buckets = _batch(request, "buckets")
@@ -369,7 +454,7 @@ class NodeAPI:
         versions, tombstones = self.store.versions_in(set(buckets))
         return _json(request, {"success": True, "versions": versions, "tombstones": tombstones})
 
-    @app.route("/internal/drop", methods=["POST"])
+    @routes.path("/internal/drop", "POST")
     async def internal_drop(self, request: IRequest) -> bytes:
         """Forget [key, version] items this node no longer needs (only where the version still matches)."""
         writes = []
@@ -383,18 +468,13 @@ class NodeAPI:
             await written
         return _json(request, {"success": True, "dropped": len(writes)})
 
-    @app.route("/internal/progress", methods=["POST"])
+    @routes.path("/internal/progress", "POST")
     def internal_progress(self, request: IRequest) -> bytes:
         """A repair sweep's report of what it moved for this node; shown in GET /node."""
         try:
-            report = json.loads(request.content.read())
-        except (ValueError, RecursionError):
-            raise ClientError("the body must be JSON") from None
-        fields = {"keys_to_send": int, "sent": int, "dropped": int}
-        if not isinstance(report, dict) or not all(isinstance(report.get(f), t) for f, t in fields.items()):
-            raise ClientError("a progress report has keys_to_send, sent, dropped and last_error")
-        error = report.get("last_error")
-        self.rebalance = {**{f: report[f] for f in fields}, "last_error": error if isinstance(error, str) else None}
+            self.rebalance = RepairReport.from_json(json_request(request, "a progress report"))
+        except ValueError as e:
+            raise ClientError(str(e)) from None
         return _json(request, {"success": True})
 
     def problem(self) -> str | None:
@@ -402,27 +482,15 @@ class NodeAPI:
         failed = self.store.failed
         return None if failed is None else str(failed)
 
-    @app.route("/node", methods=["GET"])
+    @routes.path("/node", "GET")
     def node(self, request: IRequest) -> bytes:
         body: dict[str, Any] = {"success": True, "id": self.node_id, "keys": len(self.store)}
         if self.rebalance is not None:
-            body["rebalance"] = self.rebalance
+            body["rebalance"] = self.rebalance.to_json()
         return _json(request, body)
 
     def resource(self) -> Resource:
-        return api_resource(
-            self.app,
-            self.auth,
-            {
-                b"GET": self.get,
-                b"PUT": lambda request, _: Deferred.fromCoroutine(self.put(request, _)),
-                b"DELETE": lambda request, _: Deferred.fromCoroutine(self.delete(request, _)),
-            },
-            {
-                (b"POST", b"/internal/apply"): lambda request, _: Deferred.fromCoroutine(self.internal_apply(request)),
-                (b"POST", b"/internal/read"): lambda request, _: self.internal_read(request),
-            },
-        )
+        return self.routes.resource(self, self.auth)
 
 
 @define
@@ -444,10 +512,9 @@ class RegistryAPI:
             ("kvd_registry_long_polls", "Long polls waiting for a change.", lambda: registry.waiting),
         )
 
-    app = Klein()
-    _common_routes(app)
+    routes = Routes()
 
-    @app.route("/registry/nodes", methods=["GET"])
+    @routes.path("/registry/nodes", "GET")
     async def nodes(self, request: IRequest) -> bytes:
         index = _number_arg(request, b"index", int)
         wait = _number_arg(request, b"wait", float)
@@ -463,16 +530,13 @@ class RegistryAPI:
             request, {"success": True, **self.registry.snapshot(), "ttl": self.registry.ttl, "epoch": self.epoch}
         )
 
-    @app.route("/registry/nodes/<rest:node_id>", methods=["PUT"])
+    @routes.path("/registry/nodes/<rest:node_id>", "PUT")
     def register(self, request: IRequest, node_id: str) -> bytes:
-        try:
-            body = json.loads(request.content.read())
-        except (ValueError, RecursionError):  # nesting deep enough to exhaust the parser, too
-            raise ClientError('the body must be JSON: {"url": URL, "weight": 1}') from None
+        body = json_request(request, '{"url": URL, "weight": 1}')
         self.registry.register(node_id, body, self.clock.seconds())
         return _json(request, {"success": True, "ttl": self.registry.ttl})
 
-    @app.route("/registry/nodes/<rest:node_id>", methods=["DELETE"])
+    @routes.path("/registry/nodes/<rest:node_id>", "DELETE")
     def leave(self, request: IRequest, node_id: str) -> bytes:
         incarnation = _number_arg(request, b"incarnation", int)
         if not self.registry.leave(node_id, self.clock.seconds(), incarnation):
@@ -480,19 +544,19 @@ class RegistryAPI:
         return _json(request, {"success": True, "id": node_id})
 
     def resource(self) -> Resource:
-        return api_resource(self.app, self.auth)
+        return self.routes.resource(self, self.auth)
 
 
 @define
 class GatewayAPI:
     """
     The client API in front of the cluster: each write goes to the key's N replicas and is
-    answered after W; each read asks R and answers the newest (see L{kvd.replication}).
+    answered after W; each read asks R and answers the newest (see L{kvd.gateway.coordinator}).
     Plus C{/cluster}, with the repair sweep's progress.
     """
 
     cluster: Cluster
-    replicator: Replicator
+    coordinator: Coordinator
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     metrics: Metrics = field(factory=Metrics)
     auth: Auth = field(factory=Auth)
@@ -509,40 +573,38 @@ class GatewayAPI:
                 ("kvd_repair_dropped", "Keys dropped from nodes that no longer own them.", lambda: progress.dropped),
             )
 
-    app = Klein()
-    _common_routes(app)
+    routes = Routes()
 
-    @app.route("/kv/", methods=["GET", "PUT", "DELETE"])
-    def empty_key(self, request: IRequest) -> bytes:
-        return _key_of(request)  # type: ignore[return-value]  # always raises BadKey
-
-    @app.route("/kv/<rest:_>", methods=["GET", "PUT", "DELETE"])
-    async def kv(self, request: IRequest, _: str) -> bytes:
-        key = _key_of(request)
-        method = request.method
-        if method == b"PUT":
-            value = parse_value(request.content.read(), self.max_value_bytes)
-            version, _live = await self.replicator.write(key, value)
-            return _versioned(request, {"success": True, "key": key, "value": value, "version": version})
-        if method == b"DELETE":
-            version, was_live = await self.replicator.write(key, None)
-            if not was_live:
-                raise NotFound("no such key")
-            return _versioned(request, {"success": True, "key": key, "version": version})
-        return await self.read_kv(request, _)
-
-    def read_kv(self, request: IRequest, _: str) -> Deferred[bytes]:
-        """GET (and HEAD): without a coroutine, as this is the gateway's busiest path."""
-        key = _key_of(request)
-
+    @routes.key(paths.KV, "GET", fast=True)
+    def get(self, request: IRequest, key: str) -> Deferred[bytes]:
+        # Without a coroutine, as this is the gateway's busiest path.
         def render(entry: Entry | None) -> bytes:
             if entry is None or entry[0] is None:
                 raise NotFound("no such key")
             return _versioned(request, {"success": True, "key": key, "value": entry[0], "version": entry[1]})
 
-        return self.replicator.read(key).addCallback(render)
+        return self.coordinator.read(key).addCallback(render)
 
-    @app.route("/cluster", methods=["GET"])
+    @routes.key(paths.KV, "PUT", fast=True)
+    def put(self, request: IRequest, key: str) -> Deferred[bytes]:
+        value = parse_value(request.content.read(), self.max_value_bytes)
+
+        def render(written: tuple[str, bool]) -> bytes:
+            return _versioned(request, {"success": True, "key": key, "value": value, "version": written[0]})
+
+        return self.coordinator.write(key, value).addCallback(render)
+
+    @routes.key(paths.KV, "DELETE", fast=True)
+    def delete(self, request: IRequest, key: str) -> Deferred[bytes]:
+        def render(written: tuple[str, bool]) -> bytes:
+            version, was_live = written
+            if not was_live:
+                raise NotFound("no such key")
+            return _versioned(request, {"success": True, "key": key, "version": version})
+
+        return self.coordinator.write(key, None).addCallback(render)
+
+    @routes.path("/cluster", "GET")
     def describe(self, request: IRequest) -> bytes:
         return _json(
             request,
@@ -551,21 +613,15 @@ class GatewayAPI:
                 "nodes": [m.to_json() for m in self.cluster.sorted()],
                 "replicas": self.cluster.replicas,
                 "vnodes": self.cluster.vnodes,
-                "write_quorum": self.replicator.write_quorum,
-                "read_quorum": self.replicator.read_quorum,
+                "write_quorum": self.coordinator.write_quorum,
+                "read_quorum": self.coordinator.read_quorum,
                 "repair": None if self.repairer is None else self.repairer.progress.to_json(),
             },
         )
 
-    def resource(self) -> Resource:
-        forward: KVHandler = lambda request, _: Deferred.fromCoroutine(self.kv(request, _))  # noqa: E731
-        return api_resource(self.app, self.auth, {b"GET": self.read_kv, b"PUT": forward, b"DELETE": forward})
-
-    @app.route("/cluster/owners/", methods=["GET"])
-    def owners_of_nothing(self, request: IRequest) -> bytes:
-        return _key_of(request, _OWNERS_PREFIX)  # type: ignore[return-value]  # always raises BadKey
-
-    @app.route("/cluster/owners/<rest:_>", methods=["GET"])
-    def owners(self, request: IRequest, _: str) -> bytes:
-        key = _key_of(request, _OWNERS_PREFIX)
+    @routes.key(paths.OWNERS, "GET")
+    def owners(self, request: IRequest, key: str) -> bytes:
         return _json(request, {"success": True, "key": key, "nodes": self.cluster.owners(key)})
+
+    def resource(self) -> Resource:
+        return self.routes.resource(self, self.auth)

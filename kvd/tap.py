@@ -37,11 +37,13 @@ from twisted.web.resource import IResource
 from kvd.auth import Auth, BadSecretFile, bearer, read_secret
 from kvd.client import DEFAULT_TIMEOUT, KeepAlivePool, Peers, RegistryClient
 from kvd.gateway import DEFAULT_REPLICAS, Cluster
+from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.nodes import NodeClients
+from kvd.gateway.repair import Repairer
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES
 from kvd.membership import Heartbeat, NodeInfo, Watcher
 from kvd.metrics import Metrics
 from kvd.registry import InvalidRegistration, Registry, validate_node_id
-from kvd.replication import Repairer, Replicator
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
 from kvd.ring import DEFAULT_VNODES
 from kvd.store import Store, StoreError, next_incarnation
@@ -631,12 +633,13 @@ def gateway_services(
         watcher = Watcher(RegistryClient(client.peers, registry), reactor, cluster.update)
         services.append(WatcherService(watcher))
     clock = HybridClock(reactor.seconds, f"gw-{secrets.token_hex(4)}")
-    replicator = Replicator(cluster, client.peers, clock, config["write-quorum"], config["read-quorum"])
-    repairer = Repairer(cluster, client.peers, reactor.seconds, config["tombstone-grace"])
+    nodes = NodeClients(client.peers)
+    coordinator = Coordinator(cluster, nodes, clock, config["write-quorum"], config["read-quorum"])
+    repairer = Repairer(cluster, nodes, reactor.seconds, config["tombstone-grace"])
     sweeps = TimerService(config["repair-interval"], lambda: Deferred.fromCoroutine(repairer.sweep()))
     sweeps.clock = reactor
     services.append(sweeps)
-    api = GatewayAPI(cluster, replicator, config["max-value-bytes"], auth=config["auth"], repairer=repairer)
+    api = GatewayAPI(cluster, coordinator, config["max-value-bytes"], auth=config["auth"], repairer=repairer)
     services.append(_listen(reactor, listen, api.resource(), config, config["max-value-bytes"], api.metrics))
     return services
 

@@ -20,6 +20,7 @@ from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from kvd import paths
 from kvd.metrics import Metrics, now
 
 _log = Logger()
@@ -64,7 +65,6 @@ class BoundedChannel(HTTPChannel):
             return
         self._refused = True
         limit = self.site.limit_for(getattr(self, "_path", b""))
-        _log.info("refused a request body over {limit} bytes", limit=limit)
         if self.site.metrics is not None:
             self.site.metrics.observe_request(getattr(self, "_path", b""), getattr(self, "_command", b"?"), 413, 0.0)
         assert self.transport is not None
@@ -91,6 +91,16 @@ class BoundedChannel(HTTPChannel):
         )
         self.loseConnection()
 
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        # Twisted closes every HTTP/1.0 connection; one that asks to be kept (ab -k, old
+        # proxies) is kept when its answer has a Content-Length (see BoundedRequest.write).
+        if version == b"HTTP/1.0":
+            tokens = b",".join(request.requestHeaders.getRawHeaders(b"connection", [])).lower()
+            if b"keep-alive" in tokens.replace(b" ", b"").split(b","):
+                request.keep_alive_10 = True
+                return True
+        return bool(super().checkPersistence(request, version))
+
     def allHeadersReceived(self) -> None:
         if self.length is not None and self.length > self.site.limit_for(self._path):
             # Before super(): it would answer "100 Continue" to a client that asked.
@@ -114,10 +124,20 @@ class BoundedRequest(Request):
     channel: BoundedChannel
     _received = 0
     started = 0.0
+    #: An HTTP/1.0 client asked for its connection to be kept.
+    keep_alive_10 = False
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self.started = now()
         super().requestReceived(command, path, version)
+
+    def write(self, data: bytes) -> None:
+        if self.keep_alive_10 and not self.startedWriting:
+            if self.responseHeaders.hasHeader(b"content-length"):
+                self.responseHeaders.setRawHeaders(b"connection", [b"Keep-Alive"])
+            else:
+                self.channel.persistent = False  # only the end of the connection can end this answer
+        super().write(data)
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
@@ -170,7 +190,7 @@ class BoundedSite(Site):
         self.metrics = metrics
 
     def limit_for(self, path: bytes) -> int:
-        return self.internal_max_body if path.startswith(b"/internal/") else self.max_body
+        return self.internal_max_body if path.startswith(paths.INTERNAL) else self.max_body
 
     def log(self, request: HTTPRequest) -> None:
         # Called by every request as it finishes.

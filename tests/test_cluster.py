@@ -24,9 +24,11 @@ from zope.interface import implementer
 
 from kvd.client import Peers, RegistryClient
 from kvd.gateway import Cluster
+from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.nodes import NodeClients
+from kvd.gateway.repair import Repairer
 from kvd.membership import CARRY_SECONDS, Heartbeat, NodeInfo, Watcher
 from kvd.registry import Registry
-from kvd.replication import Repairer, Replicator
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
 from kvd.store import Store
 from kvd.versions import HybridClock
@@ -80,9 +82,10 @@ class Harness:
         self.heartbeats: dict[str, Heartbeat] = {}
         self.cluster = Cluster(vnodes=64, replicas=3)
         self.watcher = Watcher(self.registry_client(), self.clock, self.cluster.update, wait=5.0)
-        self.replicator = Replicator(self.cluster, self.peers, HybridClock(self.clock.seconds, "gw"))
-        self.repairer = Repairer(self.cluster, self.peers, self.clock.seconds, tombstone_grace=60)
-        gateway = GatewayAPI(self.cluster, self.replicator, repairer=self.repairer)
+        nodes = NodeClients(self.peers)
+        self.coordinator = Coordinator(self.cluster, nodes, HybridClock(self.clock.seconds, "gw"))
+        self.repairer = Repairer(self.cluster, nodes, self.clock.seconds, tombstone_grace=60)
+        gateway = GatewayAPI(self.cluster, self.coordinator, repairer=self.repairer)
         self.network.serve("gateway.test", gateway.resource())
 
     def registry_client(self) -> RegistryClient:

@@ -87,5 +87,5 @@ def test_the_registry_and_gateway_show_their_state() -> None:
     assert found[("kvd_registry_leases", ())] == 1
     cluster = Cluster(vnodes=8)
     cluster.update({"a": NodeInfo("a", "http://a:1"), "b": NodeInfo("b", "http://b:1")})
-    found = samples(GatewayAPI(cluster, replicator=None).metrics.render())  # type: ignore[arg-type]
+    found = samples(GatewayAPI(cluster, coordinator=None).metrics.render())  # type: ignore[arg-type]
     assert found[("kvd_ring_members", ())] == 2

@@ -155,3 +155,23 @@ def test_a_store_that_failed_answers_503_not_a_traceback(client: StubTreq, store
     assert status == 503 and "disk full" in body["error"]
     status, body, _ = call(client, "GET", "/healthz")
     assert status == 503 and body["status"] == "failing" and "disk full" in body["error"]
+
+
+def test_client_errors_write_no_log_lines(client: StubTreq) -> None:
+    """A loop of 404s and 400s is the clients' news, not the server's; --access-log records requests."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for i in range(20):
+            assert call(client, "GET", f"/kv/gone{i}")[0] == 404
+            assert call(client, "DELETE", f"/kv/gone{i}")[0] == 404
+        assert call(client, "PUT", "/kv/%ff")[0] == 400
+        assert call(client, "PUT", "/kv/k", b"x" * 65)[0] == 413
+        assert call(client, "GET", "/no/such/endpoint")[0] == 404
+        assert events == []
+        assert call(client, "POST", "/internal/apply", b'{"items": [["k", "v", "not a version"]]}')[0] == 400
+        assert events == []
+    finally:
+        globalLogPublisher.removeObserver(events.append)

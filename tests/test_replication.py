@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from test_cluster import TTL, Harness
 from twisted.internet.defer import ensureDeferred
 
-from kvd.replication import Repairer
+from kvd.gateway.nodes import NodeClients
+from kvd.gateway.repair import Repairer
 
 NODES = ["n1", "n2", "n3", "n4", "n5"]
 
@@ -256,14 +257,15 @@ def test_a_membership_change_during_a_sweep_does_not_break_it(simulation: Simula
     class JoinMidway(Repairer):
         joined = False
 
-        async def _json(self, node: Any, method: str, path: str, body: object = None) -> Any:
-            if path == "/internal/versions" and not self.joined:
+        async def _listings(self, clients: Any, buckets: list[int]) -> Any:
+            if not self.joined:
                 self.joined = True
                 simulation.start("n4")  # the gateway learns of n4 while the sweep is running
-            return await super()._json(node, method, path, body)
+            return await super()._listings(clients, buckets)
 
     h = simulation.h
-    repairer = h.repairer = JoinMidway(h.cluster, h.peers, h.clock.seconds, tombstone_grace=60, ranges_per_sweep=256)
+    nodes = NodeClients(h.peers)
+    repairer = h.repairer = JoinMidway(h.cluster, nodes, h.clock.seconds, tombstone_grace=60, ranges_per_sweep=256)
     simulation.sweep()
     assert repairer.joined and repairer.progress.last_error is None
     simulation.quiesce()
@@ -275,10 +277,10 @@ def test_an_unexpected_error_in_a_sweep_is_logged_and_the_next_sweep_still_runs(
     h = simulation.h
 
     class Broken(Repairer):
-        async def _sweep(self) -> None:
+        async def _sweep(self, view: Any) -> None:
             raise KeyError("a bug")
 
-    repairer = Broken(h.cluster, h.peers, h.clock.seconds)
+    repairer = Broken(h.cluster, NodeClients(h.peers), h.clock.seconds)
     results: list[Any] = []
     ensureDeferred(repairer.sweep()).addBoth(results.append)
     assert results == [None], "sweep() itself never fails: a failure would stop its TimerService"

@@ -63,3 +63,22 @@ def test_a_malformed_request_gets_a_json_400() -> None:
     protocol.dataReceived(b"GET /kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")  # type: ignore[attr-defined]
     answer = transport.value()
     assert answer.startswith(b"HTTP/1.1 400 ") and b'"success": false' in answer, answer
+
+
+def test_an_http_1_0_client_that_asks_to_keep_its_connection_keeps_it() -> None:
+    protocol, transport = connect(10)
+    for _ in range(2):
+        protocol.dataReceived(  # type: ignore[attr-defined]
+            b"PUT /kv/k HTTP/1.0\r\nConnection: Keep-Alive\r\nContent-Length: 3\r\n\r\nabc"
+        )
+    answer = transport.value()
+    assert answer.count(b"HTTP/1.0 200 ") == 2 and answer.count(b"got 3 bytes") == 2, answer
+    assert answer.lower().count(b"connection: keep-alive") == 2, answer
+    assert not transport.disconnecting
+
+
+def test_an_http_1_0_client_that_does_not_ask_is_closed_after_its_answer() -> None:
+    protocol, transport = connect(10)
+    protocol.dataReceived(b"PUT /kv/k HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc")  # type: ignore[attr-defined]
+    assert transport.value().startswith(b"HTTP/1.0 200 ")
+    assert transport.disconnecting

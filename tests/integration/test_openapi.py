@@ -117,7 +117,7 @@ def test_the_spec_is_a_valid_openapi_3_0_document() -> None:
 
 @pytest.mark.parametrize(
     ("role", "app"),
-    [("node", NodeAPI.app), ("registry", RegistryAPI.app), ("gateway", GatewayAPI.app)],
+    [("node", NodeAPI.routes.app), ("registry", RegistryAPI.routes.app), ("gateway", GatewayAPI.routes.app)],
 )
 def test_every_public_route_of_a_role_is_in_the_spec_under_its_tag_and_nothing_more(role: str, app: Any) -> None:
     """

@@ -1,0 +1,98 @@
+"""
+Quorum writes and reads, as a gateway coordinates them.
+
+A write gets a version from the gateway's hybrid logical clock and goes to all N owners of
+its key; it is answered after W of them have made it durable. An owner that cannot be
+reached is replaced by the next member clockwise (a I{fallback}): the write lands there,
+counts toward W, and the repair sweep later hands it to the owner and drops it from the
+fallback (hinted handoff, the hint being "a key held by a node that does not own it").
+
+A read asks R replicas (falling back likewise), answers with the newest version, and writes
+that version back to the owners it found stale (read repair).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from kvd.gateway.cluster import Cluster
+from kvd.gateway.nodes import NodeClients
+from kvd.gateway.quorum import Gathered, gather
+from kvd.store import Entry
+from kvd.versions import HybridClock
+
+_log = Logger()
+
+
+@define
+class Coordinator:
+    """Quorum reads and writes for one gateway."""
+
+    cluster: Cluster
+    nodes: NodeClients
+    clock: HybridClock
+    write_quorum: int = 2
+    read_quorum: int = 2
+
+    def write(self, key: str, value: str | None) -> Deferred[tuple[str, bool]]:
+        """
+        Write (C{value} None: delete) to W replicas; fires with the version and whether any
+        replica that answered held the key live before.
+
+        @raise QuorumFailed: when fewer than W replicas made it durable.
+        @raise NoNodes: when there are no members.
+        """
+        view = self.cluster.view()
+        owners, fallbacks = view.placement(key)
+        needed = min(self.write_quorum, view.replicas)
+        version = self.clock.next()
+
+        def ask(node_id: str) -> Deferred[bool]:
+            return self.nodes(view.members[node_id]).apply_key(key, value, version)
+
+        def answer(gathered: Gathered[bool]) -> tuple[str, bool]:
+            return version, any(gathered.require("write", needed).answers.values())
+
+        return gather(ask, owners, fallbacks, needed).addCallback(answer)
+
+    def read(self, key: str) -> Deferred[Entry | None]:
+        """
+        The newest entry among R replicas (None: no replica knows the key); stale owners
+        that answered are repaired in the background.
+
+        @raise QuorumFailed: when fewer than R replicas answered.
+        @raise NoNodes: when there are no members.
+        """
+        view = self.cluster.view()
+        owners, fallbacks = view.placement(key)
+        needed = min(self.read_quorum, view.replicas)
+        candidates = owners + fallbacks
+
+        def ask(node_id: str) -> Deferred[Entry | None]:
+            return self.nodes(view.members[node_id]).read_key(key)
+
+        def answer(gathered: Gathered[Entry | None]) -> Entry | None:
+            answers = gathered.require("read", needed).answers
+            known = [entry for entry in answers.values() if entry is not None]
+            if not known:
+                return None
+            newest = max(known, key=lambda entry: entry[1])
+            self.clock.observe(newest[1])
+            for node_id, entry in answers.items():
+                if node_id in owners and (entry is None or entry[1] < newest[1]):
+                    self._repair(view.members[node_id], key, newest)
+            return newest
+
+        return gather(ask, candidates[:needed], candidates[needed:], needed).addCallback(answer)
+
+    def _repair(self, node: Any, key: str, entry: Entry) -> None:
+        def failed(failure: Any) -> None:
+            _log.info(
+                "read repair of {key!r} on {node} failed: {why}", key=key, node=node.id, why=failure.getErrorMessage()
+            )
+
+        self.nodes(node).apply_key(key, entry[0], entry[1]).addErrback(failed)

@@ -1,0 +1,216 @@
+"""
+The client of a storage node's internal API (C{/internal/...}): what gateways call to
+replicate, read and repair. This module is the only one that knows that API's wire format
+on the calling side; the node's side is in L{kvd.resources.NodeAPI}.
+
+Every answer is checked before it is believed: a node answering something that is not the
+expected JSON is a L{PeerError} naming it, never an exception deeper in the gateway.
+
+Quorum traffic is batched per node (L{NodeClient.apply_key}, L{NodeClient.read_key}): while
+one request of a kind is in flight to a node, the items for it queue and go together in the
+next. A batch is cut at L{MAX_BATCH} items or once its values pass L{BATCH_VALUE_BUDGET}
+characters, and a node cuts its read answers the same way, so the size of an internal
+message follows from the value limit (see L{kvd.keys.internal_message_limit}).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+
+from kvd.client import Answer, PeerError, Peers
+from kvd.internal import RepairReport
+from kvd.keys import BATCH_VALUE_BUDGET
+from kvd.membership import NodeInfo
+from kvd.store import Entry
+
+T = TypeVar("T")
+
+#: Items per internal request.
+MAX_BATCH = 512
+
+#: An item of an apply batch: key, value (None: a tombstone) and version.
+Item = tuple[str, "str | None", str]
+
+
+def _encode(body: object) -> bytes:
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+@define
+class _Queue:
+    items: list[tuple[Any, Deferred[Any]]] = field(factory=list)
+    busy: bool = False
+
+
+@define
+class NodeClient:
+    """Calls to one node's internal API."""
+
+    node: NodeInfo
+    peers: Peers
+    _applies: _Queue = field(factory=_Queue)
+    _reads: _Queue = field(factory=_Queue)
+
+    @property
+    def id(self) -> str:
+        return self.node.id
+
+    def _call(self, path: str, body: object, parse: Callable[[Any], T]) -> Deferred[T]:
+        d = self.peers.call("POST", f"{self.node.url}/internal/{path}", _encode(body))
+        return d.addCallback(self._checked, path, parse)
+
+    def _get(self, path: str, parse: Callable[[Any], T]) -> Deferred[T]:
+        d = self.peers.call("GET", f"{self.node.url}/internal/{path}")
+        return d.addCallback(self._checked, path, parse)
+
+    def _checked(self, answer: Answer, path: str, parse: Callable[[Any], T]) -> T:
+        if answer.status != 200:
+            raise PeerError(self.node.url, f"internal {path} answered {answer.status}")
+        try:
+            return parse(answer.json())
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            raise PeerError(self.node.url, f"internal {path} answered something that is not its JSON") from None
+
+    # Whole batches, for the repair sweep and the queues below.
+
+    def apply(self, items: list[Item]) -> Deferred[list[bool]]:
+        """Make the items durable on the node; fires with whether each key was live there before."""
+
+        def parse(body: Any) -> list[bool]:
+            live = body["live"]
+            if not isinstance(live, list) or len(live) != len(items):
+                raise ValueError("live")
+            return [bool(x) for x in live]
+
+        return self._call("apply", {"items": [list(item) for item in items]}, parse)
+
+    def read(self, keys: list[str]) -> Deferred[dict[str, Entry]]:
+        """The entries of those of C{keys} the node holds (tombstones too), asking again for any it deferred."""
+        found: dict[str, Entry] = {}
+
+        def parse(body: Any) -> list[str]:
+            entries, more = body["entries"], body.get("more", [])
+            if not isinstance(entries, dict) or not isinstance(more, list):
+                raise ValueError("entries")
+            for key, entry in entries.items():
+                value, version = entry
+                if not (isinstance(version, str) and (value is None or isinstance(value, str))):
+                    raise ValueError("entry")
+                found[key] = (value, version)
+            return [key for key in more if isinstance(key, str)]
+
+        def ask(wanted: list[str]) -> Deferred[dict[str, Entry]]:
+            d = self._call("read", {"keys": wanted, "max_chars": BATCH_VALUE_BUDGET}, parse)
+            return d.addCallback(next_round, len(wanted))
+
+        def next_round(more: list[str], asked: int) -> Deferred[dict[str, Entry]] | dict[str, Entry]:
+            if not more:
+                return found
+            if len(more) >= asked:
+                raise PeerError(self.node.url, "internal read deferred every key it was asked for")
+            return ask(more)
+
+        return ask(keys)
+
+    def digests(self) -> Deferred[list[str]]:
+        def parse(body: Any) -> list[str]:
+            digests = body["digests"]
+            if not isinstance(digests, list) or not all(isinstance(d, str) for d in digests):
+                raise ValueError("digests")
+            return digests
+
+        return self._get("digests", parse)
+
+    def versions(self, buckets: list[int]) -> Deferred[tuple[dict[str, str], set[str]]]:
+        """key -> version of every key the node holds in the given ranges, and which of them are tombstones."""
+
+        def parse(body: Any) -> tuple[dict[str, str], set[str]]:
+            versions, tombstones = body["versions"], body["tombstones"]
+            if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+                raise ValueError("versions")
+            return versions, {key for key in tombstones if key in versions}
+
+        return self._call("versions", {"buckets": buckets}, parse)
+
+    def drop(self, items: list[tuple[str, str]]) -> Deferred[int]:
+        """Forget (key, version) items where the version still matches; fires with how many went."""
+        return self._call("drop", {"items": [list(item) for item in items]}, lambda body: int(body["dropped"]))
+
+    def report(self, report: RepairReport) -> Deferred[None]:
+        """Tell the node what the last repair sweep moved for it (its GET /node shows it)."""
+        return self._call("progress", report.to_json(), lambda body: None)
+
+    # One key at a time, batched: the quorum paths.
+
+    def apply_key(self, key: str, value: str | None, version: str) -> Deferred[bool]:
+        """Fires with whether the key was live on the node before, once durable there."""
+        return self._enqueue(self._applies, (key, value, version), self._send_applies)
+
+    def read_key(self, key: str) -> Deferred[Entry | None]:
+        return self._enqueue(self._reads, key, self._send_reads)
+
+    def _enqueue(self, queue: _Queue, item: Any, send: Callable[[], None]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        queue.items.append((item, d))
+        if not queue.busy:
+            send()
+        return d
+
+    def _take(self, queue: _Queue, size: Callable[[Any], int]) -> list[tuple[Any, Deferred[Any]]]:
+        budget, count = BATCH_VALUE_BUDGET, 0
+        for item, _ in queue.items:
+            if count == MAX_BATCH or (count and budget < 0):
+                break
+            budget -= size(item)
+            count += 1
+        batch, queue.items = queue.items[:count], queue.items[count:]
+        queue.busy = bool(batch)
+        return batch
+
+    def _send_applies(self) -> None:
+        batch = self._take(self._applies, lambda item: len(item[1] or ""))
+        if batch:
+            d = self.apply([item for item, _ in batch])
+            d.addCallbacks(self._deliver, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
+            d.addBoth(lambda _: self._send_applies())
+
+    def _send_reads(self) -> None:
+        batch = self._take(self._reads, lambda key: 0)
+        if batch:
+            d = self.read([key for key, _ in batch])
+            d.addCallbacks(self._deliver_entries, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
+            d.addBoth(lambda _: self._send_reads())
+
+    @staticmethod
+    def _deliver(outcomes: Iterable[Any], batch: list[tuple[Any, Deferred[Any]]]) -> None:
+        for (_, d), outcome in zip(batch, outcomes, strict=True):
+            d.callback(outcome)
+
+    @staticmethod
+    def _deliver_entries(entries: dict[str, Entry], batch: list[tuple[str, Deferred[Any]]]) -> None:
+        for key, d in batch:
+            d.callback(entries.get(key))
+
+    def _fail(self, failure: Any, batch: list[tuple[Any, Deferred[Any]]]) -> None:
+        error = failure.value if isinstance(failure.value, PeerError) else PeerError(self.node.url, str(failure.value))
+        for _, d in batch:
+            d.errback(error)
+
+
+@define
+class NodeClients:
+    """One L{NodeClient} per member, made anew when a member's URL or weight changes."""
+
+    peers: Peers
+    _clients: dict[str, NodeClient] = field(factory=dict)
+
+    def __call__(self, node: NodeInfo) -> NodeClient:
+        client = self._clients.get(node.id)
+        if client is None or client.node != node:
+            client = self._clients[node.id] = NodeClient(node, self.peers)
+        return client

@@ -1,0 +1,17 @@
+"""
+The URL path prefixes of the HTTP API, named once: routing, access control, body limits and
+metrics all decide by them.
+"""
+
+from __future__ import annotations
+
+#: The client API: C{/kv/{key}}.
+KV = b"/kv/"
+#: What kvd processes call on each other (replication, repair); never for clients.
+INTERNAL = b"/internal/"
+#: The registry API.
+REGISTRY = b"/registry/"
+#: A key's preference list on the gateway.
+OWNERS = b"/cluster/owners/"
+#: One member in the registry.
+REGISTRY_NODES = b"/registry/nodes/"

@@ -21,12 +21,12 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from kvd import paths
+from kvd.keys import internal_message_limit
 from kvd.metrics import Metrics, now
 
 _log = Logger()
 
 DEFAULT_MAX_BODY = 1024 * 1024
-INTERNAL_MAX_BODY = 64 * 1024 * 1024
 #: Seconds a connection may sit idle (or dribble a request) before it is closed.
 DEFAULT_IDLE_TIMEOUT = 60
 
@@ -185,7 +185,7 @@ class BoundedSite(Site):
         super().__init__(resource, timeout=timeout, **kwargs)
         self.max_body = max_body
         #: Batches between kvd processes carry many values at once.
-        self.internal_max_body = max(max_body, INTERNAL_MAX_BODY)
+        self.internal_max_body = internal_message_limit(max_body)
         self.access_log = access_log
         self.metrics = metrics
 

@@ -41,6 +41,31 @@ def _encode(body: object) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode()
 
 
+def _value_size(item: Item) -> int:
+    return len(item[1] or "")
+
+
+def _fitting(items: list[T], size: Callable[[T], int]) -> int:
+    """How many of the first items make one batch: at most MAX_BATCH, and the budget (one item at least)."""
+    budget, count = BATCH_VALUE_BUDGET, 0
+    for item in items:
+        if count == MAX_BATCH or (count and budget < 0):
+            break
+        budget -= size(item)
+        count += 1
+    return count
+
+
+def split(items: list[T], size: Callable[[T], int]) -> list[list[T]]:
+    """C{items} in batches of at most MAX_BATCH items and about BATCH_VALUE_BUDGET of C{size}."""
+    batches = []
+    while items:
+        count = _fitting(items, size)
+        batches.append(items[:count])
+        items = items[count:]
+    return batches or [[]]
+
+
 @define
 class _Queue:
     items: list[tuple[Any, Deferred[Any]]] = field(factory=list)
@@ -79,8 +104,23 @@ class NodeClient:
     # Whole batches, for the repair sweep and the queues below.
 
     def apply(self, items: list[Item]) -> Deferred[list[bool]]:
-        """Make the items durable on the node; fires with whether each key was live there before."""
+        """
+        Make the items durable on the node; fires with whether each key was live there
+        before. Items over one batch's budget go in several requests, one after another.
+        """
+        parts = split(items, _value_size)
+        if len(parts) == 1:
+            return self._apply(parts[0])
 
+        async def in_turn() -> list[bool]:
+            live: list[bool] = []
+            for part in parts:
+                live += await self._apply(part)
+            return live
+
+        return Deferred.fromCoroutine(in_turn())
+
+    def _apply(self, items: list[Item]) -> Deferred[list[bool]]:
         def parse(body: Any) -> list[bool]:
             live = body["live"]
             if not isinstance(live, list) or len(live) != len(items):
@@ -162,20 +202,15 @@ class NodeClient:
         return d
 
     def _take(self, queue: _Queue, size: Callable[[Any], int]) -> list[tuple[Any, Deferred[Any]]]:
-        budget, count = BATCH_VALUE_BUDGET, 0
-        for item, _ in queue.items:
-            if count == MAX_BATCH or (count and budget < 0):
-                break
-            budget -= size(item)
-            count += 1
+        count = _fitting(queue.items, lambda queued: size(queued[0]))
         batch, queue.items = queue.items[:count], queue.items[count:]
         queue.busy = bool(batch)
         return batch
 
     def _send_applies(self) -> None:
-        batch = self._take(self._applies, lambda item: len(item[1] or ""))
+        batch = self._take(self._applies, _value_size)
         if batch:
-            d = self.apply([item for item, _ in batch])
+            d = self._apply([item for item, _ in batch])
             d.addCallbacks(self._deliver, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
             d.addBoth(lambda _: self._send_applies())
 

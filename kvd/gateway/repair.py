@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from kvd.client import PeerError
 from kvd.gateway.cluster import Cluster, ClusterView
-from kvd.gateway.nodes import MAX_BATCH, Item, NodeClient, NodeClients
+from kvd.gateway.nodes import Item, NodeClient, NodeClients, split
 from kvd.internal import RepairReport
 from kvd.store import BUCKETS
 from kvd.versions import milliseconds
@@ -67,7 +67,7 @@ class _Tally:
 
 
 def _chunks(items: list[T]) -> list[list[T]]:
-    return [items[start : start + MAX_BATCH] for start in range(0, len(items), MAX_BATCH)]
+    return split(items, lambda item: 0)
 
 
 @define

@@ -40,8 +40,7 @@ from kvd.keys import (
 from kvd.metrics import CONTENT_TYPE, Metrics
 from kvd.registry import InvalidRegistration, Registry, StaleIncarnation
 from kvd.replication import QuorumFailed, Repairer, Replicator
-from kvd.store import BUCKETS, Entry, Store, StoreError
-from kvd.versions import is_version
+from kvd.store import BUCKETS, BadBatch, Entry, Store, StoreError
 from kvd.web import json_body
 
 _log = Logger()
@@ -114,7 +113,7 @@ def _render_error(request: IRequest, failure: Failure) -> bytes:
         status, body["error"], body["answered"], body["needed"] = 503, str(error), error.answered, error.needed
     elif isinstance(error, (ClientError, Unavailable)):
         status, body["error"] = error.status, str(error)
-    elif isinstance(error, InvalidRegistration):
+    elif isinstance(error, (InvalidRegistration, BadBatch)):
         status, body["error"] = 400, str(error)
     elif isinstance(error, StaleIncarnation):
         status, body["error"] = 409, str(error)
@@ -330,21 +329,8 @@ class NodeAPI:
     @app.route("/internal/apply", methods=["POST"])
     async def internal_apply(self, request: IRequest) -> bytes:
         """Apply [key, value or null, version] items; answer once all are durable, with which were live before."""
-        items = _batch(request, "items")
-        writes, live = [], []
-        for item in items:
-            if not (isinstance(item, list) and len(item) == 3 and (item[1] is None or isinstance(item[1], str))):
-                raise ClientError("each item is [key, value or null, version]")
-            key, value, version = check_key(item[0]), item[1], item[2]
-            if not is_version(version):
-                raise ClientError(f"not a version: {version!r}")
-            live.append(self.store.get(key) is not None)
-            written = self.store.apply(key, value, version)
-            if written is not None:
-                writes.append(written)
-        for written in writes:
-            await written
-        return _json(request, {"success": True, "applied": len(writes), "live": live})
+        done = await self.store.apply_batch(_batch(request, "items"))
+        return _json(request, {"success": True, "applied": done.applied, "live": done.live})
 
     @app.route("/internal/read", methods=["POST"])
     def internal_read(self, request: IRequest) -> bytes:
@@ -372,16 +358,8 @@ class NodeAPI:
     @app.route("/internal/drop", methods=["POST"])
     async def internal_drop(self, request: IRequest) -> bytes:
         """Forget [key, version] items this node no longer needs (only where the version still matches)."""
-        writes = []
-        for item in _batch(request, "items"):
-            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], str)):
-                raise ClientError("each item is [key, version]")
-            written = self.store.drop(check_key(item[0]), item[1])
-            if written is not None:
-                writes.append(written)
-        for written in writes:
-            await written
-        return _json(request, {"success": True, "dropped": len(writes)})
+        dropped = await self.store.drop_batch(_batch(request, "items"))
+        return _json(request, {"success": True, "dropped": dropped})
 
     @app.route("/internal/progress", methods=["POST"])
     def internal_progress(self, request: IRequest) -> bytes:

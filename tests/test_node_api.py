@@ -10,16 +10,18 @@ from typing import Any
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
 
 from kvd.resources import NodeAPI
 from kvd.store import Store
+from kvd.versions import HybridClock
 
 BASE = "http://node.invalid"
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(str(tmp_path / "data"))
+    s = Store.open(str(tmp_path / "data"), clock=HybridClock(Clock().seconds, "a"))
     yield s
     s.abandon()
 

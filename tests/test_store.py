@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,18 +14,21 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from kvd.incarnation import next_incarnation
+from kvd.journal import SNAPSHOT, SNAPSHOT_TMP, journal_name
 from kvd.store import (
-    SNAPSHOT,
-    SNAPSHOT_TMP,
     CorruptStore,
     Store,
     StoreClosed,
     StoreError,
     StoreFailed,
     StoreLocked,
-    journal_name,
-    next_incarnation,
 )
+from kvd.versions import HybridClock
+
+
+def clock(origin: str = "n1") -> HybridClock:
+    return HybridClock(time.time, origin)
 
 
 class ManualRunner:
@@ -77,6 +81,7 @@ def opened() -> Iterator[list[Store]]:
 
 
 def open_store(opened: list[Store], directory: Path, **kwargs: Any) -> Store:
+    kwargs.setdefault("clock", clock())
     store = Store.open(str(directory), **kwargs)
     opened.append(store)
     return store
@@ -175,7 +180,7 @@ def test_corruption_stops_start_up_and_changes_no_file(
     damage(tmp_path)
     before = files(tmp_path)
     with pytest.raises(CorruptStore) as e:
-        Store.open(str(tmp_path))
+        Store.open(str(tmp_path), clock=clock())
     assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
     assert files(tmp_path) == before
 
@@ -189,7 +194,7 @@ def _insert_line(path: Path, position: int, line: bytes) -> None:
 def test_a_second_process_cannot_take_the_data_dir(tmp_path: Path, opened: list[Store]) -> None:
     open_store(opened, tmp_path)
     with pytest.raises(StoreLocked, match="in use"):
-        Store.open(str(tmp_path))
+        Store.open(str(tmp_path), clock=clock())
 
 
 def test_a_failed_journal_write_fails_the_put_and_every_later_write(tmp_path: Path, opened: list[Store]) -> None:
@@ -343,7 +348,7 @@ def test_any_history_reopened_equals_a_model_dict(tmp_path_factory: pytest.TempP
 def test_a_corrupt_incarnation_file_stops_start_up_before_any_file_is_created(tmp_path: Path) -> None:
     (tmp_path / "incarnation").write_bytes(b"lots\n")
     with pytest.raises(CorruptStore, match="incarnation"):
-        Store.open(str(tmp_path))
+        Store.open(str(tmp_path), clock=clock())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LOCK", "incarnation"]
 
 
@@ -354,7 +359,7 @@ def test_incarnations_count_up_across_starts(tmp_path: Path) -> None:
 def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreError, match="not a directory"):
-        Store.open(str(tmp_path / "file"))
+        Store.open(str(tmp_path / "file"), clock=clock())
 
 
 def test_replicated_writes_keep_the_highest_version_whatever_the_order(tmp_path: Path, opened: list[Store]) -> None:

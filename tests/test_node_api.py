@@ -157,3 +157,16 @@ def test_a_store_that_failed_answers_503_not_a_traceback(client: StubTreq, store
     assert status == 503 and "disk full" in body["error"]
     status, body, _ = call(client, "GET", "/healthz")
     assert status == 503 and body["status"] == "failing" and "disk full" in body["error"]
+
+
+def test_a_batch_with_a_bad_item_is_a_400_and_applies_nothing(client: StubTreq, store: Store) -> None:
+    good = ["k", "v", "000000000001000000.gw"]
+    status, body, _ = call(client, "POST", "/internal/apply", json.dumps({"items": [good, ["k2", "v", "x"]]}).encode())
+    assert status == 400 and "not a version" in body["error"]
+    assert store.entry("k") is None
+    status, body, _ = call(client, "POST", "/internal/drop", json.dumps({"items": [["k", 1]]}).encode())
+    assert status == 400
+    status, body, _ = call(client, "POST", "/internal/apply", json.dumps({"items": [good]}).encode())
+    assert (status, body) == (200, {"success": True, "applied": 1, "live": [False]})
+    status, body, _ = call(client, "POST", "/internal/drop", json.dumps({"items": [good[::2]]}).encode())
+    assert (status, body) == (200, {"success": True, "dropped": 1})

@@ -103,8 +103,9 @@ class Batched:
 def fill(directory: Path, items: list[tuple[str, str]], run: Batched) -> Any:
     """A store in C{directory} holding C{items}, each written by Store.put (so each has a version)."""
     from kvd.store import Store
+    from kvd.versions import HybridClock
 
-    store = Store.open(str(directory), run=run, fsync=False)
+    store = Store.open(str(directory), clock=HybridClock(time.time, "bench"), run=run, fsync=False)
     for start in range(0, len(items), 10_000):
         for key, value in items[start : start + 10_000]:
             store.put(key, value)
@@ -191,12 +192,18 @@ def worker_puts(directory: str, puts: int, batch: int, compact: bool, limit: flo
     from twisted.python.threadpool import ThreadPool
 
     from kvd.store import Store
+    from kvd.versions import HybridClock
 
     reactor: Any = global_reactor
     pool = ThreadPool(minthreads=1, maxthreads=2, name="bench-store")
     pool.start()
     try:
-        store = Store.open(directory, run=lambda f: deferToThreadPool(reactor, pool, f), fsync=True)
+        store = Store.open(
+            directory,
+            clock=HybridClock(reactor.seconds, "bench"),
+            run=lambda f: deferToThreadPool(reactor, pool, f),
+            fsync=True,
+        )
         fresh = random_items(puts + WARMUP_PUTS, seed=int.from_bytes(os.urandom(4), "big"), prefix="fresh-")
         warm, items = fresh[:WARMUP_PUTS], fresh[WARMUP_PUTS:]
         record_bytes = sum(len(k) + len(v) + 12 for k, v in items) / len(items)
@@ -273,10 +280,11 @@ def worker_puts(directory: str, puts: int, batch: int, compact: bool, limit: flo
 
 def worker_open(directory: str) -> dict[str, Any]:
     from kvd.store import Store
+    from kvd.versions import HybridClock
 
     gc.collect()
     started = time.perf_counter()
-    store = Store.open(directory)
+    store = Store.open(directory, clock=HybridClock(time.time, "bench"))
     seconds = time.perf_counter() - started
     keys = len(store)
     store.abandon()
@@ -295,11 +303,12 @@ def worker_json_load(path: str) -> dict[str, Any]:
 def worker_memory(kind: str, path: str) -> dict[str, Any]:
     # Both sides import the same modules before the first reading.
     import kvd.store
+    import kvd.versions
 
     gc.collect()
     before = rss_bytes()
     if kind == "store":
-        store = kvd.store.Store.open(path)
+        store = kvd.store.Store.open(path, clock=kvd.versions.HybridClock(time.time, "bench"))
         keys = len(store)
     else:
         with open(path, "rb") as f:

@@ -52,8 +52,7 @@ from kvd.keys import (
 )
 from kvd.metrics import CONTENT_TYPE, Metrics
 from kvd.registry import InvalidRegistration, Registry, StaleIncarnation
-from kvd.store import BUCKETS, Entry, Store, StoreError
-from kvd.versions import is_version
+from kvd.store import BUCKETS, BadBatch, Entry, Store, StoreError
 from kvd.web import json_body
 
 _log = Logger()
@@ -67,6 +66,7 @@ STATUSES: tuple[tuple[type[BaseException], int], ...] = (
     (ValueTooLarge, 413),
     (ClientError, 400),
     (InvalidRegistration, 400),
+    (BadBatch, 400),
     (StaleIncarnation, 409),
     (Unavailable, 503),
     (StoreError, 503),
@@ -403,21 +403,8 @@ class NodeAPI:
     @routes.path("/internal/apply", "POST", fast=True)
     async def internal_apply(self, request: IRequest) -> bytes:
         """Apply [key, value or null, version] items; answer once all are durable, with which were live before."""
-        items = _batch(request, "items")
-        writes, live = [], []
-        for item in items:
-            if not (isinstance(item, list) and len(item) == 3 and (item[1] is None or isinstance(item[1], str))):
-                raise ClientError("each item is [key, value or null, version]")
-            key, value, version = check_key(item[0]), item[1], item[2]
-            if not is_version(version):
-                raise ClientError(f"not a version: {version!r}")
-            live.append(self.store.get(key) is not None)
-            written = self.store.apply(key, value, version)
-            if written is not None:
-                writes.append(written)
-        for written in writes:
-            await written
-        return _json(request, {"success": True, "applied": len(writes), "live": live})
+        done = await self.store.apply_batch(_batch(request, "items"))
+        return _json(request, {"success": True, "applied": done.applied, "live": done.live})
 
     @routes.path("/internal/read", "POST", fast=True)
     def internal_read(self, request: IRequest) -> bytes:
@@ -457,16 +444,8 @@ class NodeAPI:
     @routes.path("/internal/drop", "POST")
     async def internal_drop(self, request: IRequest) -> bytes:
         """Forget [key, version] items this node no longer needs (only where the version still matches)."""
-        writes = []
-        for item in _batch(request, "items"):
-            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], str)):
-                raise ClientError("each item is [key, version]")
-            written = self.store.drop(check_key(item[0]), item[1])
-            if written is not None:
-                writes.append(written)
-        for written in writes:
-            await written
-        return _json(request, {"success": True, "dropped": len(writes)})
+        dropped = await self.store.drop_batch(_batch(request, "items"))
+        return _json(request, {"success": True, "dropped": dropped})
 
     @routes.path("/internal/progress", "POST")
     def internal_progress(self, request: IRequest) -> bytes:

@@ -590,7 +590,9 @@ def node_services(
     endpoint = _endpoint(reactor, listen)
     storage = StoreService(reactor, f"kvd-store-{node_id}")
     try:
-        store = storage.store = Store.open(data_dir, run=storage.run, fsync=config["fsync"] == "always")
+        store = storage.store = Store.open(
+            data_dir, clock=HybridClock(reactor.seconds, node_id), run=storage.run, fsync=config["fsync"] == "always"
+        )
         incarnation = next_incarnation(data_dir)
     except StoreError as e:
         _exit(str(e))

@@ -15,6 +15,7 @@ from kvd.auth import Auth, BadSecretFile, read_secret
 from kvd.registry import Registry
 from kvd.resources import NodeAPI, RegistryAPI
 from kvd.store import Store
+from kvd.versions import HybridClock
 
 SECRET = b"s3cret-cluster"
 TOKEN = b"client-t0ken"
@@ -72,7 +73,7 @@ def test_the_registry_refuses_a_rogue_registration_and_changes_nothing() -> None
 
 
 def test_a_client_token_guards_the_key_value_api_only(tmp_path: Path) -> None:
-    store = Store.open(str(tmp_path))
+    store = Store.open(str(tmp_path), clock=HybridClock(Clock().seconds, "a"))
     try:
         stub = StubTreq(NodeAPI("a", store, auth=Auth(SECRET, TOKEN)).resource())
         assert call(stub, "PUT", "http://n/kv/k", b"v")[0] == 401

@@ -92,7 +92,11 @@ class Harness:
         return RegistryClient(self.peers, "http://registry.test")
 
     def start_node(self, node_id: str, incarnation: int = 1) -> Heartbeat:
-        store = self.stores[node_id] if node_id in self.stores else Store.open(str(self.tmp_path / node_id))
+        store = (
+            self.stores[node_id]
+            if node_id in self.stores
+            else Store.open(str(self.tmp_path / node_id), clock=HybridClock(self.clock.seconds, node_id))
+        )
         self.stores[node_id] = store
         host = f"{node_id}.test"
         self.network.down.discard(host)

@@ -14,6 +14,7 @@ from kvd.metrics import Metrics, route_of
 from kvd.registry import Registry
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
 from kvd.store import Store
+from kvd.versions import HybridClock
 from kvd.web import BoundedSite
 
 
@@ -43,7 +44,7 @@ def test_keys_are_counted_under_their_route_template_never_by_key() -> None:
 
 
 def test_a_node_counts_requests_and_shows_its_store(tmp_path: Path) -> None:
-    store = Store.open(str(tmp_path))
+    store = Store.open(str(tmp_path), clock=HybridClock(Clock().seconds, "a"))
     try:
         api = NodeAPI("a", store)
         site = BoundedSite(api.resource(), metrics=api.metrics)

@@ -10,16 +10,18 @@ from typing import Any
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
 
 from kvd.resources import NodeAPI
 from kvd.store import Store
+from kvd.versions import HybridClock
 
 BASE = "http://node.invalid"
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(str(tmp_path / "data"))
+    s = Store.open(str(tmp_path / "data"), clock=HybridClock(Clock().seconds, "a"))
     yield s
     s.abandon()
 
@@ -175,3 +177,16 @@ def test_client_errors_write_no_log_lines(client: StubTreq) -> None:
         assert events == []
     finally:
         globalLogPublisher.removeObserver(events.append)
+
+
+def test_a_batch_with_a_bad_item_is_a_400_and_applies_nothing(client: StubTreq, store: Store) -> None:
+    good = ["k", "v", "000000000001000000.gw"]
+    status, body, _ = call(client, "POST", "/internal/apply", json.dumps({"items": [good, ["k2", "v", "x"]]}).encode())
+    assert status == 400 and "not a version" in body["error"]
+    assert store.entry("k") is None
+    status, body, _ = call(client, "POST", "/internal/drop", json.dumps({"items": [["k", 1]]}).encode())
+    assert status == 400
+    status, body, _ = call(client, "POST", "/internal/apply", json.dumps({"items": [good]}).encode())
+    assert (status, body) == (200, {"success": True, "applied": 1, "live": [False]})
+    status, body, _ = call(client, "POST", "/internal/drop", json.dumps({"items": [good[::2]]}).encode())
+    assert (status, body) == (200, {"success": True, "dropped": 1})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,18 +14,23 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from kvd.digests import Digests
+from kvd.incarnation import next_incarnation
+from kvd.journal import SNAPSHOT, SNAPSHOT_TMP, journal_name, pack
 from kvd.store import (
-    SNAPSHOT,
-    SNAPSHOT_TMP,
+    BadBatch,
     CorruptStore,
     Store,
     StoreClosed,
     StoreError,
     StoreFailed,
     StoreLocked,
-    journal_name,
-    next_incarnation,
 )
+from kvd.versions import HybridClock, encode
+
+
+def clock(origin: str = "n1") -> HybridClock:
+    return HybridClock(time.time, origin)
 
 
 class ManualRunner:
@@ -77,6 +83,7 @@ def opened() -> Iterator[list[Store]]:
 
 
 def open_store(opened: list[Store], directory: Path, **kwargs: Any) -> Store:
+    kwargs.setdefault("clock", clock())
     store = Store.open(str(directory), **kwargs)
     opened.append(store)
     return store
@@ -175,7 +182,7 @@ def test_corruption_stops_start_up_and_changes_no_file(
     damage(tmp_path)
     before = files(tmp_path)
     with pytest.raises(CorruptStore) as e:
-        Store.open(str(tmp_path))
+        Store.open(str(tmp_path), clock=clock())
     assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
     assert files(tmp_path) == before
 
@@ -189,7 +196,7 @@ def _insert_line(path: Path, position: int, line: bytes) -> None:
 def test_a_second_process_cannot_take_the_data_dir(tmp_path: Path, opened: list[Store]) -> None:
     open_store(opened, tmp_path)
     with pytest.raises(StoreLocked, match="in use"):
-        Store.open(str(tmp_path))
+        Store.open(str(tmp_path), clock=clock())
 
 
 def test_a_failed_journal_write_fails_the_put_and_every_later_write(tmp_path: Path, opened: list[Store]) -> None:
@@ -343,7 +350,7 @@ def test_any_history_reopened_equals_a_model_dict(tmp_path_factory: pytest.TempP
 def test_a_corrupt_incarnation_file_stops_start_up_before_any_file_is_created(tmp_path: Path) -> None:
     (tmp_path / "incarnation").write_bytes(b"lots\n")
     with pytest.raises(CorruptStore, match="incarnation"):
-        Store.open(str(tmp_path))
+        Store.open(str(tmp_path), clock=clock())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LOCK", "incarnation"]
 
 
@@ -354,7 +361,7 @@ def test_incarnations_count_up_across_starts(tmp_path: Path) -> None:
 def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreError, match="not a directory"):
-        Store.open(str(tmp_path / "file"))
+        Store.open(str(tmp_path / "file"), clock=clock())
 
 
 def test_replicated_writes_keep_the_highest_version_whatever_the_order(tmp_path: Path, opened: list[Store]) -> None:
@@ -440,3 +447,236 @@ def test_memory_holds_one_string_per_key(tmp_path: Path, opened: list[Store]) ->
     store.apply("gone", None, "0000000000010000000.gw")
     assert all(type(packed) is str for packed in store._data.values())
     assert store.entry("k") == ("v", store.entry("k")[1]) and store.entry("gone") == (None, "0000000000010000000.gw")  # type: ignore[index]
+
+
+def test_two_nodes_writing_in_the_same_millisecond_mint_different_versions(tmp_path: Path, opened: list[Store]) -> None:
+    """The node id is the version's origin, so versions never tie for different values."""
+    frozen = lambda: 1_700_000_000.0  # noqa: E731
+    a = open_store(opened, tmp_path / "a", clock=HybridClock(frozen, "a"))
+    b = open_store(opened, tmp_path / "b", clock=HybridClock(frozen, "b"))
+    versions: list[str] = []
+    a.put("k", "from a").addCallback(versions.append)
+    b.put("k", "from b").addCallback(versions.append)
+    assert len(versions) == 2 and versions[0] != versions[1]
+    assert versions[0].endswith(".a") and versions[1].endswith(".b")
+
+
+V1, V2, V3 = (encode(milliseconds, 0, "gw") for milliseconds in (1, 2, 3))
+
+
+def result(d: Deferred[Any]) -> Any:
+    results: list[object] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def test_a_batch_applies_in_order_and_tells_which_keys_were_live(tmp_path: Path, opened: list[Store]) -> None:
+    store = open_store(opened, tmp_path)
+    store.apply("live", "v", V1)
+    store.apply("dead", None, V1)
+    store.apply("newer", "kept", V3)
+    done = result(
+        store.apply_batch(
+            [
+                ["live", "w", V2],
+                ["dead", "back", V2],
+                ["new", "x", V1],
+                ["new", None, V2],
+                ("newer", "stale", V2),
+            ]
+        )
+    )
+    assert (done.applied, done.live) == (4, [True, False, False, True, True])
+    expected = {"live": ("w", V2), "dead": ("back", V2), "new": (None, V2), "newer": ("kept", V3)}
+    assert {k: store.entry(k) for k in expected} == expected
+    store = reopen(opened, store)
+    assert {k: store.entry(k) for k in expected} == expected
+    assert len(store) == 3
+
+
+def test_a_batch_is_one_journal_write_and_fires_once_durable(tmp_path: Path, opened: list[Store]) -> None:
+    runner = ManualRunner()
+    store = open_store(opened, tmp_path, run=runner)
+    commits: list[int] = []
+    store.observe_commit = lambda seconds, writes: commits.append(writes)
+    d = store.apply_batch([[f"k{i}", "v", V1] for i in range(500)])
+    assert len(store) == 500, "reads see the batch at once"
+    assert not fired(d) and len(runner.jobs) == 1
+    assert (tmp_path / journal_name(0)).read_bytes() == b""
+    runner.run_all()
+    assert result(d).applied == 500 and commits == [500]
+    assert (tmp_path / journal_name(0)).read_bytes().count(b"\n") == 500
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(["k", "v"], id="short"),
+        pytest.param(["k", 1, V1], id="value-not-text"),
+        pytest.param(["", "v", V1], id="empty-key"),
+        pytest.param(["a\x00b", "v", V1], id="control-in-key"),
+        pytest.param([7, "v", V1], id="key-not-text"),
+        pytest.param(["k", "v", "yesterday"], id="not-a-version"),
+        pytest.param("k", id="not-a-list"),
+    ],
+)
+def test_a_batch_with_one_bad_item_applies_nothing(tmp_path: Path, opened: list[Store], bad: object) -> None:
+    store = open_store(opened, tmp_path)
+    store.apply("k0", "old", V1)
+    journal = (tmp_path / journal_name(0)).read_bytes()
+    with pytest.raises(BadBatch):
+        store.apply_batch([["k0", "new", V2], ["k1", "v", V1], bad, ["k2", "v", V1]])
+    assert dict(store.items()) == {"k0": "old"}
+    assert (tmp_path / journal_name(0)).read_bytes() == journal
+
+
+def test_a_batch_of_nothing_new_writes_nothing(tmp_path: Path, opened: list[Store]) -> None:
+    runner = ManualRunner()
+    store = open_store(opened, tmp_path, run=runner)
+    store.apply("k", "v", V2)
+    runner.run_all()
+    done = result(store.apply_batch([["k", "older", V1], ["k", "v", V2]]))
+    assert (done.applied, done.live) == (0, [True, True]) and not runner.jobs
+    assert result(store.apply_batch([])).applied == 0
+
+
+def test_a_batch_whose_journal_write_fails_leaves_nothing_readable(tmp_path: Path, opened: list[Store]) -> None:
+    runner = ManualRunner()
+    store = open_store(opened, tmp_path, run=runner)
+    store.apply("k", "old", V1)
+    runner.run_all()
+    d = store.apply_batch([["k", "mid", V2], ["k", "new", V3], ["other", "x", V1]])
+    dropped = store.drop_batch([["k", V3]])
+    os.close(store._journal_fd)
+    store._journal_fd = os.open(os.devnull, os.O_RDONLY)
+    runner.run_all()
+    with pytest.raises(StoreFailed):
+        result(d)
+    with pytest.raises(StoreFailed):
+        result(dropped)
+    assert {k: store.entry(k) for k in ("k", "other")} == {"k": ("old", V1), "other": None}
+    with pytest.raises(StoreFailed):
+        result(store.apply_batch([["k", "later", V3]]))
+    assert result(store.apply_batch([["k", "old", V1]])).live == [True], "nothing to write: no refusal"
+
+
+def test_a_batch_after_close_is_refused(tmp_path: Path, opened: list[Store]) -> None:
+    store = open_store(opened, tmp_path)
+    store.apply("k", "v", V1)
+    store.close()
+    with pytest.raises(StoreClosed):
+        result(store.apply_batch([["k", "w", V2]]))
+    with pytest.raises(StoreClosed):
+        result(store.drop_batch([["k", V1]]))
+    store = open_store(opened, tmp_path)
+    assert store.entry("k") == ("v", V1)
+
+
+def test_a_drop_batch_forgets_only_keys_still_at_the_version_given(tmp_path: Path, opened: list[Store]) -> None:
+    runner = ManualRunner()
+    store = open_store(opened, tmp_path, run=runner)
+    for key in ("a", "b", "c"):
+        store.apply(key, "v", V2)
+    runner.run_all()
+    d = store.drop_batch([["a", V2], ["b", V1], ["c", V2], ["c", V2], ["absent", V1]])
+    assert store.entry("a") is None and store.entry("c") is None and store.entry("b") == ("v", V2)
+    assert not fired(d) and len(runner.jobs) == 1
+    runner.run_all()
+    assert result(d) == 2
+    store = reopen(opened, store)
+    assert dict(store.items()) == {"b": "v"}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(["a"], id="short"),
+        pytest.param(["a", None], id="version-not-text"),
+        pytest.param(["", V2], id="empty-key"),
+    ],
+)
+def test_a_drop_batch_with_one_bad_item_drops_nothing(tmp_path: Path, opened: list[Store], bad: object) -> None:
+    store = open_store(opened, tmp_path)
+    store.apply("a", "v", V2)
+    with pytest.raises(BadBatch):
+        store.drop_batch([["a", V2], bad])
+    assert dict(store.items()) == {"a": "v"}
+
+
+def test_unversioned_data_can_be_dropped(tmp_path: Path, opened: list[Store]) -> None:
+    (tmp_path / journal_name(0)).write_text('["p","old","1"]\n')
+    store = open_store(opened, tmp_path)
+    assert result(store.drop_batch([["old", ""]])) == 1 and store.entry("old") is None
+
+
+def test_a_data_dir_written_before_the_split_loads(tmp_path: Path, opened: list[Store]) -> None:
+    """Bytes as the store wrote them before it was split into modules (format 2)."""
+    (tmp_path / "LOCK").write_bytes(b"")
+    (tmp_path / "incarnation").write_bytes(b"3\n")
+    (tmp_path / SNAPSHOT).write_bytes(
+        b'{"kvd":2,"generation":1,"data":{"a":"0000000000010000000.gw\\u001f1","t":"0000000000010000000.gw"}}\n'
+    )
+    (tmp_path / journal_name(1)).write_bytes(
+        b'["p","b","2","0000000000020000000.n1"]\n["d","a","0000000000030000000.n1"]\n["x","t"]\n'
+    )
+    store = open_store(opened, tmp_path)
+    assert dict(store.entries()) == {"a": (None, "0000000000030000000.n1"), "b": ("2", "0000000000020000000.n1")}
+    assert store.generation == 1
+
+
+versions = st.sampled_from([encode(milliseconds, 0, origin) for milliseconds in (1, 2, 3) for origin in ("a", "b")])
+batch_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("apply"), st.lists(st.tuples(keys, st.none() | values, versions), max_size=6)),
+        st.tuples(st.just("drop"), st.lists(st.tuples(keys, versions), max_size=4)),
+        st.tuples(st.just("compact")),
+        st.tuples(st.just("reopen")),
+    ),
+    max_size=30,
+)
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(batch_operations)
+def test_any_history_of_batches_reopened_equals_a_model(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[Any]
+) -> None:
+    directory = tmp_path_factory.mktemp("store")
+    stores: list[Store] = []
+    store = open_store(stores, directory, compact_min_bytes=64)
+    model: dict[str, tuple[str | None, str]] = {}
+    try:
+        for op in ops:
+            if op[0] == "apply":
+                live, applied = [], 0
+                for key, value, version in op[1]:
+                    live.append(key in model and model[key][0] is not None)
+                    if key not in model or model[key][1] < version:
+                        model[key] = (value, version)
+                        applied += 1
+                done = result(store.apply_batch([list(item) for item in op[1]]))
+                assert (done.applied, done.live) == (applied, live)
+            elif op[0] == "drop":
+                dropped = 0
+                for key, version in op[1]:
+                    if key in model and model[key][1] == version:
+                        del model[key]
+                        dropped += 1
+                assert result(store.drop_batch([list(item) for item in op[1]])) == dropped
+            elif op[0] == "compact":
+                assert fired(store.compact())
+            else:
+                store = reopen(stores, store)
+            assert dict(store.entries()) == model
+            assert store.digests() == Digests.of({k: pack(*e) for k, e in model.items()}).values()
+        store = reopen(stores, store)
+        assert dict(store.entries()) == model
+    finally:
+        for s in stores:
+            if not s._closed:
+                s.abandon()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock
 
 from kvd.tap import Options, advertised_url, makeService
 
@@ -71,7 +71,7 @@ def test_bad_options_exit_non_zero_with_one_line(
 
 
 def test_node_service_listens_on_the_endpoint_and_stops_cleanly(tmp_path: Path) -> None:
-    reactor = MemoryReactor()
+    reactor = MemoryReactorClock()
     options = parse("--role", "node", "--node-id", "a", "--data-dir", str(tmp_path / "a"), "--listen", "tcp:7001")
     top = makeService(options, reactor=reactor)
     top.privilegedStartService()
@@ -88,7 +88,7 @@ def test_a_data_dir_that_cannot_be_created_is_one_line(tmp_path: Path, capsys: p
     blocker.write_text("not a dir")
     options = parse("--role", "node", "--node-id", "a", "--data-dir", str(blocker / "a"))
     with pytest.raises(SystemExit) as e:
-        makeService(options, reactor=MemoryReactor())
+        makeService(options, reactor=MemoryReactorClock())
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot use data dir" in err, err
@@ -97,7 +97,7 @@ def test_a_data_dir_that_cannot_be_created_is_one_line(tmp_path: Path, capsys: p
 def test_a_bad_endpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     options = parse("--role", "node", "--node-id", "a", "--data-dir", str(tmp_path), "--listen", "tcp:notaport")
     with pytest.raises(SystemExit):
-        makeService(options, reactor=MemoryReactor())
+        makeService(options, reactor=MemoryReactorClock())
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tcp:notaport" in err, err
 

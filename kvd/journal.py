@@ -1,0 +1,320 @@
+"""
+A node's data dir on disk: the journal and snapshot format, recovery, and the dir's lock.
+
+Layout of a data dir::
+
+    LOCK                   held (flock) by the one process that owns the dir
+    incarnation            the node's start count (L{kvd.incarnation})
+    snapshot.json          {"kvd": 2, "generation": G, "data": {key: entry, ...}}
+    journal-G.jsonl        one JSON record a line, written after the snapshot of generation G:
+                           ["p", key, value, version]  put
+                           ["d", key, version]         delete (a tombstone)
+                           ["x", key]                  drop (forget the key entirely)
+
+Format 1 (before versions existed) held bare values in the snapshot and ``["p", key, value]``,
+``["d", key]`` records; it still loads, every value at L{NO_VERSION}.
+
+This module does file I/O and nothing else: no reactor, no threads. L{recover} reads a dir
+without changing a file; the live store (L{kvd.store}) appends records and writes snapshots
+through the helpers here.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from attrs import frozen
+
+SNAPSHOT = "snapshot.json"
+SNAPSHOT_TMP = "snapshot.json.tmp"
+LOCK = "LOCK"
+FORMAT = 2
+#: The version of data written before versions existed: older than every real one.
+NO_VERSION = ""
+#: A key's value (None for a tombstone: a deletion replicas must learn of) and version.
+Entry = tuple["str | None", str]
+#: In memory and in snapshots an entry is one string, its version then SEP then its value
+#: (a tombstone is its version alone): a tuple and a second string object per key would
+#: double the memory a key takes, and slow loading a snapshot. Versions never hold SEP.
+SEP = "\x1f"
+#: Items per slice when serialising a snapshot: between slices the GIL can go back to the
+#: reactor thread, so compaction of a large store does not stall request handling.
+SNAPSHOT_SLICE = 20_000
+
+_JOURNAL = re.compile(r"^journal-(\d+)\.jsonl$")
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written; the message is one readable line."""
+
+
+class CorruptStore(StoreError):
+    """The data dir holds something recovery must not guess about."""
+
+
+class StoreLocked(StoreError):
+    """Another process owns the data dir."""
+
+
+# Entries: one string per key.
+
+
+def pack(value: str | None, version: str) -> str:
+    return version if value is None else version + SEP + value
+
+
+def unpack(packed: str) -> Entry:
+    cut = packed.find(SEP)
+    return (None, packed) if cut < 0 else (packed[cut + 1 :], packed[:cut])
+
+
+def version_of(packed: str) -> str:
+    cut = packed.find(SEP)
+    return packed if cut < 0 else packed[:cut]
+
+
+def is_live(packed: str) -> bool:
+    """Whether a packed entry holds a value (not a tombstone)."""
+    return SEP in packed
+
+
+# Records.
+
+
+def journal_name(generation: int) -> str:
+    return f"journal-{generation}.jsonl"
+
+
+def _record(*fields: str) -> bytes:
+    return (json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def encode_entry(key: str, value: str | None, version: str) -> bytes:
+    """A put (value) or a tombstone (None), with its version."""
+    return _record("p", key, value, version) if value is not None else _record("d", key, version)
+
+
+def encode_drop(key: str) -> bytes:
+    return _record("x", key)
+
+
+# File helpers.
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_append(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def lock(directory: str) -> int:
+    """
+    Take the data dir (creating it if needed) for this process; return the lock's descriptor.
+
+    @raise StoreLocked: when another process holds it.
+    @raise StoreError: when it cannot be created or opened.
+    """
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise StoreError(f"data dir {directory} exists and is not a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StoreError(f"cannot use data dir {directory}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreLocked(f"data dir {directory} is in use by another kvd process") from None
+    return fd
+
+
+# Snapshots.
+
+
+def _snapshot_chunks(generation: int, items: list[tuple[str, str]]) -> Iterator[bytes]:
+    yield b'{"kvd":%d,"generation":%d,"data":{' % (FORMAT, generation)
+    for start in range(0, len(items), SNAPSHOT_SLICE):
+        body = json.dumps(dict(items[start : start + SNAPSHOT_SLICE]), ensure_ascii=False)
+        if start:
+            yield b","
+        yield body[1:-1].encode()
+    yield b"}}\n"
+
+
+def write_snapshot(
+    directory: str,
+    generation: int,
+    items: list[tuple[str, str]],
+    step: Callable[[str], None] = lambda name: None,
+) -> int:
+    """
+    Make C{items} (key, packed entry) the snapshot of C{generation}, atomically, and return
+    its size in bytes.
+
+    C{step} is called after each step that leaves the disk in a new state; tests make it
+    raise to leave the dir as a crash at that point would.
+    """
+    tmp = os.path.join(directory, SNAPSHOT_TMP)
+    size = 0
+    with open(tmp, "wb") as f:
+        for chunk in _snapshot_chunks(generation, items):
+            f.write(chunk)
+            size += len(chunk)
+        step("written")
+        f.flush()
+        os.fsync(f.fileno())
+    step("synced")
+    os.replace(tmp, os.path.join(directory, SNAPSHOT))
+    step("renamed")
+    fsync_dir(directory)
+    step("dir-synced")
+    return size
+
+
+# Recovery.
+
+
+def _decode_records(path: str, data: bytes, last: bool) -> tuple[list[list[Any]], int]:
+    """
+    Parse a journal's bytes into records; return them and the length of the good prefix.
+
+    A final line without its newline, or a final line that does not parse, is a record torn
+    by a crash while it was being appended; it is left out (and the caller cuts it off).
+    Anything else that does not parse is corruption.
+    """
+    end = data.rfind(b"\n") + 1
+    body, tail = data[:end], data[end:]
+    lines = body.split(b"\n")[:-1]
+    try:
+        records = json.loads(b"[" + b",".join(lines) + b"]") if lines else []
+        bad: int | None = None
+    except ValueError:
+        records, bad = [], None
+        for number, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                bad = number
+                break
+    if bad is not None:
+        if last and bad == len(lines) - 1 and not tail:
+            end -= len(lines[bad]) + 1
+        else:
+            raise CorruptStore(f"{path}: record {bad + 1} is not valid JSON; refusing to start")
+    if tail and not last:
+        raise CorruptStore(f"{path}: ends in a partial record but is not the newest journal")
+    return records, end
+
+
+def _replay(path: str, data: dict[str, str], records: list[Any]) -> None:
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, list) or not record or not all(isinstance(f, str) for f in record[1:]):
+            raise CorruptStore(f"{path}: record {number} is not a kvd record; refusing to start")
+        kind, size = record[0], len(record)
+        if kind == "p" and size == 4:
+            data[record[1]] = record[3] + SEP + record[2]
+        elif kind == "d" and size == 3:
+            data[record[1]] = record[2]
+        elif kind == "x" and size == 2:
+            data.pop(record[1], None)
+        elif kind == "p" and size == 3:  # format 1: no version
+            data[record[1]] = NO_VERSION + SEP + record[2]
+        elif kind == "d" and size == 2:  # format 1: deletes left no tombstone
+            data.pop(record[1], None)
+        else:
+            raise CorruptStore(f"{path}: record {number} is not a put, delete or drop; refusing to start")
+
+
+def _entries(path: str, format: int, data: dict[str, Any]) -> dict[str, str]:
+    """A snapshot's data as packed entries; format 1 held bare values, with no versions."""
+    if not all(type(v) is str for v in data.values()):
+        raise CorruptStore(f"{path}: holds an entry that is not a string; refusing to start")
+    if format == 1:
+        return {k: NO_VERSION + SEP + v for k, v in data.items()}
+    return data
+
+
+@frozen
+class Recovered:
+    """What recovery found in a data dir."""
+
+    #: key -> packed entry (see L{pack}).
+    data: dict[str, str]
+    generation: int
+    snapshot_bytes: int
+    journal_generation: int
+    #: Bytes of the newest journal up to its last whole record.
+    journal_bytes: int
+    #: Bytes of a torn final record after that, to cut off.
+    torn_bytes: int
+    #: Journals older than the snapshot, to remove.
+    stale: list[str]
+
+
+def recover(directory: str) -> Recovered:
+    """
+    Read a data dir's state without changing any file.
+
+    @raise CorruptStore: for anything but a torn final record.
+    """
+    names = os.listdir(directory)
+    generation, data, snapshot_bytes = 0, {}, 0
+    snapshot = os.path.join(directory, SNAPSHOT)
+    if SNAPSHOT in names:
+        with open(snapshot, "rb") as f:
+            raw = f.read()
+        snapshot_bytes = len(raw)
+        try:
+            loaded = json.loads(raw)
+        except ValueError as e:
+            raise CorruptStore(f"{snapshot}: not valid JSON ({e}); refusing to start") from None
+        if (
+            not isinstance(loaded, dict)
+            or loaded.get("kvd") not in (1, FORMAT)
+            or not isinstance(loaded.get("generation"), int)
+            or not isinstance(loaded.get("data"), dict)
+        ):
+            raise CorruptStore(f"{snapshot}: not a kvd snapshot of format 1 or {FORMAT}; refusing to start")
+        generation, data = loaded["generation"], _entries(snapshot, loaded["kvd"], loaded["data"])
+
+    journals = sorted((int(m.group(1)), name) for name in names if (m := _JOURNAL.match(name)))
+    stale = [name for number, name in journals if number < generation]
+    live = [(number, name) for number, name in journals if number >= generation]
+    if live and live[0][0] != generation:
+        raise CorruptStore(
+            f"{directory}: {live[0][1]} found but the snapshot is of generation {generation}"
+            " (missing snapshot or journal); refusing to start"
+        )
+    for (a, name), (b, _) in zip(live, live[1:], strict=False):
+        if b != a + 1:
+            raise CorruptStore(f"{directory}: journals are not consecutive after {name}; refusing to start")
+
+    journal_generation, journal_bytes, torn = generation, 0, 0
+    for position, (number, name) in enumerate(live):
+        path = os.path.join(directory, name)
+        with open(path, "rb") as f:
+            raw = f.read()
+        last = position == len(live) - 1
+        records, good = _decode_records(path, raw, last)
+        _replay(path, data, records)
+        journal_generation, journal_bytes, torn = number, good, len(raw) - good
+    return Recovered(data, generation, snapshot_bytes, journal_generation, journal_bytes, torn, stale)

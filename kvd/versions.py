@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 from attrs import define
 
-NONE = ""
 _WIDTH = 18  # 12 hex digits of milliseconds, 6 of counter
 
 

@@ -21,12 +21,11 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from kvd import paths
-from kvd.keys import internal_message_limit
+from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
 from kvd.metrics import Metrics, now
 
 _log = Logger()
 
-DEFAULT_MAX_BODY = 1024 * 1024
 #: Seconds a connection may sit idle (or dribble a request) before it is closed.
 DEFAULT_IDLE_TIMEOUT = 60
 
@@ -176,7 +175,7 @@ class BoundedSite(Site):
     def __init__(
         self,
         resource: IResource,
-        max_body: int = DEFAULT_MAX_BODY,
+        max_body: int = DEFAULT_MAX_VALUE_BYTES,
         access_log: bool = False,
         timeout: float = DEFAULT_IDLE_TIMEOUT,
         metrics: Metrics | None = None,

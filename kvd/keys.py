@@ -91,3 +91,12 @@ def parse_value(body: bytes, limit: int) -> str:
         return body.decode("utf-8")
     except UnicodeDecodeError:
         raise BadValue("a value must be UTF-8 text") from None
+
+
+def max_internal_bytes(max_value_bytes: int) -> int:
+    """
+    The most a node's answer to an internal call about one key can take, for values of up to
+    C{max_value_bytes}: JSON escapes a control character to six bytes (C{\\u0000}), and the
+    key, version and envelope fit in the margin. What the gateway caps a peer's answer at.
+    """
+    return 6 * max_value_bytes + 64 * 1024

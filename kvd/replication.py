@@ -32,11 +32,11 @@ from attrs import define, field
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from kvd.client import Answer, PeerError, Peers
 from kvd.gateway import Cluster, NoNodes
 from kvd.keys import Unavailable
 from kvd.membership import NodeInfo
 from kvd.store import BUCKETS, Entry
+from kvd.transport import Answer, PeerError, Peers
 from kvd.versions import HybridClock, milliseconds
 
 _log = Logger()

@@ -50,20 +50,15 @@ Call = Callable[[str, bytes], "Deferred[tuple[int, bytes]]"]
 
 
 def pool_candidate(port: int) -> tuple[Call, Callable[[], Any]]:
-    """The hand-written pool as kvd used it before this benchmark (kvd.client at e45c6bc)."""
-    try:
-        from kvd import transport
-    except ImportError:
-        from kvd import client as transport  # type: ignore[no-redef]
+    """kvd's production transport: L{kvd.transport.Peers} over the hand-written kept-alive pool."""
+    from kvd.transport import KeepAlivePool, Peers
 
-    keep_alive = getattr(transport, "KeepAlivePool", None)
-    if keep_alive is None:
-        raise LookupError("no hand-written pool in this tree")
-    pool = keep_alive(reactor, CAP)
+    pool = KeepAlivePool(reactor, CAP)
+    peers = Peers(pool, reactor, TIMEOUT)
+    base = f"http://127.0.0.1:{port}"
 
     def call(path: str, body: bytes) -> Deferred[tuple[int, bytes]]:
-        d = Deferred.fromCoroutine(pool.call("127.0.0.1", port, "POST", path, body))
-        return d.addCallback(lambda a: (a.status, a.body))
+        return peers.call("POST", base + path, body).addCallback(lambda a: (a.status, a.body))
 
     return call, pool.close
 
@@ -201,10 +196,7 @@ async def measure(args: argparse.Namespace, port: int) -> None:
 
     candidates: dict[str, tuple[Call, Callable[[], Any]]] = {}
     for name, make in (("pool", pool_candidate), ("treq", treq_candidate), ("agent", agent_candidate)):
-        try:
-            candidates[name] = make(port)
-        except LookupError as e:
-            print(f"{name}: skipped ({e})")
+        candidates[name] = make(port)
     # Preload: every key the reads ask for exists.
     first = next(iter(candidates.values()))[0]
     for key in keys:

@@ -21,7 +21,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kvd.client import PeerError, RegistryClient
+from kvd.registry_client import RegistryClient
+from kvd.transport import PeerError
 
 _log = Logger()
 

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from treq.client import HTTPClient
 from twisted.application import service
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
@@ -31,22 +30,23 @@ from twisted.logger import Logger, LoggingFile
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.resource import IResource
 
 from kvd.auth import Auth, BadSecretFile, bearer, read_secret
-from kvd.client import DEFAULT_TIMEOUT, KeepAlivePool, Peers, RegistryClient
 from kvd.gateway import DEFAULT_REPLICAS, Cluster
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.repair import Repairer
-from kvd.keys import DEFAULT_MAX_VALUE_BYTES
+from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
 from kvd.membership import Heartbeat, NodeInfo, Watcher
 from kvd.metrics import Metrics
 from kvd.registry import InvalidRegistration, Registry, validate_node_id
+from kvd.registry_client import RegistryClient
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
 from kvd.ring import DEFAULT_VNODES
 from kvd.store import Store, StoreError, next_incarnation
+from kvd.transport import DEFAULT_TIMEOUT, KeepAlivePool, Peers
 from kvd.versions import HybridClock
 from kvd.web import BoundedSite
 
@@ -518,26 +518,17 @@ class WatcherService(service.Service):
 
 
 class HTTPClientService(service.Service):
-    """Owns the persistent connection pool of a process's outgoing calls; closes it at stop."""
+    """Owns the kept-alive connections of a process's outgoing calls; closes them at stop."""
 
     def __init__(self, reactor: Any, timeout: float, config: Options) -> None:
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 64
-        self.keep_alive = KeepAlivePool(reactor)
-        agent = Agent(reactor, contextFactory=config["tls-policy"], pool=self.pool)
+        max_answer = internal_message_limit(config.get("max-value-bytes") or DEFAULT_MAX_VALUE_BYTES)
+        self.keep_alive = KeepAlivePool(reactor, max_answer=max_answer, tls_policy=config["tls-policy"])
         secret = config["auth"].cluster_secret
-        self.peers = Peers(
-            HTTPClient(agent),
-            reactor,
-            timeout,
-            keep_alive=self.keep_alive,
-            authorization=bearer(secret) if secret else None,
-        )
+        self.peers = Peers(self.keep_alive, reactor, timeout, authorization=bearer(secret) if secret else None)
 
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> None:
         super().stopService()
         self.keep_alive.close()
-        return self.pool.closeCachedConnections()  # type: ignore[no-any-return]
 
 
 def _counted(config: Options, metrics: Metrics) -> Metrics | None:

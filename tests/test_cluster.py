@@ -1,6 +1,6 @@
 """
 The whole cluster in one process, with no sockets: a registry, nodes and a gateway talking
-through real treq clients and real Klein resources over an in-memory network, on a Clock.
+through the production transport and real Klein resources over an in-memory network, on a Clock.
 """
 
 from __future__ import annotations
@@ -11,52 +11,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hyperlink import URL
-from treq.client import HTTPClient
-from treq.testing import RequestTraversalAgent, _SynchronousProducer
-from twisted.internet.defer import Deferred, ensureDeferred, fail
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
-from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from zope.interface import implementer
 
-from kvd.client import Peers, RegistryClient
 from kvd.gateway import Cluster
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.repair import Repairer
 from kvd.membership import CARRY_SECONDS, Heartbeat, NodeInfo, Watcher
 from kvd.registry import Registry
+from kvd.registry_client import RegistryClient
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
 from kvd.store import Store
+from kvd.testing.network import Network
 from kvd.versions import HybridClock
 
 TTL = 9.0
-
-
-@implementer(IAgent)
-class Network:
-    """Routes each request to the resource registered for its host; unknown or down hosts refuse."""
-
-    def __init__(self) -> None:
-        self.hosts: dict[str, RequestTraversalAgent] = {}
-        self.down: set[str] = set()
-
-    def serve(self, host: str, resource: Resource) -> None:
-        self.hosts[host] = RequestTraversalAgent(resource)
-
-    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred[Any]:
-        host = URL.from_text(uri.decode()).host
-        if host in self.down or host not in self.hosts:
-            return fail(ConnectionRefusedError(host))
-        return self.hosts[host].request(method, uri, headers, bodyProducer)
-
-    def flush(self) -> None:
-        for _ in range(20):
-            for agent in list(self.hosts.values()):
-                agent.flush()
 
 
 class Hang(Resource):
@@ -72,10 +44,9 @@ class Harness:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         self.clock = Clock()
-        self.network = Network()
-        http = HTTPClient(self.network, data_to_body_producer=_SynchronousProducer)
-        self.peers = Peers(http, self.clock, 2.0)
-        self.client = Peers(http, self.clock, 60.0)  # the test's own client is patient
+        self.network = Network(self.clock)
+        self.peers = self.network.peers(timeout=2.0)
+        self.client = self.network.peers(timeout=60.0)  # the test's own client is patient
         self.registry = Registry(TTL)
         self.network.serve("registry.test", RegistryAPI(self.registry, self.clock).resource())
         self.stores: dict[str, Store] = {}

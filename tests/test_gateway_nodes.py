@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 
-from kvd.client import Answer, PeerError, PeerUnreachable
 from kvd.gateway.nodes import MAX_BATCH, NodeClient, split
 from kvd.gateway.quorum import QuorumFailed, gather
 from kvd.keys import BATCH_VALUE_BUDGET
 from kvd.membership import NodeInfo
+from kvd.transport import Answer, PeerError, PeerUnreachable
 
 NODE = NodeInfo("n1", "http://n1.test")
 

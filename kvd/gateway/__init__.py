@@ -8,7 +8,7 @@ The gateway's domain: where keys live and how a request reaches them.
     coordinator.py  quorum writes and reads, hinted handoff, read repair
     repair.py       the repair sweep: anti-entropy, handoff delivery, rebalancing, tombstones
 
-Nothing here imports klein or the reactor; outgoing HTTP goes through L{kvd.client.Peers}.
+Nothing here imports klein or the reactor; outgoing HTTP goes through L{kvd.transport.Peers}.
 """
 
 from kvd.gateway.cluster import DEFAULT_REPLICAS, Cluster, ClusterView, NoNodes

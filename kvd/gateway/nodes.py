@@ -22,11 +22,11 @@ from typing import Any, TypeVar
 from attrs import define, field
 from twisted.internet.defer import Deferred
 
-from kvd.client import Answer, PeerError, Peers
 from kvd.internal import RepairReport
 from kvd.keys import BATCH_VALUE_BUDGET
 from kvd.membership import NodeInfo
 from kvd.store import Entry
+from kvd.transport import Answer, PeerError, Peers
 
 T = TypeVar("T")
 

@@ -17,11 +17,11 @@ from typing import TypeVar
 from attrs import define, field
 from twisted.logger import Logger
 
-from kvd.client import PeerError
 from kvd.gateway.cluster import Cluster, ClusterView
 from kvd.gateway.nodes import Item, NodeClient, NodeClients, split
 from kvd.internal import RepairReport
 from kvd.store import BUCKETS
+from kvd.transport import PeerError
 from kvd.versions import milliseconds
 
 _log = Logger()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import http.client
 import tempfile
 import time
 from contextlib import ExitStack
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from checkout import ensure_kvd_importable
 from report import machine, met, report_quiet
-from servers import Kvd, Processes, bench_processes, request, wait_for_members
+from servers import Kvd, Processes, bench_processes, preload, request, wait_for_members
 from wrk import PUT_LUA, run_wrk, write_lua
 
 PUT_TARGET = 0.35
@@ -67,16 +66,7 @@ def write_many(port: int, count: int, prefix: str, threads: int = 16) -> float:
     """PUT C{count} keys through 16 kept-alive connections; the seconds it took."""
 
     def worker(start: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            for i in range(start, count, threads):
-                connection.request("PUT", f"/kv/{prefix}{i}", body=b"v" * 100)
-                response = connection.getresponse()
-                response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"PUT {prefix}{i}: {response.status}")
-        finally:
-            connection.close()
+        preload(port, [(f"{prefix}{i}", "v" * 100) for i in range(start, count, threads)])
 
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:

@@ -90,11 +90,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ports_free(*ports: int) -> bool:
-    """Whether every port could be listened on now (as Twisted does, with SO_REUSEADDR)."""
-    return not port_holders(*ports)
-
-
 def port_holders(*ports: int) -> dict[int, str]:
     """The ports of C{ports} that cannot be listened on now, each with who holds it (from ``ss``, when it can tell)."""
     taken = {}
@@ -434,11 +429,15 @@ class Processes:
         self.started.append(process)
         return process
 
-    def node(self, node_id: str, port: int | None = None, *extra: str, name: str | None = None) -> Kvd:
-        """A node called C{node_id} on 127.0.0.1:port (a free one if not given), its data in WORKDIR/data/NODE_ID."""
+    def node(self, node_id: str, port: int | None = None, *extra: str, name: str | None = None, **options: Any) -> Kvd:
+        """
+        A node called C{node_id} on 127.0.0.1:port (a free one if not given), its data in
+        WORKDIR/data/NODE_ID; C{options} as for L{Process}.
+        """
         port = port or free_port()
         data = self.workdir / "data" / node_id
-        return self.kvd(name or f"node-{node_id}-{port}", *node_args(node_id, data, port, *extra), port=port)
+        args = node_args(node_id, data, port, *extra)
+        return self.kvd(name or f"node-{node_id}-{port}", *args, port=port, **options)
 
     def registry(self, *extra: str, name: str = "registry", port: int | None = None) -> Kvd:
         """A registry on 127.0.0.1:port (a free one if not given)."""
@@ -516,7 +515,6 @@ __all__ = [
     "network_of",
     "node_args",
     "port_holders",
-    "ports_free",
     "private_network_for",
     "private_network_unavailable",
     "request",

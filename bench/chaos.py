@@ -22,8 +22,9 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from _common import ensure_kvd_importable, machine
+from checkout import ensure_kvd_importable
 from replication import Cluster
+from report import machine
 
 
 def main() -> None:

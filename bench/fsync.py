@@ -24,7 +24,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import _common as c
+from checkout import code_version, ensure_kvd_importable
+from cores import add_pin_arguments, pin_cores
+from profiling import PySpy, add_profile_argument, summarize_profile
+from report import machine, median, met, report_quiet
+from servers import Server, free_port, node_argv, preload, twistd_command
+from wrk import PUT_LUA, WrkResult, run_wrk, write_lua
 
 TARGET = 0.7
 VALUE_BYTES = 100
@@ -48,7 +53,7 @@ def fsync_latency_ms(directory: Path, count: int = 200, limit_seconds: float = 1
     finally:
         os.close(fd)
         os.remove(path)
-    return c.median(samples)
+    return median(samples)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -68,15 +73,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--rounds", type=int, default=1, help="repeat always-then-never R times; medians are reported (default 1)"
     )
     parser.add_argument("--dir", default=None, help="make the data dirs under DIR (default: the system temp dir)")
-    c.add_pin_arguments(parser)
-    c.add_profile_argument(parser)
+    add_pin_arguments(parser)
+    add_profile_argument(parser)
     args = parser.parse_args(argv)
 
-    kvd_at = c.ensure_kvd_importable()
-    server_cpu, wrk_cpu = c.pin_cores(args)
-    print(f"machine: {c.machine()}")
-    c.report_quiet()
-    print(f"kvd from {kvd_at} ({c.code_version(kvd_at)}); twistd: {' '.join(c.twistd_command())}")
+    kvd_at = ensure_kvd_importable()
+    server_cpu, wrk_cpu = pin_cores(args)
+    print(f"machine: {machine()}")
+    report_quiet()
+    print(f"kvd from {kvd_at} ({code_version(kvd_at)}); twistd: {' '.join(twistd_command())}")
     if server_cpu is None:
         print("pinning: none (node and wrk share both cores)")
     else:
@@ -87,27 +92,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
     items = [(f"{PREFIX}{i}", "p" * VALUE_BYTES) for i in range(args.keys)]
-    results: dict[str, list[c.WrkResult]] = {"always": [], "never": []}
+    results: dict[str, list[WrkResult]] = {"always": [], "never": []}
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kvd-bench-", dir=args.dir) as tmp:
         work = Path(tmp)
         print(f"disk: one 140-byte append + fsync in {work}: median {fsync_latency_ms(work):.2f} ms")
-        put_lua = c.write_lua(work, "put.lua", c.PUT_LUA, n=args.keys, prefix=PREFIX, size=VALUE_BYTES)
+        put_lua = write_lua(work, "put.lua", PUT_LUA, n=args.keys, prefix=PREFIX, size=VALUE_BYTES)
         for round_ in range(args.rounds):
             print(f"round {round_ + 1}/{args.rounds}")
             for mode in ("always", "never"):
-                port = c.free_port()
+                port = free_port()
                 name = f"node-fsync-{mode}-{round_}"
-                argv = c.node_argv(port, work / f"{name}-data", work / f"{name}.log", "--fsync", mode)
-                with c.Server(name, argv, port, work, cpu=server_cpu) as server:
-                    c.preload(port, items)
+                argv = node_argv(port, work / f"{name}-data", work / f"{name}.log", "--fsync", mode)
+                with Server(name, argv, port, work, cpu=server_cpu) as server:
+                    preload(port, items)
                     url = f"http://127.0.0.1:{port}"
                     if args.warmup:
-                        c.run_wrk(url, put_lua, args.warmup, args.threads, args.connections, wrk_cpu)
+                        run_wrk(url, put_lua, args.warmup, args.threads, args.connections, wrk_cpu)
                     profile = Path(args.profile) / f"fsync-{mode}-{round_}.txt" if args.profile else None
-                    with c.PySpy(server.pid, profile, args.duration) if profile else contextlib.nullcontext():
-                        result = c.run_wrk(url, put_lua, args.duration, args.threads, args.connections, wrk_cpu)
+                    with PySpy(server.pid, profile, args.duration) if profile else contextlib.nullcontext():
+                        result = run_wrk(url, put_lua, args.duration, args.threads, args.connections, wrk_cpu)
                     journal = sum(p.stat().st_size for p in (work / f"{name}-data").glob("journal-*.jsonl"))
                 print(
                     f"  --fsync {mode:6}: {result.rps:8.0f} PUT/s  p50 {result.latency.get('50', float('nan')):6.2f} ms"
@@ -115,19 +120,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                 )
                 results[mode].append(result)
                 if profile:
-                    print("\n".join("    " + line for line in c.summarize_profile(profile)))
+                    print("\n".join("    " + line for line in summarize_profile(profile)))
 
-    always = c.median([r.rps for r in results["always"]])
-    never = c.median([r.rps for r in results["never"]])
+    always = median([r.rps for r in results["always"]])
+    never = median([r.rps for r in results["never"]])
     ratios = [a.rps / n.rps for a, n in zip(results["always"], results["never"], strict=True)]
-    ratio = c.median(ratios)
+    ratio = median(ratios)
     print()
     print(f"summary ({'median of ' + str(args.rounds) + ' rounds' if args.rounds > 1 else '1 round'}):")
-    p99 = {mode: c.median([r.p99_ms for r in results[mode]]) for mode in results}
+    p99 = {mode: median([r.p99_ms for r in results[mode]]) for mode in results}
     print(f"  PUT/s --fsync always (group commit): {always:8.0f}   p99 {p99['always']:.2f} ms")
     print(f"  PUT/s --fsync never  (unsafe)      : {never:8.0f}   p99 {p99['never']:.2f} ms")
     spread = f"  (rounds: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
-    print(f"  ratio always / never, same round   : {ratio:8.2f}   target >= {TARGET}: {c.met(ratio, TARGET)}{spread}")
+    print(f"  ratio always / never, same round   : {ratio:8.2f}   target >= {TARGET}: {met(ratio, TARGET)}{spread}")
 
 
 if __name__ == "__main__":

@@ -14,25 +14,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
-from contextlib import ExitStack
 from pathlib import Path
 
-from _common import (
-    GET_LUA,
-    Server,
-    ensure_kvd_importable,
-    free_port,
-    kvd_argv,
-    machine,
-    met,
-    named_node_argv,
-    preload,
-    report_quiet,
-    request,
-    run_wrk,
-    write_lua,
-)
+from checkout import ensure_kvd_importable
+from report import machine, met, report_quiet
+from servers import bench_processes, preload, wait_for_members
+from wrk import GET_LUA, run_wrk, write_lua
 
 TARGET = 0.5
 
@@ -52,65 +39,23 @@ def main() -> None:
         workdir = Path(tmp)
         lua = write_lua(workdir, "get.lua", GET_LUA, n=args.keys, prefix="key")
 
-        port = free_port()
-        with Server("alone", named_node_argv(workdir, "alone", port), port, workdir):
-            preload(port, items)
-            direct = run_wrk(f"http://127.0.0.1:{port}", lua, args.duration, connections=args.connections)
+        with bench_processes(workdir) as processes, processes.node("alone") as alone:
+            assert alone.port is not None
+            preload(alone.port, items)
+            direct = run_wrk(alone.url, lua, args.duration, connections=args.connections)
         print(f"node alone      GET {direct.rps:10.0f} req/s   p99 {direct.p99_ms:7.2f} ms")
 
-        with ExitStack() as stack:
-            registry_port = free_port()
-            registry_url = f"http://127.0.0.1:{registry_port}"
-            stack.enter_context(
-                Server(
-                    "registry",
-                    kvd_argv(
-                        workdir,
-                        "registry",
-                        "--role",
-                        "registry",
-                        "--listen",
-                        f"tcp:{registry_port}:interface=127.0.0.1",
-                    ),
-                    registry_port,
-                    workdir,
-                )
-            )
+        with bench_processes(workdir) as processes:
+            registry_url = processes.registry().start().url
             for number in range(1, 4):
-                node_port = free_port()
-                argv = named_node_argv(workdir, f"node{number}", node_port, "--registry", registry_url)
-                stack.enter_context(Server(f"node{number}", argv, node_port, workdir))
+                processes.node(f"node{number}", None, "--registry", registry_url).start()
             gateways = {}
             for quorum in ("1", "2"):
-                gateway_port = free_port()
-                stack.enter_context(
-                    Server(
-                        f"gateway-r{quorum}",
-                        kvd_argv(
-                            workdir,
-                            f"gateway-r{quorum}",
-                            "--role",
-                            "gateway",
-                            "--registry",
-                            registry_url,
-                            "--read-quorum",
-                            quorum,
-                            "--listen",
-                            f"tcp:{gateway_port}:interface=127.0.0.1",
-                        ),
-                        gateway_port,
-                        workdir,
-                    )
+                gateway = processes.gateway(
+                    "--registry", registry_url, "--read-quorum", quorum, name=f"gateway-r{quorum}"
                 )
-                gateways[quorum] = gateway_port
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                status, body, _ = request(gateways["2"], "GET", "/cluster")
-                if status == 200 and body.count(b'"id"') == 3:
-                    break
-                time.sleep(0.1)
-            else:
-                raise RuntimeError("the gateway did not see 3 nodes within 30 s")
+                gateways[quorum] = gateway.start().port
+            wait_for_members(gateway, 3, 30)
             preload(gateways["2"], items)
             hops = {
                 q: run_wrk(f"http://127.0.0.1:{port}", lua, args.duration, connections=args.connections)

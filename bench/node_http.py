@@ -26,7 +26,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import _common as c
+from checkout import code_version, ensure_kvd_importable
+from cores import add_pin_arguments, pin_cores
+from profiling import PySpy, add_profile_argument, summarize_profile
+from report import machine, median, met, report_quiet
+from servers import Server, free_port, http_request, node_argv, preload, twistd_command
+from wrk import GET_LUA, PUT_LUA, WrkResult, run_wrk, write_lua
 
 GET_TARGET = 0.45
 _RUN = itertools.count(1)
@@ -44,31 +49,32 @@ def measure(
     args: argparse.Namespace,
     cores: tuple[int | None, int | None],
     samples: dict[str, tuple[int, str | None, bytes]],
-) -> dict[str, c.WrkResult]:
+) -> dict[str, WrkResult]:
     server_cpu, wrk_cpu = cores
-    port = c.free_port()
+    port = free_port()
     argv = argv_for_port(port)  # type: ignore[operator]
-    with c.Server(name, argv, port, workdir, cpu=server_cpu) as server:
-        c.preload(port, items)
+    with Server(name, argv, port, workdir, cpu=server_cpu) as server:
+        preload(port, items)
         key, value = items[0]
-        status, body, headers = c.request(port, "GET", f"/kv/{key}")
+        answer = http_request(port, "GET", f"/kv/{key}")
+        status, body, headers = answer.status, answer.body, answer.headers
         print(f"  {name}: GET /kv/{key} -> {status} {headers.get('content-type')} {len(body)} bytes")
         samples[name] = (status, headers.get("content-type"), body)
         url = f"http://127.0.0.1:{port}"
         results = {}
         for method, script in (("GET", get_lua), ("PUT", put_lua)):
             if args.warmup:
-                c.run_wrk(url, script, args.warmup, args.threads, args.connections, wrk_cpu)
+                run_wrk(url, script, args.warmup, args.threads, args.connections, wrk_cpu)
             profile = Path(args.profile) / f"{name}-{method}-{next(_RUN)}.txt" if args.profile else None
-            with c.PySpy(server.pid, profile, args.duration) if profile else contextlib.nullcontext():
-                result = c.run_wrk(url, script, args.duration, args.threads, args.connections, wrk_cpu)
+            with PySpy(server.pid, profile, args.duration) if profile else contextlib.nullcontext():
+                result = run_wrk(url, script, args.duration, args.threads, args.connections, wrk_cpu)
             print(
                 f"  {name} {method}: {result.rps:10.0f} req/s  p50 {result.latency.get('50', float('nan')):6.2f} ms"
                 f"  p99 {result.p99_ms:6.2f} ms  ({result.requests} requests)"
             )
             results[method] = result
             if profile:
-                print("\n".join("    " + line for line in c.summarize_profile(profile)))
+                print("\n".join("    " + line for line in summarize_profile(profile)))
         return results
 
 
@@ -104,15 +110,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="repeat bare-then-node R times; medians are reported (default 1)"
     )
-    c.add_pin_arguments(parser)
-    c.add_profile_argument(parser)
+    add_pin_arguments(parser)
+    add_profile_argument(parser)
     args = parser.parse_args(argv)
 
-    kvd_at = c.ensure_kvd_importable()
-    cores = c.pin_cores(args)
-    print(f"machine: {c.machine()}")
-    c.report_quiet()
-    print(f"kvd from {kvd_at} ({c.code_version(kvd_at)}); twistd: {' '.join(c.twistd_command())}")
+    kvd_at = ensure_kvd_importable()
+    cores = pin_cores(args)
+    print(f"machine: {machine()}")
+    report_quiet()
+    print(f"kvd from {kvd_at} ({code_version(kvd_at)}); twistd: {' '.join(twistd_command())}")
     if cores[0] is None:
         print("pinning: none (server and wrk share both cores)")
     else:
@@ -123,14 +129,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
     items = [(f"{PREFIX}{i}", f"{i:08d}" + "x" * (VALUE_BYTES - 8)) for i in range(args.keys)]
-    runs: dict[str, list[dict[str, c.WrkResult]]] = {"bare": [], "node": []}
+    runs: dict[str, list[dict[str, WrkResult]]] = {"bare": [], "node": []}
     samples: dict[str, tuple[int, str | None, bytes]] = {}
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kvd-bench-") as tmp:
         work = Path(tmp)
-        get_lua = c.write_lua(work, "get.lua", c.GET_LUA, n=args.keys, prefix=PREFIX)
-        put_lua = c.write_lua(work, "put.lua", c.PUT_LUA, n=args.keys, prefix=PREFIX, size=VALUE_BYTES)
+        get_lua = write_lua(work, "get.lua", GET_LUA, n=args.keys, prefix=PREFIX)
+        put_lua = write_lua(work, "put.lua", PUT_LUA, n=args.keys, prefix=PREFIX, size=VALUE_BYTES)
         bare_script = str(Path(__file__).resolve().parent / "bare_server.py")
         for round_ in range(args.rounds):
             print(f"round {round_ + 1}/{args.rounds}")
@@ -151,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             runs["node"].append(
                 measure(
                     "node",
-                    lambda port, data_dir=data_dir, log=log: c.node_argv(port, data_dir, log),
+                    lambda port, data_dir=data_dir, log=log: node_argv(port, data_dir, log),
                     work,
                     items,
                     get_lua,
@@ -164,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def figure(server: str, method: str) -> tuple[float, float]:
         results = [r[method] for r in runs[server]]
-        return c.median([r.rps for r in results]), c.median([r.p99_ms for r in results])
+        return median([r.rps for r in results]), median([r.p99_ms for r in results])
 
     def paired(method: str) -> list[float]:
         return [n[method].rps / b[method].rps for b, n in zip(runs["bare"], runs["node"], strict=True)]
@@ -177,9 +183,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         bare_rps, bare_p99 = figure("bare", method)
         node_rps, node_p99 = figure("node", method)
         ratios = paired(method)
-        ratio = c.median(ratios)
+        ratio = median(ratios)
         if method == "GET":
-            target = f">= {GET_TARGET:.2f} x bare: {c.met(ratio, GET_TARGET)}"
+            target = f">= {GET_TARGET:.2f} x bare: {met(ratio, GET_TARGET)}"
         else:
             target = "none (node fsyncs every PUT, bare keeps a dict)"
         figures = f"{bare_rps:11.0f} {node_rps:11.0f} {ratio:6.2f}  {bare_p99:7.2f}ms {node_p99:7.2f}ms"

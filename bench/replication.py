@@ -15,124 +15,58 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import http.client
 import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from _common import (
-    PUT_LUA,
-    Server,
-    ensure_kvd_importable,
-    free_port,
-    kvd_argv,
-    machine,
-    met,
-    named_node_argv,
-    report_quiet,
-    request,
-    run_wrk,
-    write_lua,
-)
+from checkout import ensure_kvd_importable
+from report import machine, met, report_quiet
+from servers import Kvd, Processes, bench_processes, preload, request, wait_for_members
+from wrk import PUT_LUA, run_wrk, write_lua
 
 PUT_TARGET = 0.35
 CATCH_UP_TARGET = 10.0
 
 
 class Cluster:
-    """registry + 3 nodes + gateway, each its own process."""
+    """registry + 3 nodes + gateway, each its own process, stopped when C{stack} closes."""
 
     def __init__(self, stack: ExitStack, workdir: Path) -> None:
-        self.stack, self.workdir = stack, workdir
-        registry_port = free_port()
-        self.registry_url = f"http://127.0.0.1:{registry_port}"
-        stack.enter_context(
-            Server(
-                "registry",
-                kvd_argv(
-                    workdir,
-                    "registry",
-                    "--role",
-                    "registry",
-                    "--ttl",
-                    "3",
-                    "--listen",
-                    f"tcp:{registry_port}:interface=127.0.0.1",
-                ),
-                registry_port,
-                workdir,
-            )
-        )
-        self.nodes: dict[str, Server] = {}
-        self.ports: dict[str, int] = {}
+        self.processes: Processes = stack.enter_context(bench_processes(workdir))
+        self.registry_url = self.processes.registry("--ttl", "3").start().url
+        self.nodes: dict[str, Kvd] = {}
         for node_id in ("a", "b", "c"):
             self.start_node(node_id)
-        self.gateway_port = free_port()
-        stack.enter_context(
-            Server(
-                "gateway",
-                kvd_argv(
-                    workdir,
-                    "gateway",
-                    "--role",
-                    "gateway",
-                    "--registry",
-                    self.registry_url,
-                    "--repair-interval",
-                    "0.5",
-                    "--listen",
-                    f"tcp:{self.gateway_port}:interface=127.0.0.1",
-                ),
-                self.gateway_port,
-                workdir,
-            )
-        )
+        self.gateway = self.processes.gateway("--registry", self.registry_url, "--repair-interval", "0.5").start()
+        assert self.gateway.port is not None
+        self.gateway_port = self.gateway.port
         self.wait_members(3)
 
     def start_node(self, node_id: str) -> None:
-        port = self.ports.setdefault(node_id, free_port())
-        server = Server(
-            node_id, named_node_argv(self.workdir, node_id, port, "--registry", self.registry_url), port, self.workdir
-        )
-        self.nodes[node_id] = self.stack.enter_context(server)
+        """Start node C{node_id}: a new one, or one killed before, again on its port and data."""
+        if node_id not in self.nodes:
+            self.nodes[node_id] = self.processes.node(node_id, None, "--registry", self.registry_url)
+        self.nodes[node_id].start()
 
     def kill(self, node_id: str) -> None:
-        process = self.nodes[node_id].process
-        assert process is not None
-        process.kill()
-        process.wait(10)
+        self.nodes[node_id].kill()
 
     def wait_members(self, count: int, seconds: float = 30) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            status, body, _ = request(self.gateway_port, "GET", "/cluster")
-            if status == 200 and body.count(b'"url"') == count:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"the gateway did not see {count} nodes")
+        wait_for_members(self.gateway, count, seconds)
 
     def keys_on(self, node_id: str) -> int:
-        status, body, _ = request(self.ports[node_id], "GET", "/node")
-        import json
-
-        return int(json.loads(body)["keys"]) if status == 200 else -1
+        port = self.nodes[node_id].port
+        assert port is not None
+        status, body = request(port, "GET", "/node")
+        return int(body["keys"]) if status == 200 else -1
 
 
 def write_many(port: int, count: int, prefix: str, threads: int = 16) -> float:
     """PUT C{count} keys through 16 kept-alive connections; the seconds it took."""
 
     def worker(start: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            for i in range(start, count, threads):
-                connection.request("PUT", f"/kv/{prefix}{i}", body=b"v" * 100)
-                response = connection.getresponse()
-                response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"PUT {prefix}{i}: {response.status}")
-        finally:
-            connection.close()
+        preload(port, [(f"{prefix}{i}", "v" * 100) for i in range(start, count, threads)])
 
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -152,9 +86,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvd-bench-repl-") as tmp:
         workdir = Path(tmp)
         lua = write_lua(workdir, "put.lua", PUT_LUA, n=1000, prefix="key", size=100)
-        port = free_port()
-        with Server("alone", named_node_argv(workdir, "alone", port), port, workdir):
-            direct = run_wrk(f"http://127.0.0.1:{port}", lua, args.duration)
+        with bench_processes(workdir) as processes, processes.node("alone") as alone:
+            direct = run_wrk(alone.url, lua, args.duration)
         print(f"PUT, one node alone           {direct.rps:9.0f} req/s  p99 {direct.p99_ms:7.2f} ms")
 
         with ExitStack() as stack:

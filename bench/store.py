@@ -44,7 +44,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import _common as c
+from checkout import code_version, ensure_kvd_importable
+from report import machine, median, met, report_quiet
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -371,7 +372,7 @@ def measure_puts(work: Path, args: argparse.Namespace) -> tuple[float, float, li
                     f"= {r['compact_us_per_put']:.1f} us per put amortised"
                 )
     ratios = [b / s for b, s in zip(rates["big"], rates["small"], strict=True)]
-    return c.median(rates["big"]), c.median(rates["small"]), ratios
+    return median(rates["big"]), median(rates["small"]), ratios
 
 
 def measure_restart(work: Path, built: dict[str, Any], args: argparse.Namespace) -> tuple[float, float, list[float]]:
@@ -393,7 +394,7 @@ def measure_restart(work: Path, built: dict[str, Any], args: argparse.Namespace)
         times["json_load"].append(loaded["seconds"])
         print(f"    Store.open {opened['seconds']:6.2f}s   json.load {loaded['seconds']:6.2f}s")
     ratios = [o / j for o, j in zip(times["open"], times["json_load"], strict=True)]
-    return c.median(times["open"]), c.median(times["json_load"]), ratios
+    return median(times["open"]), median(times["json_load"]), ratios
 
 
 def measure_memory(work: Path, built: dict[str, Any]) -> tuple[float, float]:
@@ -415,7 +416,7 @@ def measure_memory(work: Path, built: dict[str, Any]) -> tuple[float, float]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        c.ensure_kvd_importable()
+        ensure_kvd_importable()
         result = WORKERS[sys.argv[2]](*json.loads(sys.argv[3]))
         print(json.dumps(result))
         return
@@ -439,10 +440,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dir", default=None, help="make the data dirs under DIR (default: the system temp dir)")
     args = parser.parse_args(argv)
 
-    kvd_at = c.ensure_kvd_importable()
-    print(f"machine: {c.machine()}")
-    c.report_quiet()
-    print(f"kvd from {kvd_at} ({c.code_version(kvd_at)})")
+    kvd_at = ensure_kvd_importable()
+    print(f"machine: {machine()}")
+    report_quiet()
+    print(f"kvd from {kvd_at} ({code_version(kvd_at)})")
     summary = []
     spreads: list[str] = []
     with tempfile.TemporaryDirectory(prefix="kvd-bench-store-", dir=args.dir) as tmp:
@@ -452,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"built the data sets of {args.keys} keys in {time.monotonic() - started:.0f}s under {work}")
         if "a" in args.only:
             big, small, ratios = measure_puts(work, args)
-            ratio = c.median(ratios)
+            ratio = median(ratios)
             spreads.append("(a) big/small in each round: " + ", ".join(f"{r:.2f}" for r in ratios))
             summary.append(
                 (
@@ -461,12 +462,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"{small:.0f}",
                     ratio,
                     f">= {PUT_TARGET}",
-                    c.met(ratio, PUT_TARGET),
+                    met(ratio, PUT_TARGET),
                 )
             )
         if "b" in args.only:
             opened, loaded, ratios = measure_restart(work, built, args)
-            ratio = c.median(ratios)
+            ratio = median(ratios)
             spreads.append("(b) open/json.load in each round: " + ", ".join(f"{r:.2f}" for r in ratios))
             summary.append(
                 (
@@ -475,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"{loaded:.2f}",
                     ratio,
                     f"<= {RESTART_TARGET}",
-                    c.met(ratio, RESTART_TARGET, at_least=False),
+                    met(ratio, RESTART_TARGET, at_least=False),
                 )
             )
         if "c" in args.only:
@@ -488,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"{plain:.0f}",
                     ratio,
                     f"<= {MEMORY_TARGET}",
-                    c.met(ratio, MEMORY_TARGET, at_least=False),
+                    met(ratio, MEMORY_TARGET, at_least=False),
                 )
             )
     print()

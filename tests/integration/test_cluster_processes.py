@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Kvd, Processes, free_port, ports_free, request
+from kvd.testing.processes import Kvd, Processes, free_port, private_network_for, request
 
 pytestmark = pytest.mark.timeout(180)
 TTL = "1.5"
@@ -33,33 +33,8 @@ def member_ids(port: int) -> list[str]:
 
 def start_cluster(processes: Processes, *gateway_options: str) -> tuple[Kvd, list[Kvd], Kvd]:
     """A registry, nodes a, b and c, and a gateway (given C{gateway_options}), each a process."""
-    registry_port = free_port()
-    registry = processes.kvd(
-        "registry",
-        "--role",
-        "registry",
-        "--ttl",
-        TTL,
-        "--listen",
-        f"tcp:{registry_port}:interface=127.0.0.1",
-        port=registry_port,
-    ).start()
-    url = f"http://127.0.0.1:{registry_port}"
-    nodes = [processes.node(n, None, "--registry", url).start() for n in ("a", "b", "c")]
-    gateway_port = free_port()
-    gateway = processes.kvd(
-        "gateway",
-        "--role",
-        "gateway",
-        "--registry",
-        url,
-        "--timeout",
-        "2",
-        *gateway_options,
-        "--listen",
-        f"tcp:{gateway_port}:interface=127.0.0.1",
-        port=gateway_port,
-    ).start()
+    cluster = processes.cluster(registry_options=("--ttl", TTL), gateway_options=("--timeout", "2", *gateway_options))
+    registry, nodes, gateway = cluster.registry, cluster.nodes, cluster.gateway
     eventually(lambda: len(request(gateway.port, "GET", "/cluster")[1]["nodes"]) == 3, what="gateway sees 3 nodes")
     return registry, nodes, gateway
 
@@ -164,15 +139,16 @@ def test_a_gateway_with_a_static_node_list(processes: Processes) -> None:
 
 
 def test_the_dev_role_runs_the_whole_cluster_in_one_process(processes: Processes, tmp_path: Path) -> None:
-    if not ports_free(8000, 8500, 8001, 8002, 8003):
-        pytest.skip("the dev role's documented ports are in use on this machine")
-    dev = processes.kvd("dev", "--role", "dev", port=8000).start()
-    eventually(lambda: len(request(8000, "GET", "/cluster")[1]["nodes"]) == 3, what="dev cluster has 3 nodes")
-    status, body = request(8000, "PUT", "/kv/greeting", b"hello")
-    assert (status, body["key"], body["value"]) == (200, "greeting", "hello")
-    assert request(8000, "GET", "/kv/greeting")[1]["value"] == "hello"
-    owners = request(8000, "GET", "/cluster/owners/greeting")[1]["nodes"]
-    assert sorted(owners) == ["node1", "node2", "node3"]
-    assert member_ids(8500) == ["node1", "node2", "node3"]
+    """In a private network namespace when there is one: the dev role's fixed ports may be taken here."""
+    private = private_network_for(8000, 8500, 8001, 8002, 8003)
+    dev = processes.kvd("dev", "--role", "dev", port=8000, private_network=private).start()
+    with dev.network():
+        eventually(lambda: len(request(8000, "GET", "/cluster")[1]["nodes"]) == 3, what="dev cluster has 3 nodes")
+        status, body = request(8000, "PUT", "/kv/greeting", b"hello")
+        assert (status, body["key"], body["value"]) == (200, "greeting", "hello")
+        assert request(8000, "GET", "/kv/greeting")[1]["value"] == "hello"
+        owners = request(8000, "GET", "/cluster/owners/greeting")[1]["nodes"]
+        assert sorted(owners) == ["node1", "node2", "node3"]
+        assert member_ids(8500) == ["node1", "node2", "node3"]
     assert sorted(p.name for p in (tmp_path / "kvd-data").iterdir()) == ["node1", "node2", "node3"]
     assert dev.terminate() == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Processes, free_port, request, twistd_command
+from kvd.testing.processes import Processes, free_port, request, twistd_command
 
 pytestmark = pytest.mark.timeout(120)
 

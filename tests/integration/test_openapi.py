@@ -8,11 +8,10 @@ documented status codes, content types and JSON bodies.
 from __future__ import annotations
 
 import re
-import signal
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -32,8 +31,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
-
-from .conftest import Kvd, ports_free, request
+from kvd.testing.processes import Kvd, private_network_for, request
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
@@ -152,18 +150,6 @@ def test_every_json_answer_has_success_every_error_has_error_and_more_fields_are
 # --- a live dev cluster ----------------------------------------------------------------------
 
 
-def _stop(process: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM (a clean stop), then SIGKILL if it has not exited within 20 s."""
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
-
-
 class DevCluster:
     """A running `twistd kvd --role dev`, and a loopback port where nothing will answer."""
 
@@ -171,26 +157,37 @@ class DevCluster:
         self.kvd = kvd
         self.dead_port = dead_port
 
+    def call(self, case: schemathesis.Case, role: str) -> Any:
+        """
+        Send a case to a role of the dev cluster (from inside its network) and check the
+        answer; a failure says how to reproduce it (curl).
+        """
+        with self.kvd.network():
+            return case.call_and_validate(base_url=ROLE_URLS[role], checks=CHECKS, timeout=15)
+
 
 @pytest.fixture(scope="module")
 def dev_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCluster]:
-    """`twistd kvd --role dev` on its fixed ports, from a temporary directory, once 3 nodes are on the ring."""
-    if not ports_free(*DEV_PORTS):
-        pytest.skip(f"the dev role's fixed ports {', '.join(map(str, DEV_PORTS))} are not all free on this machine")
+    """
+    `twistd kvd --role dev` on its fixed ports, from a temporary directory, once 3 nodes are
+    on the ring; in a private network namespace when there is one, so that nothing else on
+    the machine holding those ports is in the way (and the cluster reaches nothing else).
+    """
     workdir = tmp_path_factory.mktemp("dev")
-    dev = Kvd(workdir, "dev", ["--role", "dev", "--data-dir", str(workdir / "kvd-data")], port=8000)
-    # Bound and never listening: connections to it are refused at once.
-    with socket.socket() as dead:
-        dead.bind(("127.0.0.1", 0))
-        try:
-            dev.start()
+    private = private_network_for(*DEV_PORTS)
+    dev = Kvd(workdir, "dev", ["--role", "dev", "--data-dir", str(workdir / "kvd-data")], 8000, private_network=private)
+    with ExitStack() as cleanup:
+        cleanup.callback(dev.stop)
+        dev.start()
+        with dev.network():
+            # Bound and never listening, where the cluster is: connections to it are refused at once.
+            dead = cleanup.enter_context(socket.socket())
+            dead.bind(("127.0.0.1", 0))
             deadline = time.monotonic() + 20
             while len(request(8000, "GET", "/cluster")[1]["nodes"]) != 3:
                 assert time.monotonic() < deadline, f"the dev cluster has no 3 nodes after 20 s: {dev.tail()}"
                 time.sleep(0.1)
-            yield DevCluster(dev, dead.getsockname()[1])
-        finally:
-            _stop(dev.process)
+        yield DevCluster(dev, dead.getsockname()[1])
 
 
 def _dead_end(url: str, port: int) -> str:
@@ -260,11 +257,6 @@ def _segment(key: str) -> str:
     return encoded.replace(".", "%2E") if encoded in (".", "..") else encoded
 
 
-def _call(case: schemathesis.Case, role: str) -> Any:
-    """Send a case to a role of the dev cluster and check the answer; a failure says how to reproduce it (curl)."""
-    return case.call_and_validate(base_url=ROLE_URLS[role], checks=CHECKS, timeout=15)
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("path", "method", "key", "body", "expected"),
@@ -291,7 +283,7 @@ def test_picked_key_value_requests_are_answered_as_the_spec_says(
     for role in operation.tags:
         extra = {} if body is None else {"body": body, "media_type": "text/plain"}
         case = operation.Case(path_parameters={"key": _segment(key)}, **extra)
-        assert _call(case, role).status_code == expected, role
+        assert dev_cluster.call(case, role).status_code == expected, role
 
 
 @pytest.mark.timeout(300)
@@ -307,7 +299,7 @@ def test_a_live_dev_cluster_answers_generated_requests_as_the_spec_says(
     """
     _keep_inside(case, dev_cluster)
     for role in case.operation.tags:
-        _call(case, role)
+        dev_cluster.call(case, role)
 
 
 # The registry's own tests run last: what they register becomes a member of the dev cluster.
@@ -336,9 +328,9 @@ def test_picked_registrations_are_answered_as_the_spec_says(
         body = {**body, "url": body["url"].replace("{dead}", str(dev_cluster.dead_port))}
     put = schema["/registry/nodes/{id}"]["PUT"]
     case = put.Case(path_parameters={"id": "openapi-picked"}, body=body, media_type="application/json")
-    assert _call(case, "registry").status_code == expected
+    assert dev_cluster.call(case, "registry").status_code == expected
     leave = schema["/registry/nodes/{id}"]["DELETE"].Case(path_parameters={"id": "openapi-picked"})
-    assert _call(leave, "registry").status_code == (200 if expected == 200 else 404)
+    assert dev_cluster.call(leave, "registry").status_code == (200 if expected == 200 else 404)
 
 
 @pytest.mark.timeout(60)
@@ -349,7 +341,7 @@ def test_an_older_incarnation_is_a_409_as_the_spec_says(dev_cluster: DevCluster)
     url = f"http://127.0.0.1:{dev_cluster.dead_port}"
     for incarnation, expected in ((5, 200), (4, 409)):
         case = put.Case(path_parameters={"id": "openapi-stale"}, body={"url": url, "incarnation": incarnation})
-        assert _call(case, "registry").status_code == expected
+        assert dev_cluster.call(case, "registry").status_code == expected
     for query, expected in (({"incarnation": 4}, 409), ({"incarnation": 5}, 200), ({}, 404)):
         case = leave.Case(path_parameters={"id": "openapi-stale"}, query=query)
-        assert _call(case, "registry").status_code == expected
+        assert dev_cluster.call(case, "registry").status_code == expected

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Kvd, Processes, request
+from kvd.testing.processes import Kvd, Processes, request
+
 from .test_cluster_processes import eventually, member_ids, start_cluster
 
 pytestmark = pytest.mark.timeout(240)

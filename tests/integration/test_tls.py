@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from .conftest import Processes, free_port, request
+from kvd.testing.processes import Processes, free_port, request
 
 pytestmark = pytest.mark.timeout(180)
 SECRET = "cluster-secret-for-tests"

@@ -161,7 +161,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "data-dir",
         _roles("node", "dev"),
-        "node: this node's own directory, created if missing; dev: the parent of every node's directory.",
+        "this node's own directory, created if missing (node); the parent of every node's directory (dev).",
         role_defaults={"dev": "./kvd-data"},
         required=_roles("node"),
     ),

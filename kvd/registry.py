@@ -44,11 +44,13 @@ from __future__ import annotations
 
 import math
 import re
-from urllib.parse import urlsplit
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+
+from kvd.validate import MAX_URL_LENGTH, Invalid, base_url
+from kvd.validate import shown as _shown
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -63,7 +65,6 @@ __all__ = [
 ]
 
 MAX_ID_LENGTH = 128
-MAX_URL_LENGTH = 2048
 #: A node of weight w takes w x --vnodes points on every gateway's ring (4000 each by default);
 #: past this a ring rebuild would stall a gateway for seconds.
 MAX_WEIGHT = 16
@@ -72,7 +73,6 @@ MAX_WEIGHT = 16
 MAX_INCARNATION = 2**63 - 1
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
 
 log = Logger()
 
@@ -119,11 +119,6 @@ class Member:
         return {"id": self.id, "url": self.url, "weight": self.weight}
 
 
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def validate_node_id(node_id: object) -> str:
     """
     Return C{node_id} if it is a valid node id (see the module docstring),
@@ -143,27 +138,10 @@ def _validate_url(url: object) -> str:
         raise InvalidRegistration('The request body has no "url".')
     if not isinstance(url, str):
         raise InvalidRegistration('"url" must be a string.')
-    if len(url) > MAX_URL_LENGTH:
-        raise InvalidRegistration(f'"url" is longer than {MAX_URL_LENGTH} characters.')
-    if _URL_FORBIDDEN.search(url) is not None or not url.isascii():
-        raise InvalidRegistration(f'"url" {_shown(url)} contains spaces, control characters or non-ASCII characters.')
     try:
-        parts = urlsplit(url)
-    except ValueError:  # e.g. an unclosed IPv6 bracket
-        raise InvalidRegistration(f'"url" {_shown(url)} is not a URL.') from None
-    if parts.scheme not in ("http", "https"):
-        raise InvalidRegistration(f'"url" {_shown(url)} must start with http:// or https://.')
-    if not parts.hostname:
-        raise InvalidRegistration(f'"url" {_shown(url)} has no host.')
-    try:
-        port = parts.port
-    except ValueError:  # not a number, or out of range
-        port = 0
-    if port == 0:
-        raise InvalidRegistration(f'"url" {_shown(url)} has an invalid port.')
-    if parts.query or parts.fragment:
-        raise InvalidRegistration(f'"url" {_shown(url)} must be a base URL, without a query or fragment.')
-    return url
+        return base_url(url, '"url"')
+    except Invalid as e:
+        raise InvalidRegistration(str(e)) from None
 
 
 def _validate_weight(weight: object) -> int:

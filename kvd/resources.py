@@ -53,6 +53,7 @@ from kvd.keys import (
 from kvd.metrics import CONTENT_TYPE, Metrics
 from kvd.registry import InvalidRegistration, Registry, StaleIncarnation
 from kvd.store import BUCKETS, BadBatch, Entry, Store, StoreError
+from kvd.validate import Invalid, number
 from kvd.web import json_body
 
 _log = Logger()
@@ -119,12 +120,9 @@ def _number_arg(request: IRequest, name: bytes, kind: type[float] | type[int]) -
     if not values:
         return None
     try:
-        value = kind(values[0])
-    except ValueError:
-        raise ClientError(f"{name.decode()} must be a number") from None
-    if not 0 <= value < float("inf"):
-        raise ClientError(f"{name.decode()} must be a finite number, 0 or more")
-    return value
+        return number(values[0].decode("utf-8", "replace"), kind, 0, name.decode())
+    except Invalid as e:
+        raise ClientError(str(e)) from None
 
 
 def render_error(request: IRequest, failure: Failure, key: str | None = None) -> bytes:

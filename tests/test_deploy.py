@@ -220,7 +220,7 @@ def test_exec_start_is_accepted_by_twistd_kvd(name: str, tmp_path: Path) -> None
     options = parse_kvd(kvd_argv(name, variables, tmp_path))
     expected = {"role": role, "listen": variables["KVD_LISTEN"]}
     if role in ("node", "gateway"):
-        expected["registry"] = variables["KVD_REGISTRY"]
+        expected["registry"] = [variables["KVD_REGISTRY"]]  # --registry is repeatable: a list
     if role == "node":
         expected.update({"node-id": INSTANCE, "data-dir": str(tmp_path), "advertise": variables["KVD_ADVERTISE"]})
     assert {key: options[key] for key in expected} == expected

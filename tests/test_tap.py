@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from kvd.tap import Options, advertised_url, makeService
+from kvd.options import CONFIGS, OPTIONS, DevConfig, GatewayConfig, NodeConfig, RegistryConfig
+from kvd.ring import DEFAULT_VNODES
+from kvd.tap import Options, makeService
 
 
 def parse(*argv: str) -> Options:
@@ -102,24 +105,6 @@ def test_a_bad_endpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert err.count("\n") == 1 and "tcp:notaport" in err, err
 
 
-@pytest.mark.parametrize(
-    ("listen", "url"),
-    [
-        ("tcp:5001:interface=127.0.0.1", "http://127.0.0.1:5001"),
-        ("ssl:5443:interface=10.0.0.6:privateKey=k.pem", "https://10.0.0.6:5443"),
-        ("tcp:5001:interface=\\:\\:1", "http://[::1]:5001"),
-    ],
-)
-def test_the_advertised_url_follows_the_listen_address(listen: str, url: str) -> None:
-    assert advertised_url(listen) == url
-
-
-def test_listening_on_every_address_advertises_the_host_name() -> None:
-    import socket
-
-    assert advertised_url("tcp:5001") == f"http://{socket.gethostname()}:5001"
-
-
 def test_options_of_another_role_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse("--role", "registry", "--node-id", "a")
@@ -132,3 +117,130 @@ def test_a_gateway_needs_a_registry_or_static_nodes(capsys: pytest.CaptureFixtur
     assert "--registry" in capsys.readouterr().err
     options = parse("--role", "gateway", "--node", "a=http://127.0.0.1:5001", "--node", "b=http://127.0.0.1:5002")
     assert options["static-nodes"] == {"a": "http://127.0.0.1:5001", "b": "http://127.0.0.1:5002"}
+
+
+COMMON = {"access_log": False, "no_metrics": False, "cluster_secret_file": None, "ca_cert": None}
+
+
+def test_a_node_parses_to_its_whole_config() -> None:
+    """Every field of a node's config: what was typed, and the table's defaults for the rest."""
+    assert parse(
+        "--role",
+        "node",
+        "--node-id",
+        "a",
+        "--data-dir",
+        "/d",
+        "--registry",
+        "http://r1:8500/",
+        "--registry=https://r2:1",
+    ).config == NodeConfig(
+        listen="tcp:5000:interface=127.0.0.1",
+        node_id="a",
+        data_dir="/d",
+        registry=("http://r1:8500", "https://r2:1"),
+        advertise=None,
+        fsync="always",
+        max_value_bytes=1024 * 1024,
+        client_token_file=None,
+        **COMMON,
+    )
+
+
+def test_a_registry_parses_to_its_whole_config() -> None:
+    assert parse("--role", "registry", "--ttl", "2.5", "--access-log", "--ca-cert", "ca.pem").config == RegistryConfig(
+        listen="tcp:8500:interface=127.0.0.1",
+        ttl=2.5,
+        **{**COMMON, "access_log": True, "ca_cert": "ca.pem"},
+    )
+
+
+def test_a_gateway_parses_to_its_whole_config() -> None:
+    assert parse(
+        "--role",
+        "gateway",
+        "--node",
+        "a=http://127.0.0.1:5001",
+        "--replicas",
+        "2",
+        "--read-quorum",
+        "1",
+        "--client-token-file",
+        "token",
+        "--no-metrics",
+    ).config == GatewayConfig(
+        listen="tcp:8000:interface=127.0.0.1",
+        registry=(),
+        static_nodes={"a": "http://127.0.0.1:5001"},
+        vnodes=DEFAULT_VNODES,
+        replicas=2,
+        read_quorum=1,
+        write_quorum=2,
+        repair_interval=2.0,
+        tombstone_grace=3600.0,
+        timeout=5.0,
+        max_value_bytes=1024 * 1024,
+        client_token_file="token",
+        **{**COMMON, "no_metrics": True},
+    )
+
+
+def test_a_small_dev_cluster_shrinks_its_replicas_and_quorums() -> None:
+    assert parse("--role", "dev", "--nodes", "1", "--fsync", "never").config == DevConfig(
+        data_dir="./kvd-data",
+        nodes=1,
+        ttl=10.0,
+        vnodes=DEFAULT_VNODES,
+        replicas=1,
+        read_quorum=1,
+        write_quorum=1,
+        repair_interval=2.0,
+        tombstone_grace=3600.0,
+        timeout=5.0,
+        fsync="never",
+        max_value_bytes=1024 * 1024,
+        client_token_file=None,
+        **COMMON,
+    )
+
+
+def test_every_role_config_has_a_field_for_each_option_of_its_role() -> None:
+    """The table and the configs agree: adding a row without its field (or a field without its row) fails."""
+    for role, config in CONFIGS.items():
+        assert {f.name for f in attrs.fields(config)} == {o.attribute for o in OPTIONS if role in o.roles}, role
+
+
+def test_help_shows_the_real_defaults_and_the_roles(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[default: always]" in text and "[default: 1048576]" in text and "[default: 10.0]" in text
+    assert "registry tcp:8500:interface=127.0.0.1" in text
+    assert "node, gateway: a registry's URL" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--role", "registry", "--fsync", "always"), "--fsync does not apply to --role registry"),
+        (("--role", "registry", "--client-token-file", "t"), "--client-token-file does not apply to --role registry"),
+        (("--role", "node", "--node-id", "a", "--data-dir", "/d", "--node", "a=http://h:1"), "--node does not apply"),
+        (("--role", "dev", "--listen", "tcp:1"), "--listen does not apply to --role dev"),
+        (("--role", "node", "--node-id", "a", "--data-dir", "/d", "--advertise", "http://h:1/?x"), "query"),
+        (("--role", "node", "--node-id", "a", "--data-dir", "/d", "--registry", "http://h:1#f"), "query or fragment"),
+        (("--role", "gateway", "--node", "a=ftp://h"), "http:// or https://"),
+        (("--role", "gateway", "--registry", "http://r:1", "--node", "a=http://h:1"), "not both"),
+        (
+            ("--role", "gateway", "--node", "a=http://h:1", "--replicas", "1"),
+            "--read-quorum 2 is more than --replicas 1",
+        ),
+        (("--role", "node", "--node-id", "-a", "--data-dir", "/d"), "--node-id: The node id '-a' is not valid"),
+        (("--role", "registry", "--ttl", "nan"), "--ttl must be at least 0.1, not nan"),
+    ],
+)
+def test_more_bad_options_are_one_line(capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

@@ -1,0 +1,430 @@
+"""
+Each role's service tree, assembled in one place from its config (L{kvd.options}): the domain
+objects, the HTTP app and its site, the outgoing clients, the timers and the signals. This is
+where the files a config names (secrets, the CA certificate) are read.
+
+Start-up errors (a secret file that cannot be read, a data dir that cannot be used, a port in
+use) end the process with one readable line on stderr and a non-zero status, never a traceback:
+everything that can fail does so while the tree is built or in C{privilegedStartService},
+before any service has started a thread.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from attrs import frozen
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IAddress, IListeningPort, IReactorCore, IStreamServerEndpoint
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger, LoggingFile
+from twisted.python.threadpool import ThreadPool
+from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.web.resource import IResource
+
+from kvd.auth import Auth, BadSecretFile, bearer, read_secret
+from kvd.gateway import Cluster
+from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.nodes import NodeClients
+from kvd.gateway.repair import Repairer
+from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
+from kvd.membership import Heartbeat, NodeInfo, Watcher
+from kvd.metrics import Metrics
+from kvd.options import Config, DevConfig, GatewayConfig, NodeConfig, RegistryConfig
+from kvd.registry import Registry
+from kvd.registry_client import RegistryClient
+from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
+from kvd.store import Store, StoreError, next_incarnation
+from kvd.transport import DEFAULT_TIMEOUT, KeepAlivePool, Peers
+from kvd.validate import Invalid, base_url
+from kvd.versions import HybridClock
+from kvd.web import BoundedSite
+
+__all__ = ["assemble", "dev", "fail", "gateway", "node", "registry"]
+
+_log = Logger()
+
+DEV_REGISTRY_PORT, DEV_GATEWAY_PORT, DEV_FIRST_NODE_PORT = 8500, 8000, 8001
+#: Registry bodies are small JSON objects.
+REGISTRY_MAX_BODY = 64 * 1024
+
+
+def fail(message: str, status: int = 1) -> NoReturn:
+    """End start-up with one line on the operator's stderr."""
+    # Once twistd has started logging, sys.stderr feeds the log; the operator is on the original.
+    logging = isinstance(sys.stderr, LoggingFile)
+    stream = sys.__stderr__ if logging and sys.__stderr__ else sys.stderr
+    stream.write(f"twistd kvd: {message}\n")
+    stream.flush()
+    if logging:
+        _log.critical("{message}", message=message)
+    raise SystemExit(status)
+
+
+@frozen
+class Credentials:
+    """What the files a config names hold: who may call this process, and whom it trusts."""
+
+    auth: Auth
+    tls: BrowserLikePolicyForHTTPS
+
+
+def credentials(config: Config, client_token_file: str | None = None) -> Credentials:
+    try:
+        auth = Auth(
+            read_secret(config.cluster_secret_file, "cluster secret") if config.cluster_secret_file else None,
+            read_secret(client_token_file, "client token") if client_token_file else None,
+        )
+    except BadSecretFile as e:
+        fail(str(e))
+    return Credentials(auth, tls_policy(config.ca_cert))
+
+
+def tls_policy(ca_cert: str | None) -> BrowserLikePolicyForHTTPS:
+    """How outgoing https calls check certificates: against C{ca_cert}, else the system's CAs."""
+    if ca_cert is None:
+        return BrowserLikePolicyForHTTPS()
+    try:
+        with open(ca_cert, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        fail(f"cannot read --ca-cert {ca_cert}: {e.strerror}")
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.S)
+    try:
+        certificates = [Certificate.loadPEM(block) for block in blocks]
+    except Exception:
+        certificates = []
+    if not certificates:
+        fail(f"--ca-cert {ca_cert} holds no PEM certificate")
+    return BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(certificates))
+
+
+def advertised_url(address: IAddress, tls: bool) -> str | None:
+    """The URL other processes reach a listening address at; None when it is not an IP address."""
+    if not isinstance(address, (IPv4Address, IPv6Address)):
+        return None
+    host = address.host
+    if host in ("", "0.0.0.0", "::"):
+        # The machine's own name: what other machines can resolve to it (getfqdn() can
+        # answer "localhost", which would send them to themselves).
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{address.port}"
+
+
+class StoreService(service.Service):
+    """
+    Owns a node's store and the threads its file I/O runs on. At stop it lets every pending
+    write become durable, and only then stops the threads: stopped first, they would drop
+    the last group commit and leave its writers waiting forever.
+    """
+
+    def __init__(self, reactor: Any, name: str) -> None:
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=1, maxthreads=2, name=name)
+        self.store: Store | None = None
+
+    def run(self, f: Any) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.pool, f)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self.store is None:
+            self.pool.stop()
+            return succeed(None)
+        return self.store.close().addBoth(self._stop_threads)
+
+    def _stop_threads(self, result: object) -> object:
+        self.pool.stop()
+        return result
+
+
+class ListenService(StreamServerEndpointService):
+    """
+    Twisted's endpoint service, listening in C{privilegedStartService} (before any service
+    starts a thread) so that a failure ends the process with one line; it stops listening
+    first at shutdown, so in-flight requests can finish.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, description: str) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        self.description = description
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            fail(f"cannot listen on {self.description}: {e}")
+        assert self._waitingForPort is not None
+        self._waitingForPort.addCallback(self._listening)
+        if self.port is None:
+            fail(f"cannot listen on {self.description}: the endpoint did not start at once")
+        _log.info("listening on {description}", description=self.description)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        return port
+
+
+class HeartbeatService(service.Service):
+    """
+    Keeps a node registered with one registry while it runs; leaves it first thing at stop.
+    The URL it registers is asked for once the node listens, so it can name the real port.
+    """
+
+    def __init__(self, make: Callable[[], Heartbeat]) -> None:
+        self.make = make
+        self.heartbeat: Heartbeat | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.heartbeat = self.make()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.heartbeat is None:
+            self.heartbeat = self.make()
+        self.heartbeat.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self.heartbeat is None:
+            return succeed(None)
+        return Deferred.fromCoroutine(self.heartbeat.stop())
+
+
+class WatcherService(service.Service):
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+
+    def startService(self) -> None:
+        super().startService()
+        self.watcher.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.watcher.stop()
+
+
+class HTTPClientService(service.Service):
+    """
+    Owns the kept-alive connections of a process's outgoing calls; closes them at stop.
+    Answers are capped at what values of up to C{max_value_bytes} make.
+    """
+
+    def __init__(
+        self, reactor: Any, timeout: float, credentials: Credentials, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    ) -> None:
+        self.keep_alive = KeepAlivePool(
+            reactor, max_answer=internal_message_limit(max_value_bytes), tls_policy=credentials.tls
+        )
+        secret = credentials.auth.cluster_secret
+        self.peers = Peers(self.keep_alive, reactor, timeout, authorization=bearer(secret) if secret else None)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.keep_alive.close()
+
+
+def _listener(
+    reactor: Any, config: Config, listen: str, resource: IResource, max_body: int, metrics: Metrics
+) -> ListenService:
+    try:
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, listen)
+    except Exception as e:  # bad syntax, or an ssl: certificate that cannot be read
+        fail(f"bad --listen endpoint {listen!r}: {e or type(e).__name__}")
+    site = BoundedSite(
+        resource,
+        max_body=max_body,
+        access_log=config.access_log,
+        metrics=None if config.no_metrics else metrics,
+    )
+    return ListenService(endpoint, site, listen)
+
+
+def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
+    """One storage node's services, in start order."""
+    creds = credentials(config, config.client_token_file)
+    storage = StoreService(reactor, f"kvd-store-{config.node_id}")
+    try:
+        store = storage.store = Store.open(
+            config.data_dir,
+            clock=HybridClock(reactor.seconds, config.node_id),
+            run=storage.run,
+            fsync=config.fsync == "always",
+        )
+        incarnation = next_incarnation(config.data_dir)
+    except StoreError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot use data dir {config.data_dir}: {e}")
+    api = NodeAPI(config.node_id, store, config.max_value_bytes, auth=creds.auth)
+    listener = _listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics)
+    services: list[service.Service] = [storage, listener]
+    if not config.registry:
+        return services
+
+    def url() -> str:
+        if config.advertise is not None:
+            return config.advertise
+        assert listener.port is not None
+        found = advertised_url(listener.port.getHost(), tls=config.listen.partition(":")[0] == "ssl")
+        if found is None:
+            fail(f"cannot tell the URL of --listen {config.listen!r}: give --advertise URL")
+        try:
+            return base_url(found, "the URL of --listen")
+        except Invalid as e:
+            fail(f"{e} Give --advertise URL.")
+
+    client = HTTPClientService(reactor, DEFAULT_TIMEOUT, creds)
+    services.append(client)
+    for registry_url in config.registry:
+        registry_client = RegistryClient(client.peers, registry_url)
+
+        def heartbeat(registry_client: RegistryClient = registry_client) -> Heartbeat:
+            return Heartbeat(registry_client, config.node_id, url(), incarnation, reactor)
+
+        services.append(HeartbeatService(heartbeat))
+    return services
+
+
+def registry(reactor: Any, config: RegistryConfig) -> list[service.Service]:
+    creds = credentials(config)
+    members = Registry(config.ttl)
+    api = RegistryAPI(members, reactor, auth=creds.auth)
+    expiry = TimerService(min(1.0, config.ttl / 4), lambda: members.expire(reactor.seconds()))
+    expiry.clock = reactor
+    return [expiry, _listener(reactor, config, config.listen, api.resource(), REGISTRY_MAX_BODY, api.metrics)]
+
+
+def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
+    """A gateway's services; with several --registry it follows the first."""
+    creds = credentials(config, config.client_token_file)
+    cluster = Cluster(vnodes=config.vnodes, replicas=config.replicas)
+    client = HTTPClientService(reactor, config.timeout, creds, config.max_value_bytes)
+    services: list[service.Service] = [client]
+    if config.static_nodes:
+        cluster.update({node_id: NodeInfo(node_id, url) for node_id, url in config.static_nodes.items()})
+    else:
+        watcher = Watcher(RegistryClient(client.peers, config.registry[0]), reactor, cluster.update)
+        services.append(WatcherService(watcher))
+    clock = HybridClock(reactor.seconds, f"gw-{secrets.token_hex(4)}")
+    nodes = NodeClients(client.peers)
+    coordinator = Coordinator(cluster, nodes, clock, config.write_quorum, config.read_quorum)
+    repairer = Repairer(cluster, nodes, reactor.seconds, config.tombstone_grace)
+    sweeps = TimerService(config.repair_interval, lambda: Deferred.fromCoroutine(repairer.sweep()))
+    sweeps.clock = reactor
+    services.append(sweeps)
+    api = GatewayAPI(cluster, coordinator, config.max_value_bytes, auth=creds.auth, repairer=repairer)
+    services.append(_listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics))
+    return services
+
+
+def dev_configs(config: DevConfig) -> tuple[RegistryConfig, list[NodeConfig], GatewayConfig]:
+    """The roles a dev cluster runs, on its fixed loopback ports."""
+    common: dict[str, Any] = {
+        "access_log": config.access_log,
+        "no_metrics": config.no_metrics,
+        "cluster_secret_file": config.cluster_secret_file,
+        "ca_cert": config.ca_cert,
+    }
+    registry_url = f"http://127.0.0.1:{DEV_REGISTRY_PORT}"
+    nodes = [
+        NodeConfig(
+            listen=f"tcp:{port}:interface=127.0.0.1",
+            node_id=f"node{number}",
+            data_dir=os.path.join(config.data_dir, f"node{number}"),
+            registry=(registry_url,),
+            advertise=f"http://127.0.0.1:{port}",
+            fsync=config.fsync,
+            max_value_bytes=config.max_value_bytes,
+            client_token_file=config.client_token_file,
+            **common,
+        )
+        for number, port in enumerate(range(DEV_FIRST_NODE_PORT, DEV_FIRST_NODE_PORT + config.nodes), 1)
+    ]
+    return (
+        RegistryConfig(listen=f"tcp:{DEV_REGISTRY_PORT}:interface=127.0.0.1", ttl=config.ttl, **common),
+        nodes,
+        GatewayConfig(
+            listen=f"tcp:{DEV_GATEWAY_PORT}:interface=127.0.0.1",
+            registry=(registry_url,),
+            static_nodes={},
+            vnodes=config.vnodes,
+            replicas=config.replicas,
+            read_quorum=config.read_quorum,
+            write_quorum=config.write_quorum,
+            repair_interval=config.repair_interval,
+            tombstone_grace=config.tombstone_grace,
+            timeout=config.timeout,
+            max_value_bytes=config.max_value_bytes,
+            client_token_file=config.client_token_file,
+            **common,
+        ),
+    )
+
+
+def dev(reactor: Any, config: DevConfig) -> list[service.Service]:
+    registry_config, node_configs, gateway_config = dev_configs(config)
+    services = registry(reactor, registry_config)
+    for node_config in node_configs:
+        services += node(reactor, node_config)
+    return services + gateway(reactor, gateway_config)
+
+
+def _exit_zero_on_sigterm(reactor: IReactorCore) -> None:
+    """
+    Make SIGTERM a clean stop that exits 0: twistd would otherwise re-raise the signal
+    after shutdown, so systemd and scripts would see a process killed by a signal.
+    """
+
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        if not stopping:
+            stopping.append(signum)
+            reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(signal.signal, signal.SIGTERM, stop)
+
+
+def assemble(reactor: Any, config: Config) -> service.MultiService:
+    """The whole service tree of the role C{config} configures."""
+    if isinstance(config, NodeConfig):
+        services = node(reactor, config)
+    elif isinstance(config, RegistryConfig):
+        services = registry(reactor, config)
+    elif isinstance(config, GatewayConfig):
+        services = gateway(reactor, config)
+    elif isinstance(config, DevConfig):
+        services = dev(reactor, config)
+    else:
+        raise TypeError(f"no role is configured by {config!r}")
+    top = service.MultiService()
+    for child in services:
+        child.setServiceParent(top)
+    _exit_zero_on_sigterm(reactor)
+    # Everything built so far lives as long as the process: keep it out of the collector's
+    # way, so full collections stay short (they set the tail latency under load).
+    reactor.callWhenRunning(gc.freeze)
+    return top

@@ -1,0 +1,168 @@
+"""Each role's service tree: what it listens on, what it registers, and its one-line start-up errors."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+
+from kvd.roles import HeartbeatService, HTTPClientService, advertised_url
+from kvd.tap import Options, makeService
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+@pytest.mark.parametrize(
+    ("address", "tls", "url"),
+    [
+        (IPv4Address("TCP", "127.0.0.1", 5001), False, "http://127.0.0.1:5001"),
+        (IPv4Address("TCP", "10.0.0.6", 5443), True, "https://10.0.0.6:5443"),
+        (IPv6Address("TCP", "::1", 5001), False, "http://[::1]:5001"),
+    ],
+)
+def test_the_advertised_url_follows_the_listening_address(address: Any, tls: bool, url: str) -> None:
+    assert advertised_url(address, tls) == url
+
+
+def test_listening_on_every_address_advertises_the_host_name() -> None:
+    assert advertised_url(IPv4Address("TCP", "0.0.0.0", 5001), False) == f"http://{socket.gethostname()}:5001"
+    assert advertised_url(IPv6Address("TCP", "::", 5001), False) == f"http://{socket.gethostname()}:5001"
+
+
+def test_a_socket_file_has_no_url() -> None:
+    assert advertised_url(UNIXAddress("/run/kvd.sock"), False) is None
+
+
+class PickingReactor(MemoryReactorClock):
+    """Gives port 0 a real number, as the kernel does."""
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        listening = super().listenTCP(port, factory, backlog, interface)
+        listening._hostAddress = IPv4Address("TCP", interface or "0.0.0.0", port or 43210)
+        return listening
+
+
+def heartbeats(top: Any) -> list[Any]:
+    return [s.heartbeat for s in top if isinstance(s, HeartbeatService)]
+
+
+def test_a_node_on_port_0_registers_the_port_it_got_with_every_registry(tmp_path: Path) -> None:
+    reactor = PickingReactor()
+    options = parse(
+        "--role=node",
+        "--node-id=a",
+        f"--data-dir={tmp_path}",
+        "--listen=tcp:0:interface=127.0.0.1",
+        "--registry=http://127.0.0.1:8500",
+        "--registry=http://127.0.0.1:8501",
+    )
+    top = makeService(options, reactor=reactor)
+    top.privilegedStartService()
+    top.startService()
+    try:
+        assert [(h.url, h.registry.base_url) for h in heartbeats(top)] == [
+            ("http://127.0.0.1:43210", "http://127.0.0.1:8500"),
+            ("http://127.0.0.1:43210", "http://127.0.0.1:8501"),
+        ]
+    finally:
+        top.stopService()
+
+
+def test_an_advertised_url_wins_over_the_port(tmp_path: Path) -> None:
+    options = parse(
+        "--role=node",
+        "--node-id=a",
+        f"--data-dir={tmp_path}",
+        "--listen=tcp:0",
+        "--registry=http://127.0.0.1:8500",
+        "--advertise=https://kvd-a.example:443/",
+    )
+    top = makeService(options, reactor=PickingReactor())
+    top.privilegedStartService()
+    try:
+        assert [h.url for h in heartbeats(top)] == ["https://kvd-a.example:443"]
+    finally:
+        top.stopService()
+
+
+def test_a_node_without_a_registry_makes_no_outgoing_client(tmp_path: Path) -> None:
+    top = makeService(parse("--role=node", "--node-id=a", f"--data-dir={tmp_path}"), reactor=MemoryReactorClock())
+    assert not [s for s in top if isinstance(s, (HTTPClientService, HeartbeatService))]
+
+
+def test_a_registered_node_has_one_outgoing_client_for_every_registry(tmp_path: Path) -> None:
+    """One transport: a node's heartbeats to each registry share its one kept-alive pool."""
+    options = parse(
+        "--role=node",
+        "--node-id=a",
+        f"--data-dir={tmp_path}",
+        "--registry=http://127.0.0.1:8500",
+        "--registry=http://127.0.0.1:8501",
+    )
+    top = list(makeService(options, reactor=MemoryReactorClock()))
+    [client] = [s for s in top if isinstance(s, HTTPClientService)]
+    assert len([s for s in top if isinstance(s, HeartbeatService)]) == 2
+    assert client.peers.pool is client.keep_alive
+
+
+def test_dev_listens_on_its_fixed_ports(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    top = makeService(parse("--role=dev", "--nodes=2", f"--data-dir={tmp_path}"), reactor=reactor)
+    top.privilegedStartService()
+    top.startService()
+    try:
+        assert sorted(port for port, *_ in reactor.tcpServers) == [8000, 8001, 8002, 8500]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["node1", "node2"]
+    finally:
+        top.stopService()
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--cluster-secret-file", "cannot read the cluster secret file"),
+        ("--client-token-file", "cannot read the client token file"),
+        ("--ca-cert", "cannot read --ca-cert"),
+    ],
+)
+def test_a_missing_secret_or_ca_file_is_one_line_at_start_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, message: str
+) -> None:
+    options = parse("--role=gateway", "--node=a=http://127.0.0.1:1", flag, str(tmp_path / "missing"))
+    with pytest.raises(SystemExit) as e:
+        makeService(options, reactor=MemoryReactorClock())
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_ca_file_without_a_certificate_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    options = parse("--role=registry", "--ca-cert", str(tmp_path / "ca.pem"))
+    with pytest.raises(SystemExit):
+        makeService(options, reactor=MemoryReactorClock())
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no PEM certificate" in err, err
+
+
+def test_a_port_in_use_is_one_line_at_privileged_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from twisted.internet.error import CannotListenError
+
+    class Busy(MemoryReactor):
+        def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+    top = makeService(parse("--role=registry"), reactor=Busy())
+    with pytest.raises(SystemExit) as e:
+        top.privilegedStartService()
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot listen on tcp:8500:interface=127.0.0.1" in err, err

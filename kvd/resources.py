@@ -353,24 +353,6 @@ class NodeAPI:
     #: The last repair sweep's report of what it moved for this node, if any.
     rebalance: RepairReport | None = None
 
-    def __attrs_post_init__(self) -> None:
-        store = self.store
-        self.metrics.gauges(
-            ("kvd_keys", "Live keys held (tombstones not counted).", lambda: len(store)),
-            ("kvd_journal_bytes", "Size of the journal since the last snapshot.", lambda: store.journal_bytes),
-            ("kvd_snapshot_bytes", "Size of the last snapshot.", lambda: store.snapshot_bytes),
-        )
-        fsync = self.metrics.histogram("kvd_fsync_seconds", "Time of one group commit: journal write and fsync.")
-        batch = self.metrics.histogram(
-            "kvd_group_commit_writes", "Writes made durable by one group commit.", (1, 2, 4, 8, 16, 32, 64, 128, 256)
-        )
-
-        def observe(seconds: float, writes: int) -> None:
-            fsync.observe(seconds)
-            batch.observe(writes)
-
-        store.observe_commit = observe
-
     routes = Routes()
 
     @routes.key(paths.KV, "GET", fast=True)
@@ -481,14 +463,6 @@ class RegistryAPI:
     #: Tells watchers this is a new registry process even when its index matches an old one.
     epoch: str = field(factory=lambda: secrets.token_hex(8))
 
-    def __attrs_post_init__(self) -> None:
-        registry = self.registry
-        self.metrics.gauges(
-            ("kvd_registry_leases", "Members holding a live lease.", lambda: len(registry.members())),
-            ("kvd_registry_index", "The registry's change index.", lambda: registry.index),
-            ("kvd_registry_long_polls", "Long polls waiting for a change.", lambda: registry.waiting),
-        )
-
     routes = Routes()
 
     @routes.path("/registry/nodes", "GET")
@@ -538,17 +512,6 @@ class GatewayAPI:
     metrics: Metrics = field(factory=Metrics)
     auth: Auth = field(factory=Auth)
     repairer: Repairer | None = None
-
-    def __attrs_post_init__(self) -> None:
-        cluster, repairer = self.cluster, self.repairer
-        self.metrics.gauges(("kvd_ring_members", "Nodes on the gateway's ring.", lambda: len(cluster.members)))
-        if repairer is not None:
-            progress = repairer.progress
-            self.metrics.gauges(
-                ("kvd_repair_backlog", "Keys the last repair sweep still had to send.", lambda: progress.keys_to_send),
-                ("kvd_repair_sent", "Keys repair sweeps have sent to their owners.", lambda: progress.sent),
-                ("kvd_repair_dropped", "Keys dropped from nodes that no longer own them.", lambda: progress.dropped),
-            )
 
     routes = Routes()
 

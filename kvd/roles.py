@@ -262,6 +262,49 @@ def _listener(
     return ListenService(endpoint, site, listen)
 
 
+def node_metrics(store: Store) -> Metrics:
+    """A node's metrics: its store's size, and the time and size of each group commit."""
+    metrics = Metrics()
+    metrics.gauges(
+        ("kvd_keys", "Live keys held (tombstones not counted).", lambda: len(store)),
+        ("kvd_journal_bytes", "Size of the journal since the last snapshot.", lambda: store.journal_bytes),
+        ("kvd_snapshot_bytes", "Size of the last snapshot.", lambda: store.snapshot_bytes),
+    )
+    fsync = metrics.histogram("kvd_fsync_seconds", "Time of one group commit: journal write and fsync.")
+    batch = metrics.histogram(
+        "kvd_group_commit_writes", "Writes made durable by one group commit.", (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    )
+
+    def observe(seconds: float, writes: int) -> None:
+        fsync.observe(seconds)
+        batch.observe(writes)
+
+    store.observe_commit = observe
+    return metrics
+
+
+def registry_metrics(members: Registry) -> Metrics:
+    metrics = Metrics()
+    metrics.gauges(
+        ("kvd_registry_leases", "Members holding a live lease.", lambda: len(members.members())),
+        ("kvd_registry_index", "The registry's change index.", lambda: members.index),
+        ("kvd_registry_long_polls", "Long polls waiting for a change.", lambda: members.waiting),
+    )
+    return metrics
+
+
+def gateway_metrics(cluster: Cluster, repairer: Repairer) -> Metrics:
+    metrics = Metrics()
+    progress = repairer.progress
+    metrics.gauges(
+        ("kvd_ring_members", "Nodes on the gateway's ring.", lambda: len(cluster.members)),
+        ("kvd_repair_backlog", "Keys the last repair sweep still had to send.", lambda: progress.keys_to_send),
+        ("kvd_repair_sent", "Keys repair sweeps have sent to their owners.", lambda: progress.sent),
+        ("kvd_repair_dropped", "Keys dropped from nodes that no longer own them.", lambda: progress.dropped),
+    )
+    return metrics
+
+
 def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
     """One storage node's services, in start order."""
     creds = credentials(config, config.client_token_file)
@@ -278,7 +321,7 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
         fail(str(e))
     except OSError as e:
         fail(f"cannot use data dir {config.data_dir}: {e}")
-    api = NodeAPI(config.node_id, store, config.max_value_bytes, auth=creds.auth)
+    api = NodeAPI(config.node_id, store, config.max_value_bytes, node_metrics(store), creds.auth)
     listener = _listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics)
     services: list[service.Service] = [storage, listener]
     if not config.registry:
@@ -311,7 +354,7 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
 def registry(reactor: Any, config: RegistryConfig) -> list[service.Service]:
     creds = credentials(config)
     members = Registry(config.ttl)
-    api = RegistryAPI(members, reactor, auth=creds.auth)
+    api = RegistryAPI(members, reactor, registry_metrics(members), creds.auth)
     expiry = TimerService(min(1.0, config.ttl / 4), lambda: members.expire(reactor.seconds()))
     expiry.clock = reactor
     return [expiry, _listener(reactor, config, config.listen, api.resource(), REGISTRY_MAX_BODY, api.metrics)]
@@ -335,7 +378,9 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
     sweeps = TimerService(config.repair_interval, lambda: Deferred.fromCoroutine(repairer.sweep()))
     sweeps.clock = reactor
     services.append(sweeps)
-    api = GatewayAPI(cluster, coordinator, config.max_value_bytes, auth=creds.auth, repairer=repairer)
+    api = GatewayAPI(
+        cluster, coordinator, config.max_value_bytes, gateway_metrics(cluster, repairer), creds.auth, repairer
+    )
     services.append(_listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics))
     return services
 

@@ -9,10 +9,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from kvd.gateway import Cluster
+from kvd.gateway.nodes import NodeClients
+from kvd.gateway.repair import Repairer
 from kvd.membership import NodeInfo
 from kvd.metrics import Metrics, route_of
 from kvd.registry import Registry
-from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
+from kvd.resources import NodeAPI, RegistryAPI
+from kvd.roles import gateway_metrics, node_metrics, registry_metrics
 from kvd.store import Store
 from kvd.versions import HybridClock
 from kvd.web import BoundedSite
@@ -46,7 +49,7 @@ def test_keys_are_counted_under_their_route_template_never_by_key() -> None:
 def test_a_node_counts_requests_and_shows_its_store(tmp_path: Path) -> None:
     store = Store.open(str(tmp_path), clock=HybridClock(Clock().seconds, "a"))
     try:
-        api = NodeAPI("a", store)
+        api = NodeAPI("a", store, metrics=node_metrics(store))
         site = BoundedSite(api.resource(), metrics=api.metrics)
         serve(
             site,
@@ -84,9 +87,10 @@ def test_refused_bodies_are_counted_as_413() -> None:
 def test_the_registry_and_gateway_show_their_state() -> None:
     registry = Registry(10)
     registry.register("a", {"url": "http://a:1"}, 0)
-    found = samples(RegistryAPI(registry, Clock()).metrics.render())
+    found = samples(registry_metrics(registry).render())
     assert found[("kvd_registry_leases", ())] == 1
     cluster = Cluster(vnodes=8)
     cluster.update({"a": NodeInfo("a", "http://a:1"), "b": NodeInfo("b", "http://b:1")})
-    found = samples(GatewayAPI(cluster, coordinator=None).metrics.render())  # type: ignore[arg-type]
+    repairer = Repairer(cluster, NodeClients(None), Clock().seconds)  # type: ignore[arg-type]
+    found = samples(gateway_metrics(cluster, repairer).render())
     assert found[("kvd_ring_members", ())] == 2

@@ -382,9 +382,14 @@ class NodeAPI:
 
     @routes.path("/internal/apply", "POST", fast=True)
     async def internal_apply(self, request: IRequest) -> bytes:
-        """Apply [key, value or null, version] items; answer once all are durable, with which were live before."""
+        """
+        Apply [key, value or null, version] items; answer once all are durable, with which
+        were live before and the version each holds after (a newer one it kept, or the item's).
+        """
         done = await self.store.apply_batch(_batch(request, "items"))
-        return _json(request, {"success": True, "applied": done.applied, "live": done.live})
+        # What each key holds now, and this node's clock: a coordinator moves past both.
+        body = {"success": True, "applied": done.applied, "live": done.live, "versions": done.held}
+        return _json(request, {**body, "now": int(self.store.clock.now() * 1000)})
 
     @routes.path("/internal/read", "POST", fast=True)
     def internal_read(self, request: IRequest) -> bytes:

@@ -40,6 +40,7 @@ from kvd.gateway import Cluster
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.repair import Repairer
+from kvd.gateway.skew import ClockSkew
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
 from kvd.membership import Heartbeat, NodeInfo, Watcher
 from kvd.metrics import Metrics
@@ -293,9 +294,17 @@ def registry_metrics(members: Registry) -> Metrics:
     return metrics
 
 
-def gateway_metrics(cluster: Cluster, repairer: Repairer) -> Metrics:
+def gateway_metrics(cluster: Cluster, repairer: Repairer, skew: ClockSkew | None = None) -> Metrics:
     metrics = Metrics()
     progress = repairer.progress
+    if skew is not None:
+        metrics.gauges(
+            (
+                "kvd_clock_skew_seconds",
+                "This gateway's clock minus a node's, the largest of them (positive: the gateway is ahead).",
+                skew.largest,
+            )
+        )
     metrics.gauges(
         ("kvd_ring_members", "Nodes on the gateway's ring.", lambda: len(cluster.members)),
         ("kvd_repair_backlog", "Keys the last repair sweep still had to send.", lambda: progress.keys_to_send),
@@ -372,14 +381,15 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
         watcher = Watcher(RegistryClient(client.peers, config.registry[0]), reactor, cluster.update)
         services.append(WatcherService(watcher))
     clock = HybridClock(reactor.seconds, f"gw-{secrets.token_hex(4)}")
-    nodes = NodeClients(client.peers)
+    skew = ClockSkew(reactor.seconds)
+    nodes = NodeClients(client.peers, skew.observe)
     coordinator = Coordinator(cluster, nodes, clock, config.write_quorum, config.read_quorum)
     repairer = Repairer(cluster, nodes, reactor.seconds, config.tombstone_grace)
     sweeps = TimerService(config.repair_interval, lambda: Deferred.fromCoroutine(repairer.sweep()))
     sweeps.clock = reactor
     services.append(sweeps)
     api = GatewayAPI(
-        cluster, coordinator, config.max_value_bytes, gateway_metrics(cluster, repairer), creds.auth, repairer
+        cluster, coordinator, config.max_value_bytes, gateway_metrics(cluster, repairer, skew), creds.auth, repairer
     )
     services.append(_listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics))
     return services

@@ -113,6 +113,8 @@ class Applied:
     applied: int
     #: For each item, whether its key was live just before it.
     live: list[bool]
+    #: For each item, the version its key holds after it: its own, or a newer one held already.
+    held: list[str]
 
 
 @frozen
@@ -374,22 +376,24 @@ class Store:
         @raise BadBatch: (before anything is applied) when any item is not such a write.
         """
         writes = [_write_item(item) for item in items]
-        data, live = self._data, []
+        data, live, held = self._data, [], []
         records, undo = [], []
         refusal = self._refusal()
         for key, value, version in writes:
             current = data.get(key)
             live.append(current is not None and is_live(current))
             if current is not None and version_of(current) >= version:
+                held.append(version_of(current))
                 continue
+            held.append(version)
             if refusal is not None:
                 return fail(refusal)
             self._set(key, pack(value, version))
             records.append(encode_entry(key, value, version))
             undo.append((key, current))
         if not records:
-            return succeed(Applied(0, live))
-        return self._append(b"".join(records), tuple(undo)).addCallback(lambda _: Applied(len(records), live))
+            return succeed(Applied(0, live, held))
+        return self._append(b"".join(records), tuple(undo)).addCallback(lambda _: Applied(len(records), live, held))
 
     def drop_batch(self, items: Sequence[object]) -> Deferred[int]:
         """

@@ -20,12 +20,16 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from kvd.gateway.cluster import Cluster
-from kvd.gateway.nodes import NodeClients
+from kvd.gateway.nodes import NodeClients, Written
 from kvd.gateway.quorum import Gathered, gather
 from kvd.store import Entry
 from kvd.versions import HybridClock
 
 _log = Logger()
+
+#: How often a write goes again with a newer version before it gives up on a replica that
+#: keeps holding newer ones (each round moves the clock past what the replicas hold).
+MAX_WRITE_ROUNDS = 3
 
 
 @define
@@ -43,21 +47,44 @@ class Coordinator:
         Write (C{value} None: delete) to W replicas; fires with the version and whether any
         replica that answered held the key live before.
 
+        A replica that already holds a newer version than this write's (minted by a
+        coordinator whose clock runs ahead) says so; the clock then moves past it and the
+        write goes again with a newer version, so a write acknowledged after another always
+        wins over it, whatever the clocks say.
+
         @raise QuorumFailed: when fewer than W replicas made it durable.
         @raise NoNodes: when there are no members.
         """
         view = self.cluster.view()
         owners, fallbacks = view.placement(key)
         needed = min(self.write_quorum, view.replicas)
-        version = self.clock.next()
+        live: list[bool] = []
 
-        def ask(node_id: str) -> Deferred[bool]:
-            return self.nodes(view.members[node_id]).apply_key(key, value, version)
+        def attempt(rounds: int) -> Deferred[tuple[str, bool]]:
+            version = self.clock.next()
 
-        def answer(gathered: Gathered[bool]) -> tuple[str, bool]:
-            return version, any(gathered.require("write", needed).answers.values())
+            def ask(node_id: str) -> Deferred[Written]:
+                return self.nodes(view.members[node_id]).apply_key(key, value, version)
 
-        return gather(ask, owners, fallbacks, needed).addCallback(answer)
+            def taken(written: Written) -> bool:
+                return written.held == version
+
+            def answer(gathered: Gathered[Written]) -> Deferred[tuple[str, bool]] | tuple[str, bool]:
+                live.extend(written.live for written in gathered.answers.values())
+                newer = [w.held for w in gathered.answers.values() if w.held > version]
+                if newer and rounds < MAX_WRITE_ROUNDS:
+                    self.clock.observe(max(newer))
+                    _log.info(
+                        "a replica of {key!r} holds a version newer than this gateway's clock; writing again",
+                        key=key,
+                    )
+                    return attempt(rounds + 1)
+                gathered.require("write", needed)
+                return version, any(live)
+
+            return gather(ask, owners, fallbacks, needed, taken).addCallback(answer)
+
+        return attempt(1)
 
     def read(self, key: str) -> Deferred[Entry | None]:
         """

@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 
 from kvd.internal import RepairReport
@@ -35,6 +35,16 @@ MAX_BATCH = 512
 
 #: An item of an apply batch: key, value (None: a tombstone) and version.
 Item = tuple[str, "str | None", str]
+
+
+@frozen
+class Written:
+    """What one node made of one write."""
+
+    #: Whether the key was live there before.
+    live: bool
+    #: The version the key holds there now: the write's own, or a newer one the node kept.
+    held: str
 
 
 def _encode(body: object) -> bytes:
@@ -78,6 +88,8 @@ class NodeClient:
 
     node: NodeInfo
     peers: Peers
+    #: Told (node id, the node's clock in seconds) whenever an answer carries it.
+    on_clock: Callable[[str, float], None] | None = None
     _applies: _Queue = field(factory=_Queue)
     _reads: _Queue = field(factory=_Queue)
 
@@ -103,29 +115,36 @@ class NodeClient:
 
     # Whole batches, for the repair sweep and the queues below.
 
-    def apply(self, items: list[Item]) -> Deferred[list[bool]]:
+    def apply(self, items: list[Item]) -> Deferred[list[Written]]:
         """
-        Make the items durable on the node; fires with whether each key was live there
-        before. Items over one batch's budget go in several requests, one after another.
+        Make the items durable on the node; fires with what the node made of each. Items
+        over one batch's budget go in several requests, one after another.
         """
         parts = split(items, _value_size)
         if len(parts) == 1:
             return self._apply(parts[0])
 
-        async def in_turn() -> list[bool]:
-            live: list[bool] = []
+        async def in_turn() -> list[Written]:
+            written: list[Written] = []
             for part in parts:
-                live += await self._apply(part)
-            return live
+                written += await self._apply(part)
+            return written
 
         return Deferred.fromCoroutine(in_turn())
 
-    def _apply(self, items: list[Item]) -> Deferred[list[bool]]:
-        def parse(body: Any) -> list[bool]:
+    def _apply(self, items: list[Item]) -> Deferred[list[Written]]:
+        def parse(body: Any) -> list[Written]:
             live = body["live"]
-            if not isinstance(live, list) or len(live) != len(items):
+            # A node that does not say what it holds holds what it was sent.
+            held = body.get("versions", [version for _, _, version in items])
+            if not (isinstance(live, list) and isinstance(held, list) and len(live) == len(held) == len(items)):
                 raise ValueError("live")
-            return [bool(x) for x in live]
+            if not all(isinstance(version, str) for version in held):
+                raise ValueError("versions")
+            now = body.get("now")
+            if type(now) is int and self.on_clock is not None:
+                self.on_clock(self.node.id, now / 1000)
+            return [Written(bool(was), version) for was, version in zip(live, held, strict=True)]
 
         return self._call("apply", {"items": [list(item) for item in items]}, parse)
 
@@ -187,8 +206,8 @@ class NodeClient:
 
     # One key at a time, batched: the quorum paths.
 
-    def apply_key(self, key: str, value: str | None, version: str) -> Deferred[bool]:
-        """Fires with whether the key was live on the node before, once durable there."""
+    def apply_key(self, key: str, value: str | None, version: str) -> Deferred[Written]:
+        """Fires with what the node made of the write, once durable there."""
         return self._enqueue(self._applies, (key, value, version), self._send_applies)
 
     def read_key(self, key: str) -> Deferred[Entry | None]:
@@ -242,10 +261,11 @@ class NodeClients:
     """One L{NodeClient} per member, made anew when a member's URL or weight changes."""
 
     peers: Peers
+    on_clock: Callable[[str, float], None] | None = None
     _clients: dict[str, NodeClient] = field(factory=dict)
 
     def __call__(self, node: NodeInfo) -> NodeClient:
         client = self._clients.get(node.id)
         if client is None or client.node != node:
-            client = self._clients[node.id] = NodeClient(node, self.peers)
+            client = self._clients[node.id] = NodeClient(node, self.peers, self.on_clock)
         return client

@@ -33,16 +33,24 @@ class QuorumFailed(Unavailable):
 
 @define
 class Gathered(Generic[T]):
-    """The answers by node id (in the order they came) and what went wrong with the others."""
+    """
+    The answers by node id (in the order they came), how many of them count toward the
+    quorum, and what went wrong with the nodes that did not answer.
+    """
 
     answers: dict[str, T] = field(factory=dict)
     errors: list[str] = field(factory=list)
+    accepted: int = 0
 
     def require(self, what: str, needed: int) -> Gathered[T]:
-        """@raise QuorumFailed: when fewer than C{needed} answered."""
-        if len(self.answers) < needed:
-            raise QuorumFailed(what, len(self.answers), needed, self.errors)
+        """@raise QuorumFailed: when fewer than C{needed} answers counted."""
+        if self.accepted < needed:
+            raise QuorumFailed(what, self.accepted, needed, self.errors)
         return self
+
+
+def _always(answer: object) -> bool:
+    return True
 
 
 @define
@@ -50,6 +58,7 @@ class _Gathering(Generic[T]):
     ask: Callable[[str], Deferred[T]]
     spares: list[str]
     needed: int
+    accept: Callable[[T], bool]
     result: Gathered[T] = field(factory=Gathered)
     done: Deferred[Gathered[T]] = field(factory=Deferred)
     pending: int = 0
@@ -62,6 +71,8 @@ class _Gathering(Generic[T]):
     def _answered(self, answer: T, node_id: str) -> None:
         self.pending -= 1
         self.result.answers[node_id] = answer
+        if self.accept(answer):
+            self.result.accepted += 1
         self.settle()
 
     def _failed(self, failure: Failure, node_id: str) -> None:
@@ -75,19 +86,24 @@ class _Gathering(Generic[T]):
     def settle(self) -> None:
         if self.done.called or self.launching:
             return
-        if len(self.result.answers) >= self.needed or self.pending == 0:
+        if self.result.accepted >= self.needed or self.pending == 0:
             self.done.callback(self.result)
 
 
 def gather(
-    ask: Callable[[str], Deferred[T]], first: Sequence[str], spares: Sequence[str], needed: int
+    ask: Callable[[str], Deferred[T]],
+    first: Sequence[str],
+    spares: Sequence[str],
+    needed: int,
+    accept: Callable[[T], bool] = _always,
 ) -> Deferred[Gathered[T]]:
     """
     Ask every node of C{first}; replace each that fails by the next of C{spares}. Fires once
-    C{needed} have answered, or once nobody is left to wait for (the caller checks with
-    L{Gathered.require}); never fails.
+    C{needed} answers are accepted, or once nobody is left to wait for (the caller checks
+    with L{Gathered.require}); never fails. An answer that is not accepted still answers:
+    it is no reason to ask a spare.
     """
-    gathering: _Gathering[T] = _Gathering(ask, list(spares), needed)
+    gathering: _Gathering[T] = _Gathering(ask, list(spares), needed, accept)
     for node_id in first:
         gathering.launch(node_id)
     gathering.launching = False

@@ -137,7 +137,7 @@ def test_nodes_register_at_start_and_the_gateway_sees_them(harness: Harness) -> 
     assert status == 200
     assert body == {
         "success": True,
-        "nodes": [{"id": n, "url": f"http://{n}.test", "weight": 1} for n in ("a", "b", "c")],
+        "nodes": [{"id": n, "url": f"http://{n}.test", "weight": 1, "status": "up"} for n in ("a", "b", "c")],
         "replicas": 3,
         "vnodes": 64,
         "write_quorum": 2,
@@ -176,17 +176,69 @@ def test_heartbeats_keep_a_live_node_registered_past_many_ttls(harness: Harness)
     assert harness.registry.is_member("a")
 
 
-def test_a_crashed_node_is_dropped_after_the_ttl_and_the_gateway_follows(harness: Harness) -> None:
+def test_a_crashed_node_is_marked_down_after_the_ttl_kept_on_the_ring_and_removed_by_delete(harness: Harness) -> None:
+    harness.watcher.start()
+    for node_id in ("a", "b", "c", "d"):
+        harness.start_node(node_id)
+    harness.advance(1)
+    owners = {f"k{i}": harness.cluster.owners(f"k{i}") for i in range(50)}
+    harness.crash_node("b")
+    harness.advance(TTL / 2)
+    assert harness.cluster.down == frozenset(), "still within the lease"
+    harness.advance(TTL)
+    assert set(harness.cluster.members) == {"a", "b", "c", "d"}, "down is not gone"
+    assert harness.cluster.down == {"b"} and harness.cluster.members["b"].status == "down"
+    assert {k: harness.cluster.owners(k) for k in owners} == owners, "no key moves when a node goes down"
+    assert [n["status"] for n in harness.gateway("GET", "/cluster")[1]["nodes"]] == ["up", "down", "up", "up"]
+    assert harness.call("DELETE", "http://registry.test/registry/nodes/b")[0] == 200  # an operator removes it
+    harness.advance(1)
+    assert set(harness.cluster.members) == {"a", "c", "d"} and harness.cluster.down == frozenset()
+
+
+def test_a_down_node_is_forgotten_after_forget_after(harness: Harness) -> None:
+    harness.registry.forget_after = 30.0
     harness.watcher.start()
     harness.start_node("a")
     harness.start_node("b")
     harness.advance(1)
-    assert set(harness.cluster.members) == {"a", "b"}
     harness.crash_node("b")
-    harness.advance(TTL / 2)
-    assert set(harness.cluster.members) == {"a", "b"}, "still within the lease"
-    harness.advance(TTL)
+    harness.advance(TTL + 25)
+    assert harness.cluster.down == {"b"}
+    harness.advance(10)
     assert set(harness.cluster.members) == {"a"}
+
+
+def test_a_node_back_from_down_is_up_again_and_catches_up_through_repair(harness: Harness) -> None:
+    harness.watcher.start()
+    for node_id in ("a", "b", "c", "d"):
+        harness.start_node(node_id)
+    harness.advance(1)
+    keys = [f"k{i}" for i in range(40)]
+    mine = [k for k in keys if "c" in harness.cluster.owners(k)]
+    harness.crash_node("c")
+    harness.advance(TTL + 1)
+    assert harness.cluster.down == {"c"}
+    for key in keys:
+        assert harness.gateway("PUT", f"/kv/{key}", b"while-c-was-down")[0] == 200
+    sweep(harness)  # a sweep while c is down drops no hinted copy and pushes nothing to c...
+    assert harness.repairer.progress.last_error is None, "...and is not cut short by c"
+    held = sum(1 for k in mine for n in ("a", "b", "d") if harness.stores[n].entry(k) is not None)
+    assert held == 3 * len(mine), "each of c's keys is on its two live owners and on one fallback"
+    harness.start_node("c", incarnation=2)
+    harness.advance(1)
+    assert harness.cluster.down == frozenset()
+    sweep(harness)
+    sweep(harness)
+    for key in keys:
+        holders = {n for n, store in harness.stores.items() if store.entry(key) is not None}
+        assert holders == set(harness.cluster.owners(key)), key
+        assert harness.stores["c"].entry(key) is None or harness.stores["c"].entry(key)[0] == "while-c-was-down"  # type: ignore[index]
+
+
+def sweep(harness: Harness) -> None:
+    d = ensureDeferred(harness.repairer.sweep())
+    harness.settle()
+    assert d.called, "the sweep did not finish"
 
 
 def test_a_stopped_node_leaves_at_once(harness: Harness) -> None:

@@ -39,17 +39,17 @@ The change index
     C{index} starts at 1 and moves by exactly 1 for each membership change:
     a join, a leave, a change of url, weight, incarnation or status (a
     down member renewing), and an expiry sweep that marked down or forgot
-    at least one member.  A plain renewal does not move it.  A long poll for index I answers at once whenever I differs from the
-    current index, including an I larger than the current one: that is an
-    index from an earlier registry process (the index restarts at 1), and
-    waiting for it to be "passed" could hang for ever.
+    at least one member.  A plain renewal does not move it.  A long poll
+    for index I answers at once whenever I differs from the current index,
+    including an I larger than the current one: that is an index from an
+    earlier registry process (the index restarts at 1), and waiting for it
+    to be "passed" could hang for ever.
 """
 
 from __future__ import annotations
 
 import math
 import re
-
 from typing import Literal
 
 from attrs import evolve, frozen

@@ -498,7 +498,11 @@ class RegistryAPI:
         registry = self.registry
         self.metrics.gauges(
             ("kvd_registry_leases", "Members holding a live lease.", lambda: len(registry.members("up"))),
-            ("kvd_registry_members_down", "Members whose lease ran out, kept as down.", lambda: len(registry.members("down"))),
+            (
+                "kvd_registry_members_down",
+                "Members whose lease ran out, kept as down.",
+                lambda: len(registry.members("down")),
+            ),
             ("kvd_registry_index", "The registry's change index.", lambda: registry.index),
             ("kvd_registry_long_polls", "Long polls waiting for a change.", lambda: registry.waiting),
         )

@@ -40,8 +40,8 @@ from kvd.gateway import Cluster
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.repair import Repairer
-from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
 from kvd.incarnation import raise_incarnation
+from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
 from kvd.membership import Heartbeat, NodeInfo, Union, Watcher
 from kvd.metrics import Metrics
 from kvd.options import Config, DevConfig, GatewayConfig, NodeConfig, RegistryConfig

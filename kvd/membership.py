@@ -4,8 +4,12 @@ Cluster membership as nodes and gateways take part in it.
 A node's L{Heartbeat} registers it with the registry at start, renews every TTL/3 (each
 renewal is a full registration, so a registry that restarted and forgot the node simply
 learns it again), retries an unreachable registry with backoff while the node keeps serving,
-and leaves when the node stops. A gateway's L{Watcher} follows the registry by long poll and
-keeps the last membership it saw while the registry is down.
+and leaves when the node stops. A node restored from an older copy of its data dir is told by
+the registry (409) which incarnation it has already seen; its Heartbeat moves past it, has the
+new one persisted, and registers again. A gateway's L{Watcher} follows one registry by long poll
+and keeps the last membership it saw while the registry is down; with several registries, a
+L{Union} of one Watcher each gives the gateway every member any of them knows, up if any of
+them says so.
 
 Each outage is logged once when it starts and once when it ends, not once per retry.
 """
@@ -36,28 +40,60 @@ LONG_POLL_SECONDS = 30.0
 CARRY_SECONDS = 15.0
 
 
+UP, DOWN = "up", "down"
+
+
 @frozen
 class NodeInfo:
-    """A member as gateways see it."""
+    """A member as gateways see it; C{status} is what the registry says ("up" or "down")."""
 
     id: str
     url: str
     weight: int = 1
+    status: str = UP
+
+    @property
+    def up(self) -> bool:
+        return self.status != DOWN
 
     def to_json(self) -> dict[str, object]:
-        return {"id": self.id, "url": self.url, "weight": self.weight}
+        return {"id": self.id, "url": self.url, "weight": self.weight, "status": self.status}
 
 
 def parse_members(listing: list[dict[str, Any]]) -> dict[str, NodeInfo]:
-    """The registry's C{nodes} list as a dict; entries that are not well-formed are skipped."""
+    """
+    The registry's C{nodes} list as a dict; entries that are not well-formed are skipped. A
+    listing without statuses (an older registry) lists members that are up.
+    """
     members = {}
     for entry in listing:
         if not isinstance(entry, dict):
             continue
         node_id, url, weight = entry.get("id"), entry.get("url"), entry.get("weight", 1)
-        if isinstance(node_id, str) and isinstance(url, str) and isinstance(weight, int) and weight >= 1:
-            members[node_id] = NodeInfo(node_id, url.rstrip("/"), weight)
+        status = DOWN if entry.get("status") == DOWN else UP
+        if (
+            isinstance(node_id, str)
+            and isinstance(url, str)
+            and isinstance(weight, int)
+            and not isinstance(weight, bool)
+            and weight >= 1
+        ):
+            members[node_id] = NodeInfo(node_id, url.rstrip("/"), weight, status)
     return members
+
+
+def union(listings: list[dict[str, NodeInfo]]) -> dict[str, NodeInfo]:
+    """
+    Every member of any of C{listings}: as the first listing that has it up says, else as the
+    first that has it at all says (down).
+    """
+    merged: dict[str, NodeInfo] = {}
+    for listing in listings:
+        for node_id, info in listing.items():
+            seen = merged.get(node_id)
+            if seen is None or (not seen.up and info.up):
+                merged[node_id] = info
+    return merged
 
 
 @define
@@ -90,6 +126,9 @@ class Heartbeat:
     clock: IReactorTime
     weight: int = 1
     ttl: float | None = None
+    #: Called with a new incarnation when the registry says it has seen a newer one than ours
+    #: (a restored data dir); it must persist it, so the next start counts on from there.
+    on_incarnation: Callable[[int], None] | None = None
     _backoff: _Backoff = field(factory=_Backoff)
     _outage: str | None = None
     _pending: IDelayedCall | None = None
@@ -135,7 +174,26 @@ class Heartbeat:
             self.ttl = float(body["ttl"])
             return self.ttl / 3
         error = body.get("error") if isinstance(body, dict) else None
+        seen = body.get("incarnation") if isinstance(body, dict) else None
+        if status == 409 and isinstance(seen, int) and not isinstance(seen, bool) and seen >= self.incarnation:
+            return self._move_past(seen)
         return self._failed(f"registration refused with {status}: {error or 'no reason given'}")
+
+    def _move_past(self, seen: int) -> float:
+        """The registry has seen incarnation C{seen} of this node (a restored data dir): move past it."""
+        old, self.incarnation = self.incarnation, seen + 1
+        _log.warn(
+            "registry {registry} has seen incarnation {seen} of {node_id}, newer than ours ({old}):"
+            " our data dir was restored from an older copy; moving to incarnation {new} and registering again",
+            registry=self.registry.base_url,
+            seen=seen,
+            node_id=self.node_id,
+            old=old,
+            new=self.incarnation,
+        )
+        if self.on_incarnation is not None:
+            self.on_incarnation(self.incarnation)
+        return 0.0
 
     def _failed(self, reason: str) -> float:
         if self._outage is None:
@@ -181,6 +239,8 @@ class Watcher:
     clock: IReactorTime
     on_change: Callable[[dict[str, NodeInfo]], None]
     wait: float = LONG_POLL_SECONDS
+    #: Called (with no arguments) when the registry becomes unreachable and when it is back.
+    on_reachability: Callable[[], None] | None = None
     members: dict[str, NodeInfo] = field(factory=dict)
     index: int | None = None
     #: Changes when the registry restarts, even if its index comes back the same.
@@ -230,9 +290,13 @@ class Watcher:
                     reason=e.reason,
                     count=len(self.members),
                 )
+            started = self._outage is None
             self._outage = e.reason
+            if started and self.on_reachability is not None:
+                self.on_reachability()
             return self._backoff.next()
-        if self._outage is not None:
+        ended = self._outage is not None
+        if ended:
             _log.info("registry {registry} reachable again", registry=self.registry.base_url)
         self._outage = None
         self._backoff.reset()
@@ -256,4 +320,51 @@ class Watcher:
         if members != self.members:
             self.members = members
             self.on_change(members)
+        elif ended and self.on_reachability is not None:
+            self.on_reachability()
         return delay
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the registry answered the last ask."""
+        return self._outage is None
+
+
+@define
+class Union:
+    """
+    Follows several registries for a gateway: one L{Watcher} each, and C{on_change} called with
+    the union of what they list (L{union}: a member is up if any registry says so) whenever it
+    changes. A registry that cannot be reached is left out of the union while others can be
+    (its last listing is stale); when none can be, the union of the last listings stands.
+    """
+
+    on_change: Callable[[dict[str, NodeInfo]], None]
+    watchers: list[Watcher] = field(factory=list)
+    members: dict[str, NodeInfo] = field(factory=dict)
+
+    def follow(self, registry: RegistryClient, clock: IReactorTime, wait: float = LONG_POLL_SECONDS) -> Watcher:
+        """A new Watcher of C{registry}, feeding this union (start it, and stop it, yourself)."""
+        watcher = Watcher(registry, clock, self._changed, wait=wait, on_reachability=self.refresh)
+        self.watchers.append(watcher)
+        return watcher
+
+    def start(self) -> None:
+        for watcher in self.watchers:
+            watcher.start()
+
+    def stop(self) -> None:
+        for watcher in self.watchers:
+            watcher.stop()
+
+    def _changed(self, members: dict[str, NodeInfo]) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the union; call C{on_change} if it changed."""
+        heard = [w for w in self.watchers if w.index is not None]
+        current = [w for w in heard if w.reachable] or heard
+        members = union([w.members for w in current])
+        if members != self.members:
+            self.members = members
+            self.on_change(members)

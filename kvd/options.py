@@ -17,7 +17,7 @@ from twisted.python import usage
 
 from kvd.gateway import DEFAULT_REPLICAS
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES
-from kvd.registry import InvalidRegistration, validate_node_id
+from kvd.registry import DEFAULT_FORGET_AFTER, InvalidRegistration, validate_node_id
 from kvd.ring import DEFAULT_VNODES
 from kvd.transport import DEFAULT_TIMEOUT
 from kvd.validate import Invalid, base_url, number
@@ -169,7 +169,7 @@ OPTIONS: tuple[Option, ...] = (
         "registry",
         _roles("node", "gateway"),
         "a registry's URL, e.g. http://127.0.0.1:8500 (repeatable: a node registers with every one, "
-        "a gateway follows the first).",
+        "a gateway follows every one and takes the union).",
         default=(),
         parse=http_url("--registry"),
         repeatable=True,
@@ -211,6 +211,13 @@ OPTIONS: tuple[Option, ...] = (
         "lease length in seconds.",
         default=10.0,
         parse=_numbers("--ttl", float, 0.1),
+    ),
+    Option(
+        "forget-after",
+        _roles("registry", "dev"),
+        "seconds a member stays listed as down after its lease ran out, before it is removed.",
+        default=DEFAULT_FORGET_AFTER,
+        parse=_numbers("--forget-after", float, 0.1),
     ),
     Option(
         "vnodes",
@@ -315,6 +322,7 @@ class Config:
 class RegistryConfig(Config):
     listen: str
     ttl: float
+    forget_after: float
 
 
 @frozen(kw_only=True)
@@ -351,6 +359,7 @@ class DevConfig(Config):
     data_dir: str
     nodes: int
     ttl: float
+    forget_after: float
     vnodes: int
     replicas: int
     read_quorum: int

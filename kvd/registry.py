@@ -4,7 +4,9 @@ the change index and the long-poll waiters that watch it.
 
 This module knows nothing about HTTP or the reactor.  Time comes in as
 ``now`` (seconds from the caller's clock); the HTTP layer maps
-L{InvalidRegistration} to 400 and L{StaleIncarnation} to 409.
+L{InvalidRegistration} to 400 and L{StaleIncarnation} to 409 (with the
+registry's current incarnation in the answer, so a node restored from an
+older copy of its data dir can move past it).
 
 Node ids
     A node id is 1 to 128 characters of ASCII letters, digits, C{.}, C{_}
@@ -13,13 +15,16 @@ Node ids
     everything that needs escaping there, and the leading-character rule
     keeps out C{.}, C{..} and ids that read like command-line options.
 
-Leases
-    Registering or renewing gives a member a lease until C{now + ttl}.  A
-    lease has ended when C{expires <= now}.  Every mutating call first drops
-    the leases that have ended by its C{now}, so an answer never depends on
-    when the caller's expiry timer last ran: a heartbeat arriving after its
-    lease ended is a re-join (two changes: the expiry, then the join), not a
-    renewal.
+Leases and status
+    Registering or renewing gives a member a lease until C{now + ttl} and
+    marks it C{"up"}.  A lease has ended when C{expires <= now}; the member
+    is then C{"down"}: still a member (an outage is not a departure), down
+    since the moment its lease ended.  A member is removed only by a leave,
+    or once it has been down for C{forget_after} seconds.  Every call that
+    changes state first applies the lease ends and forgets due by its
+    C{now}, so an answer never depends on when the caller's expiry timer
+    last ran: a heartbeat arriving after its lease ended is a return (two
+    changes: marked down, then up), not a renewal.
 
 Incarnations
     Each registration carries an incarnation (a node picks a larger one each
@@ -32,20 +37,22 @@ Incarnations
 
 The change index
     C{index} starts at 1 and moves by exactly 1 for each membership change:
-    a join, a leave, a change of url, weight or incarnation, and an expiry
-    sweep that dropped at least one member.  A plain renewal does not move
-    it.  A long poll for index I answers at once whenever I differs from the
-    current index, including an I larger than the current one: that is an
-    index from an earlier registry process (the index restarts at 1), and
-    waiting for it to be "passed" could hang for ever.
+    a join, a leave, a change of url, weight, incarnation or status (a
+    down member renewing), and an expiry sweep that marked down or forgot
+    at least one member.  A plain renewal does not move it.  A long poll
+    for index I answers at once whenever I differs from the current index,
+    including an I larger than the current one: that is an index from an
+    earlier registry process (the index restarts at 1), and waiting for it
+    to be "passed" could hang for ever.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from typing import Literal
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
@@ -57,10 +64,13 @@ __all__ = [
     "MAX_INCARNATION",
     "MAX_URL_LENGTH",
     "MAX_WEIGHT",
+    "STATUSES",
+    "DEFAULT_FORGET_AFTER",
     "InvalidRegistration",
     "Member",
     "Registry",
     "StaleIncarnation",
+    "Status",
     "validate_node_id",
 ]
 
@@ -71,6 +81,13 @@ MAX_WEIGHT = 16
 # Large enough for a wall-clock-in-nanoseconds incarnation, small enough to
 # survive any JSON implementation that uses 64-bit integers.
 MAX_INCARNATION = 2**63 - 1
+
+#: A member is forgotten after being down this long, unless told otherwise.
+DEFAULT_FORGET_AFTER = 3600.0
+
+Status = Literal["up", "down"]
+#: The statuses a member can have, as C{GET /registry/nodes} shows them.
+STATUSES: tuple[Status, ...] = ("up", "down")
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -104,6 +121,8 @@ class StaleIncarnation(Exception):
 class Member:
     """
     A registered node and its lease.
+
+    @ivar expires: when its lease ends (or ended, for a member that is down).
     """
 
     id: str
@@ -111,12 +130,17 @@ class Member:
     weight: int
     incarnation: int
     expires: float
+    status: Status = "up"
+
+    @property
+    def up(self) -> bool:
+        return self.status == "up"
 
     def to_json(self) -> dict[str, object]:
         """
         The public fields of a member, as C{GET /registry/nodes} lists them.
         """
-        return {"id": self.id, "url": self.url, "weight": self.weight}
+        return {"id": self.id, "url": self.url, "weight": self.weight, "status": self.status}
 
 
 def validate_node_id(node_id: object) -> str:
@@ -162,16 +186,20 @@ def _validate_incarnation(incarnation: object) -> int:
 
 class Registry:
     """
-    The set of live members, their leases and the change index.
+    The members (up and down), their leases and the change index.
 
     @ivar ttl: the lease length in seconds.
+    @ivar forget_after: how long a member stays down before it is removed.
     @ivar index: the change index (see the module docstring).
     """
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, forget_after: float = DEFAULT_FORGET_AFTER) -> None:
         if isinstance(ttl, bool) or not (math.isfinite(ttl) and ttl > 0):
             raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+        if isinstance(forget_after, bool) or not (math.isfinite(forget_after) and forget_after > 0):
+            raise ValueError(f"forget_after must be a positive number of seconds, not {forget_after!r}")
         self.ttl = ttl
+        self.forget_after = forget_after
         self.index = 1
         self._members: dict[str, Member] = {}
         self._highest_incarnation: dict[str, int] = {}
@@ -188,8 +216,9 @@ class Registry:
             defaults to 1; without C{incarnation} the registration is always
             accepted and keeps the highest incarnation seen.  Other keys are
             ignored, so newer nodes can send more.
-        @return: C{True} if membership changed (a join, or a new url,
-            weight or incarnation), C{False} for a plain renewal.
+        @return: C{True} if membership changed (a join, a return from
+            down, or a new url, weight or incarnation), C{False} for a plain
+            renewal.
         @raise InvalidRegistration: the id or body is malformed.
         @raise StaleIncarnation: a newer incarnation of this id has been
             seen; nothing changed.
@@ -210,22 +239,29 @@ class Registry:
             incarnation = highest or 0
 
         start = self.index
-        self._drop_expired(now)
+        self._sweep(now)
         old = self._members.get(node_id)
         new = Member(node_id, url, weight, incarnation, now + self.ttl)
         self._members[node_id] = new
         self._highest_incarnation[node_id] = incarnation
-        changed = old is None or (old.url, old.weight, old.incarnation) != (
+        changed = old is None or (old.url, old.weight, old.incarnation, old.status) != (
             url,
             weight,
             incarnation,
+            "up",
         )
         if changed:
             self.index += 1
+            if old is None:
+                action = "joined"
+            elif old.up:
+                action = "re-registered"
+            else:
+                action = "is up again"
             log.info(
                 "Node {node_id} {action} at {url} (weight {weight}, incarnation {incarnation})",
                 node_id=node_id,
-                action="joined" if old is None else "re-registered",
+                action=action,
                 url=url,
                 weight=weight,
                 incarnation=incarnation,
@@ -235,13 +271,13 @@ class Registry:
 
     def leave(self, node_id: str, now: float, incarnation: int | None = None) -> bool:
         """
-        Remove C{node_id} now.
+        Remove C{node_id} now, up or down.
 
         @param incarnation: if given, the incarnation of the process that is
             leaving; a leave from an older incarnation than the registered
             member's is refused.
         @return: C{True} if it was a member, C{False} if unknown (including
-            a member whose lease had already ended by C{now}).
+            a member forgotten by C{now}).
         @raise InvalidRegistration: C{incarnation} is not a valid incarnation.
         @raise StaleIncarnation: a newer incarnation is registered; nothing
             changed.
@@ -249,13 +285,12 @@ class Registry:
         if incarnation is not None:
             _validate_incarnation(incarnation)
             member = self._members.get(node_id)
-            # A member whose lease has ended by now is about to be dropped
-            # anyway, so a leave from an older incarnation is harmless then.
-            if member is not None and member.expires > now and incarnation < member.incarnation:
+            # Down is not gone: a late leave from a dead process must not remove its successor.
+            if member is not None and incarnation < member.incarnation:
                 raise StaleIncarnation(node_id, incarnation, member.incarnation)
 
         start = self.index
-        self._drop_expired(now)
+        self._sweep(now)
         member = self._members.pop(node_id, None)
         if member is not None:
             self.index += 1
@@ -265,20 +300,26 @@ class Registry:
 
     def expire(self, now: float) -> list[str]:
         """
-        Drop every member whose lease has ended (C{expires <= now}).
+        Mark down every member whose lease has ended (C{expires <= now}), and
+        forget every member down for C{forget_after} seconds by C{now}.
 
-        @return: the ids dropped, sorted; the index moves once if any.
+        @return: the ids that changed (marked down or forgotten), sorted;
+            the index moves once if any.
         """
         start = self.index
-        dropped = self._drop_expired(now)
+        changed = self._sweep(now)
         self._notify(start)
-        return dropped
+        return changed
 
-    def members(self) -> list[Member]:
+    def members(self, status: Status | None = None) -> list[Member]:
         """
-        The members, sorted by id.
+        The members, sorted by id; with C{status}, only those with that status.
         """
-        return [self._members[node_id] for node_id in sorted(self._members)]
+        return [
+            self._members[node_id]
+            for node_id in sorted(self._members)
+            if status is None or self._members[node_id].status == status
+        ]
 
     def member(self, node_id: str) -> Member | None:
         """
@@ -287,23 +328,34 @@ class Registry:
         return self._members.get(node_id)
 
     def is_member(self, node_id: str) -> bool:
+        """Whether C{node_id} is a member, up or down."""
         return node_id in self._members
 
-    def snapshot(self) -> dict[str, object]:
+    def is_up(self, node_id: str) -> bool:
+        member = self._members.get(node_id)
+        return member is not None and member.up
+
+    def snapshot(self, status: Status | None = None) -> dict[str, object]:
         """
         The membership as C{GET /registry/nodes} shows it (without
-        C{"success"}): C{{"index": I, "nodes": [{"id", "url", "weight"}, ...]}}.
+        C{"success"}): C{{"index": I, "nodes": [{"id", "url", "weight",
+        "status"}, ...]}}; with C{status}, only the members with that status.
         """
         return {
             "index": self.index,
-            "nodes": [member.to_json() for member in self.members()],
+            "nodes": [member.to_json() for member in self.members(status)],
         }
 
     def next_expiry(self) -> float | None:
         """
-        The earliest lease expiry, or C{None} with no members.
+        The next time a sweep has something to do (a lease of a member that
+        is up ends, or a member that is down is forgotten), or C{None} with
+        no members.
         """
-        return min((m.expires for m in self._members.values()), default=None)
+        return min(
+            (m.expires if m.up else m.expires + self.forget_after for m in self._members.values()),
+            default=None,
+        )
 
     def wait_for_change(self, index: int) -> Deferred[int]:
         """
@@ -330,19 +382,33 @@ class Registry:
     def _forget_waiter(self, waiter: Deferred[int]) -> None:
         self._waiters.pop(waiter, None)
 
-    def _drop_expired(self, now: float) -> list[str]:
-        dropped = sorted(node_id for node_id, m in self._members.items() if m.expires <= now)
-        for node_id in dropped:
-            member = self._members.pop(node_id)
-            log.info(
-                "Node {node_id} at {url} expired: lease not renewed within {ttl}s",
-                node_id=node_id,
-                url=member.url,
-                ttl=self.ttl,
-            )
-        if dropped:
+    def _sweep(self, now: float) -> list[str]:
+        """Mark down the members whose lease ended by C{now}, forget those down long enough; one index move."""
+        changed = []
+        for node_id in sorted(self._members):
+            member = self._members[node_id]
+            if member.up and member.expires <= now:
+                member = self._members[node_id] = evolve(member, status="down")
+                changed.append(node_id)
+                log.info(
+                    "Node {node_id} at {url} is down: lease not renewed within {ttl}s",
+                    node_id=node_id,
+                    url=member.url,
+                    ttl=self.ttl,
+                )
+            if not member.up and member.expires + self.forget_after <= now:
+                del self._members[node_id]
+                if not changed or changed[-1] != node_id:
+                    changed.append(node_id)
+                log.info(
+                    "Node {node_id} at {url} forgotten: down for {forget_after}s",
+                    node_id=node_id,
+                    url=member.url,
+                    forget_after=self.forget_after,
+                )
+        if changed:
             self.index += 1
-        return dropped
+        return changed
 
     def _notify(self, start: int) -> None:
         # Fire once per public call, after the state is final, so a waiter

@@ -51,7 +51,8 @@ from kvd.keys import (
     parse_value,
 )
 from kvd.metrics import CONTENT_TYPE, Metrics
-from kvd.registry import InvalidRegistration, Registry, StaleIncarnation
+from kvd.registry import STATUSES as MEMBER_STATUSES
+from kvd.registry import InvalidRegistration, Registry, StaleIncarnation, Status
 from kvd.store import BUCKETS, BadBatch, Entry, Store, StoreError
 from kvd.validate import Invalid, number
 from kvd.web import json_body
@@ -150,6 +151,8 @@ def render_error(request: IRequest, failure: Failure, key: str | None = None) ->
         body["error"] = str(error)
     if isinstance(error, QuorumFailed):
         body["answered"], body["needed"] = error.answered, error.needed
+    if isinstance(error, StaleIncarnation):
+        body["incarnation"] = error.current  # what a restored node must move past
     if status >= 500:
         _log.warn(
             "{method} {path}: {status} {error}",
@@ -457,6 +460,16 @@ class NodeAPI:
         return self.routes.resource(self, self.auth)
 
 
+def _status_arg(request: IRequest) -> Status | None:
+    values = request.args.get(b"status")
+    if not values:
+        return None
+    for status in MEMBER_STATUSES:
+        if values[0] == status.encode():
+            return status
+    raise ClientError(f"status must be one of {', '.join(MEMBER_STATUSES)}, not {_text(values[0])[:40]!r}")
+
+
 @define
 class RegistryAPI:
     """The service registry's HTTP API over a L{Registry}; C{clock} gives the time and times long polls."""
@@ -474,6 +487,7 @@ class RegistryAPI:
     async def nodes(self, request: IRequest) -> bytes:
         index = _number_arg(request, b"index", int)
         wait = _number_arg(request, b"wait", float)
+        status = _status_arg(request)
         self.registry.expire(self.clock.seconds())
         if index is not None:
             waiting = self.registry.wait_for_change(index)
@@ -483,7 +497,8 @@ class RegistryAPI:
             except TimeoutError:
                 pass  # nothing changed: answer with the same index
         return _json(
-            request, {"success": True, **self.registry.snapshot(), "ttl": self.registry.ttl, "epoch": self.epoch}
+            request,
+            {"success": True, **self.registry.snapshot(status), "ttl": self.registry.ttl, "epoch": self.epoch},
         )
 
     @routes.path("/registry/nodes/<rest:node_id>", "PUT")

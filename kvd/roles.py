@@ -41,8 +41,9 @@ from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.repair import Repairer
 from kvd.gateway.skew import ClockSkew
+from kvd.incarnation import raise_incarnation
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
-from kvd.membership import Heartbeat, NodeInfo, Watcher
+from kvd.membership import Heartbeat, NodeInfo, Union, Watcher
 from kvd.metrics import Metrics
 from kvd.options import Config, DevConfig, GatewayConfig, NodeConfig, RegistryConfig
 from kvd.registry import Registry
@@ -215,7 +216,7 @@ class HeartbeatService(service.Service):
 
 
 class WatcherService(service.Service):
-    def __init__(self, watcher: Watcher) -> None:
+    def __init__(self, watcher: Watcher | Union) -> None:
         self.watcher = watcher
 
     def startService(self) -> None:
@@ -287,7 +288,12 @@ def node_metrics(store: Store) -> Metrics:
 def registry_metrics(members: Registry) -> Metrics:
     metrics = Metrics()
     metrics.gauges(
-        ("kvd_registry_leases", "Members holding a live lease.", lambda: len(members.members())),
+        ("kvd_registry_leases", "Members holding a live lease.", lambda: len(members.members("up"))),
+        (
+            "kvd_registry_members_down",
+            "Members whose lease ran out, kept as down.",
+            lambda: len(members.members("down")),
+        ),
         ("kvd_registry_index", "The registry's change index.", lambda: members.index),
         ("kvd_registry_long_polls", "Long polls waiting for a change.", lambda: members.waiting),
     )
@@ -348,13 +354,27 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
         except Invalid as e:
             fail(f"{e} Give --advertise URL.")
 
+    def persist_incarnation(at_least: int) -> None:
+        try:
+            raise_incarnation(config.data_dir, at_least)
+        except OSError as e:
+            _log.error(
+                "cannot record incarnation {incarnation} in {data_dir}: {error}",
+                incarnation=at_least,
+                data_dir=config.data_dir,
+                error=e,
+            )
+
     client = HTTPClientService(reactor, DEFAULT_TIMEOUT, creds)
     services.append(client)
+    # One heartbeat per registry: a node registers with every one (they share nothing).
     for registry_url in config.registry:
         registry_client = RegistryClient(client.peers, registry_url)
 
         def heartbeat(registry_client: RegistryClient = registry_client) -> Heartbeat:
-            return Heartbeat(registry_client, config.node_id, url(), incarnation, reactor)
+            return Heartbeat(
+                registry_client, config.node_id, url(), incarnation, reactor, on_incarnation=persist_incarnation
+            )
 
         services.append(HeartbeatService(heartbeat))
     return services
@@ -362,7 +382,7 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
 
 def registry(reactor: Any, config: RegistryConfig) -> list[service.Service]:
     creds = credentials(config)
-    members = Registry(config.ttl)
+    members = Registry(config.ttl, config.forget_after)
     api = RegistryAPI(members, reactor, registry_metrics(members), creds.auth)
     expiry = TimerService(min(1.0, config.ttl / 4), lambda: members.expire(reactor.seconds()))
     expiry.clock = reactor
@@ -370,7 +390,7 @@ def registry(reactor: Any, config: RegistryConfig) -> list[service.Service]:
 
 
 def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
-    """A gateway's services; with several --registry it follows the first."""
+    """A gateway's services; with several --registry it follows every one and takes the union."""
     creds = credentials(config, config.client_token_file)
     cluster = Cluster(vnodes=config.vnodes, replicas=config.replicas)
     client = HTTPClientService(reactor, config.timeout, creds, config.max_value_bytes)
@@ -378,7 +398,13 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
     if config.static_nodes:
         cluster.update({node_id: NodeInfo(node_id, url) for node_id, url in config.static_nodes.items()})
     else:
-        watcher = Watcher(RegistryClient(client.peers, config.registry[0]), reactor, cluster.update)
+        watcher: Watcher | Union
+        if len(config.registry) == 1:
+            watcher = Watcher(RegistryClient(client.peers, config.registry[0]), reactor, cluster.update)
+        else:
+            watcher = Union(cluster.update)
+            for registry_url in config.registry:
+                watcher.follow(RegistryClient(client.peers, registry_url), reactor)
         services.append(WatcherService(watcher))
     clock = HybridClock(reactor.seconds, f"gw-{secrets.token_hex(4)}")
     skew = ClockSkew(reactor.seconds)
@@ -419,7 +445,12 @@ def dev_configs(config: DevConfig) -> tuple[RegistryConfig, list[NodeConfig], Ga
         for number, port in enumerate(range(DEV_FIRST_NODE_PORT, DEV_FIRST_NODE_PORT + config.nodes), 1)
     ]
     return (
-        RegistryConfig(listen=f"tcp:{DEV_REGISTRY_PORT}:interface=127.0.0.1", ttl=config.ttl, **common),
+        RegistryConfig(
+            listen=f"tcp:{DEV_REGISTRY_PORT}:interface=127.0.0.1",
+            ttl=config.ttl,
+            forget_after=config.forget_after,
+            **common,
+        ),
         nodes,
         GatewayConfig(
             listen=f"tcp:{DEV_GATEWAY_PORT}:interface=127.0.0.1",

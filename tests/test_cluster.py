@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -20,7 +21,8 @@ from kvd.gateway import Cluster
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.repair import Repairer
-from kvd.membership import CARRY_SECONDS, Heartbeat, NodeInfo, Watcher
+from kvd.incarnation import next_incarnation, raise_incarnation
+from kvd.membership import CARRY_SECONDS, Heartbeat, NodeInfo, Union, Watcher, parse_members, union
 from kvd.registry import Registry
 from kvd.registry_client import RegistryClient
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
@@ -51,6 +53,7 @@ class Harness:
         self.network.serve("registry.test", RegistryAPI(self.registry, self.clock).resource())
         self.stores: dict[str, Store] = {}
         self.heartbeats: dict[str, Heartbeat] = {}
+        self.beats: dict[str, list[Heartbeat]] = {}
         self.cluster = Cluster(vnodes=64, replicas=3)
         self.watcher = Watcher(self.registry_client(), self.clock, self.cluster.update, wait=5.0)
         nodes = NodeClients(self.peers)
@@ -59,10 +62,21 @@ class Harness:
         gateway = GatewayAPI(self.cluster, self.coordinator, repairer=self.repairer)
         self.network.serve("gateway.test", gateway.resource())
 
-    def registry_client(self) -> RegistryClient:
-        return RegistryClient(self.peers, "http://registry.test")
+    def registry_client(self, host: str = "registry.test") -> RegistryClient:
+        return RegistryClient(self.peers, f"http://{host}")
 
-    def start_node(self, node_id: str, incarnation: int = 1) -> Heartbeat:
+    def add_registry(self, host: str) -> Registry:
+        registry = Registry(TTL)
+        self.network.serve(host, RegistryAPI(registry, self.clock).resource())
+        return registry
+
+    def start_node(
+        self,
+        node_id: str,
+        incarnation: int = 1,
+        registries: tuple[str, ...] = ("registry.test",),
+        on_incarnation: Any = None,
+    ) -> Heartbeat:
         store = (
             self.stores[node_id]
             if node_id in self.stores
@@ -72,18 +86,30 @@ class Harness:
         host = f"{node_id}.test"
         self.network.down.discard(host)
         self.network.serve(host, NodeAPI(node_id, store).resource())
-        heartbeat = Heartbeat(self.registry_client(), node_id, f"http://{host}", incarnation, self.clock)
-        self.heartbeats[node_id] = heartbeat
-        heartbeat.start()
+        beats = [
+            Heartbeat(
+                self.registry_client(registry),
+                node_id,
+                f"http://{host}",
+                incarnation,
+                self.clock,
+                on_incarnation=on_incarnation,
+            )
+            for registry in registries
+        ]
+        self.heartbeats[node_id], self.beats[node_id] = beats[0], beats
+        for heartbeat in beats:
+            heartbeat.start()
         self.settle()
-        return heartbeat
+        return beats[0]
 
     def crash_node(self, node_id: str) -> None:
         """The node's process dies: it stops answering and stops renewing."""
-        self.heartbeats[node_id]._stopped = True
-        pending = self.heartbeats[node_id]._pending
-        if pending is not None and pending.active():
-            pending.cancel()
+        for heartbeat in self.beats[node_id]:
+            heartbeat._stopped = True
+            pending = heartbeat._pending
+            if pending is not None and pending.active():
+                pending.cancel()
         self.network.down.add(f"{node_id}.test")
 
     def settle(self) -> None:
@@ -137,7 +163,7 @@ def test_nodes_register_at_start_and_the_gateway_sees_them(harness: Harness) -> 
     assert status == 200
     assert body == {
         "success": True,
-        "nodes": [{"id": n, "url": f"http://{n}.test", "weight": 1} for n in ("a", "b", "c")],
+        "nodes": [{"id": n, "url": f"http://{n}.test", "weight": 1, "status": "up"} for n in ("a", "b", "c")],
         "replicas": 3,
         "vnodes": 64,
         "write_quorum": 2,
@@ -176,17 +202,69 @@ def test_heartbeats_keep_a_live_node_registered_past_many_ttls(harness: Harness)
     assert harness.registry.is_member("a")
 
 
-def test_a_crashed_node_is_dropped_after_the_ttl_and_the_gateway_follows(harness: Harness) -> None:
+def test_a_crashed_node_is_marked_down_after_the_ttl_kept_on_the_ring_and_removed_by_delete(harness: Harness) -> None:
+    harness.watcher.start()
+    for node_id in ("a", "b", "c", "d"):
+        harness.start_node(node_id)
+    harness.advance(1)
+    owners = {f"k{i}": harness.cluster.owners(f"k{i}") for i in range(50)}
+    harness.crash_node("b")
+    harness.advance(TTL / 2)
+    assert harness.cluster.down == frozenset(), "still within the lease"
+    harness.advance(TTL)
+    assert set(harness.cluster.members) == {"a", "b", "c", "d"}, "down is not gone"
+    assert harness.cluster.down == {"b"} and harness.cluster.members["b"].status == "down"
+    assert {k: harness.cluster.owners(k) for k in owners} == owners, "no key moves when a node goes down"
+    assert [n["status"] for n in harness.gateway("GET", "/cluster")[1]["nodes"]] == ["up", "down", "up", "up"]
+    assert harness.call("DELETE", "http://registry.test/registry/nodes/b")[0] == 200  # an operator removes it
+    harness.advance(1)
+    assert set(harness.cluster.members) == {"a", "c", "d"} and harness.cluster.down == frozenset()
+
+
+def test_a_down_node_is_forgotten_after_forget_after(harness: Harness) -> None:
+    harness.registry.forget_after = 30.0
     harness.watcher.start()
     harness.start_node("a")
     harness.start_node("b")
     harness.advance(1)
-    assert set(harness.cluster.members) == {"a", "b"}
     harness.crash_node("b")
-    harness.advance(TTL / 2)
-    assert set(harness.cluster.members) == {"a", "b"}, "still within the lease"
-    harness.advance(TTL)
+    harness.advance(TTL + 25)
+    assert harness.cluster.down == {"b"}
+    harness.advance(10)
     assert set(harness.cluster.members) == {"a"}
+
+
+def test_a_node_back_from_down_is_up_again_and_catches_up_through_repair(harness: Harness) -> None:
+    harness.watcher.start()
+    for node_id in ("a", "b", "c", "d"):
+        harness.start_node(node_id)
+    harness.advance(1)
+    keys = [f"k{i}" for i in range(40)]
+    mine = [k for k in keys if "c" in harness.cluster.owners(k)]
+    harness.crash_node("c")
+    harness.advance(TTL + 1)
+    assert harness.cluster.down == {"c"}
+    for key in keys:
+        assert harness.gateway("PUT", f"/kv/{key}", b"while-c-was-down")[0] == 200
+    sweep(harness)  # a sweep while c is down drops no hinted copy and pushes nothing to c...
+    assert harness.repairer.progress.last_error is None, "...and is not cut short by c"
+    held = sum(1 for k in mine for n in ("a", "b", "d") if harness.stores[n].entry(k) is not None)
+    assert held == 3 * len(mine), "each of c's keys is on its two live owners and on one fallback"
+    harness.start_node("c", incarnation=2)
+    harness.advance(1)
+    assert harness.cluster.down == frozenset()
+    sweep(harness)
+    sweep(harness)
+    for key in keys:
+        holders = {n for n, store in harness.stores.items() if store.entry(key) is not None}
+        assert holders == set(harness.cluster.owners(key)), key
+        assert harness.stores["c"].entry(key) is None or harness.stores["c"].entry(key)[0] == "while-c-was-down"  # type: ignore[index]
+
+
+def sweep(harness: Harness) -> None:
+    d = ensureDeferred(harness.repairer.sweep())
+    harness.settle()
+    assert d.called, "the sweep did not finish"
 
 
 def test_a_stopped_node_leaves_at_once(harness: Harness) -> None:
@@ -280,3 +358,159 @@ def test_owners_list_replicas_distinct_nodes_first_owner_first(harness: Harness)
     assert status == 200 and body["key"] == "a/b"
     assert len(body["nodes"]) == 3 and len(set(body["nodes"])) == 3
     assert body["nodes"][0] == harness.cluster.ring.owner("a/b")
+
+
+def test_a_node_restored_from_an_older_data_dir_moves_past_the_incarnation_the_registry_saw(harness: Harness) -> None:
+    harness.watcher.start()
+    harness.start_node("a")
+    first = harness.start_node("b", incarnation=3)
+    harness.settle()
+    stopped = ensureDeferred(first.stop())
+    harness.settle()
+    assert stopped.called and not harness.registry.is_member("b")
+    persisted: list[int] = []
+    with capturedLogs() as events:
+        restored = harness.start_node("b", incarnation=2, on_incarnation=persisted.append)  # an older copy
+        harness.advance(1)
+    assert persisted == [4], "the new incarnation is handed over to be kept in the data dir"
+    assert restored.incarnation == 4
+    member = harness.registry.member("b")
+    assert member is not None and member.up and member.incarnation == 4
+    assert set(harness.cluster.members) == {"a", "b"} and harness.cluster.down == frozenset()
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "kvd.membership"]
+    moved = [line for line in lines if "incarnation 3" in line and "incarnation 4" in line]
+    assert len(moved) == 1, lines
+    harness.advance(TTL * 3)
+    assert persisted == [4] and harness.registry.is_up("b"), "it stays registered, without moving again"
+
+
+def test_a_409_that_names_no_incarnation_is_retried_with_backoff_as_before(harness: Harness) -> None:
+    harness.network.serve("old-registry.test", Refuses())
+    persisted: list[int] = []
+    heartbeat = Heartbeat(
+        RegistryClient(harness.peers, "http://old-registry.test"),
+        "b",
+        "http://b.test",
+        2,
+        harness.clock,
+        on_incarnation=persisted.append,
+    )
+    heartbeat.start()
+    harness.advance(5)
+    heartbeat._stopped = True
+    assert persisted == [] and heartbeat.incarnation == 2 and heartbeat._outage is not None
+
+
+class Refuses(Resource):
+    """A registry of before restores could rejoin: its 409 does not say which incarnation it saw."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(409)
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"success": false, "error": "Node b incarnation 2 is older than incarnation 3"}'
+
+
+def two_registries(harness: Harness) -> tuple[Registry, Union]:
+    second = harness.add_registry("registry2.test")
+    merged = Union(harness.cluster.update)
+    merged.follow(harness.registry_client("registry.test"), harness.clock, wait=5.0)
+    merged.follow(harness.registry_client("registry2.test"), harness.clock, wait=5.0)
+    merged.start()
+    return second, merged
+
+
+BOTH = ("registry.test", "registry2.test")
+
+
+def test_with_two_registries_losing_either_changes_nothing_and_nodes_still_join(harness: Harness) -> None:
+    second, merged = two_registries(harness)
+    try:
+        for node_id in ("a", "b"):
+            harness.start_node(node_id, registries=BOTH)
+        harness.advance(1)
+        assert {m.id for m in second.members()} == {m.id for m in harness.registry.members()} == {"a", "b"}
+        assert set(harness.cluster.members) == {"a", "b"}
+        assert harness.gateway("PUT", "/kv/k", b"v")[0] == 200
+
+        harness.network.down.add("registry.test")  # the first registry dies and stays down
+        harness.advance(TTL * 2)
+        assert set(harness.cluster.members) == {"a", "b"} and harness.cluster.down == frozenset()
+        harness.start_node("c", registries=BOTH)  # a node started afterwards still joins, through the other
+        harness.advance(1)
+        assert set(harness.cluster.members) == {"a", "b", "c"} and harness.cluster.down == frozenset()
+        assert harness.gateway("PUT", "/kv/k2", b"v2")[0] == 200
+        assert harness.gateway("GET", "/kv/k")[1]["value"] == "v"
+
+        harness.crash_node("b")  # the live registry still tells the gateway about an outage
+        harness.advance(TTL + 1)
+        assert harness.cluster.down == {"b"}
+    finally:
+        merged.stop()
+
+
+def test_with_two_registries_a_member_is_up_if_either_says_so_and_the_union_is_taken(harness: Harness) -> None:
+    second, merged = two_registries(harness)
+    try:
+        harness.start_node("a", registries=BOTH)
+        harness.start_node("only1", registries=("registry.test",))
+        harness.start_node("only2", registries=("registry2.test",))
+        harness.advance(1)
+        assert set(harness.cluster.members) == {"a", "only1", "only2"}
+        # a's lease runs out in the first registry only (say, a network path to it is cut)
+        for heartbeat in harness.beats["a"][:1]:
+            heartbeat._stopped = True
+            if heartbeat._pending is not None and heartbeat._pending.active():
+                heartbeat._pending.cancel()
+        harness.advance(TTL + 1)
+        assert not harness.registry.is_up("a") and second.is_up("a")
+        assert harness.cluster.down == frozenset(), "up in one registry is up"
+    finally:
+        merged.stop()
+
+
+def test_with_every_registry_gone_the_gateway_serves_from_the_last_union(harness: Harness) -> None:
+    second, merged = two_registries(harness)
+    try:
+        harness.start_node("a", registries=BOTH)
+        harness.start_node("b", registries=BOTH)
+        harness.advance(1)
+        harness.network.down.update(BOTH)
+        harness.advance(TTL * 2)
+        assert set(harness.cluster.members) == {"a", "b"} and harness.cluster.down == frozenset()
+        assert harness.gateway("PUT", "/kv/k", b"v")[0] == 200
+    finally:
+        merged.stop()
+
+
+def test_a_listing_without_statuses_lists_members_up_and_unknown_statuses_read_as_up() -> None:
+    listing = [
+        {"id": "a", "url": "http://a/"},
+        {"id": "b", "url": "http://b", "status": "down"},
+        {"id": "c", "url": "http://c", "status": "sideways"},
+        {"id": "d", "url": "http://d", "weight": True},
+    ]
+    assert parse_members(listing) == {
+        "a": NodeInfo("a", "http://a"),
+        "b": NodeInfo("b", "http://b", 1, "down"),
+        "c": NodeInfo("c", "http://c"),
+    }
+
+
+def test_the_union_has_every_member_up_if_any_listing_has_it_up() -> None:
+    first = {"a": NodeInfo("a", "http://a1", 1, "down"), "b": NodeInfo("b", "http://b1", 1, "down")}
+    second = {"a": NodeInfo("a", "http://a2"), "c": NodeInfo("c", "http://c2", 1, "down")}
+    assert union([first, second]) == {
+        "a": NodeInfo("a", "http://a2"),
+        "b": NodeInfo("b", "http://b1", 1, "down"),
+        "c": NodeInfo("c", "http://c2", 1, "down"),
+    }
+    assert union([]) == {}
+
+
+def test_a_raised_incarnation_is_kept_in_the_data_dir_and_never_lowered(tmp_path: Path) -> None:
+    assert next_incarnation(str(tmp_path)) == 1
+    assert raise_incarnation(str(tmp_path), 4) == 4
+    assert raise_incarnation(str(tmp_path), 2) == 4
+    assert next_incarnation(str(tmp_path)) == 5, "the next start counts on from the raised one"

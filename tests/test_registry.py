@@ -107,6 +107,7 @@ def test_new_url_weight_or_incarnation_is_a_change(
         "id": "n",
         "url": second["url"],
         "weight": second.get("weight", 1),
+        "status": "up",
     }
     assert member.incarnation == second.get("incarnation", 0)
 
@@ -149,15 +150,76 @@ def test_members_are_sorted_by_id() -> None:
 # Leases and expiry
 
 
-def test_member_is_alive_until_the_lease_ends_and_gone_exactly_at_ttl() -> None:
+def test_member_is_up_until_the_lease_ends_and_down_exactly_at_ttl() -> None:
     registry = Registry(ttl=TTL)
     registry.register("n", body(), now=100.0)
     assert registry.expire(100.0 + TTL - 1e-6) == []
-    assert registry.is_member("n")
+    assert registry.is_up("n")
     assert registry.index == 2
     assert registry.expire(100.0 + TTL) == ["n"]
-    assert not registry.is_member("n")
+    assert registry.is_member("n") and not registry.is_up("n"), "down is not gone"
+    assert registry.member("n") == Member("n", URL_A, 1, 0, 100.0 + TTL, "down")
     assert registry.index == 3
+
+
+def test_a_down_member_is_forgotten_exactly_forget_after_seconds_after_its_lease_ended() -> None:
+    registry = Registry(ttl=TTL, forget_after=60.0)
+    registry.register("n", body(), now=0.0)
+    assert registry.expire(TTL) == ["n"]
+    assert registry.expire(TTL + 60.0 - 1e-6) == []
+    assert registry.is_member("n") and registry.index == 3
+    assert registry.expire(TTL + 60.0) == ["n"]
+    assert not registry.is_member("n")
+    assert registry.index == 4
+
+
+def test_a_member_down_and_due_to_be_forgotten_in_one_sweep_moves_the_index_once() -> None:
+    registry = Registry(ttl=TTL, forget_after=1.0)
+    registry.register("n", body(), now=0.0)
+    assert registry.expire(TTL + 5.0) == ["n"]
+    assert registry.members() == [] and registry.index == 3
+
+
+def test_a_renewal_of_a_down_member_marks_it_up_and_moves_the_index() -> None:
+    registry = Registry(ttl=TTL)
+    registry.register("n", body(), now=0.0)
+    registry.expire(TTL)
+    assert registry.register("n", body(), now=TTL + 1) is True
+    assert registry.member("n") == Member("n", URL_A, 1, 0, 2 * TTL + 1, "up")
+    assert registry.index == 4
+
+
+def test_a_renewal_after_the_lease_ended_keeps_the_member_from_being_forgotten() -> None:
+    registry = Registry(ttl=TTL, forget_after=5.0)
+    registry.register("n", body(), now=0.0)
+    registry.expire(TTL)
+    registry.register("n", body(), now=TTL + 4)
+    assert registry.expire(TTL + 6) == []
+    assert registry.is_up("n")
+
+
+def test_a_down_member_leaves_by_delete() -> None:
+    registry = Registry(ttl=TTL)
+    registry.register("n", body(), now=0.0)
+    registry.expire(TTL)
+    assert registry.leave("n", now=TTL + 1) is True
+    assert not registry.is_member("n") and registry.index == 4
+
+
+def test_members_and_snapshot_filter_by_status() -> None:
+    registry = Registry(ttl=TTL)
+    registry.register("a", body(), now=0.0)
+    registry.register("b", body(URL_B), now=5.0)
+    registry.expire(TTL)
+    assert [m.id for m in registry.members("up")] == ["b"]
+    assert [m.id for m in registry.members("down")] == ["a"]
+    assert registry.snapshot("up") == {"index": 4, "nodes": [{"id": "b", "url": URL_B, "weight": 1, "status": "up"}]}
+
+
+@pytest.mark.parametrize("forget_after", [0, -1, float("inf"), float("nan"), True])
+def test_forget_after_must_be_a_positive_finite_number(forget_after: float) -> None:
+    with pytest.raises(ValueError):
+        Registry(ttl=TTL, forget_after=forget_after)
 
 
 def test_renewal_extends_the_lease() -> None:
@@ -167,6 +229,7 @@ def test_renewal_extends_the_lease() -> None:
     assert registry.expire(TTL) == []
     assert registry.is_member("n")
     assert registry.expire(8.0 + TTL) == ["n"]
+    assert not registry.is_up("n")
 
 
 def test_expiring_several_members_moves_index_once() -> None:
@@ -175,7 +238,7 @@ def test_expiring_several_members_moves_index_once() -> None:
     registry.register("b", body(URL_B), now=1.0)
     registry.register("c", body(), now=5.0)
     assert registry.expire(12.0) == ["a", "b"]
-    assert [m.id for m in registry.members()] == ["c"]
+    assert [(m.id, m.status) for m in registry.members()] == [("a", "down"), ("b", "down"), ("c", "up")]
     assert registry.index == 5
 
 
@@ -190,7 +253,8 @@ def test_expire_with_nothing_due_does_not_move_index() -> None:
 def test_heartbeat_after_lease_ended_is_a_rejoin_even_before_expire_runs() -> None:
     """
     The answer does not depend on when the expiry timer last ran: a lease
-    that ended is dropped (one change) and the heartbeat joins (another).
+    that ended marks the member down (one change) and the heartbeat marks
+    it up again (another).
     """
     registry = Registry(ttl=TTL)
     registry.register("n", body(), now=0.0)
@@ -199,19 +263,19 @@ def test_heartbeat_after_lease_ended_is_a_rejoin_even_before_expire_runs() -> No
     assert registry.member("n") == Member("n", URL_A, 1, 0, 2 * TTL)
 
 
-def test_registering_drops_other_members_whose_lease_ended() -> None:
+def test_registering_marks_down_other_members_whose_lease_ended() -> None:
     registry = Registry(ttl=TTL)
     registry.register("old", body(), now=0.0)
     registry.register("new", body(URL_B), now=TTL)
-    assert [m.id for m in registry.members()] == ["new"]
+    assert [(m.id, m.status) for m in registry.members()] == [("new", "up"), ("old", "down")]
 
 
-def test_leave_after_lease_ended_returns_false() -> None:
+def test_leave_after_lease_ended_removes_the_down_member() -> None:
     registry = Registry(ttl=TTL)
     registry.register("n", body(), now=0.0)
-    assert registry.leave("n", now=TTL) is False
+    assert registry.leave("n", now=TTL) is True
     assert not registry.is_member("n")
-    assert registry.index == 3
+    assert registry.index == 4, "marked down, then removed"
 
 
 def test_next_expiry_is_the_earliest_lease_end() -> None:
@@ -271,8 +335,18 @@ def test_older_incarnation_is_rejected_after_expiry() -> None:
     registry.expire(TTL)
     with pytest.raises(StaleIncarnation):
         registry.register("n", body(incarnation=4), now=TTL + 1)
-    assert not registry.is_member("n")
+    assert registry.member("n") == Member("n", URL_A, 1, 5, TTL, "down")
     assert registry.index == 3
+
+
+def test_older_incarnation_is_rejected_after_the_member_is_forgotten() -> None:
+    registry = Registry(ttl=TTL, forget_after=1.0)
+    registry.register("n", body(incarnation=5), now=0.0)
+    registry.expire(TTL + 1)
+    assert not registry.is_member("n")
+    with pytest.raises(StaleIncarnation) as raised:
+        registry.register("n", body(incarnation=4), now=TTL + 2)
+    assert raised.value.current == 5
 
 
 def test_rejected_incarnation_does_not_even_expire_other_members() -> None:
@@ -322,14 +396,17 @@ def test_leave_from_current_or_newer_incarnation_is_accepted(
     assert not registry.is_member("n")
 
 
-def test_leave_from_older_incarnation_after_lease_ended_is_not_refused() -> None:
+def test_leave_from_older_incarnation_after_lease_ended_is_refused() -> None:
     """
-    The member is gone by then anyway, so there is nothing to protect.
+    A member whose lease ended is down, not gone: a late leave from an older
+    process must not remove it.
     """
     registry = Registry(ttl=TTL)
     registry.register("n", body(incarnation=2), now=0.0)
-    assert registry.leave("n", now=TTL, incarnation=1) is False
-    assert registry_state(registry) == (3, [])
+    before = registry_state(registry)
+    with pytest.raises(StaleIncarnation):
+        registry.leave("n", now=TTL, incarnation=1)
+    assert registry_state(registry) == before
 
 
 def test_leave_with_incarnation_for_unknown_node_returns_false() -> None:
@@ -473,8 +550,8 @@ def test_snapshot_has_exactly_the_design_shape() -> None:
     assert registry.snapshot() == {
         "index": 3,
         "nodes": [
-            {"id": "a", "url": URL_A, "weight": 1},
-            {"id": "b", "url": URL_B, "weight": 3},
+            {"id": "a", "url": URL_A, "weight": 1, "status": "up"},
+            {"id": "b", "url": URL_B, "weight": 3, "status": "up"},
         ],
     }
 
@@ -536,7 +613,7 @@ def test_wait_is_not_woken_by_rejected_requests() -> None:
 
 def test_all_waiters_fire_once_with_the_final_index() -> None:
     """
-    A heartbeat after its lease ended is two changes (expiry, join); the
+    A heartbeat after its lease ended is two changes (down, up); the
     waiters fire once, after both, and see the final membership.
     """
     registry = Registry(ttl=TTL)
@@ -546,7 +623,7 @@ def test_all_waiters_fire_once_with_the_final_index() -> None:
     for d in waits:
         d.addCallback(lambda index: seen.append((index, registry.snapshot())))
     registry.register("n", body(), now=TTL)
-    final = (4, {"index": 4, "nodes": [{"id": "n", "url": URL_A, "weight": 1}]})
+    final = (4, {"index": 4, "nodes": [{"id": "n", "url": URL_A, "weight": 1, "status": "up"}]})
     assert seen == [final] * 3
 
 
@@ -615,8 +692,8 @@ def registry_log_lines(events: Sequence[LogEvent]) -> list[str]:
     return [formatEvent(event) for event in events if event.get("log_namespace") == "kvd.registry"]
 
 
-def test_join_leave_and_expiry_are_logged_but_renewals_are_not() -> None:
-    registry = Registry(ttl=TTL)
+def test_join_leave_down_and_forget_are_logged_but_renewals_are_not() -> None:
+    registry = Registry(ttl=TTL, forget_after=5.0)
     with capturedLogs() as events:
         registry.register("a", body(URL_A), now=0.0)
         registry.register("b", body(URL_B), now=0.0)
@@ -624,13 +701,15 @@ def test_join_leave_and_expiry_are_logged_but_renewals_are_not() -> None:
         assert len(registry_log_lines(events)) == 2
         registry.leave("a", now=2.0)
         registry.expire(TTL)
+        registry.expire(TTL + 5.0)
     lines = registry_log_lines(events)
-    assert len(lines) == 4
-    joined_a, joined_b, left, expired = lines
+    assert len(lines) == 5
+    joined_a, joined_b, left, down, forgotten = lines
     assert "a" in joined_a and "joined" in joined_a and URL_A in joined_a
     assert "b" in joined_b and URL_B in joined_b
     assert "left" in left and URL_A in left
-    assert "expired" in expired and URL_B in expired
+    assert "down" in down and URL_B in down
+    assert "forgotten" in forgotten and URL_B in forgotten
     assert events[-1]["node_id"] == "b"
 
 
@@ -656,6 +735,7 @@ leave_ops = st.tuples(
     st.sampled_from(TIME_STEPS),
 )
 expire_ops = st.tuples(st.just("expire"), st.sampled_from(TIME_STEPS))
+FORGET = 2 * TTL
 
 
 class Model:
@@ -666,31 +746,38 @@ class Model:
     def __init__(self) -> None:
         self.now = 0.0
         self.changes = 0
-        # id -> (url, weight, incarnation, expires)
-        self.members: dict[str, tuple[str, int, int, float]] = {}
+        # id -> (url, weight, incarnation, expires, status)
+        self.members: dict[str, tuple[str, int, int, float, str]] = {}
         self.highest: dict[str, int] = {}
 
-    def expire(self) -> None:
-        ended = [i for i, m in self.members.items() if m[3] <= self.now]
-        for node_id in ended:
-            del self.members[node_id]
-        if ended:
+    def expire(self) -> list[str]:
+        changed = []
+        for node_id, m in sorted(self.members.items()):
+            if m[4] == "up" and m[3] <= self.now:
+                self.members[node_id] = (*m[:4], "down")
+                changed.append(node_id)
+            if m[3] + FORGET <= self.now:
+                del self.members[node_id]
+                if node_id not in changed:
+                    changed.append(node_id)
+        if changed:
             self.changes += 1
+        return changed
 
     def register(self, node_id: str, url: str, weight: int, inc: int) -> bool | str:
         if inc < self.highest.get(node_id, 0):
             return "stale"
         self.expire()
         old = self.members.get(node_id)
-        self.members[node_id] = (url, weight, inc, self.now + TTL)
+        self.members[node_id] = (url, weight, inc, self.now + TTL, "up")
         self.highest[node_id] = inc
-        changed = old is None or old[:3] != (url, weight, inc)
+        changed = old is None or old[:3] != (url, weight, inc) or old[4] == "down"
         self.changes += changed
         return changed
 
     def leave(self, node_id: str, inc: int | None) -> bool | str:
         old = self.members.get(node_id)
-        if inc is not None and old and old[3] > self.now and inc < old[2]:
+        if inc is not None and old and inc < old[2]:
             return "stale"
         self.expire()
         removed = self.members.pop(node_id, None) is not None
@@ -708,7 +795,7 @@ def test_index_counts_exactly_the_membership_changes(
     changes, never goes back, the members match a simple model, and a
     long poll on the index before each request fires iff the index moved.
     """
-    registry = Registry(ttl=TTL)
+    registry = Registry(ttl=TTL, forget_after=FORGET)
     model = Model()
     for op in ops:
         model.now += op[-1]  # type: ignore[operator]
@@ -736,9 +823,8 @@ def test_index_counts_exactly_the_membership_changes(
                 outcome = "stale"
             assert outcome == expected
         else:
-            expected_dropped = sorted(i for i, m in model.members.items() if m[3] <= model.now)
-            model.expire()
-            assert registry.expire(model.now) == expected_dropped
+            expected_changed = model.expire()
+            assert registry.expire(model.now) == expected_changed
 
         assert registry.index == 1 + model.changes
         assert registry.index >= before

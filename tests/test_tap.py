@@ -151,8 +151,19 @@ def test_a_registry_parses_to_its_whole_config() -> None:
     assert parse("--role", "registry", "--ttl", "2.5", "--access-log", "--ca-cert", "ca.pem").config == RegistryConfig(
         listen="tcp:8500:interface=127.0.0.1",
         ttl=2.5,
+        forget_after=3600.0,
         **{**COMMON, "access_log": True, "ca_cert": "ca.pem"},
     )
+
+
+def test_forget_after_is_a_registry_and_dev_option(capsys: pytest.CaptureFixture[str]) -> None:
+    config = parse("--role", "registry", "--forget-after", "60").config
+    assert isinstance(config, RegistryConfig) and config.forget_after == 60.0
+    assert parse("--role", "dev", "--forget-after", "7").config.forget_after == 7.0  # type: ignore[attr-defined]
+    for argv in (("--role", "registry", "--forget-after", "0"), ("--role", "gateway", "--forget-after", "60")):
+        with pytest.raises(SystemExit):
+            parse(*argv)
+        assert "--forget-after" in capsys.readouterr().err
 
 
 def test_a_gateway_parses_to_its_whole_config() -> None:
@@ -190,6 +201,7 @@ def test_a_small_dev_cluster_shrinks_its_replicas_and_quorums() -> None:
         data_dir="./kvd-data",
         nodes=1,
         ttl=10.0,
+        forget_after=3600.0,
         vnodes=DEFAULT_VNODES,
         replicas=1,
         read_quorum=1,

@@ -2,7 +2,9 @@
 The gateway's view of the cluster: who the members are, and which of them own a key.
 
 The membership comes in from a L{kvd.membership.Watcher} (or a static list); the ring is
-rebuilt when ids or weights change. Work that spans many keys (a repair sweep) takes one
+rebuilt when ids or weights change. The ring holds every member, up or down (a member whose
+lease ran out is "down", not gone), so keys move only when a member joins or is removed;
+L{Cluster.down} says which members the registry reports down. Work that spans many keys (a repair sweep) takes one
 L{ClusterView}, so a membership change halfway through cannot mix two placements.
 """
 
@@ -34,6 +36,8 @@ class ClusterView:
     members: Mapping[str, NodeInfo]
     ring: Ring
     replicas: int
+    #: The members the registry reports down (still on the ring).
+    down: frozenset[str] = frozenset()
 
     def owners(self, key: str) -> list[str]:
         """The key's preference list, first owner first."""
@@ -60,6 +64,8 @@ class Cluster:
     replicas: int = DEFAULT_REPLICAS
     members: dict[str, NodeInfo] = field(factory=dict)
     ring: Ring = field(init=False)
+    #: The members the registry reports down: still members, still on the ring.
+    down: frozenset[str] = field(init=False, default=frozenset())
     _view: ClusterView = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -67,15 +73,22 @@ class Cluster:
         self.update(self.members, quiet=True)
 
     def update(self, members: Mapping[str, NodeInfo], quiet: bool = False) -> None:
-        """Take a new membership; the ring is rebuilt only when ids or weights changed."""
+        """
+        Take a new membership, members up and down alike; the ring is rebuilt only when ids or
+        weights changed (never for a change of status).
+        """
         weights = {m.id: m.weight for m in members.values()}
         if weights != dict(self.ring.nodes):
             self.ring = Ring(weights, vnodes=self.vnodes)
         self.members = dict(members)
-        self._view = ClusterView(self.members, self.ring, min(self.replicas, len(self.members)) or self.replicas)
+        self.down = frozenset(m.id for m in members.values() if not m.up)
+        self._view = ClusterView(
+            self.members, self.ring, min(self.replicas, len(self.members)) or self.replicas, self.down
+        )
         if not quiet:
             _log.info(
-                "cluster membership: {nodes}", nodes=", ".join(f"{m.id}={m.url}" for m in self.sorted()) or "none"
+                "cluster membership: {nodes}",
+                nodes=", ".join(f"{m.id}={m.url}{'' if m.up else ' (down)'}" for m in self.sorted()) or "none",
             )
 
     def view(self) -> ClusterView:

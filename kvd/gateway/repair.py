@@ -7,6 +7,10 @@ owner lacking it, drops keys from nodes that no longer own them once every owner
 and collects tombstones every owner holds once they are older than the grace period. One
 mechanism serves anti-entropy, catch-up after a node returns, handoff delivery and
 rebalancing after joins and leaves.
+
+A member the registry reports down is left out of a sweep: nothing is pushed to it or asked of
+it, and no key it owns is dropped from another node (its fallbacks keep the hinted copies until
+it is back and has them).
 """
 
 from __future__ import annotations
@@ -116,7 +120,9 @@ class Repairer:
         # One view of the cluster for the whole sweep: membership can change while it runs.
         if not view.members:
             return
-        clients = {node_id: self.nodes(node) for node_id, node in view.members.items()}
+        clients = {node_id: self.nodes(node) for node_id, node in view.members.items() if node_id not in view.down}
+        if not clients:
+            return
         now = self.now()
         if view.members != self._members or now >= self._next_full_pass:
             self._reconciled.clear()  # new owners, or time for a full pass: look at every range again
@@ -184,7 +190,7 @@ class Repairer:
             top = max(holders.values())
             sources[key] = next(n for n, v in holders.items() if v == top)
             owners = view.owners(key)
-            lacking = [o for o in owners if holders.get(o, "") < top]
+            lacking = [o for o in owners if o not in view.down and holders.get(o, "") < top]
             for owner in lacking:
                 pushes.setdefault(owner, []).append(key)
             for holder, version in holders.items():
@@ -217,9 +223,10 @@ class Repairer:
                 self.progress.keys_to_send -= len(items)
                 for key in chunk:
                     tallies[sources[key]].sent += 1
+        unsure = failed_targets | view.down
         for holder, held in drops.items():
-            # Only once every owner of the key has it (no push to an owner failed).
-            safe = [item for item in held if not failed_targets.intersection(view.owners(item[0]))]
+            # Only once every owner of the key has it (no push to an owner failed, no owner is down).
+            safe = [item for item in held if not unsure.intersection(view.owners(item[0]))]
             for part in _chunks(safe):
                 dropped = await clients[holder].drop(part)
                 self.progress.dropped += dropped

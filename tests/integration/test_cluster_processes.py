@@ -27,8 +27,8 @@ def eventually(check: Callable[[], bool], seconds: float = 15.0, what: str = "co
     raise AssertionError(f"{what} did not hold within {seconds}s")
 
 
-def member_ids(port: int) -> list[str]:
-    return [n["id"] for n in request(port, "GET", "/registry/nodes")[1]["nodes"]]
+def member_ids(port: int, path: str = "/registry/nodes") -> list[str]:
+    return [n["id"] for n in request(port, "GET", path)[1]["nodes"]]
 
 
 def start_cluster(processes: Processes, *gateway_options: str) -> tuple[Kvd, list[Kvd], Kvd]:
@@ -66,15 +66,23 @@ def test_head_through_the_gateway_answers_at_once(processes: Processes) -> None:
         connection.close()
 
 
-def test_a_killed_node_leaves_after_the_ttl(processes: Processes) -> None:
+def statuses(port: int, path: str) -> dict[str, str]:
+    return {n["id"]: n["status"] for n in request(port, "GET", path)[1]["nodes"]}
+
+
+def test_a_killed_node_is_marked_down_after_the_ttl_kept_and_removed_by_delete(processes: Processes) -> None:
     registry, nodes, gateway = start_cluster(processes)
+    owners = [request(gateway.port, "GET", f"/cluster/owners/k{i}")[1]["nodes"] for i in range(20)]
     nodes[1].kill()
-    eventually(lambda: member_ids(registry.port) == ["a", "c"], what="b expires from the registry")
-    eventually(
-        lambda: [n["id"] for n in request(gateway.port, "GET", "/cluster")[1]["nodes"]] == ["a", "c"],
-        what="the gateway drops b",
-    )
+    down = {"a": "up", "b": "down", "c": "up"}
+    eventually(lambda: statuses(registry.port, "/registry/nodes") == down, what="b is marked down in the registry")
+    assert member_ids(registry.port) == ["a", "b", "c"], "down is not gone"
+    assert list(statuses(registry.port, "/registry/nodes?status=up")) == ["a", "c"]
+    eventually(lambda: statuses(gateway.port, "/cluster") == down, what="the gateway sees b down")
+    assert [request(gateway.port, "GET", f"/cluster/owners/k{i}")[1]["nodes"] for i in range(20)] == owners
     assert request(gateway.port, "PUT", "/kv/after", b"x")[0] == 200
+    assert request(registry.port, "DELETE", "/registry/nodes/b")[0] == 200  # an operator removes it
+    eventually(lambda: member_ids(gateway.port, "/cluster") == ["a", "c"], what="the gateway drops b once removed")
 
 
 def test_two_of_three_replicas_down_is_a_503_never_a_silent_partial_success(processes: Processes) -> None:

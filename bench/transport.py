@@ -26,7 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import Server, can_pin, ensure_kvd_importable, free_port, machine, named_node_argv, report_quiet
+from checkout import ensure_kvd_importable
+from cores import can_pin
+from report import machine, report_quiet
+from servers import Server, free_port
 
 ensure_kvd_importable()
 
@@ -40,6 +43,7 @@ from twisted.web.http_headers import Headers  # noqa: E402
 from twisted.web.iweb import IBodyProducer  # noqa: E402
 from zope.interface import implementer  # noqa: E402
 
+from kvd.testing.processes import kvd_argv, node_args  # noqa: E402
 from kvd.versions import HybridClock  # noqa: E402
 
 reactor: Any = _reactor
@@ -246,7 +250,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvd-bench-transport-") as tmp:
         workdir = Path(tmp)
         port = free_port()
-        argv = named_node_argv(workdir, "n1", port, "--fsync", "never")
+        argv = kvd_argv(workdir / "n1.log", *node_args("n1", workdir / "n1", port, "--fsync", "never"))
         with Server("n1", argv, port, workdir, cpu=node_cpu):
             errors: list[Any] = []
             d = Deferred.fromCoroutine(measure(args, port))

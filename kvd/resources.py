@@ -411,7 +411,7 @@ class NodeAPI:
             raise Unavailable("this node takes no part in conditional writes")
         return self.acceptor
 
-    @routes.path("/internal/prepare", "POST")
+    @routes.path("/internal/prepare", "POST", fast=True)
     async def internal_prepare(self, request: IRequest) -> bytes:
         """Paxos prepare of {key, ballot}: the promise (once durable), the accepted proposal and the entry held."""
         body = json_request(request, '{"key": K, "ballot": B}')
@@ -431,7 +431,7 @@ class NodeAPI:
             },
         )
 
-    @routes.path("/internal/accept", "POST")
+    @routes.path("/internal/accept", "POST", fast=True)
     async def internal_accept(self, request: IRequest) -> bytes:
         """Paxos accept of {key, ballot, value, version}: whether it was accepted (once durable)."""
         body = json_request(request, '{"key": K, "ballot": B, "value": V, "version": VERSION}')

@@ -99,3 +99,78 @@ def parse_value(body: bytes, limit: int) -> str:
         return body.decode("utf-8")
     except UnicodeDecodeError:
         raise BadValue("a value must be UTF-8 text") from None
+
+
+class PreconditionFailed(ClientError):
+    """A conditional write's precondition does not hold; carries the key's current version (None: absent)."""
+
+    def __init__(self, message: str, current: str | None) -> None:
+        super().__init__(message)
+        self.current = current
+
+
+class Precondition:
+    """
+    What a conditional write needs of its key: C{If-Match} (a version, or C{*}: any live
+    entry) or C{If-None-Match: *} (absent).
+    """
+
+    __slots__ = ("absent", "match")
+
+    def __init__(self, match: str | None = None, absent: bool = False) -> None:
+        self.match = match
+        self.absent = absent
+
+    def __repr__(self) -> str:
+        return "If-None-Match: *" if self.absent else f"If-Match: {self.match}"
+
+    def check(self, value: str | None, version: str | None) -> None:
+        """
+        @param value: the key's current value (None: absent or a tombstone) and C{version} its version.
+        @raise PreconditionFailed: with the current version (None when not live) unless it holds.
+        """
+        current = version if value is not None else None
+        if self.absent:
+            if current is not None:
+                raise PreconditionFailed("If-None-Match: * failed: the key exists", current)
+        elif current is None:
+            raise PreconditionFailed("If-Match failed: the key does not exist", None)
+        elif self.match != "*" and self.match != current:
+            raise PreconditionFailed(f"If-Match failed: the current version is {current}", current)
+
+
+def _entity_tag(raw: str) -> str:
+    tag = raw.strip()
+    if tag.startswith("W/"):
+        tag = tag[2:]
+    if len(tag) >= 2 and tag[0] == tag[-1] == '"':
+        tag = tag[1:-1]
+    if not tag or '"' in tag or "," in tag:
+        raise ClientError(f'If-Match takes one version, as "VERSION" or *: not {raw!r}')
+    return tag
+
+
+def parse_precondition(
+    if_match: bytes | None, if_none_match: bytes | None, delete: bool = False
+) -> Precondition | None:
+    """
+    The precondition of a PUT or DELETE from its C{If-Match} and C{If-None-Match} headers (None: none).
+
+    C{If-Match} takes one version, quoted or not, a C{W/} prefix ignored, or C{*};
+    C{If-None-Match} takes only C{*}, and only on a PUT.
+
+    @raise ClientError: when the headers are not one of those.
+    """
+    if if_match is None and if_none_match is None:
+        return None
+    if if_match is not None and if_none_match is not None:
+        raise ClientError("give If-Match or If-None-Match, not both")
+    if if_none_match is not None:
+        if delete:
+            raise ClientError("a DELETE takes If-Match, not If-None-Match")
+        if if_none_match.strip() != b"*":
+            raise ClientError("If-None-Match takes only *: write only if the key is absent")
+        return Precondition(absent=True)
+    assert if_match is not None
+    raw = if_match.decode("utf-8", "replace")
+    return Precondition("*" if raw.strip() == "*" else _entity_tag(raw))

@@ -33,6 +33,7 @@ from werkzeug.routing import BaseConverter
 
 from kvd import paths
 from kvd.auth import Auth
+from kvd.gateway.cas import Proposer
 from kvd.gateway.cluster import Cluster
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.quorum import QuorumFailed
@@ -44,17 +45,22 @@ from kvd.keys import (
     BadKey,
     ClientError,
     NotFound,
+    Precondition,
+    PreconditionFailed,
     Unavailable,
     ValueTooLarge,
     check_key,
     parse_key,
+    parse_precondition,
     parse_value,
 )
 from kvd.metrics import CONTENT_TYPE, Metrics
+from kvd.paxos import Acceptor, Proposal
 from kvd.registry import STATUSES as MEMBER_STATUSES
 from kvd.registry import InvalidRegistration, Registry, StaleIncarnation, Status
 from kvd.store import BUCKETS, BadBatch, Entry, Store, StoreError
 from kvd.validate import Invalid, number
+from kvd.versions import is_version
 from kvd.web import json_body
 
 _log = Logger()
@@ -66,6 +72,7 @@ DEFAULT_WAIT = 30.0
 STATUSES: tuple[tuple[type[BaseException], int], ...] = (
     (NotFound, 404),
     (ValueTooLarge, 413),
+    (PreconditionFailed, 412),
     (ClientError, 400),
     (InvalidRegistration, 400),
     (BadBatch, 400),
@@ -126,6 +133,10 @@ def _number_arg(request: IRequest, name: bytes, kind: type[float] | type[int]) -
         raise ClientError(str(e)) from None
 
 
+def _precondition(request: IRequest, delete: bool = False) -> Precondition | None:
+    return parse_precondition(request.getHeader(b"if-match"), request.getHeader(b"if-none-match"), delete)
+
+
 def render_error(request: IRequest, failure: Failure, key: str | None = None) -> bytes:
     """The error table at work: a failure becomes a status and a JSON body."""
     error = failure.value
@@ -149,6 +160,8 @@ def render_error(request: IRequest, failure: Failure, key: str | None = None) ->
         body["error"] = f"method not allowed here; allowed: {allowed}"
     else:
         body["error"] = str(error)
+    if isinstance(error, PreconditionFailed):
+        body["version"] = error.current
     if isinstance(error, QuorumFailed):
         body["answered"], body["needed"] = error.answered, error.needed
     if isinstance(error, StaleIncarnation):
@@ -355,6 +368,8 @@ class NodeAPI:
     auth: Auth = field(factory=Auth)
     #: The last repair sweep's report of what it moved for this node, if any.
     rebalance: RepairReport | None = None
+    #: The Paxos acceptor for gateways' conditional writes (None: this node takes no part in them).
+    acceptor: Acceptor | None = None
 
     routes = Routes()
 
@@ -368,20 +383,71 @@ class NodeAPI:
 
     @routes.key(paths.KV, "PUT", fast=True)
     async def put(self, request: IRequest, key: str) -> bytes:
+        precondition = _precondition(request)
         value = parse_value(request.content.read(), self.max_value_bytes)
+        if precondition is not None:
+            # Checked and written in one step on the reactor: nothing comes between.
+            self._check(key, precondition)
         version = await self.store.put(key, value)
         return _versioned(request, {"success": True, "key": key, "value": value, "version": version})
 
     @routes.key(paths.KV, "DELETE", fast=True)
     async def delete(self, request: IRequest, key: str) -> bytes:
+        precondition = _precondition(request, delete=True)
+        if precondition is not None:
+            self._check(key, precondition)
         deleted = self.store.delete(key)
         if deleted is None:
             raise NotFound("no such key")
         await deleted
         return _json(request, {"success": True, "key": key})
 
+    def _check(self, key: str, precondition: Precondition) -> None:
+        entry = self.store.entry(key)
+        precondition.check(*(entry if entry is not None else (None, None)))
+
     # The internal API: what gateways use to replicate, read and repair. Batches, so one
     # request carries many keys. Its client is kvd.gateway.nodes.
+
+    def _acceptor(self) -> Acceptor:
+        if self.acceptor is None:
+            raise Unavailable("this node takes no part in conditional writes")
+        return self.acceptor
+
+    @routes.path("/internal/prepare", "POST", fast=True)
+    async def internal_prepare(self, request: IRequest) -> bytes:
+        """Paxos prepare of {key, ballot}: the promise (once durable), the accepted proposal and the entry held."""
+        body = json_request(request, '{"key": K, "ballot": B}')
+        if not (isinstance(body, dict) and isinstance(body.get("ballot"), str)):
+            raise ClientError('the body must be {"key": K, "ballot": B}')
+        key = check_key(body.get("key"))
+        promise = await self._acceptor().prepare(key, body["ballot"])
+        entry = self.store.entry(key)
+        return _json(
+            request,
+            {
+                "success": True,
+                "promised": promise.promised,
+                "ballot": promise.ballot,
+                "accepted": None if promise.accepted is None else promise.accepted.to_json(),
+                "entry": None if entry is None else list(entry),
+            },
+        )
+
+    @routes.path("/internal/accept", "POST", fast=True)
+    async def internal_accept(self, request: IRequest) -> bytes:
+        """Paxos accept of {key, ballot, value, version}: whether it was accepted (once durable)."""
+        body = json_request(request, '{"key": K, "ballot": B, "value": V, "version": VERSION}')
+        if not (
+            isinstance(body, dict)
+            and isinstance(body.get("ballot"), str)
+            and (body.get("value") is None or isinstance(body.get("value"), str))
+            and is_version(body.get("version"))
+        ):
+            raise ClientError('the body must be {"key": K, "ballot": B, "value": V or null, "version": VERSION}')
+        key = check_key(body.get("key"))
+        accepted, ballot = await self._acceptor().accept(key, Proposal(body["ballot"], body["value"], body["version"]))
+        return _json(request, {"success": True, "accepted": accepted, "ballot": ballot})
 
     @routes.path("/internal/apply", "POST", fast=True)
     async def internal_apply(self, request: IRequest) -> bytes:
@@ -532,8 +598,15 @@ class GatewayAPI:
     metrics: Metrics = field(factory=Metrics)
     auth: Auth = field(factory=Auth)
     repairer: Repairer | None = None
+    #: Conditional writes (None: the gateway answers them 503).
+    proposer: Proposer | None = None
 
     routes = Routes()
+
+    def _conditional(self, key: str, value: str | None, precondition: Precondition) -> Deferred[tuple[str, bool]]:
+        if self.proposer is None:
+            raise Unavailable("this gateway takes no conditional writes")
+        return Deferred.fromCoroutine(self.proposer.write(key, value, precondition))
 
     @routes.key(paths.KV, "GET", fast=True)
     def get(self, request: IRequest, key: str) -> Deferred[bytes]:
@@ -547,11 +620,14 @@ class GatewayAPI:
 
     @routes.key(paths.KV, "PUT", fast=True)
     def put(self, request: IRequest, key: str) -> Deferred[bytes]:
+        precondition = _precondition(request)
         value = parse_value(request.content.read(), self.max_value_bytes)
 
         def render(written: tuple[str, bool]) -> bytes:
             return _versioned(request, {"success": True, "key": key, "value": value, "version": written[0]})
 
+        if precondition is not None:
+            return self._conditional(key, value, precondition).addCallback(render)
         return self.coordinator.write(key, value).addCallback(render)
 
     @routes.key(paths.KV, "DELETE", fast=True)
@@ -562,6 +638,9 @@ class GatewayAPI:
                 raise NotFound("no such key")
             return _versioned(request, {"success": True, "key": key, "version": version})
 
+        precondition = _precondition(request, delete=True)
+        if precondition is not None:
+            return self._conditional(key, None, precondition).addCallback(render)
         return self.coordinator.write(key, None).addCallback(render)
 
     @routes.path("/cluster", "GET")

@@ -37,6 +37,7 @@ from twisted.web.resource import IResource
 
 from kvd.auth import Auth, BadSecretFile, bearer, read_secret
 from kvd.gateway import Cluster
+from kvd.gateway.cas import Proposer
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.repair import Repairer
@@ -46,6 +47,7 @@ from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
 from kvd.membership import Heartbeat, NodeInfo, Union, Watcher
 from kvd.metrics import Metrics
 from kvd.options import Config, DevConfig, GatewayConfig, NodeConfig, RegistryConfig
+from kvd.paxos import Acceptor, committed_in
 from kvd.registry import Registry
 from kvd.registry_client import RegistryClient
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
@@ -332,11 +334,12 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
             fsync=config.fsync == "always",
         )
         incarnation = next_incarnation(config.data_dir)
+        acceptor = Acceptor.open(config.data_dir, committed_in(store), run=storage.run, fsync=config.fsync == "always")
     except StoreError as e:
         fail(str(e))
     except OSError as e:
         fail(f"cannot use data dir {config.data_dir}: {e}")
-    api = NodeAPI(config.node_id, store, config.max_value_bytes, node_metrics(store), creds.auth)
+    api = NodeAPI(config.node_id, store, config.max_value_bytes, node_metrics(store), creds.auth, acceptor=acceptor)
     listener = _listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics)
     services: list[service.Service] = [storage, listener]
     if not config.registry:
@@ -414,8 +417,15 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
     sweeps = TimerService(config.repair_interval, lambda: Deferred.fromCoroutine(repairer.sweep()))
     sweeps.clock = reactor
     services.append(sweeps)
+    proposer = Proposer(cluster, nodes, clock, reactor, config.write_quorum)
     api = GatewayAPI(
-        cluster, coordinator, config.max_value_bytes, gateway_metrics(cluster, repairer, skew), creds.auth, repairer
+        cluster,
+        coordinator,
+        config.max_value_bytes,
+        gateway_metrics(cluster, repairer, skew),
+        creds.auth,
+        repairer,
+        proposer,
     )
     services.append(_listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics))
     return services

@@ -113,11 +113,13 @@ class Peers:
         timeout: float | None = None,
         authorization: bytes | None = None,
         max_answer: int | None = None,
+        headers: bytes = b"",
     ) -> Deferred[Answer]:
         """
         Make one request and read the whole answer, within C{timeout} seconds in all.
 
         @param max_answer: a tighter cap on this answer than the pool's.
+        @param headers: more header lines, each ending in CRLF (a client's C{If-Match}, say).
         @raise PeerTimeout: when the time runs out.
         @raise PeerUnreachable: when the connection fails, or the answer is cut short, too
             large or badly framed.
@@ -129,7 +131,7 @@ class Peers:
         if target is None:
             return Deferred.fromCoroutine(_refuse(url))
         origin, path = target
-        d = Deferred.fromCoroutine(self.pool.call(origin, method, path, body, authorization, max_answer))
+        d = Deferred.fromCoroutine(self.pool.call(origin, method, path, body, authorization, max_answer, headers))
         d.addTimeout(limit, self.reactor)
         return d.addErrback(self._explain, url, limit, deadline)
 
@@ -411,13 +413,15 @@ class KeepAlivePool:
         body: bytes | None,
         authorization: bytes | None = None,
         max_answer: int | None = None,
+        headers: bytes = b"",
     ) -> Answer:
-        head = b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n" % (
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s%s\r\n" % (
             method.encode("ascii"),
             path.encode("ascii"),
             origin.host_header,
             len(body or b""),
             b"Authorization: %s\r\n" % authorization if authorization else b"",
+            headers,
         )
         has_body = method != "HEAD"
         idle = self._idle.setdefault(origin, [])

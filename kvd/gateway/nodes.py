@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred
 from kvd.internal import RepairReport
 from kvd.keys import BATCH_VALUE_BUDGET
 from kvd.membership import NodeInfo
+from kvd.paxos import Promise, Proposal
 from kvd.store import Entry
 from kvd.transport import Answer, PeerError, Peers
 
@@ -203,6 +204,43 @@ class NodeClient:
     def report(self, report: RepairReport) -> Deferred[None]:
         """Tell the node what the last repair sweep moved for it (its GET /node shows it)."""
         return self._call("progress", report.to_json(), lambda body: None)
+
+    # Paxos for conditional writes (see kvd.gateway.cas): one key a request.
+
+    def prepare(self, key: str, ballot: str) -> Deferred[tuple[Promise, tuple[str | None, str] | None]]:
+        """The node's promise (or refusal) of C{ballot} for C{key}, and the entry its store holds."""
+
+        def parse(body: Any) -> tuple[Promise, tuple[str | None, str] | None]:
+            promised, ballot, accepted, entry = body["promised"], body["ballot"], body["accepted"], body["entry"]
+            if not (isinstance(promised, bool) and isinstance(ballot, str)):
+                raise ValueError("promised")
+            proposal = None
+            if accepted is not None:
+                a_ballot, value, version = accepted
+                if not all(isinstance(x, str) for x in (a_ballot, version)) or not isinstance(value, (str, type(None))):
+                    raise ValueError("accepted")
+                proposal = Proposal(a_ballot, value, version)
+            found = None
+            if entry is not None:
+                value, version = entry
+                if not (isinstance(version, str) and (value is None or isinstance(value, str))):
+                    raise ValueError("entry")
+                found = (value, version)
+            return Promise(promised, ballot, proposal), found
+
+        return self._call("prepare", {"key": key, "ballot": ballot}, parse)
+
+    def accept(self, key: str, proposal: Proposal) -> Deferred[tuple[bool, str]]:
+        """Whether the node accepted the proposal, and the ballot it has promised."""
+
+        def parse(body: Any) -> tuple[bool, str]:
+            accepted, ballot = body["accepted"], body["ballot"]
+            if not (isinstance(accepted, bool) and isinstance(ballot, str)):
+                raise ValueError("accepted")
+            return accepted, ballot
+
+        body = {"key": key, "ballot": proposal.ballot, "value": proposal.value, "version": proposal.version}
+        return self._call("accept", body, parse)
 
     # One key at a time, batched: the quorum paths.
 

@@ -1,0 +1,158 @@
+"""
+Conditional writes through the gateway: single-decree Paxos per key over the key's N owners,
+as Cassandra's lightweight transactions (see docs/consistency.md).
+
+A round: mint a ballot (a version from the gateway's hybrid clock: milliseconds, counter,
+gateway id, so unique per gateway and ordered); I{prepare} it at a majority of the owners;
+their promises carry each one's accepted-but-uncommitted proposal and its current entry. An
+accepted proposal newer than every current entry is a round some proposer left unfinished:
+it is finished first (re-proposed under this ballot, then committed) and the round starts
+again. Otherwise the precondition is checked against the newest current entry, and the new
+entry, whose version is the ballot itself, is I{proposed} to the owners; once a majority
+accepted, it is I{committed}: written to the owners as a replicated write, answered after W.
+
+Fallbacks take no part: with fewer than a majority of owners answering, a conditional write
+is a 503. A round that loses to a higher ballot goes again after a short random pause, at
+most L{MAX_ROUNDS} times.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from kvd.gateway.cluster import Cluster, ClusterView
+from kvd.gateway.nodes import NodeClients, Written
+from kvd.gateway.quorum import Gathered, gather
+from kvd.keys import Precondition, Unavailable
+from kvd.paxos import Promise, Proposal
+from kvd.versions import HybridClock
+
+_log = Logger()
+
+#: Rounds a conditional write tries before it answers 503.
+MAX_ROUNDS = 12
+#: The random pause before a round that lost to another proposer: up to this many seconds,
+#: doubling with each lost round.
+BACKOFF = 0.005
+
+PromiseAnswer = tuple[Promise, "tuple[str | None, str] | None"]
+
+
+class Contended(Unavailable):
+    """Other proposers kept winning the key's rounds."""
+
+
+@define
+class Proposer:
+    """The proposer of one gateway."""
+
+    cluster: Cluster
+    nodes: NodeClients
+    clock: HybridClock
+    scheduler: IReactorTime
+    write_quorum: int = 2
+    random: Callable[[], float] = field(factory=lambda: random.Random().random)
+    #: Counters, for tests and /metrics: rounds lost to another ballot, unfinished rounds finished.
+    conflicts: int = 0
+    recovered: int = 0
+
+    async def write(self, key: str, value: str | None, precondition: Precondition) -> tuple[str, bool]:
+        """
+        Write C{value} (None: delete) if C{precondition} holds of the key's current entry;
+        fires with the new version and whether the key was live before.
+
+        @raise PreconditionFailed: with the current version, when it does not hold.
+        @raise QuorumFailed: when fewer than a majority of owners answer, or the commit misses W.
+        @raise Contended: when other proposers won every round.
+        """
+        view = self.cluster.view()
+        owners, _ = view.placement(key)
+        majority = len(owners) // 2 + 1
+        lost = 0
+        for _round in range(MAX_ROUNDS):
+            ballot = self.clock.next()
+            promises = await self._prepare(view, owners, key, ballot, majority)
+            granted = {n: p for n, p in promises.answers.items() if p[0].promised}
+            versions = [entry[1] for _, entry in promises.answers.values() if entry is not None]
+            versions += [p.accepted.version for p, _ in promises.answers.values() if p.accepted is not None]
+            if len(granted) < majority:
+                if len(promises.answers) < majority:
+                    promises.require("conditional write (prepare)", majority)
+                lost += 1
+                self._observe(versions + [p.ballot for p, _ in promises.answers.values()])
+                await self._pause(lost)
+                continue
+            if any(version >= ballot for version in versions):
+                # The new entry's version is this ballot: it must be newer than any there is.
+                self._observe(versions)
+                continue
+            newest = max((e for _, e in granted.values() if e is not None), key=lambda e: e[1], default=None)
+            newest_version = "" if newest is None else newest[1]
+            unfinished = [p.accepted for p, _ in granted.values() if p.accepted is not None]
+            unfinished = [a for a in unfinished if a.version > newest_version]
+            if unfinished:
+                left = max(unfinished, key=lambda a: a.ballot)
+                _log.info("finishing an unfinished write of {key!r} ({version})", key=key, version=left.version)
+                self.recovered += 1
+                if await self._propose(view, owners, key, Proposal(ballot, left.value, left.version), majority):
+                    await self._commit(view, owners, key, left.value, left.version)
+                else:
+                    lost += 1
+                    await self._pause(lost)
+                continue
+            precondition.check(*(newest if newest is not None else (None, None)))
+            if not await self._propose(view, owners, key, Proposal(ballot, value, ballot), majority):
+                lost += 1
+                await self._pause(lost)
+                continue
+            await self._commit(view, owners, key, value, ballot)
+            return ballot, newest is not None and newest[0] is not None
+        raise Contended(f"conditional write of {key!r}: other writers kept winning; try again")
+
+    def _observe(self, versions: list[str]) -> None:
+        for version in versions:
+            self.clock.observe(version)
+
+    async def _pause(self, lost: int) -> None:
+        self.conflicts += 1
+        delay = self.random() * BACKOFF * (2 ** min(lost, 6))
+        await deferLater(self.scheduler, delay, lambda: None)
+
+    def _prepare(
+        self, view: ClusterView, owners: list[str], key: str, ballot: str, majority: int
+    ) -> Deferred[Gathered[PromiseAnswer]]:
+        def ask(node_id: str) -> Deferred[PromiseAnswer]:
+            return self.nodes(view.members[node_id]).prepare(key, ballot)
+
+        return gather(ask, owners, [], majority, lambda answer: answer[0].promised)
+
+    async def _propose(self, view: ClusterView, owners: list[str], key: str, proposal: Proposal, majority: int) -> bool:
+        """Whether a majority of owners accepted C{proposal}."""
+
+        def ask(node_id: str) -> Deferred[tuple[bool, str]]:
+            return self.nodes(view.members[node_id]).accept(key, proposal)
+
+        gathered = await gather(ask, owners, [], majority, lambda answer: answer[0])
+        if gathered.accepted >= majority:
+            return True
+        if len(gathered.answers) < majority:
+            gathered.require("conditional write (accept)", majority)
+        self._observe([ballot for _, ballot in gathered.answers.values()])
+        return False
+
+    async def _commit(self, view: ClusterView, owners: list[str], key: str, value: str | None, version: str) -> None:
+        """Write the chosen entry to the owners; return once W (and a majority) hold it or newer."""
+        needed = min(len(owners), max(self.write_quorum, len(owners) // 2 + 1))
+
+        def ask(node_id: str) -> Deferred[Written]:
+            return self.nodes(view.members[node_id]).apply_key(key, value, version)
+
+        gathered = await gather(ask, owners, [], needed, lambda written: written.held >= version)
+        gathered.require("conditional write (commit)", needed)

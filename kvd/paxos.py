@@ -1,0 +1,334 @@
+"""
+A node's Paxos acceptor for conditional writes: per key, the highest ballot it promised and
+the proposal (ballot, value, version) it accepted last. See docs/consistency.md.
+
+A promise or an acceptance is durable before it is answered: each change is a JSON line in
+C{paxos.jsonl} in the node's data dir, and changes made while one write + fsync is under way
+go out together in the next (group commit, on the same thread runner as the store). Memory
+changes at once; an answer waits for the write that holds it.
+
+The file is compacted when it grows: a key whose accepted proposal is committed in the
+node's store (or that has none) needs no entry any more; what it promised is folded into
+one I{floor}, a ballot below which nothing is promised or accepted again, for any key. As
+ballots are clock-based, the floor costs a proposer at most one more round.
+
+A node with no conditional-write traffic never opens the file. Start-up reads it: a torn
+last line (a crash mid-write) is dropped; any other damage stops start-up with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kvd.journal import CorruptStore, StoreError, fsync_dir, open_append, write_all
+from kvd.keys import check_key
+from kvd.store import Runner, Store, synchronous
+from kvd.versions import is_version
+
+FILE = "paxos.jsonl"
+FILE_TMP = "paxos.jsonl.tmp"
+#: The file is compacted once it is this big and twice what its live entries take.
+COMPACT_MIN_BYTES = 1024 * 1024
+
+_log = Logger()
+
+
+def committed_in(store: Store) -> Callable[[str, str], bool]:
+    """What an acceptor asks of its node's store: does it hold this version of this key, or a newer one?"""
+
+    def committed(key: str, version: str) -> bool:
+        entry = store.entry(key)
+        return entry is not None and entry[1] >= version
+
+    return committed
+
+
+@frozen
+class Proposal:
+    """An accepted proposal: the ballot it was accepted in, and the entry it would write."""
+
+    ballot: str
+    value: str | None
+    version: str
+
+    def to_json(self) -> list[str | None]:
+        return [self.ballot, self.value, self.version]
+
+
+@frozen
+class Promise:
+    """An acceptor's answer to a prepare."""
+
+    #: Whether it promised this ballot.
+    promised: bool
+    #: The highest ballot it has promised (this one, when it promised).
+    ballot: str
+    #: Its accepted proposal that its store does not hold yet, if any.
+    accepted: Proposal | None
+
+
+@define
+class _State:
+    promised: str = ""
+    accepted: Proposal | None = None
+
+
+def _record(key: str, state: _State) -> bytes:
+    line: dict[str, Any] = {"k": key, "p": state.promised}
+    if state.accepted is not None:
+        line["a"] = state.accepted.to_json()
+    return json.dumps(line, ensure_ascii=False).encode() + b"\n"
+
+
+def _floor_record(floor: str) -> bytes:
+    return json.dumps({"floor": floor}).encode() + b"\n"
+
+
+def _parse(line: bytes) -> tuple[str, _State] | str:
+    """A line's (key, state), or the floor it sets; ValueError when it is neither."""
+    obj = json.loads(line)
+    if not isinstance(obj, dict):
+        raise ValueError("not an object")
+    if "floor" in obj:
+        floor = obj["floor"]
+        if not isinstance(floor, str):
+            raise ValueError("floor")
+        return floor
+    key, promised, accepted = check_key(obj["k"]), obj["p"], obj.get("a")
+    if not isinstance(promised, str):
+        raise ValueError("promised")
+    proposal = None
+    if accepted is not None:
+        ballot, value, version = accepted
+        if not (isinstance(ballot, str) and (value is None or isinstance(value, str)) and is_version(version)):
+            raise ValueError("accepted")
+        proposal = Proposal(ballot, value, version)
+    return key, _State(promised, proposal)
+
+
+def recover(path: str) -> tuple[dict[str, _State], str, int, int]:
+    """
+    The states and floor a file holds, its good length and how many torn bytes end it.
+
+    @raise CorruptStore: when a line other than a torn last one is not a record.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return {}, "", 0, 0
+    states: dict[str, _State] = {}
+    floor, offset = "", 0
+    while offset < len(data):
+        end = data.find(b"\n", offset)
+        if end < 0:
+            return states, floor, offset, len(data) - offset
+        try:
+            parsed = _parse(data[offset:end])
+        except (ValueError, TypeError, KeyError, RecursionError) as e:
+            raise CorruptStore(f"{path}: record at byte {offset} is corrupt ({e}); not starting") from None
+        if isinstance(parsed, str):
+            floor = max(floor, parsed)
+        else:
+            states[parsed[0]] = parsed[1]
+        offset = end + 1
+    return states, floor, offset, 0
+
+
+@define
+class Acceptor:
+    """
+    The acceptor of one node. Make one with L{Acceptor.open}.
+
+    @ivar committed: whether the node's store holds this version of this key or a newer one,
+        i.e. whether an accepted proposal is committed here.
+    """
+
+    directory: str
+    committed: Callable[[str, str], bool]
+    _states: dict[str, _State]
+    floor: str
+    _run: Runner[Any]
+    fsync: bool = True
+    _bytes: int = 0
+    compact_min_bytes: int = COMPACT_MIN_BYTES
+    _fd: int = -1
+    _queue: list[tuple[bytes, Deferred[None]]] = field(factory=list)
+    _compact_next: bool = False
+    _writing: bool = False
+    _failed: StoreError | None = None
+
+    @classmethod
+    def open(
+        cls,
+        directory: str,
+        committed: Callable[[str, str], bool],
+        *,
+        run: Runner[Any] = synchronous,
+        fsync: bool = True,
+        compact_min_bytes: int = COMPACT_MIN_BYTES,
+    ) -> Acceptor:
+        """
+        Recover the acceptor's state from C{directory} (the node's data dir, already locked by its store).
+
+        @raise StoreError: with a one-line message when the file is corrupt or unreadable.
+        """
+        path = os.path.join(directory, FILE)
+        try:
+            states, floor, good, torn = recover(path)
+            if torn:
+                _log.warn("{path}: dropped a torn final record ({torn} bytes) left by a crash", path=path, torn=torn)
+                os.truncate(path, good)
+            tmp = os.path.join(directory, FILE_TMP)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        except OSError as e:
+            raise StoreError(f"cannot read {path}: {e}") from None
+        return cls(
+            directory,
+            committed,
+            states,
+            floor,
+            run,
+            fsync,
+            good,
+            compact_min_bytes,
+        )
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, FILE)
+
+    def state(self, key: str) -> tuple[str, Proposal | None]:
+        """What the acceptor holds for C{key}: the ballot promised ("" for none) and the accepted proposal."""
+        state = self._states.get(key)
+        return ("", None) if state is None else (state.promised, state.accepted)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def _promised(self, key: str) -> str:
+        state = self._states.get(key)
+        return max(self.floor, "" if state is None else state.promised)
+
+    def _pending(self, key: str) -> Proposal | None:
+        state = self._states.get(key)
+        if state is None or state.accepted is None or self.committed(key, state.accepted.version):
+            return None
+        return state.accepted
+
+    def prepare(self, key: str, ballot: str) -> Deferred[Promise]:
+        """
+        Promise C{ballot} unless a ballot as high or higher was promised; fires once the
+        promise is durable, with the accepted proposal not yet committed here, if any.
+        """
+        promised = self._promised(key)
+        if ballot <= promised:
+            return succeed(Promise(False, promised, self._pending(key)))
+        state = self._states.setdefault(key, _State())
+        state.promised = ballot
+        pending = self._pending(key)
+        return self._append(_record(key, state)).addCallback(lambda _: Promise(True, ballot, pending))
+
+    def accept(self, key: str, proposal: Proposal) -> Deferred[tuple[bool, str]]:
+        """
+        Accept C{proposal} unless a higher ballot than its own was promised; fires once the
+        acceptance is durable with (accepted, the ballot promised).
+        """
+        promised = self._promised(key)
+        if proposal.ballot < promised:
+            return succeed((False, promised))
+        state = self._states.setdefault(key, _State())
+        state.promised, state.accepted = proposal.ballot, proposal
+        return self._append(_record(key, state)).addCallback(lambda _: (True, proposal.ballot))
+
+    # Durability.
+
+    def _append(self, record: bytes) -> Deferred[None]:
+        if self._failed is not None:
+            return fail(self._failed)
+        d: Deferred[None] = Deferred()
+        self._queue.append((record, d))
+        if not self._writing:
+            self._flush()
+        return d
+
+    def _live_records(self) -> bytes:
+        """The file's contents as compaction leaves them; forgets what is committed (changes memory)."""
+        floor = self.floor
+        kept: list[bytes] = []
+        for key, state in list(self._states.items()):
+            if state.accepted is None or self.committed(key, state.accepted.version):
+                floor = max(floor, state.promised)
+                del self._states[key]
+            else:
+                kept.append(_record(key, state))
+        self.floor = floor
+        return (_floor_record(floor) if floor else b"") + b"".join(kept)
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        directory, path, fsync = self.directory, self.path, self.fsync
+        if self._bytes > self.compact_min_bytes:
+            # Memory already holds every queued change: the compacted file replaces their records.
+            data, compact = self._live_records(), True
+        else:
+            data, compact = b"".join(record for record, _ in batch), False
+        fd = self._fd
+
+        def write() -> int:
+            nonlocal fd
+            if compact:
+                tmp = os.path.join(directory, FILE_TMP)
+                new = open_append(tmp)
+                write_all(new, data)
+                os.fsync(new)
+                os.rename(tmp, path)
+                fsync_dir(directory)
+                if fd >= 0:
+                    os.close(fd)
+                fd = new
+                return fd
+            if fd < 0:
+                fd = open_append(path)
+                fsync_dir(directory)
+            write_all(fd, data)
+            if fsync:
+                os.fsync(fd)
+            return fd
+
+        self._writing = True
+        self._run(write).addBoth(self._flushed, batch, len(data), compact)
+
+    def _flushed(self, result: object, batch: list[tuple[bytes, Deferred[None]]], size: int, compact: bool) -> None:
+        self._writing = False
+        if isinstance(result, Failure):
+            _log.failure("paxos state write failed; refusing further promises", result)
+            self._failed = StoreError(f"paxos state write failed in {self.directory}: {result.getErrorMessage()}")
+            waiting, self._queue = batch + self._queue, []
+            for _, d in waiting:
+                d.errback(self._failed)
+            return
+        assert isinstance(result, int)
+        self._fd = result
+        self._bytes = size if compact else self._bytes + size
+        if compact:
+            # Compact again only once the file has doubled past what it keeps.
+            self.compact_min_bytes = max(self.compact_min_bytes, 2 * size)
+        if self._queue:
+            self._flush()
+        for _, d in batch:
+            d.callback(None)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

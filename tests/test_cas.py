@@ -1,0 +1,265 @@
+"""
+Conditional writes in the deterministic simulation: three nodes, each with its store and
+its Paxos acceptor, and two gateways (two proposers) on one Clock over the in-memory network,
+with nodes down, paused and proposers that stop half-way.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
+
+from kvd.gateway import Cluster
+from kvd.gateway.cas import Proposer
+from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.nodes import NodeClients
+from kvd.membership import NodeInfo
+from kvd.paxos import Acceptor, Proposal, committed_in
+from kvd.resources import GatewayAPI, NodeAPI
+from kvd.store import Store
+from kvd.testing.network import Network
+from kvd.versions import HybridClock
+
+NODES = ("a", "b", "c")
+GATEWAYS = ("gw1", "gw2")
+
+
+class CasCluster:
+    def __init__(self, directory: str, seed: int = 0) -> None:
+        self.directory = directory
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.network = Network(self.clock)
+        self.client = self.network.peers(timeout=600.0)
+        self.stores: dict[str, Store] = {}
+        self.acceptors: dict[str, Acceptor] = {}
+        self.proposers: dict[str, Proposer] = {}
+        members = {n: NodeInfo(n, f"http://{n}.test") for n in NODES}
+        for node_id in NODES:
+            self.start_node(node_id)
+        for number, gw in enumerate(GATEWAYS):
+            cluster = Cluster(vnodes=16, replicas=3)
+            cluster.update(members)
+            nodes = NodeClients(self.network.peers(gw, timeout=2.0))
+            clock = HybridClock(self.clock.seconds, gw)
+            coordinator = Coordinator(cluster, nodes, clock)
+            proposer = Proposer(cluster, nodes, clock, self.clock, random=random.Random(seed + number).random)
+            self.proposers[gw] = proposer
+            self.network.serve(f"{gw}.test", GatewayAPI(cluster, coordinator, proposer=proposer).resource())
+
+    def start_node(self, node_id: str) -> None:
+        store = Store.open(f"{self.directory}/{node_id}", clock=HybridClock(self.clock.seconds, node_id))
+        acceptor = Acceptor.open(store.directory, committed_in(store))
+        self.stores[node_id], self.acceptors[node_id] = store, acceptor
+        self.network.down.discard(f"{node_id}.test")
+        self.network.serve(f"{node_id}.test", NodeAPI(node_id, store, acceptor=acceptor).resource())
+
+    def crash_node(self, node_id: str) -> None:
+        self.network.down.add(f"{node_id}.test")
+        self.stores[node_id].abandon()
+        self.acceptors[node_id].close()
+
+    def start(self, method: str, gw: str, key: str, body: bytes | None = None, **headers: str) -> Deferred[Any]:
+        async def call() -> tuple[int, Any]:
+            lines = b"".join(b"%s: %s\r\n" % (k.replace("_", "-").encode(), v.encode()) for k, v in headers.items())
+            answer = await self.client.call(method, f"http://{gw}.test/kv/{key}", body, headers=lines)
+            return answer.status, json.loads(answer.body)
+
+        return ensureDeferred(call())
+
+    def run(self, *started: Deferred[Any], limit: float = 120.0) -> list[Any]:
+        results: dict[int, Any] = {}
+        for i, d in enumerate(started):
+            d.addBoth(lambda r, i=i: results.__setitem__(i, r))
+        elapsed = 0.0
+        while True:
+            self.network.flush()
+            if len(results) == len(started) or elapsed > limit:
+                break
+            self.clock.advance(0.001 if elapsed < 1 else 0.25)
+            elapsed += 0.001 if elapsed < 1 else 0.25
+        assert len(results) == len(started), "requests did not finish"
+        for r in results.values():
+            if hasattr(r, "raiseException"):
+                r.raiseException()
+        return [results[i] for i in range(len(started))]
+
+    def call(self, method: str, gw: str, key: str, body: bytes | None = None, **headers: str) -> tuple[int, Any]:
+        result: tuple[int, Any] = self.run(self.start(method, gw, key, body, **headers))[0]
+        return result
+
+    def close(self) -> None:
+        for node_id, store in self.stores.items():
+            if f"{node_id}.test" not in self.network.down:
+                store.abandon()
+                self.acceptors[node_id].close()
+
+
+@pytest.fixture
+def cas(tmp_path: Any) -> Iterator[CasCluster]:
+    c = CasCluster(str(tmp_path))
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_if_none_match_creates_once_and_then_answers_412_with_the_version(cas: CasCluster) -> None:
+    status, body = cas.call("PUT", "gw1", "k", b"one", if_none_match="*")
+    assert status == 200 and body["value"] == "one"
+    status, again = cas.call("PUT", "gw2", "k", b"two", if_none_match="*")
+    assert (status, again) == (
+        412,
+        {"success": False, "key": "k", "version": body["version"], "error": again["error"]},
+    )
+    assert cas.call("GET", "gw2", "k")[1]["value"] == "one"
+
+
+def test_if_match_writes_only_over_the_named_version(cas: CasCluster) -> None:
+    version = cas.call("PUT", "gw1", "k", b"one")[1]["version"]
+    assert cas.call("PUT", "gw1", "k", b"x", if_match='"0000"')[0] == 412
+    status, body = cas.call("PUT", "gw2", "k", b"two", if_match=f'W/"{version}"')
+    assert status == 200 and body["version"] > version
+    assert cas.call("PUT", "gw1", "k", b"three", if_match=version)[1]["version"] == body["version"]
+    assert cas.call("GET", "gw1", "k")[1] == {"success": True, "key": "k", "value": "two", "version": body["version"]}
+    status, gone = cas.call("DELETE", "gw1", "k", if_match=f'"{body["version"]}"')
+    assert status == 200
+    assert cas.call("GET", "gw2", "k")[0] == 404
+    assert cas.call("PUT", "gw2", "absent", b"v", if_match="*") == (
+        412,
+        {"success": False, "key": "absent", "version": None, "error": "If-Match failed: the key does not exist"},
+    )
+
+
+def test_bad_precondition_headers_are_400(cas: CasCluster) -> None:
+    assert cas.call("DELETE", "gw1", "k", if_none_match="*")[0] == 400
+    assert cas.call("PUT", "gw1", "k", b"v", if_none_match='"x"')[0] == 400
+    assert cas.call("PUT", "gw1", "k", b"v", if_match='"a", "b"')[0] == 400
+    assert cas.call("PUT", "a", "k", b"v", if_none_match="nope")[0] == 400
+
+
+def test_a_node_checks_its_own_conditional_writes(cas: CasCluster) -> None:
+    status, body = cas.call("PUT", "a", "k", b"one", if_none_match="*")
+    assert status == 200
+    assert cas.call("PUT", "a", "k", b"two", if_none_match="*")[1]["version"] == body["version"]
+    assert cas.call("PUT", "a", "k", b"two", if_match=f'"{body["version"]}"')[0] == 200
+    assert cas.call("DELETE", "a", "k", if_match=f'"{body["version"]}"')[0] == 412
+
+
+def test_two_gateways_racing_on_one_precondition_have_one_winner(cas: CasCluster) -> None:
+    version = cas.call("PUT", "gw1", "k", b"start")[1]["version"]
+    cas.crash_node("c")
+    races = [cas.start("PUT", gw, "k", f"{gw}-{i}".encode(), if_match=version) for i in range(3) for gw in GATEWAYS]
+    results = cas.run(*races)
+    winners = [body for status, body in results if status == 200]
+    assert len(winners) == 1, results
+    assert all(status == 412 for status, _ in results if status != 200)
+    assert cas.call("GET", "gw2", "k")[1]["value"] == winners[0]["value"]
+
+
+def test_without_a_majority_of_owners_a_conditional_write_is_503(cas: CasCluster) -> None:
+    cas.call("PUT", "gw1", "k", b"start")
+    cas.crash_node("b")
+    cas.network.pause("c.test")
+    status, body = cas.call("PUT", "gw1", "k", b"v", if_none_match="*")
+    assert status == 503 and body["success"] is False
+
+
+def test_a_paused_owner_does_not_stop_conditional_writes(cas: CasCluster) -> None:
+    cas.network.pause("a.test")
+    assert cas.call("PUT", "gw1", "k", b"one", if_none_match="*")[0] == 200
+    assert cas.call("PUT", "gw2", "k", b"two", if_none_match="*")[0] == 412
+
+
+def _crash_after_accept(cas: CasCluster, on: tuple[str, ...], key: str, value: str) -> str:
+    """A proposer that prepared at every owner, then had one accept land on C{on} and died."""
+    ballot = HybridClock(cas.clock.seconds, "gw-crashed").next()
+    for node_id in NODES:
+        cas.acceptors[node_id].prepare(key, ballot)
+    for node_id in on:
+        cas.acceptors[node_id].accept(key, Proposal(ballot, value, ballot))
+    return ballot
+
+
+def test_a_proposal_a_crashed_proposer_left_accepted_is_finished_by_the_next(cas: CasCluster) -> None:
+    version = cas.call("PUT", "gw1", "k", b"start")[1]["version"]
+    cas.clock.advance(1)
+    left = _crash_after_accept(cas, ("a",), "k", "from-the-dead")
+    cas.crash_node("c")  # the next proposer's quorum must include a
+    status, body = cas.call("PUT", "gw2", "k", b"late", if_match=version)
+    assert (status, body["version"]) == (412, left)
+    assert cas.proposers["gw2"].recovered == 1
+    assert cas.call("GET", "gw1", "k")[1]["value"] == "from-the-dead"
+    assert cas.stores["a"].entry("k") == ("from-the-dead", left)
+    assert cas.call("PUT", "gw1", "k", b"next", if_match=left)[0] == 200
+
+
+def test_a_read_after_a_majority_accepted_sees_the_value_once_a_proposer_finishes_it(cas: CasCluster) -> None:
+    cas.call("PUT", "gw1", "k", b"start")
+    cas.clock.advance(1)
+    left = _crash_after_accept(cas, ("b", "c"), "k", "chosen")
+    status, body = cas.call("PUT", "gw1", "k", b"other", if_match="*")
+    assert status == 200 and body["version"] > left
+    assert cas.proposers["gw1"].recovered == 1
+    # The chosen value was written before "other" went over it.
+    assert cas.call("GET", "gw2", "k")[1]["value"] == "other"
+
+
+def test_acceptors_forget_committed_proposals_when_compacting(cas: CasCluster) -> None:
+    acceptor = cas.acceptors["a"]
+    acceptor.compact_min_bytes = 0
+    for i in range(5):
+        cas.call("PUT", "gw1", f"k{i}", b"v", if_none_match="*")
+    assert len(acceptor) <= 1
+    assert acceptor.floor != ""
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 1000),
+    writers=st.lists(st.sampled_from(GATEWAYS), min_size=2, max_size=5),
+    fault=st.sampled_from(["none", "down", "pause", "cut"]),
+    victim=st.sampled_from(NODES),
+    rounds=st.integers(1, 3),
+)
+def test_at_most_one_winner_per_precondition_and_reads_see_every_win(
+    seed: int, writers: list[str], fault: str, victim: str, rounds: int
+) -> None:
+    directory = tempfile.mkdtemp()
+    cas = CasCluster(directory, seed)
+    try:
+        version = cas.call("PUT", "gw1", "k", b"0")[1]["version"]
+        if fault == "down":
+            cas.crash_node(victim)
+        elif fault == "pause":
+            cas.network.pause(f"{victim}.test")
+        elif fault == "cut":
+            cas.network.cut("gw1", f"{victim}.test")
+        wins: dict[str, str] = {}
+        for r in range(rounds):
+            started = [cas.start("PUT", gw, "k", f"{r}-{i}".encode(), if_match=version) for i, gw in enumerate(writers)]
+            results = cas.run(*started)
+            winners = [body for status, body in results if status == 200]
+            assert len(winners) <= 1, results
+            assert all(status in (200, 412) for status, _ in results), results
+            if winners:
+                wins[version] = winners[0]["version"]
+                version = winners[0]["version"]
+            for gw in GATEWAYS:
+                status, body = cas.call("GET", gw, "k")
+                assert status == 200 and body["version"] >= version, (body, version)
+            version = cas.call("GET", "gw2", "k")[1]["version"]
+        assert wins, "someone wins when a majority of owners is reachable"
+    finally:
+        cas.close()
+        shutil.rmtree(directory)

@@ -1,0 +1,130 @@
+"""The Paxos acceptor's rules, its durability and its recovery from paxos.jsonl."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+
+from kvd.journal import CorruptStore
+from kvd.paxos import FILE, Acceptor, Proposal
+
+B1, B2, B3 = "018f00000000000000.gw1", "018f00000000000001.gw2", "018f00000000000002.gw1"
+
+
+def never(key: str, version: str) -> bool:
+    return False
+
+
+class Held:
+    """A runner that holds each job until the test lets it run: a write + fsync under way."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((f, d))
+        return d
+
+    def release(self) -> None:
+        f, d = self.jobs.pop(0)
+        d.callback(f())
+
+
+def result(d: Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    return out[0]
+
+
+def test_promises_only_higher_ballots(tmp_path: Path) -> None:
+    acceptor = Acceptor.open(str(tmp_path), never)
+    assert result(acceptor.prepare("k", B2)).promised
+    refused = result(acceptor.prepare("k", B1))
+    assert (refused.promised, refused.ballot) == (False, B2)
+    assert not result(acceptor.prepare("k", B2)).promised, "the same ballot twice is refused"
+    assert result(acceptor.prepare("other", B1)).promised, "promises are per key"
+
+
+def test_accepts_only_ballots_at_least_the_promised_one(tmp_path: Path) -> None:
+    acceptor = Acceptor.open(str(tmp_path), never)
+    result(acceptor.prepare("k", B2))
+    assert result(acceptor.accept("k", Proposal(B1, "old", B1))) == (False, B2)
+    assert result(acceptor.accept("k", Proposal(B2, "v", B2))) == (True, B2)
+    assert result(acceptor.prepare("k", B3)).accepted == Proposal(B2, "v", B2)
+
+
+def test_a_committed_proposal_is_not_reported(tmp_path: Path) -> None:
+    committed: set[str] = set()
+    acceptor = Acceptor.open(str(tmp_path), lambda key, version: version in committed)
+    result(acceptor.accept("k", Proposal(B1, "v", B1)))
+    committed.add(B1)
+    assert result(acceptor.prepare("k", B2)).accepted is None
+
+
+def test_nothing_is_answered_before_it_is_durable(tmp_path: Path) -> None:
+    runner = Held()
+    acceptor = Acceptor.open(str(tmp_path), never, run=runner)
+    first = acceptor.prepare("k", B1)
+    second = acceptor.accept("j", Proposal(B2, "v", B2))
+    third = acceptor.prepare("x", B1)
+    assert not first.called and not second.called
+    assert not os.path.exists(tmp_path / FILE)
+    runner.release()
+    assert first.called and not second.called and not third.called
+    assert len(runner.jobs) == 1, "the records queued meanwhile go in one write"
+    runner.release()
+    assert second.called and third.called
+    assert len((tmp_path / FILE).read_bytes().splitlines()) == 3
+
+
+def test_a_node_without_conditional_writes_writes_no_file(tmp_path: Path) -> None:
+    Acceptor.open(str(tmp_path), never)
+    assert os.listdir(tmp_path) == []
+
+
+def test_state_survives_a_restart_and_a_torn_last_line_is_dropped(tmp_path: Path) -> None:
+    acceptor = Acceptor.open(str(tmp_path), never)
+    result(acceptor.prepare("k", B1))
+    result(acceptor.accept("k", Proposal(B2, None, B2)))
+    result(acceptor.prepare("j", B3))
+    acceptor.close()
+    with open(tmp_path / FILE, "ab") as f:
+        f.write(b'{"k": "k", "p": "018f0000')
+    again = Acceptor.open(str(tmp_path), never)
+    assert again.state("k") == (B2, Proposal(B2, None, B2))
+    assert again.state("j") == (B3, None)
+    assert not result(again.prepare("k", B1)).promised
+    assert (tmp_path / FILE).read_bytes().endswith(b"}\n")
+
+
+def test_other_corruption_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / FILE).write_bytes(b'{"k": "k", "p": "x"}\nnot json\n{"k": "j", "p": "y"}\n')
+    with pytest.raises(CorruptStore) as raised:
+        Acceptor.open(str(tmp_path), never)
+    assert "byte 21" in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_compaction_forgets_committed_keys_and_keeps_their_promises_as_a_floor(tmp_path: Path) -> None:
+    committed: set[str] = set()
+    acceptor = Acceptor.open(str(tmp_path), lambda key, version: version in committed)
+    result(acceptor.accept("done", Proposal(B2, "v", B2)))
+    result(acceptor.accept("open", Proposal(B1, "w", B1)))
+    committed.add(B2)
+    acceptor.compact_min_bytes = 0
+    result(acceptor.prepare("new", B1))  # the write that compacts
+    assert len((tmp_path / FILE).read_bytes().splitlines()) == 2, "the floor and the open proposal"
+    assert acceptor.state("done") == ("", None)
+    assert acceptor.state("open") == (B1, Proposal(B1, "w", B1))
+    assert acceptor.floor == B2
+    assert not result(acceptor.prepare("done", B1)).promised, "nothing below the floor is promised"
+    acceptor.close()
+    again = Acceptor.open(str(tmp_path), never)
+    assert (again.floor, again.state("open")) == (B2, (B1, Proposal(B1, "w", B1)))
+    assert len(again) == 1

@@ -4,7 +4,8 @@ and Debian's chromium, headless, driven by selenium through Debian's chromedrive
 
 The browser reaches 127.0.0.1 only: no proxy, every other host name fails to resolve, and
 its background traffic (updates, sync, first-run pings) is off. Both processes end with the
-module, whatever happened.
+module, whatever happened. Without chromium or chromedriver the tests skip, saying why, unless
+C{KVD_REQUIRE_BROWSER} is set (.ci/run sets it, after installing them).
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     missing = _missing()
+    if missing and os.environ.get("KVD_REQUIRE_BROWSER"):
+        pytest.fail(f"{missing}; KVD_REQUIRE_BROWSER is set, so this does not skip")
     if missing:
         pytest.skip(missing)
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     # Selenium Manager stays out of it: the browser and the driver are given, and it is told offline.

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import pytest
 
-from kvd.testing.processes import Cluster, request
+from kvd.testing.processes import Cluster, Processes, request
 
 from .conftest import NODE_IDS
 from .png import pixels
@@ -88,10 +88,7 @@ def test_a_key_lookup_shows_its_owners_and_each_replicas_version(browser: Any, c
     assert sorted(owners) == sorted(NODE_IDS)
 
     open_dashboard(browser, cluster)
-    box = browser.find_element("id", "lookup-key")
-    box.clear()
-    box.send_keys(key)
-    browser.find_element("css selector", "#lookup button").click()
+    look_up(browser, key)
     shown = wait_until(browser, "showing the owners", lambda: read(browser, LOOKUP))
     assert shown["owners"] == ", ".join(owners)
     assert shown["key"] == key, "the key is shown as text, markup and all"
@@ -99,6 +96,39 @@ def test_a_key_lookup_shows_its_owners_and_each_replicas_version(browser: Any, c
     assert [row[0] for row in shown["rows"]] == owners
     for row in shown["rows"]:
         assert row[3:] == ["owner", written["version"], "live"], row
+
+
+def look_up(browser: Any, key: str) -> None:
+    box = browser.find_element("id", "lookup-key")
+    box.clear()
+    box.send_keys(key)
+    browser.find_element("css selector", "#lookup button").click()
+
+
+def test_with_a_client_token_the_page_is_served_and_sends_the_token_it_is_given(
+    browser: Any, cluster: Cluster, tmp_path: Path
+) -> None:
+    (tmp_path / "token").write_text("t0ken-for-the-ui\n")
+    static = [f"--node={node.args[node.args.index('--node-id') + 1]}={node.url}" for node in cluster.nodes]
+    gateway = Processes(tmp_path).gateway(*static, "--client-token-file", str(tmp_path / "token"))
+    with gateway.start():
+        assert gateway.port is not None
+        browser.get(gateway.url + "/ui")
+        wait_until(browser, "showing the nodes", lambda: len(read(browser, NODE_ROWS)) == 3)
+        look_up(browser, "guarded")
+        error = "return (document.querySelector('#lookup-result .error-text') || {}).textContent"
+        wait_until(browser, "asking for the token", lambda: "client token" in (read(browser, error) or ""))
+        token = browser.find_element("id", "token")
+        token.send_keys("t0ken-for-the-ui")
+        browser.execute_script("document.getElementById('token').dispatchEvent(new Event('change'))")
+
+        def versions_shown() -> Any:
+            shown = read(browser, LOOKUP)
+            return shown if shown and [row[5] for row in shown["rows"]] == ["does not hold it"] * 3 else None
+
+        shown = wait_until(browser, "showing that no replica holds the key", versions_shown)
+        assert shown["owners"] == ", ".join(request(gateway.port, "GET", "/cluster/owners/guarded")[1]["nodes"])
+        assert read(browser, error) is None, "and no complaint about the token any more"
 
 
 def test_a_screenshot_of_the_page_is_not_blank(browser: Any, cluster: Cluster, tmp_path: Path) -> None:

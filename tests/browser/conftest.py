@@ -71,7 +71,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         "--disable-dev-shm-usage",
         "--no-proxy-server",
         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-        "--window-size=1280,1000",
+        "--window-size=1280,1150",
         f"--user-data-dir={profile}",
     ):
         options.add_argument(argument)

@@ -132,8 +132,15 @@ def test_with_a_client_token_the_page_is_served_and_sends_the_token_it_is_given(
 
 
 def test_a_screenshot_of_the_page_is_not_blank(browser: Any, cluster: Cluster, tmp_path: Path) -> None:
+    port = cluster.gateway.port
+    assert port is not None
+    for i in range(20):
+        request(port, "PUT", f"/kv/shot{i}", b"v")
     open_dashboard(browser, cluster)
-    wait_until(browser, "live", lambda: "live" in browser.find_element("id", "status").text)
+    look_up(browser, "shot1")
+    wait_until(browser, "showing a lookup", lambda: read(browser, LOOKUP))
+    rate = "return document.getElementById('gateway-rate').textContent"
+    wait_until(browser, "showing the gateway's request rate", lambda: not read(browser, rate).endswith("\u2014"))
     png = browser.get_screenshot_as_png()
     (tmp_path / "kvd-ui.png").write_bytes(png)
     shutil.copyfile(tmp_path / "kvd-ui.png", SCREENSHOT)

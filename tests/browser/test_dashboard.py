@@ -110,8 +110,9 @@ def test_with_a_client_token_the_page_is_served_and_sends_the_token_it_is_given(
 ) -> None:
     (tmp_path / "token").write_text("t0ken-for-the-ui\n")
     static = [f"--node={node.args[node.args.index('--node-id') + 1]}={node.url}" for node in cluster.nodes]
-    gateway = Processes(tmp_path).gateway(*static, "--client-token-file", str(tmp_path / "token"))
-    with gateway.start():
+    processes = Processes(tmp_path)
+    gateway = processes.gateway(*static, "--client-token-file", str(tmp_path / "token"))
+    with processes, gateway:
         assert gateway.port is not None
         browser.get(gateway.url + "/ui")
         wait_until(browser, "showing the nodes", lambda: len(read(browser, NODE_ROWS)) == 3)

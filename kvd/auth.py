@@ -3,9 +3,9 @@ Who may call what: the cluster secret and the client token.
 
 With a cluster secret, the registry API and every C{/internal/} endpoint answer only
 requests that carry it as C{Authorization: Bearer <secret>}; kvd processes send it on every
-call they make to each other. With a client token, C{/kv/} answers only requests that carry
-the token (or the cluster secret: a gateway forwards with it). Comparisons take the same
-time whatever the guess. Secrets are never logged or shown.
+call they make to each other. With a client token, C{/kv/} (and the gateway's C{/cluster/key/})
+answers only requests that carry the token (or the cluster secret: a gateway forwards with it).
+Comparisons take the same time whatever the guess. Secrets are never logged or shown.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from attrs import frozen
 from kvd import paths
 
 _PROTECTED_BY_SECRET = (paths.REGISTRY, paths.INTERNAL)
+#: What the client token guards: the data, and which versions of a key each replica holds.
+_PROTECTED_BY_TOKEN = (paths.KV, paths.CLUSTER_KEY)
 
 
 class BadSecretFile(Exception):
@@ -56,7 +58,7 @@ class Auth:
         """Whether a request for C{path} with this C{Authorization} header may proceed."""
         if path.startswith(_PROTECTED_BY_SECRET) or path == b"/registry":
             return self.cluster_secret is None or _matches(authorization, self.cluster_secret)
-        if path.startswith(paths.KV) and self.client_token is not None:
+        if path.startswith(_PROTECTED_BY_TOKEN) and self.client_token is not None:
             return _matches(authorization, self.client_token) or (
                 self.cluster_secret is not None and _matches(authorization, self.cluster_secret)
             )

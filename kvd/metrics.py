@@ -27,10 +27,11 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _TEMPLATES = (
     (paths.KV, "/kv/{key}"),
     (paths.OWNERS, "/cluster/owners/{key}"),
+    (paths.CLUSTER_KEY, "/cluster/key/{key}"),
     (paths.REGISTRY_NODES, "/registry/nodes/{id}"),
     (paths.INTERNAL, "/internal/*"),
 )
-_KNOWN = {"/healthz", "/metrics", "/node", "/cluster", "/registry/nodes"}
+_KNOWN = {"/healthz", "/metrics", "/node", "/cluster", "/cluster/ring", "/ui", "/registry/nodes"}
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 

@@ -284,7 +284,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "client-token-file",
         _roles("node", "gateway", "dev"),
-        "a file holding the token /kv/ requires ('Authorization: Bearer <token>').",
+        "a file holding the token /kv/ (and a gateway's /cluster/key/) requires ('Authorization: Bearer <token>').",
     ),
     Option(
         "ca-cert",

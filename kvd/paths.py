@@ -13,5 +13,7 @@ INTERNAL = b"/internal/"
 REGISTRY = b"/registry/"
 #: A key's preference list on the gateway.
 OWNERS = b"/cluster/owners/"
+#: Each replica's version of a key, on the gateway (the dashboard's key lookup).
+CLUSTER_KEY = b"/cluster/key/"
 #: One member in the registry.
 REGISTRY_NODES = b"/registry/nodes/"

@@ -20,7 +20,7 @@ from urllib.parse import unquote_to_bytes
 
 from attrs import define, field
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,7 +31,7 @@ from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
 from werkzeug.routing import BaseConverter
 
-from kvd import paths
+from kvd import paths, ui
 from kvd.auth import Auth
 from kvd.gateway.cas import Proposer
 from kvd.gateway.cluster import Cluster
@@ -661,6 +661,54 @@ class GatewayAPI:
     @routes.key(paths.OWNERS, "GET")
     def owners(self, request: IRequest, key: str) -> bytes:
         return _json(request, {"success": True, "key": key, "nodes": self.cluster.owners(key)})
+
+    @routes.path("/cluster/ring", "GET")
+    def ring(self, request: IRequest) -> bytes:
+        """The ring's ownership in C{segments} equal slices, as runs (for the dashboard's circle)."""
+        segments = _number_arg(request, b"segments", int)
+        segments = ui.DEFAULT_SEGMENTS if segments is None else segments
+        if not 1 <= segments <= ui.MAX_SEGMENTS:
+            raise ClientError(f"segments must be from 1 to {ui.MAX_SEGMENTS}")
+        runs = ui.ring_arcs(self.cluster.ring, segments)
+        arcs = [{"start": start, "node": node} for start, node in runs]
+        shares = ui.shares(runs, segments)
+        return _json(request, {"success": True, "segments": segments, "arcs": arcs, "shares": shares})
+
+    @routes.key(paths.CLUSTER_KEY, "GET")
+    async def replicas(self, request: IRequest, key: str) -> bytes:
+        """
+        The version each owner holds of a key, and each fallback holding one (hinted writes),
+        asked from the nodes at once; a node that cannot answer is listed with its error.
+        Versions only, never values.
+        """
+        view = self.cluster.view()
+        owners, fallbacks = view.placement(key)
+        asked = [(node, "owner") for node in owners] + [(node, "fallback") for node in fallbacks]
+        clients = self.coordinator.nodes
+        answers = await DeferredList([clients(view.members[node]).read([key]) for node, _ in asked], consumeErrors=True)
+        found = []
+        for (node, role), (_, answer) in zip(asked, answers, strict=True):
+            row: dict[str, Any] = {"node": node, "role": role, "version": None, "deleted": False, "error": None}
+            if isinstance(answer, Failure):
+                row["error"] = str(answer.value) or type(answer.value).__name__
+            else:
+                entry = answer.get(key)
+                if entry is None and role == "fallback":
+                    continue
+                if entry is not None:
+                    row["version"], row["deleted"] = entry[1], entry[0] is None
+            found.append(row)
+        return _json(request, {"success": True, "key": key, "replicas": found})
+
+    @routes.path("/ui", "GET")
+    def dashboard(self, request: IRequest) -> bytes:
+        """The dashboard: one self-contained page that fetches the JSON above (it holds no data itself)."""
+        body = ui.page()
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", ui.CONTENT_SECURITY_POLICY)
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
 
     def resource(self) -> Resource:
         return self.routes.resource(self, self.auth)

@@ -140,6 +140,9 @@ def test_every_json_answer_has_success_every_error_has_error_and_more_fields_are
                 if path == "/metrics":
                     assert list(content) == ["text/plain"]
                     continue
+                if path == "/ui":
+                    assert list(content) == ["text/html"]
+                    continue
                 assert list(content) == ["application/json"], (path, method, status)
                 required = _required(content["application/json"]["schema"])
                 assert "success" in required, (path, method, status)

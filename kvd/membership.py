@@ -43,6 +43,8 @@ class NodeInfo:
     id: str
     url: str
     weight: int = 1
+    #: "down" when the registry says the node's lease expired (it stays a member).
+    status: str = "up"
 
     def to_json(self) -> dict[str, object]:
         return {"id": self.id, "url": self.url, "weight": self.weight}

@@ -38,6 +38,7 @@ from twisted.web.resource import IResource
 from kvd.auth import Auth, BadSecretFile, bearer, read_secret
 from kvd.gateway import Cluster
 from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.health import Health
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.repair import Repairer
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
@@ -226,6 +227,17 @@ class WatcherService(service.Service):
         self.watcher.stop()
 
 
+class HealthService(service.Service):
+    """Stops the gateway's failure detector's probes at stop."""
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.health.stop()
+
+
 class HTTPClientService(service.Service):
     """
     Owns the kept-alive connections of a process's outgoing calls; closes them at stop.
@@ -322,14 +334,20 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
     creds = credentials(config, config.client_token_file)
     cluster = Cluster(vnodes=config.vnodes, replicas=config.replicas)
     client = HTTPClientService(reactor, config.timeout, creds, config.max_value_bytes)
-    services: list[service.Service] = [client]
+    health = Health(reactor, config.timeout)
+    services: list[service.Service] = [client, HealthService(health)]
+
+    def follow(members: dict[str, NodeInfo]) -> None:
+        cluster.update(members)
+        health.keep(members)  # a member that left is no longer probed
+
     if config.static_nodes:
         cluster.update({node_id: NodeInfo(node_id, url) for node_id, url in config.static_nodes.items()})
     else:
-        watcher = Watcher(RegistryClient(client.peers, config.registry[0]), reactor, cluster.update)
+        watcher = Watcher(RegistryClient(client.peers, config.registry[0]), reactor, follow)
         services.append(WatcherService(watcher))
     clock = HybridClock(reactor.seconds, f"gw-{secrets.token_hex(4)}")
-    nodes = NodeClients(client.peers)
+    nodes = NodeClients(client.peers, health)
     coordinator = Coordinator(cluster, nodes, clock, config.write_quorum, config.read_quorum)
     repairer = Repairer(cluster, nodes, reactor.seconds, config.tombstone_grace)
     sweeps = TimerService(config.repair_interval, lambda: Deferred.fromCoroutine(repairer.sweep()))

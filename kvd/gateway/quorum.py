@@ -4,7 +4,9 @@ and stop waiting as soon as enough have answered.
 
 Writes ask all N owners with the fallbacks as replacements and need W; reads ask the first
 R candidates with the rest as replacements and need R. A replica that has not answered when
-the quorum is reached is not waited for.
+the quorum is reached is not waited for. With a hedge (a clock and a delay), one more
+candidate is asked each time the delay passes without the quorum: a slow replica is
+outvoted rather than waited for.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Generic, TypeVar
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from kvd.keys import Unavailable
@@ -54,6 +57,19 @@ class _Gathering(Generic[T]):
     done: Deferred[Gathered[T]] = field(factory=Deferred)
     pending: int = 0
     launching: bool = True
+    hedge: tuple[IReactorTime, float] | None = None
+    _hedging: IDelayedCall | None = None
+
+    def schedule_hedge(self) -> None:
+        if self.hedge is not None and self.spares and not self.done.called:
+            clock, delay = self.hedge
+            self._hedging = clock.callLater(delay, self._hedged)
+
+    def _hedged(self) -> None:
+        self._hedging = None
+        if self.spares and not self.done.called:
+            self.launch(self.spares.pop(0))
+            self.schedule_hedge()
 
     def launch(self, node_id: str) -> None:
         self.pending += 1
@@ -76,20 +92,31 @@ class _Gathering(Generic[T]):
         if self.done.called or self.launching:
             return
         if len(self.result.answers) >= self.needed or self.pending == 0:
+            if self._hedging is not None and self._hedging.active():
+                self._hedging.cancel()
+            self._hedging = None
             self.done.callback(self.result)
 
 
 def gather(
-    ask: Callable[[str], Deferred[T]], first: Sequence[str], spares: Sequence[str], needed: int
+    ask: Callable[[str], Deferred[T]],
+    first: Sequence[str],
+    spares: Sequence[str],
+    needed: int,
+    hedge: tuple[IReactorTime, float] | None = None,
+    errors: Sequence[str] = (),
 ) -> Deferred[Gathered[T]]:
     """
-    Ask every node of C{first}; replace each that fails by the next of C{spares}. Fires once
+    Ask every node of C{first}; replace each that fails by the next of C{spares}, and with
+    C{hedge} (clock, delay) also ask the next spare each time the delay passes. Fires once
     C{needed} have answered, or once nobody is left to wait for (the caller checks with
-    L{Gathered.require}); never fails.
+    L{Gathered.require}, which names C{errors} too: the nodes skipped beforehand); never fails.
     """
-    gathering: _Gathering[T] = _Gathering(ask, list(spares), needed)
+    gathering: _Gathering[T] = _Gathering(ask, list(spares), needed, hedge=hedge)
+    gathering.result.errors.extend(errors)
     for node_id in first:
         gathering.launch(node_id)
     gathering.launching = False
     gathering.settle()
+    gathering.schedule_hedge()
     return gathering.done

@@ -29,8 +29,11 @@ from kvd.transport import DEFAULT_TIMEOUT
 
 _log = Logger()
 
-#: No call is given less than this, however fast the node usually answers.
-MIN_TIMEOUT = 0.1
+#: No call is given less than this, however fast the node usually answers. A longer deadline
+#: costs little: reads hedge and writes need only W, so neither waits for it while enough
+#: other replicas answer; a shorter one judges a node that paused for a collection or an fsync
+#: (or that shares a busy machine) unreachable, and a quorum that needed it fails.
+MIN_TIMEOUT = 0.5
 #: The deadline is this many times the usual worst case (mean + 4 deviations), plus SLACK.
 TIMEOUT_FACTOR = 3.0
 SLACK = 0.01

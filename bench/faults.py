@@ -8,6 +8,8 @@ GET and PUT healthy and then with the fault, in one run, and the ratios against 
 Rows (each a function below, listed in ROWS; add a fault by adding one):
 
     sigstop   one node hung: SIGSTOP (its socket still accepts, nothing answers), SIGCONT after
+    kill9     one node killed (kill -9), within its lease: a sequential client's read latency
+              (one kept-alive connection), healthy vs after the kill; no wrk
 
     python bench/faults.py [--duration 5] [--rows sigstop]
 
@@ -18,6 +20,7 @@ continued first. Timings only print; nothing asserts on them.
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import re
 import signal
@@ -145,7 +148,44 @@ def sigstop(cluster: FaultCluster, duration: float) -> Figures:
     )
 
 
-ROWS: dict[str, Callable[[FaultCluster, float], Figures]] = {"sigstop": sigstop}
+def kill9(cluster: FaultCluster, duration: float) -> Figures | None:
+    """One node killed (kill -9): a sequential client's reads, before the registry drops its lease."""
+    healthy = sequential_reads(cluster.port, duration)
+    cluster.nodes["b"].kill()
+    killed = sequential_reads(cluster.port, duration)
+    print("\none node killed (kill -9), a sequential client's GETs while the lease runs")
+    for name, (latencies, failed) in (("healthy", healthy), ("b killed", killed)):
+        ordered = sorted(latencies)
+        print(
+            f"  {name:9} {len(ordered):6d} reads  median {1000 * ordered[len(ordered) // 2]:7.2f} ms"
+            f"  p99 {1000 * ordered[int(len(ordered) * 0.99)]:7.2f} ms  max {1000 * ordered[-1]:7.2f} ms"
+            f"  failed {failed}"
+        )
+    print(f"  gateway's view: {cluster.reachable()}")
+    return None
+
+
+def sequential_reads(port: int, duration: float) -> tuple[list[float], int]:
+    """GETs one after another over one kept-alive connection for C{duration} seconds: latencies, failures."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    latencies, failed, i = [], 0, 0
+    end = time.monotonic() + duration
+    try:
+        while time.monotonic() < end:
+            started = time.monotonic()
+            connection.request("GET", f"/kv/key{i % KEYS}")
+            response = connection.getresponse()
+            response.read()
+            latencies.append(time.monotonic() - started)
+            failed += response.status != 200
+            i += 1
+    finally:
+        connection.close()
+    return latencies, failed
+
+
+#: Each row takes the cluster and the seconds per measurement, and gives its figures (or prints its own).
+ROWS: dict[str, Callable[[FaultCluster, float], Figures | None]] = {"sigstop": sigstop, "kill9": kill9}
 
 
 def main() -> None:
@@ -161,7 +201,9 @@ def main() -> None:
     for name in args.rows.split(","):
         row = ROWS[name.strip()]
         with tempfile.TemporaryDirectory(prefix="kvd-bench-faults-") as tmp, ExitStack() as stack:
-            show(row(FaultCluster(stack, Path(tmp), args.ttl), args.duration))
+            figures = row(FaultCluster(stack, Path(tmp), args.ttl), args.duration)
+            if figures is not None:
+                show(figures)
 
 
 if __name__ == "__main__":

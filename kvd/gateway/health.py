@@ -134,9 +134,12 @@ class Health:
 
     def _probe(self, node_id: str) -> None:
         node = self._nodes.get(node_id)
-        if node is None or node.reachable or self.probe is None:
+        if node is None or node.reachable:
             return
         node.probe = None
+        if self.probe is None:  # nobody to probe with: let quorum traffic try it again
+            self._reachable(node_id, node, "its probe interval passed")
+            return
         d = node.probing = self.probe(node_id, self.ceiling)
 
         def answered(healthy: bool) -> None:

@@ -589,7 +589,8 @@ class GatewayAPI:
     """
     The client API in front of the cluster: each write goes to the key's N replicas and is
     answered after W; each read asks R and answers the newest (see L{kvd.gateway.coordinator}).
-    Plus C{/cluster}, with the repair sweep's progress.
+    Plus C{/cluster}, with the repair sweep's progress and what this gateway's failure
+    detector thinks of each node, and C{/readyz}, whether quorums can be reached.
     """
 
     cluster: Cluster
@@ -598,7 +599,6 @@ class GatewayAPI:
     metrics: Metrics = field(factory=Metrics)
     auth: Auth = field(factory=Auth)
     repairer: Repairer | None = None
-    #: Conditional writes (None: the gateway answers them 503).
     proposer: Proposer | None = None
 
     routes = Routes()
@@ -645,11 +645,12 @@ class GatewayAPI:
 
     @routes.path("/cluster", "GET")
     def describe(self, request: IRequest) -> bytes:
+        health = self.coordinator.nodes.health
         return _json(
             request,
             {
                 "success": True,
-                "nodes": [m.to_json() for m in self.cluster.sorted()],
+                "nodes": [{**m.to_json(), **health.to_json(m.id)} for m in self.cluster.sorted()],
                 "replicas": self.cluster.replicas,
                 "vnodes": self.cluster.vnodes,
                 "write_quorum": self.coordinator.write_quorum,
@@ -657,6 +658,47 @@ class GatewayAPI:
                 "repair": None if self.repairer is None else self.repairer.progress.to_json(),
             },
         )
+
+    def _unreachable(self) -> list[str]:
+        view = self.cluster.view()
+        if self.coordinator is None:  # a gateway API without a coordinator (a test's)
+            return [node_id for node_id in sorted(view.members) if view.members[node_id].status == "down"]
+        health = self.coordinator.nodes.health
+        return [node_id for node_id in sorted(view.members) if not view.usable(node_id, health.reachable)]
+
+    @routes.path("/readyz", "GET")
+    def ready(self, request: IRequest) -> bytes:
+        """
+        200 when every key can be written and read now: at least W members are reachable (a
+        write lands on fallbacks for unreachable owners), and every ring range has at least R
+        reachable owners (a read from fallbacks alone could miss acknowledged writes); else 503.
+        """
+        view, health = self.cluster.view(), self.coordinator.nodes.health
+        down = self._unreachable()
+        reachable = [node_id for node_id in sorted(view.members) if node_id not in down]
+        write_quorum = min(self.coordinator.write_quorum, view.replicas)
+        read_quorum = min(self.coordinator.read_quorum, view.replicas)
+        writes = bool(view.members) and len(reachable) >= write_quorum
+        short = view.ranges_short_of(read_quorum, health.reachable) if view.members else 0
+        reads = bool(view.members) and short == 0
+        body: dict[str, Any] = {
+            "success": writes and reads,
+            "ready": writes and reads,
+            "writes": writes,
+            "reads": reads,
+            "reachable": reachable,
+            "down": down,
+        }
+        if not (writes and reads):
+            body["error"] = (
+                "no storage nodes are registered"
+                if not view.members
+                else f"{len(reachable)} of {len(view.members)} nodes reachable: "
+                + ("" if writes else f"fewer than W={write_quorum}; ")
+                + ("" if reads else f"{short} ring ranges have fewer than R={read_quorum} reachable owners; ")
+                + "not ready"
+            )
+        return _json(request, body, 200 if writes and reads else 503)
 
     @routes.key(paths.OWNERS, "GET")
     def owners(self, request: IRequest, key: str) -> bytes:

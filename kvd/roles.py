@@ -39,6 +39,7 @@ from kvd.auth import Auth, BadSecretFile, bearer, read_secret
 from kvd.gateway import Cluster
 from kvd.gateway.cas import Proposer
 from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.health import Health
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.repair import Repairer
 from kvd.gateway.skew import ClockSkew
@@ -230,6 +231,17 @@ class WatcherService(service.Service):
         self.watcher.stop()
 
 
+class HealthService(service.Service):
+    """Stops the gateway's failure detector's probes at stop."""
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.health.stop()
+
+
 class HTTPClientService(service.Service):
     """
     Owns the kept-alive connections of a process's outgoing calls; closes them at stop.
@@ -302,9 +314,25 @@ def registry_metrics(members: Registry) -> Metrics:
     return metrics
 
 
-def gateway_metrics(cluster: Cluster, repairer: Repairer, skew: ClockSkew | None = None) -> Metrics:
+def gateway_metrics(
+    cluster: Cluster, repairer: Repairer, skew: ClockSkew | None = None, health: Health | None = None
+) -> Metrics:
     metrics = Metrics()
     progress = repairer.progress
+    if health is not None:
+        reachable = health.reachable
+
+        def unreachable() -> int:
+            view = cluster.view()
+            return sum(not view.usable(node_id, reachable) for node_id in view.members)
+
+        metrics.gauges(
+            (
+                "kvd_unreachable_nodes",
+                "Ring members this gateway judges unreachable (or the registry has down).",
+                unreachable,
+            )
+        )
     if skew is not None:
         metrics.gauges(
             (
@@ -397,21 +425,27 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
     creds = credentials(config, config.client_token_file)
     cluster = Cluster(vnodes=config.vnodes, replicas=config.replicas)
     client = HTTPClientService(reactor, config.timeout, creds, config.max_value_bytes)
-    services: list[service.Service] = [client]
+    health = Health(reactor, config.timeout)
+    services: list[service.Service] = [client, HealthService(health)]
+
+    def follow(members: dict[str, NodeInfo]) -> None:
+        cluster.update(members)
+        health.keep(members)  # a member that left is no longer probed
+
     if config.static_nodes:
         cluster.update({node_id: NodeInfo(node_id, url) for node_id, url in config.static_nodes.items()})
     else:
         watcher: Watcher | Union
         if len(config.registry) == 1:
-            watcher = Watcher(RegistryClient(client.peers, config.registry[0]), reactor, cluster.update)
+            watcher = Watcher(RegistryClient(client.peers, config.registry[0]), reactor, follow)
         else:
-            watcher = Union(cluster.update)
+            watcher = Union(follow)
             for registry_url in config.registry:
                 watcher.follow(RegistryClient(client.peers, registry_url), reactor)
         services.append(WatcherService(watcher))
     clock = HybridClock(reactor.seconds, f"gw-{secrets.token_hex(4)}")
     skew = ClockSkew(reactor.seconds)
-    nodes = NodeClients(client.peers, skew.observe)
+    nodes = NodeClients(client.peers, skew.observe, health)
     coordinator = Coordinator(cluster, nodes, clock, config.write_quorum, config.read_quorum)
     repairer = Repairer(cluster, nodes, reactor.seconds, config.tombstone_grace)
     sweeps = TimerService(config.repair_interval, lambda: Deferred.fromCoroutine(repairer.sweep()))
@@ -422,7 +456,7 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
         cluster,
         coordinator,
         config.max_value_bytes,
-        gateway_metrics(cluster, repairer, skew),
+        gateway_metrics(cluster, repairer, skew, health),
         creds.auth,
         repairer,
         proposer,

@@ -163,7 +163,10 @@ def test_nodes_register_at_start_and_the_gateway_sees_them(harness: Harness) -> 
     assert status == 200
     assert body == {
         "success": True,
-        "nodes": [{"id": n, "url": f"http://{n}.test", "weight": 1, "status": "up"} for n in ("a", "b", "c")],
+        "nodes": [
+            {"id": n, "url": f"http://{n}.test", "weight": 1, "status": "up", "reachable": True, "timeout": 2.0}
+            for n in ("a", "b", "c")
+        ],
         "replicas": 3,
         "vnodes": 64,
         "write_quorum": 2,

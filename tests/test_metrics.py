@@ -17,6 +17,7 @@ from kvd.registry import Registry
 from kvd.resources import NodeAPI, RegistryAPI
 from kvd.roles import gateway_metrics, node_metrics, registry_metrics
 from kvd.store import Store
+from kvd.transport import KeepAlivePool, Peers
 from kvd.versions import HybridClock
 from kvd.web import BoundedSite
 
@@ -91,6 +92,7 @@ def test_the_registry_and_gateway_show_their_state() -> None:
     assert found[("kvd_registry_leases", ())] == 1
     cluster = Cluster(vnodes=8)
     cluster.update({"a": NodeInfo("a", "http://a:1"), "b": NodeInfo("b", "http://b:1")})
-    repairer = Repairer(cluster, NodeClients(None), Clock().seconds)  # type: ignore[arg-type]
+    clock = Clock()
+    repairer = Repairer(cluster, NodeClients(Peers(KeepAlivePool(clock), clock)), clock.seconds)
     found = samples(gateway_metrics(cluster, repairer).render())
     assert found[("kvd_ring_members", ())] == 2

@@ -10,14 +10,14 @@ L{ClusterView}, so a membership change halfway through cannot mix two placements
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from attrs import define, field, frozen
 from twisted.logger import Logger
 
 from kvd.keys import Unavailable
 from kvd.membership import NodeInfo
-from kvd.ring import DEFAULT_VNODES, Ring
+from kvd.ring import DEFAULT_VNODES, Ring, node_points
 
 _log = Logger()
 
@@ -54,6 +54,48 @@ class ClusterView:
         if not order:
             raise NoNodes()
         return order[: self.replicas], order[self.replicas :]
+
+    def usable(self, node_id: str, reachable: Callable[[str], bool]) -> bool:
+        """Whether quorum traffic may go to the member: the registry has it up and C{reachable} says yes."""
+        return self.members[node_id].status != "down" and reachable(node_id)
+
+    def route(self, key: str, reachable: Callable[[str], bool]) -> Route:
+        """
+        Where a key's quorum traffic goes when only the members C{reachable} says yes to (and
+        that the registry does not have down) can be asked: its reachable owners, each
+        unreachable owner replaced by the next reachable member clockwise.
+
+        @raise NoNodes: when there are no members.
+        """
+        owners, fallbacks = self.placement(key)
+        live = [node_id for node_id in owners if self.usable(node_id, reachable)]
+        spares = [node_id for node_id in fallbacks if self.usable(node_id, reachable)]
+        missing = len(owners) - len(live)
+        skipped = [node_id for node_id in owners + fallbacks if not self.usable(node_id, reachable)]
+        return Route(owners, live + spares[:missing], spares[missing:], skipped)
+
+    def ranges_short_of(self, needed: int, reachable: Callable[[str], bool]) -> int:
+        """How many ring ranges have fewer than C{needed} reachable owners."""
+        short = 0
+        for node_id, weight in self.ring.nodes.items():
+            for point in node_points(node_id, weight * self.ring.vnodes):
+                owners = self.ring.preference_list_at(point, self.replicas)
+                if sum(self.usable(o, reachable) for o in owners) < needed:
+                    short += 1
+        return short
+
+
+@frozen
+class Route:
+    """A key's owners, and where its quorum traffic goes now (see L{ClusterView.route})."""
+
+    owners: list[str]
+    #: Reachable owners, then as many reachable fallbacks as there are unreachable owners.
+    targets: list[str]
+    #: The other reachable members in ring order: replacements for targets that fail.
+    spares: list[str]
+    #: Members not asked at all, as they cannot be reached.
+    skipped: list[str]
 
 
 @define

@@ -8,7 +8,13 @@ counts toward W, and the repair sweep later hands it to the owner and drops it f
 fallback (hinted handoff, the hint being "a key held by a node that does not own it").
 
 A read asks R replicas (falling back likewise), answers with the newest version, and writes
-that version back to the owners it found stale (read repair).
+that version back to the owners it found stale (read repair). A read also hedges: when the
+replicas it asked have not all answered after their usual worst latency, it asks the next
+candidate too, and answers with the first R.
+
+Members the gateway's failure detector judges unreachable (or the registry has down) are
+not asked at all: their place goes to the next reachable members clockwise, and when too
+few are left the answer is a 503 at once, without waiting on anyone.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from attrs import define
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from kvd.gateway.cluster import Cluster
+from kvd.gateway.cluster import Cluster, Route
 from kvd.gateway.nodes import NodeClients, Written
 from kvd.gateway.quorum import Gathered, gather
 from kvd.store import Entry
@@ -56,7 +62,7 @@ class Coordinator:
         @raise NoNodes: when there are no members.
         """
         view = self.cluster.view()
-        owners, fallbacks = view.placement(key)
+        route = view.route(key, self.nodes.health.reachable)
         needed = min(self.write_quorum, view.replicas)
         live: list[bool] = []
 
@@ -82,7 +88,8 @@ class Coordinator:
                 gathered.require("write", needed)
                 return version, any(live)
 
-            return gather(ask, owners, fallbacks, needed, taken).addCallback(answer)
+            skipped = self._skipped(route)
+            return gather(ask, route.targets, route.spares, needed, taken, errors=skipped).addCallback(answer)
 
         return attempt(1)
 
@@ -95,9 +102,10 @@ class Coordinator:
         @raise NoNodes: when there are no members.
         """
         view = self.cluster.view()
-        owners, fallbacks = view.placement(key)
+        route = view.route(key, self.nodes.health.reachable)
+        owners = route.owners
         needed = min(self.read_quorum, view.replicas)
-        candidates = owners + fallbacks
+        candidates = route.targets + route.spares
 
         def ask(node_id: str) -> Deferred[Entry | None]:
             return self.nodes(view.members[node_id]).read_key(key)
@@ -114,7 +122,14 @@ class Coordinator:
                     self._repair(view.members[node_id], key, newest)
             return newest
 
-        return gather(ask, candidates[:needed], candidates[needed:], needed).addCallback(answer)
+        first = candidates[:needed]
+        hedge = (self.nodes.health.clock, self.nodes.health.hedge_delay(first))
+        d = gather(ask, first, candidates[needed:], needed, hedge=hedge, errors=self._skipped(route))
+        return d.addCallback(answer)
+
+    @staticmethod
+    def _skipped(route: Route) -> list[str]:
+        return [f"{node_id}: unreachable from this gateway" for node_id in route.skipped if node_id in route.owners]
 
     def _repair(self, node: Any, key: str, entry: Entry) -> None:
         def failed(failure: Any) -> None:

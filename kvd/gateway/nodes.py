@@ -11,6 +11,13 @@ one request of a kind is in flight to a node, the items for it queue and go toge
 next. A batch is cut at L{MAX_BATCH} items or once its values pass L{BATCH_VALUE_BUDGET}
 characters, and a node cuts its read answers the same way, so the size of an internal
 message follows from the value limit (see L{kvd.keys.internal_message_limit}).
+
+The quorum paths report to the gateway's failure detector (L{kvd.gateway.health.Health}):
+each batch has the node's learned deadline, its latency or its loss is recorded, and a node
+judged unreachable is not asked at all: its items fail at once with a L{PeerUnreachable}.
+A queue holds at most L{MAX_QUEUED} items and L{MAX_QUEUED_CHARS} characters of values;
+past that an item fails at once, so a node that stops answering cannot grow the gateway's
+memory.
 """
 
 from __future__ import annotations
@@ -19,20 +26,26 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from attrs import define, field, frozen
-from twisted.internet.defer import Deferred
+from attrs import Factory, define, field, frozen
+from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
 
+from kvd.gateway.health import Health
 from kvd.internal import RepairReport
 from kvd.keys import BATCH_VALUE_BUDGET
 from kvd.membership import NodeInfo
 from kvd.paxos import Promise, Proposal
 from kvd.store import Entry
-from kvd.transport import Answer, PeerError, Peers
+from kvd.transport import Answer, PeerError, Peers, PeerTimeout, PeerUnreachable
 
 T = TypeVar("T")
 
 #: Items per internal request.
 MAX_BATCH = 512
+
+#: The most items, and characters of values, a node's queue of one kind holds.
+MAX_QUEUED = 8 * MAX_BATCH
+MAX_QUEUED_CHARS = 4 * BATCH_VALUE_BUDGET
 
 #: An item of an apply batch: key, value (None: a tombstone) and version.
 Item = tuple[str, "str | None", str]
@@ -81,6 +94,8 @@ def split(items: list[T], size: Callable[[T], int]) -> list[list[T]]:
 class _Queue:
     items: list[tuple[Any, Deferred[Any]]] = field(factory=list)
     busy: bool = False
+    #: Characters of values in C{items}.
+    chars: int = 0
 
 
 @define
@@ -91,6 +106,7 @@ class NodeClient:
     peers: Peers
     #: Told (node id, the node's clock in seconds) whenever an answer carries it.
     on_clock: Callable[[str, float], None] | None = None
+    health: Health | None = None
     _applies: _Queue = field(factory=_Queue)
     _reads: _Queue = field(factory=_Queue)
 
@@ -98,8 +114,8 @@ class NodeClient:
     def id(self) -> str:
         return self.node.id
 
-    def _call(self, path: str, body: object, parse: Callable[[Any], T]) -> Deferred[T]:
-        d = self.peers.call("POST", f"{self.node.url}/internal/{path}", _encode(body))
+    def _call(self, path: str, body: object, parse: Callable[[Any], T], timeout: float | None = None) -> Deferred[T]:
+        d = self.peers.call("POST", f"{self.node.url}/internal/{path}", _encode(body), timeout=timeout)
         return d.addCallback(self._checked, path, parse)
 
     def _get(self, path: str, parse: Callable[[Any], T]) -> Deferred[T]:
@@ -133,7 +149,7 @@ class NodeClient:
 
         return Deferred.fromCoroutine(in_turn())
 
-    def _apply(self, items: list[Item]) -> Deferred[list[Written]]:
+    def _apply(self, items: list[Item], timeout: float | None = None) -> Deferred[list[Written]]:
         def parse(body: Any) -> list[Written]:
             live = body["live"]
             # A node that does not say what it holds holds what it was sent.
@@ -147,9 +163,9 @@ class NodeClient:
                 self.on_clock(self.node.id, now / 1000)
             return [Written(bool(was), version) for was, version in zip(live, held, strict=True)]
 
-        return self._call("apply", {"items": [list(item) for item in items]}, parse)
+        return self._call("apply", {"items": [list(item) for item in items]}, parse, timeout)
 
-    def read(self, keys: list[str]) -> Deferred[dict[str, Entry]]:
+    def read(self, keys: list[str], timeout: float | None = None) -> Deferred[dict[str, Entry]]:
         """The entries of those of C{keys} the node holds (tombstones too), asking again for any it deferred."""
         found: dict[str, Entry] = {}
 
@@ -165,7 +181,7 @@ class NodeClient:
             return [key for key in more if isinstance(key, str)]
 
         def ask(wanted: list[str]) -> Deferred[dict[str, Entry]]:
-            d = self._call("read", {"keys": wanted, "max_chars": BATCH_VALUE_BUDGET}, parse)
+            d = self._call("read", {"keys": wanted, "max_chars": BATCH_VALUE_BUDGET}, parse, timeout)
             return d.addCallback(next_round, len(wanted))
 
         def next_round(more: list[str], asked: int) -> Deferred[dict[str, Entry]] | dict[str, Entry]:
@@ -246,35 +262,72 @@ class NodeClient:
 
     def apply_key(self, key: str, value: str | None, version: str) -> Deferred[Written]:
         """Fires with what the node made of the write, once durable there."""
-        return self._enqueue(self._applies, (key, value, version), self._send_applies)
+        return self._enqueue(self._applies, (key, value, version), len(value or ""), self._send_applies)
 
     def read_key(self, key: str) -> Deferred[Entry | None]:
-        return self._enqueue(self._reads, key, self._send_reads)
+        return self._enqueue(self._reads, key, 0, self._send_reads)
 
-    def _enqueue(self, queue: _Queue, item: Any, send: Callable[[], None]) -> Deferred[Any]:
+    @property
+    def reachable(self) -> bool:
+        """Whether this gateway's failure detector lets quorum traffic go to the node."""
+        return self.health is None or self.health.reachable(self.node.id)
+
+    def _enqueue(self, queue: _Queue, item: Any, chars: int, send: Callable[[], None]) -> Deferred[Any]:
+        if not self.reachable:
+            return fail(PeerUnreachable(self.node.url, "judged unreachable by this gateway (being probed)"))
+        if len(queue.items) >= MAX_QUEUED or (queue.items and queue.chars + chars > MAX_QUEUED_CHARS):
+            return fail(PeerError(self.node.url, "too much is already waiting for this node"))
         d: Deferred[Any] = Deferred()
         queue.items.append((item, d))
+        queue.chars += chars
         if not queue.busy:
             send()
         return d
 
     def _take(self, queue: _Queue, size: Callable[[Any], int]) -> list[tuple[Any, Deferred[Any]]]:
+        if not self.reachable:
+            # Judged unreachable meanwhile: what waits fails now rather than after a deadline each.
+            batch, queue.items, queue.chars, queue.busy = queue.items, [], 0, False
+            self._fail(Failure(PeerUnreachable(self.node.url, "judged unreachable by this gateway")), batch)
+            return []
         count = _fitting(queue.items, lambda queued: size(queued[0]))
         batch, queue.items = queue.items[:count], queue.items[count:]
+        queue.chars -= sum(size(item) for item, _ in batch)
         queue.busy = bool(batch)
         return batch
+
+    def _timed(self, send: Callable[[float | None], Deferred[T]]) -> Deferred[T]:
+        """Send a quorum batch with the node's deadline; report its latency, or its loss, to the failure detector."""
+        health = self.health
+        if health is None:
+            return send(None)
+        started = health.clock.seconds()
+        d = send(health.timeout(self.node.id))
+
+        def answered(result: T) -> T:
+            health.succeeded(self.node.id, health.clock.seconds() - started)
+            return result
+
+        def lost(failure: Failure) -> Failure:
+            if failure.check(PeerTimeout, PeerUnreachable):
+                health.failed(self.node.id, failure.getErrorMessage())
+            return failure
+
+        return d.addCallbacks(answered, lost)
 
     def _send_applies(self) -> None:
         batch = self._take(self._applies, _value_size)
         if batch:
-            d = self._apply([item for item, _ in batch])
+            items = [item for item, _ in batch]
+            d = self._timed(lambda timeout: self._apply(items, timeout))
             d.addCallbacks(self._deliver, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
             d.addBoth(lambda _: self._send_applies())
 
     def _send_reads(self) -> None:
         batch = self._take(self._reads, lambda key: 0)
         if batch:
-            d = self.read([key for key, _ in batch])
+            keys = [key for key, _ in batch]
+            d = self._timed(lambda timeout: self.read(keys, timeout))
             d.addCallbacks(self._deliver_entries, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
             d.addBoth(lambda _: self._send_reads())
 
@@ -296,14 +349,32 @@ class NodeClient:
 
 @define
 class NodeClients:
-    """One L{NodeClient} per member, made anew when a member's URL or weight changes."""
+    """
+    One L{NodeClient} per member, made anew when a member's URL or weight changes, all
+    reporting to one failure detector (made on the peers' clock unless given), which probes
+    through them.
+    """
 
     peers: Peers
     on_clock: Callable[[str, float], None] | None = None
+    health: Health = field(
+        default=Factory(lambda self: Health(self.peers.reactor, self.peers.timeout), takes_self=True)
+    )
     _clients: dict[str, NodeClient] = field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        self.health.probe = self.probe
 
     def __call__(self, node: NodeInfo) -> NodeClient:
         client = self._clients.get(node.id)
         if client is None or client.node != node:
-            client = self._clients[node.id] = NodeClient(node, self.peers, self.on_clock)
+            client = self._clients[node.id] = NodeClient(node, self.peers, self.on_clock, self.health)
         return client
+
+    def probe(self, node_id: str, timeout: float) -> Deferred[bool]:
+        """Whether the node answers C{GET /healthz} with 200 within C{timeout}."""
+        client = self._clients.get(node_id)
+        if client is None:
+            return fail(PeerError(node_id, "not a member"))
+        d = self.peers.call("GET", f"{client.node.url}/healthz", timeout=timeout)
+        return d.addCallback(lambda answer: answer.status == 200)

@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from kvd.keys import Unavailable
@@ -63,6 +64,19 @@ class _Gathering(Generic[T]):
     done: Deferred[Gathered[T]] = field(factory=Deferred)
     pending: int = 0
     launching: bool = True
+    hedge: tuple[IReactorTime, float] | None = None
+    _hedging: IDelayedCall | None = None
+
+    def schedule_hedge(self) -> None:
+        if self.hedge is not None and self.spares and not self.done.called:
+            clock, delay = self.hedge
+            self._hedging = clock.callLater(delay, self._hedged)
+
+    def _hedged(self) -> None:
+        self._hedging = None
+        if self.spares and not self.done.called:
+            self.launch(self.spares.pop(0))
+            self.schedule_hedge()
 
     def launch(self, node_id: str) -> None:
         self.pending += 1
@@ -87,6 +101,9 @@ class _Gathering(Generic[T]):
         if self.done.called or self.launching:
             return
         if self.result.accepted >= self.needed or self.pending == 0:
+            if self._hedging is not None and self._hedging.active():
+                self._hedging.cancel()
+            self._hedging = None
             self.done.callback(self.result)
 
 
@@ -96,16 +113,21 @@ def gather(
     spares: Sequence[str],
     needed: int,
     accept: Callable[[T], bool] = _always,
+    hedge: tuple[IReactorTime, float] | None = None,
+    errors: Sequence[str] = (),
 ) -> Deferred[Gathered[T]]:
     """
-    Ask every node of C{first}; replace each that fails by the next of C{spares}. Fires once
+    Ask every node of C{first}; replace each that fails by the next of C{spares}, and with
+    C{hedge} (clock, delay) also ask the next spare each time the delay passes. Fires once
     C{needed} answers are accepted, or once nobody is left to wait for (the caller checks
-    with L{Gathered.require}); never fails. An answer that is not accepted still answers:
-    it is no reason to ask a spare.
+    with L{Gathered.require}, which names C{errors} too: the nodes skipped beforehand);
+    never fails. An answer that is not accepted still answers: it is no reason to ask a spare.
     """
-    gathering: _Gathering[T] = _Gathering(ask, list(spares), needed, accept)
+    gathering: _Gathering[T] = _Gathering(ask, list(spares), needed, accept, hedge=hedge)
+    gathering.result.errors.extend(errors)
     for node_id in first:
         gathering.launch(node_id)
     gathering.launching = False
     gathering.settle()
+    gathering.schedule_hedge()
     return gathering.done

@@ -1,0 +1,193 @@
+"""
+The gateway's own failure detector: which nodes this gateway can reach, and how long to wait
+for each.
+
+Every quorum call to a node reports back: an answer brings its latency, which feeds a
+smoothed mean and mean deviation (as TCP estimates round-trip times); a timeout, a refusal
+or a reset marks the node I{unreachable} at once, for this gateway, whatever the registry
+says. An unreachable node gets no quorum traffic: it is probed (C{GET /healthz}) with
+exponential backoff until it answers 200, and is then used again.
+
+The learned figures give each call its deadline (L{Health.timeout}: a few times the usual
+worst case, between L{MIN_TIMEOUT} and the configured C{--timeout}) and give reads the delay
+after which they ask one more replica (L{Health.hedge_delay}). A node never heard from gets
+the configured timeout: nothing is known about it yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kvd.transport import DEFAULT_TIMEOUT
+
+_log = Logger()
+
+#: No call is given less than this, however fast the node usually answers. A longer deadline
+#: costs little: reads hedge and writes need only W, so neither waits for it while enough
+#: other replicas answer; a shorter one judges a node that paused for a collection or an fsync
+#: (or that shares a busy machine) unreachable, and a quorum that needed it fails.
+MIN_TIMEOUT = 0.5
+#: The deadline is this many times the usual worst case (mean + 4 deviations), plus SLACK.
+TIMEOUT_FACTOR = 3.0
+SLACK = 0.01
+#: Reads ask one more replica after the usual worst case of the ones asked, and never sooner than this.
+MIN_HEDGE = 0.005
+#: Probes of an unreachable node start this far apart and double up to MAX_PROBE_INTERVAL.
+FIRST_PROBE_INTERVAL = 0.1
+MAX_PROBE_INTERVAL = 2.0
+
+#: How a probe asks a node whether it answers: (node id, timeout) -> fires with whether it is healthy.
+Probe = Callable[[str, float], "Deferred[bool]"]
+
+
+@define
+class _Node:
+    mean: float | None = None
+    deviation: float = 0.0
+    reachable: bool = True
+    reason: str = ""
+    backoff: float = 0.0
+    probe: IDelayedCall | None = None
+    probing: Deferred[bool] | None = None
+
+
+@define
+class Health:
+    """Per-node latency and reachability, as one gateway sees them."""
+
+    clock: IReactorTime
+    #: The longest any call waits: C{--timeout}.
+    ceiling: float = DEFAULT_TIMEOUT
+    #: Set by whoever can reach the nodes (L{kvd.gateway.nodes.NodeClients}).
+    probe: Probe | None = None
+    _nodes: dict[str, _Node] = field(factory=dict)
+
+    def _node(self, node_id: str) -> _Node:
+        node = self._nodes.get(node_id)
+        if node is None:
+            node = self._nodes[node_id] = _Node()
+        return node
+
+    def reachable(self, node_id: str) -> bool:
+        node = self._nodes.get(node_id)
+        return node is None or node.reachable
+
+    def unreachable(self) -> list[str]:
+        """The ids of the nodes judged unreachable, sorted."""
+        return sorted(node_id for node_id, node in self._nodes.items() if not node.reachable)
+
+    def usual_worst(self, node_id: str) -> float | None:
+        """Mean latency plus four mean deviations (about a p99), or None before the first answer."""
+        node = self._nodes.get(node_id)
+        if node is None or node.mean is None:
+            return None
+        return node.mean + 4 * node.deviation
+
+    def timeout(self, node_id: str) -> float:
+        """How long the next call to the node may take before it counts as lost."""
+        worst = self.usual_worst(node_id)
+        if worst is None:
+            return self.ceiling
+        return max(min(MIN_TIMEOUT, self.ceiling), min(self.ceiling, TIMEOUT_FACTOR * worst + SLACK))
+
+    def hedge_delay(self, node_ids: Sequence[str]) -> float:
+        """How long a read waits on the nodes it asked before it asks one more."""
+        worst = [self.usual_worst(node_id) for node_id in node_ids]
+        known = [w for w in worst if w is not None]
+        if not known or len(known) < len(worst):
+            return self.ceiling  # not known yet: wait for the deadline
+        return min(self.ceiling, max(MIN_HEDGE, max(known)))
+
+    def succeeded(self, node_id: str, seconds: float) -> None:
+        """A call answered after C{seconds}."""
+        node = self._node(node_id)
+        if node.mean is None:
+            node.mean, node.deviation = seconds, seconds / 2
+        else:
+            error = seconds - node.mean
+            node.mean += error / 8
+            node.deviation += (abs(error) - node.deviation) / 4
+        if not node.reachable:
+            self._reachable(node_id, node, "it answered")
+
+    def failed(self, node_id: str, reason: str) -> None:
+        """A call timed out, was refused or was reset: route around the node until a probe answers."""
+        node = self._node(node_id)
+        if not node.reachable:
+            return
+        node.reachable, node.reason, node.backoff = False, reason, 0.0
+        _log.warn(
+            "node {node} judged unreachable: {reason}; routing around it and probing", node=node_id, reason=reason
+        )
+        self._schedule(node_id, node)
+
+    def _schedule(self, node_id: str, node: _Node) -> None:
+        node.backoff = min(MAX_PROBE_INTERVAL, node.backoff * 2 if node.backoff else FIRST_PROBE_INTERVAL)
+        node.probe = self.clock.callLater(node.backoff, self._probe, node_id)
+
+    def _probe(self, node_id: str) -> None:
+        node = self._nodes.get(node_id)
+        if node is None or node.reachable:
+            return
+        node.probe = None
+        if self.probe is None:  # nobody to probe with: let quorum traffic try it again
+            self._reachable(node_id, node, "its probe interval passed")
+            return
+        d = node.probing = self.probe(node_id, self.ceiling)
+
+        def answered(healthy: bool) -> None:
+            node.probing = None
+            if self._nodes.get(node_id) is not node or node.reachable:
+                return
+            if healthy:
+                self._reachable(node_id, node, "a probe answered")
+            else:
+                self._schedule(node_id, node)
+
+        def failed(failure: Failure) -> None:
+            answered(False)
+
+        d.addCallbacks(answered, failed)
+
+    def _reachable(self, node_id: str, node: _Node, why: str) -> None:
+        node.reachable, node.reason, node.backoff = True, "", 0.0
+        self._cancel(node)
+        _log.info("node {node} reachable again: {why}", node=node_id, why=why)
+
+    @staticmethod
+    def _cancel(node: _Node) -> None:
+        if node.probe is not None and node.probe.active():
+            node.probe.cancel()
+        node.probe = None
+        if node.probing is not None:
+            probing, node.probing = node.probing, None
+            probing.cancel()
+
+    def keep(self, node_ids: Iterable[str]) -> None:
+        """Forget the nodes that are no longer members (and stop probing them)."""
+        wanted = set(node_ids)
+        for node_id in [n for n in self._nodes if n not in wanted]:
+            self._cancel(self._nodes.pop(node_id))
+
+    def stop(self) -> None:
+        """Stop every probe (at shutdown)."""
+        for node in self._nodes.values():
+            self._cancel(node)
+
+    def to_json(self, node_id: str) -> dict[str, Any]:
+        """What C{GET /cluster} shows of a node: whether it is reachable, and its current deadline."""
+        node = self._nodes.get(node_id)
+        shown: dict[str, Any] = {
+            "reachable": node is None or node.reachable,
+            "timeout": round(self.timeout(node_id), 4),
+        }
+        if node is not None and not node.reachable:
+            shown["unreachable_because"] = node.reason
+        return shown

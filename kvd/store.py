@@ -14,6 +14,13 @@ amortised to a constant per written byte, whatever the number of keys.
 
 Versions of local writes (the node's own client API) come from an injected
 L{HybridClock} whose origin is the node's id, so two nodes never mint the same version.
+Every read also takes the time from that clock: an entry whose expiry (L{kvd.ttl}) has come
+reads as a tombstone of the same version.
+
+A sorted index of every key held (tombstones too; a C{SortedList}) serves listings in key
+order (L{Store.listing}) at O(log n + page) a page; each change keeps it up to date at
+O(log n). Python orders strings by code point, which is also the order of their UTF-8
+bytes, so this is the byte order clients are promised.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from attrs import define, field, frozen
+from sortedcontainers import SortedList
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,7 +60,8 @@ from kvd.journal import (
     write_all,
     write_snapshot,
 )
-from kvd.keys import BadKey, check_key
+from kvd.keys import BATCH_VALUE_BUDGET, BadKey, check_key
+from kvd.ttl import MARK, expired, with_expiry
 from kvd.versions import HybridClock, is_version
 
 #: Also named here: what other modules imported from kvd.store before it was split.
@@ -63,6 +72,7 @@ __all__ = [
     "BadBatch",
     "CorruptStore",
     "Entry",
+    "Listed",
     "Runner",
     "Store",
     "StoreClosed",
@@ -113,6 +123,16 @@ class Applied:
     applied: int
     #: For each item, whether its key was live just before it.
     live: list[bool]
+
+
+@frozen
+class Listed:
+    """A page of a node's sorted keys (L{Store.listing})."""
+
+    #: (key, value or None for a tombstone or an expired entry, version), in key order.
+    entries: list[tuple[str, str | None, str]]
+    #: Whether keys under the prefix may follow the last one (the scan stopped at a bound).
+    more: bool
 
 
 @frozen
@@ -187,6 +207,11 @@ class Store:
     _step: Callable[[str], None] = lambda name: None
     #: Called after each group commit with its duration (write + fsync) and its write count.
     observe_commit: Callable[[float, int], None] | None = None
+    #: Every key held, tombstones included, in order.
+    _index: SortedList[str] = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._index = SortedList(self._data)
 
     @classmethod
     def open(
@@ -247,18 +272,32 @@ class Store:
 
     # Reads: memory only.
 
+    def _now(self) -> float:
+        return self.clock.now()
+
     def get(self, key: str) -> str | None:
-        """The key's live value; None when absent or deleted."""
+        """The key's live value; None when absent, deleted or expired."""
         packed = self._data.get(key)
         if packed is None:
             return None
         cut = packed.find(SEP)
-        return None if cut < 0 else packed[cut + 1 :]
+        if cut < 0 or (MARK in packed[:cut] and expired(packed[:cut], self._now())):
+            return None
+        return packed[cut + 1 :]
 
     def entry(self, key: str) -> Entry | None:
-        """The key's value (None for a tombstone) and version, if the store knows the key at all."""
+        """
+        The key's value (None for a tombstone, or an entry that has expired) and version, if
+        the store knows the key at all.
+        """
         packed = self._data.get(key)
-        return None if packed is None else unpack(packed)
+        return None if packed is None else self._unexpired(packed)
+
+    def _unexpired(self, packed: str) -> Entry:
+        value, version = unpack(packed)
+        if value is not None and MARK in version and expired(version, self._now()):
+            return None, version
+        return value, version
 
     def __len__(self) -> int:
         """Live keys: tombstones do not count."""
@@ -274,8 +313,52 @@ class Store:
         return ((k, v) for k, (v, _) in self.entries() if v is not None)
 
     def entries(self) -> Iterable[tuple[str, Entry]]:
-        """(key, (value or None, version)) of every key, tombstones included."""
-        return ((k, unpack(packed)) for k, packed in self._data.items())
+        """(key, (value or None, version)) of every key, tombstones (and expired entries) included."""
+        return ((k, self._unexpired(packed)) for k, packed in self._data.items())
+
+    def listing(
+        self,
+        prefix: str = "",
+        after: str | None = None,
+        limit: int = 100,
+        values: bool = False,
+        max_chars: int = BATCH_VALUE_BUDGET,
+    ) -> Listed:
+        """
+        The next keys under C{prefix} after C{after} in key order, tombstones and expired
+        entries included (as tombstones, so that whoever merges replicas can drop a key
+        deleted on some of them): at most C{limit} of them, and with C{values} none past
+        the one whose value passes C{max_chars}. O(log n + limit), whatever lies around.
+
+        Without C{values}, a live entry's value is given as C{""}: only live or not matters.
+        """
+        index, data, now = self._index, self._data, self._now()
+        if after is not None and after >= prefix:
+            keys = index.irange(minimum=after, inclusive=(False, True))
+        else:
+            keys = index.irange(minimum=prefix)
+        found: list[tuple[str, str | None, str]] = []
+        budget = max_chars
+        for key in keys:
+            if not key.startswith(prefix):
+                return Listed(found, False)
+            if len(found) >= limit or budget < 0:
+                return Listed(found, True)
+            packed = data[key]
+            cut = packed.find(SEP)
+            if cut < 0:
+                found.append((key, None, packed))
+                continue
+            version = packed[:cut]
+            if MARK in version and expired(version, now):
+                found.append((key, None, version))
+            elif values:
+                value = packed[cut + 1 :]
+                budget -= len(value)
+                found.append((key, value, version))
+            else:
+                found.append((key, "", version))
+        return Listed(found, False)
 
     def digests(self) -> list[int]:
         """The digest of each of the L{BUCKETS} key ranges."""
@@ -284,8 +367,14 @@ class Store:
         return self._digests.values()
 
     def versions_in(self, buckets: Iterable[int]) -> tuple[dict[str, str], list[str]]:
-        """key -> version for every key in the given ranges, and which of them are tombstones."""
-        return _versions_in(self._data, buckets)
+        """key -> version for every key in the given ranges, and which of them are tombstones (or expired)."""
+        versions, tombstones = _versions_in(self._data, buckets)
+        now = self._now()
+        dead = set(tombstones)
+        tombstones.extend(
+            key for key, version in versions.items() if MARK in version and key not in dead and expired(version, now)
+        )
+        return versions, tombstones
 
     @property
     def journal_bytes(self) -> int:
@@ -319,9 +408,14 @@ class Store:
             self.clock.observe(version_of(current))
         return self.clock.next()
 
-    def put(self, key: str, value: str) -> Deferred[str]:
-        """Set C{key} with a new local version; fires with that version once durable."""
+    def put(self, key: str, value: str, ttl: float | None = None) -> Deferred[str]:
+        """
+        Set C{key} with a new local version (carrying its expiry C{ttl} seconds from now, if
+        given); fires with that version once durable.
+        """
         version = self._local_version(key)
+        if ttl is not None:
+            version = with_expiry(version, self.clock.now() + ttl)
         d = self.apply(key, value, version)
         assert d is not None
         return d.addCallback(lambda _: version)
@@ -419,9 +513,12 @@ class Store:
         """Change memory, keeping the live count and the digests in step."""
         old = self._data.get(key)
         if packed is None:
-            self._data.pop(key, None)
+            if self._data.pop(key, None) is not None:
+                self._index.remove(key)
         else:
             self._data[key] = packed
+            if old is None:
+                self._index.add(key)
         if self._live >= 0:
             self._live += (packed is not None and is_live(packed)) - (old is not None and is_live(old))
         if self._digests is not None:

@@ -23,6 +23,7 @@ from kvd.gateway.cluster import Cluster
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.quorum import Gathered, gather
 from kvd.store import Entry
+from kvd.ttl import with_expiry
 from kvd.versions import HybridClock
 
 _log = Logger()
@@ -38,10 +39,11 @@ class Coordinator:
     write_quorum: int = 2
     read_quorum: int = 2
 
-    def write(self, key: str, value: str | None) -> Deferred[tuple[str, bool]]:
+    def write(self, key: str, value: str | None, ttl: float | None = None) -> Deferred[tuple[str, bool]]:
         """
         Write (C{value} None: delete) to W replicas; fires with the version and whether any
-        replica that answered held the key live before.
+        replica that answered held the key live before. With C{ttl}, the version carries
+        the expiry C{ttl} seconds from now (L{kvd.ttl}).
 
         @raise QuorumFailed: when fewer than W replicas made it durable.
         @raise NoNodes: when there are no members.
@@ -50,6 +52,8 @@ class Coordinator:
         owners, fallbacks = view.placement(key)
         needed = min(self.write_quorum, view.replicas)
         version = self.clock.next()
+        if ttl is not None:
+            version = with_expiry(version, self.clock.now() + ttl)
 
         def ask(node_id: str) -> Deferred[bool]:
             return self.nodes(view.members[node_id]).apply_key(key, value, version)

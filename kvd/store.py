@@ -471,9 +471,10 @@ class Store:
         data, live = self._data, []
         records, undo = [], []
         refusal = self._refusal()
+        now = self._now()
         for key, value, version in writes:
             current = data.get(key)
-            live.append(current is not None and is_live(current))
+            live.append(current is not None and is_live(current) and not expired(version_of(current), now))
             if current is not None and version_of(current) >= version:
                 continue
             if refusal is not None:

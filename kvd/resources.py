@@ -342,6 +342,11 @@ class _FrontDoor(Resource):
         self._app = app
         self._kv = {method: handler for (method, prefix), handler in keyed.items() if prefix == paths.KV}
         self._exact = exact
+        self._allowed: dict[bytes, set[str]] = {}
+        for method, exact_path in exact:
+            self._allowed.setdefault(exact_path, set()).update(
+                {method.decode(), "HEAD"} if method == b"GET" else {method.decode()}
+            )
         self._auth = auth
 
     def render(self, request: IRequest) -> Any:
@@ -356,6 +361,11 @@ class _FrontDoor(Resource):
         exact = self._exact.get((request.method, path))
         if exact is not None:
             return self._finish(request, _call(exact, self._api, request))
+        allowed = self._allowed.get(path)
+        if allowed is not None and request.method.decode("ascii", "replace") not in allowed:
+            # Klein would take "/kv" for an empty key under "/kv/" (its rules ignore a missing
+            # trailing slash): a fast exact path answers other methods itself.
+            return render_error(request, Failure(MethodNotAllowed(valid_methods=sorted(allowed))))
         try:
             unquote_to_bytes(path).decode("utf-8")
         except UnicodeDecodeError:

@@ -327,3 +327,12 @@ def test_a_batch_over_its_bounds_is_a_413(harness: Harness) -> None:
     assert status == 413
     status, _ = batch(harness, {"get": [f"k{i}" for i in range(600)], "delete": [f"d{i}" for i in range(400)]})
     assert status == 200
+
+
+def test_listing_and_batches_need_the_client_token_when_one_is_set() -> None:
+    from kvd.auth import Auth, bearer
+
+    auth = Auth(client_token=b"t")
+    for path in (b"/kv", b"/batch", b"/kv/k"):
+        assert not auth.allows(path, None), path
+        assert auth.allows(path, bearer(b"t")), path

@@ -336,3 +336,12 @@ def test_listing_and_batches_need_the_client_token_when_one_is_set() -> None:
     for path in (b"/kv", b"/batch", b"/kv/k"):
         assert not auth.allows(path, None), path
         assert auth.allows(path, bearer(b"t")), path
+
+
+def test_a_batch_body_may_be_as_large_as_an_internal_batch_and_no_larger() -> None:
+    from kvd.keys import internal_message_limit
+    from kvd.web import BoundedSite
+
+    site = BoundedSite(Resource(), max_body=1000)
+    assert site.limit_for(b"/batch") == internal_message_limit(1000) == site.limit_for(b"/internal/apply")
+    assert site.limit_for(b"/kv/k") == site.limit_for(b"/kv") == 1000

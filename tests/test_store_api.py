@@ -205,3 +205,21 @@ def test_the_index_follows_drops_and_survives_restart(tmp_path: Path, stores: li
     assert [k for k, _, _ in store.listing().entries] == ["b"]
     store = reopen(stores, store, clock)
     assert [k for k, _, _ in store.listing().entries] == ["b"]
+
+
+def test_the_index_once_made_follows_every_change(tmp_path: Path, stores: list[Store], clock: Clock) -> None:
+    store = open_store(stores, tmp_path, clock)
+    store.put("m", "1")
+    assert [k for k, _, _ in store.listing().entries] == ["m"], "the first listing makes the index"
+    version = store.put("a", "1").result
+    store.apply_batch([["z", "2", encode(1000, 0, "x")], ["b", None, encode(1000, 1, "x")]])
+    store.delete("m")
+    assert [(k, v) for k, v, _ in store.listing(values=True).entries] == [
+        ("a", "1"),
+        ("b", None),
+        ("m", None),
+        ("z", "2"),
+    ]
+    store.drop("a", version)
+    store.drop_batch([["b", encode(1000, 1, "x")]])
+    assert [k for k, _, _ in store.listing().entries] == ["m", "z"]

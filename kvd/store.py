@@ -27,6 +27,7 @@ order clients are promised.
 
 from __future__ import annotations
 
+import heapq
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -63,7 +64,7 @@ from kvd.journal import (
     write_snapshot,
 )
 from kvd.keys import BATCH_VALUE_BUDGET, BadKey, check_key
-from kvd.ttl import MARK, expired, with_expiry
+from kvd.ttl import MARK, expired, expiry_ms, with_expiry
 from kvd.versions import HybridClock, is_version
 
 #: Also named here: what other modules imported from kvd.store before it was split.
@@ -212,6 +213,9 @@ class Store:
     #: Every key held, tombstones included, in order; made by the first listing, then kept
     #: up to date by every change.
     _index: SortedList[str] | None = None
+    #: (expiry in ms, key) of live entries that carry an expiry, soonest first; made by the
+    #: first L{expire}, then kept up to date by every change. Stale items are skipped.
+    _expiring: list[tuple[int, str]] | None = None
 
     @classmethod
     def open(
@@ -315,6 +319,44 @@ class Store:
     def entries(self) -> Iterable[tuple[str, Entry]]:
         """(key, (value or None, version)) of every key, tombstones (and expired entries) included."""
         return ((k, self._unexpired(packed)) for k, packed in self._data.items())
+
+    def expire(self) -> Deferred[int]:
+        """
+        Turn every entry whose expiry has come into a tombstone of the same version (reads
+        already treat it as one: this frees its value and makes it count as gone); fires with
+        how many once that is durable. The first call scans every key, later ones only the
+        entries due. A node calls it every second.
+        """
+        data, now = self._data, self._now()
+        heap = self._expiring
+        if heap is None:
+            heap = self._expiring = []
+            for key, packed in data.items():
+                cut = packed.find(SEP)
+                if cut >= 0 and MARK in packed[:cut]:
+                    ms = expiry_ms(packed[:cut])
+                    if ms is not None:
+                        heap.append((ms, key))
+            heapq.heapify(heap)
+        records, undo = [], []
+        refusal = self._refusal()
+        while heap and now >= heap[0][0] / 1000:  # the same test as expired()
+            ms, key = heapq.heappop(heap)
+            current = data.get(key)
+            if current is None or not is_live(current):
+                continue
+            version = version_of(current)
+            if expiry_ms(version) != ms or not expired(version, now):
+                continue  # written again since; its own item (if any) is in the heap
+            if refusal is not None:
+                heapq.heappush(heap, (ms, key))
+                break
+            self._set(key, version)
+            records.append(encode_entry(key, None, version))
+            undo.append((key, current))
+        if not records:
+            return succeed(0)
+        return self._append(b"".join(records), tuple(undo)).addCallback(lambda _: len(records))
 
     def listing(
         self,
@@ -515,7 +557,13 @@ class Store:
     def _set(self, key: str, packed: str | None) -> None:
         """Change memory, keeping the live count and the digests in step."""
         old = self._data.get(key)
-        index = self._index
+        index, expiring = self._index, self._expiring
+        if expiring is not None and packed is not None:
+            cut = packed.find(SEP)
+            if cut >= 0 and MARK in packed[:cut]:
+                ms = expiry_ms(packed[:cut])
+                if ms is not None:
+                    heapq.heappush(expiring, (ms, key))
         if packed is None:
             if self._data.pop(key, None) is not None and index is not None:
                 index.remove(key)

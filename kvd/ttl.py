@@ -13,7 +13,10 @@ Every reader decides with its own clock: an entry whose expiry has come (C{now >
 reads as a tombstone of the same version, on every node and at the gateway, before any
 sweep. So repair, which copies and compares versions, never brings an expired value back:
 a copy it makes carries the same expiry and is expired on arrival, and a node lists the
-entry as a tombstone, which the sweep then collects like any other. A later write without a
+entry as a tombstone, which the repair sweep then collects like any other. Each node also
+turns its expired entries into real tombstones of the same version every second
+(L{kvd.store.Store.expire}), freeing their values; the digests do not change, since the
+version does not. A later write without a
 TTL has a newer, plain version: the key is permanent again.
 """
 

@@ -223,3 +223,27 @@ def test_the_index_once_made_follows_every_change(tmp_path: Path, stores: list[S
     store.drop("a", version)
     store.drop_batch([["b", encode(1000, 1, "x")]])
     assert [k for k, _, _ in store.listing().entries] == ["m", "z"]
+
+
+def test_expire_turns_due_entries_into_tombstones_of_the_same_version(
+    tmp_path: Path, stores: list[Store], clock: Clock
+) -> None:
+    store = open_store(stores, tmp_path, clock)
+    assert store.expire().result == 0, "the first call scans; nothing carries an expiry yet"
+    soon = store.put("soon", "s", ttl=1).result
+    store.put("later", "l", ttl=10)
+    store.put("rewritten", "r", ttl=1)
+    store.put("rewritten", "permanent")
+    digests = store.digests()
+    assert len(store) == 3
+    clock.advance(1)
+    assert store.expire().result == 1
+    assert store.entry("soon") == (None, soon) and len(store) == 2
+    assert store.get("rewritten") == "permanent" and store.get("later") == "l"
+    assert store.digests() == digests, "the same versions: replicas still agree"
+    assert store.expire().result == 0
+    store = reopen(stores, store, clock)
+    assert store.entry("soon") == (None, soon), "the tombstone is in the journal"
+    clock.advance(9)
+    assert store.expire().result == 1, "after a restart, the first call finds what is due by scanning"
+    assert len(store) == 1

@@ -53,6 +53,10 @@ def test_a_2_second_ttl_is_live_before_and_absent_after_on_every_replica(process
         assert request(node.port, "GET", "/kv/session")[0] == 404, node.name
     assert request(gateway.port, "GET", "/kv/session")[0] == 404
     assert request(gateway.port, "GET", "/kv")[1]["keys"] == ["stays"]
+    deadline = time.monotonic() + 5
+    while [request(node.port, "GET", "/node")[1]["keys"] for node in nodes] != [1, 1, 1]:
+        assert time.monotonic() < deadline, "each node turns its expired entry into a tombstone within a second or so"
+        time.sleep(0.2)
 
 
 def test_an_expiry_survives_a_node_restart(processes: Processes) -> None:

@@ -6,10 +6,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
+from kvd.gateway.listing import merge
 from kvd.journal import SNAPSHOT, journal_name
-from kvd.store import Store
+from kvd.store import Listed, Store
 from kvd.ttl import MAX_TTL, BadTTL, expired, expires, parse_ttl, with_expiry
 from kvd.versions import HybridClock, encode
 
@@ -247,3 +250,41 @@ def test_expire_turns_due_entries_into_tombstones_of_the_same_version(
     clock.advance(9)
     assert store.expire().result == 1, "after a restart, the first call finds what is due by scanning"
     assert len(store) == 1
+
+
+# The gateway's merge of node answers, against a model.
+
+node_entries = st.dictionaries(
+    st.sampled_from([f"k{i}" for i in range(12)]),
+    st.tuples(st.none() | st.just("v"), st.integers(1, 4)),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(node_entries, min_size=1, max_size=4), st.integers(1, 5))
+def test_paging_through_merged_answers_lists_each_newest_live_key_once_in_order(
+    nodes: list[dict[str, tuple[str | None, int]]], limit: int
+) -> None:
+    def answer(node: dict[str, tuple[str | None, int]], after: str | None) -> Listed:
+        keys = sorted(k for k in node if after is None or k > after)
+        chosen = keys[:limit]
+        return Listed([(k, node[k][0], encode(1000, node[k][1], f"n{node[k][1]}")) for k in chosen], len(keys) > limit)
+
+    newest: dict[str, tuple[str | None, int]] = {}
+    for node in nodes:
+        for key, entry in node.items():
+            if key not in newest or entry[1] > newest[key][1]:
+                newest[key] = entry
+    expected = sorted(k for k, (value, _) in newest.items() if value is not None)
+    listed: list[str] = []
+    after: str | None = None
+    for _ in range(100):
+        page = merge([answer(node, after) for node in nodes], limit, START)
+        assert len(page.items) <= limit
+        listed += [key for key, _, _ in page.items]
+        if page.next is None:
+            break
+        assert after is None or page.next > after, "every page moves on"
+        after = page.next
+    assert listed == expected

@@ -19,6 +19,8 @@ from kvd import paths
 _PROTECTED_BY_SECRET = (paths.REGISTRY, paths.INTERNAL)
 #: What the client token guards: the data, and which versions of a key each replica holds.
 _PROTECTED_BY_TOKEN = (paths.KV, paths.CLUSTER_KEY)
+#: The client API beyond single keys: the listing (GET /kv) and batches, guarded like /kv/.
+_CLIENT_PATHS = (paths.KV.rstrip(b"/"), paths.BATCH)
 
 
 class BadSecretFile(Exception):
@@ -58,7 +60,7 @@ class Auth:
         """Whether a request for C{path} with this C{Authorization} header may proceed."""
         if path.startswith(_PROTECTED_BY_SECRET) or path == b"/registry":
             return self.cluster_secret is None or _matches(authorization, self.cluster_secret)
-        if path.startswith(_PROTECTED_BY_TOKEN) and self.client_token is not None:
+        if self.client_token is not None and (path.startswith(_PROTECTED_BY_TOKEN) or path in _CLIENT_PATHS):
             return _matches(authorization, self.client_token) or (
                 self.cluster_secret is not None and _matches(authorization, self.cluster_secret)
             )

@@ -9,6 +9,8 @@ from __future__ import annotations
 KV = b"/kv/"
 #: What kvd processes call on each other (replication, repair); never for clients.
 INTERNAL = b"/internal/"
+#: Many keys in one request, on the gateway (its body may carry many values).
+BATCH = b"/batch"
 #: The registry API.
 REGISTRY = b"/registry/"
 #: A key's preference list on the gateway.

@@ -33,9 +33,11 @@ from werkzeug.routing import BaseConverter
 
 from kvd import paths, ui
 from kvd.auth import Auth
+from kvd.gateway.batch import Batch, BatchRunner
 from kvd.gateway.cas import Proposer
 from kvd.gateway.cluster import Cluster
 from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.listing import Lister
 from kvd.gateway.quorum import QuorumFailed
 from kvd.gateway.repair import Repairer
 from kvd.internal import RepairReport
@@ -59,11 +61,15 @@ from kvd.paxos import Acceptor, Proposal
 from kvd.registry import STATUSES as MEMBER_STATUSES
 from kvd.registry import InvalidRegistration, Registry, StaleIncarnation, Status
 from kvd.store import BUCKETS, BadBatch, Entry, Store, StoreError
+from kvd.ttl import BadTTL, expired, expires, parse_ttl
 from kvd.validate import Invalid, number
 from kvd.versions import is_version
 from kvd.web import json_body
 
 _log = Logger()
+#: The most keys one listing page may ask for.
+MAX_LIST = 1000
+DEFAULT_LIST = 100
 #: The longest long poll the registry holds open.
 MAX_WAIT = 300.0
 DEFAULT_WAIT = 30.0
@@ -76,6 +82,7 @@ STATUSES: tuple[tuple[type[BaseException], int], ...] = (
     (ClientError, 400),
     (InvalidRegistration, 400),
     (BadBatch, 400),
+    (BadTTL, 400),
     (StaleIncarnation, 409),
     (Unavailable, 503),
     (StoreError, 503),
@@ -118,9 +125,37 @@ def _batch(request: IRequest, name: str) -> list[Any]:
 
 
 def _versioned(request: IRequest, body: dict[str, Any]) -> bytes:
-    """A key's answer, with its version as the ETag too."""
-    request.setHeader(b"etag", b'"%s"' % body["version"].encode())
+    """A key's answer, with its version as the ETag too (and its expiry, if it has one)."""
+    version = body["version"]
+    request.setHeader(b"etag", b'"%s"' % version.encode())
+    if "~" in version:
+        body["expires"] = expires(version)
     return _json(request, body)
+
+
+def _text_arg(request: IRequest, name: bytes) -> str | None:
+    """A query argument as text; L{ClientError} unless it is UTF-8."""
+    values = request.args.get(name)
+    if not values:
+        return None
+    try:
+        text: str = values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ClientError(f"{name.decode()} must be UTF-8") from None
+    return text
+
+
+def _item(key: str, value: str, version: str) -> dict[str, Any]:
+    item: dict[str, Any] = {"key": key, "value": value, "version": version}
+    if "~" in version:
+        item["expires"] = expires(version)
+    return item
+
+
+def _ttl_arg(request: IRequest) -> float | None:
+    """The C{ttl} query argument in seconds, if given; L{BadTTL} unless it is a sensible one."""
+    values = request.args.get(b"ttl")
+    return None if not values else parse_ttl(values[0].decode("utf-8", "replace"))
 
 
 def _number_arg(request: IRequest, name: bytes, kind: type[float] | type[int]) -> Any:
@@ -323,6 +358,11 @@ class _FrontDoor(Resource):
         self._app = app
         self._kv = {method: handler for (method, prefix), handler in keyed.items() if prefix == paths.KV}
         self._exact = exact
+        self._allowed: dict[bytes, set[str]] = {}
+        for method, exact_path in exact:
+            self._allowed.setdefault(exact_path, set()).update(
+                {method.decode(), "HEAD"} if method == b"GET" else {method.decode()}
+            )
         self._auth = auth
 
     def render(self, request: IRequest) -> Any:
@@ -337,6 +377,11 @@ class _FrontDoor(Resource):
         exact = self._exact.get((request.method, path))
         if exact is not None:
             return self._finish(request, _call(exact, self._api, request))
+        allowed = self._allowed.get(path)
+        if allowed is not None and request.method.decode("ascii", "replace") not in allowed:
+            # Klein would take "/kv" for an empty key under "/kv/" (its rules ignore a missing
+            # trailing slash): a fast exact path answers other methods itself.
+            return render_error(request, Failure(MethodNotAllowed(valid_methods=sorted(allowed))))
         try:
             unquote_to_bytes(path).decode("utf-8")
         except UnicodeDecodeError:
@@ -384,11 +429,12 @@ class NodeAPI:
     @routes.key(paths.KV, "PUT", fast=True)
     async def put(self, request: IRequest, key: str) -> bytes:
         precondition = _precondition(request)
+        ttl = _ttl_arg(request)
         value = parse_value(request.content.read(), self.max_value_bytes)
         if precondition is not None:
             # Checked and written in one step on the reactor: nothing comes between.
             self._check(key, precondition)
-        version = await self.store.put(key, value)
+        version = await self.store.put(key, value, ttl)
         return _versioned(request, {"success": True, "key": key, "value": value, "version": version})
 
     @routes.key(paths.KV, "DELETE", fast=True)
@@ -481,6 +527,28 @@ class NodeAPI:
                 found[key] = list(entry)
                 budget -= len(entry[0] or "")
         return _json(request, {"success": True, "entries": found})
+
+    @routes.path("/internal/list", "POST", fast=True)
+    def internal_list(self, request: IRequest) -> bytes:
+        """
+        The next keys under a prefix after a key, in key order, tombstones (and expired
+        entries) included with a null value: [key, value or null, version] each, with
+        C{more} true when the answer stopped at its C{limit} or value budget.
+        """
+        body = json_request(request, '{"prefix": P, "after": K, "limit": N, "values": B}')
+        if not isinstance(body, dict):
+            raise ClientError('the body must be {"prefix": P, "after": K, "limit": N, "values": B}')
+        prefix, after, limit, values = body.get("prefix", ""), body.get("after"), body.get("limit"), body.get("values")
+        if (
+            not isinstance(prefix, str)
+            or not (after is None or isinstance(after, str))
+            or type(limit) is not int
+            or not 1 <= limit <= MAX_LIST
+            or not isinstance(values, bool)
+        ):
+            raise ClientError(f"prefix and after are strings, limit 1 to {MAX_LIST}, values true or false")
+        listed = self.store.listing(prefix, after, limit, values)
+        return _json(request, {"success": True, "entries": listed.entries, "more": listed.more})
 
     @routes.path("/internal/digests", "GET")
     def internal_digests(self, request: IRequest) -> bytes:
@@ -612,7 +680,7 @@ class GatewayAPI:
     def get(self, request: IRequest, key: str) -> Deferred[bytes]:
         # Without a coroutine, as this is the gateway's busiest path.
         def render(entry: Entry | None) -> bytes:
-            if entry is None or entry[0] is None:
+            if entry is None or entry[0] is None or ("~" in entry[1] and expired(entry[1], self._now())):
                 raise NotFound("no such key")
             return _versioned(request, {"success": True, "key": key, "value": entry[0], "version": entry[1]})
 
@@ -621,6 +689,9 @@ class GatewayAPI:
     @routes.key(paths.KV, "PUT", fast=True)
     def put(self, request: IRequest, key: str) -> Deferred[bytes]:
         precondition = _precondition(request)
+        ttl = _ttl_arg(request)
+        if precondition is not None and ttl is not None:
+            raise ClientError("a conditional write cannot take ttl yet: write it, then set its ttl unconditionally")
         value = parse_value(request.content.read(), self.max_value_bytes)
 
         def render(written: tuple[str, bool]) -> bytes:
@@ -628,7 +699,7 @@ class GatewayAPI:
 
         if precondition is not None:
             return self._conditional(key, value, precondition).addCallback(render)
-        return self.coordinator.write(key, value).addCallback(render)
+        return self.coordinator.write(key, value, ttl).addCallback(render)
 
     @routes.key(paths.KV, "DELETE", fast=True)
     def delete(self, request: IRequest, key: str) -> Deferred[bytes]:
@@ -642,6 +713,40 @@ class GatewayAPI:
         if precondition is not None:
             return self._conditional(key, None, precondition).addCallback(render)
         return self.coordinator.write(key, None).addCallback(render)
+
+    def _now(self) -> float:
+        return self.coordinator.clock.now()
+
+    @routes.path("/kv", "GET", fast=True)
+    async def list_keys(self, request: IRequest) -> bytes:
+        """A page of the cluster's keys in byte order (see L{kvd.gateway.listing})."""
+        args = request.args
+        prefix, after = _text_arg(request, b"prefix") or "", _text_arg(request, b"after")
+        limit = _number_arg(request, b"limit", int)
+        limit = DEFAULT_LIST if limit is None else limit
+        if not 1 <= limit <= MAX_LIST:
+            raise ClientError(f"limit must be 1 to {MAX_LIST}, not {limit}")
+        values = (args.get(b"values") or [b"false"])[0].lower()
+        if values not in (b"true", b"false", b"1", b"0"):
+            raise ClientError("values must be true or false")
+        with_values = values in (b"true", b"1")
+        lister = Lister(self.coordinator.cluster, self.coordinator.nodes, self._now)
+        page = await lister.page(prefix, after or None, limit, with_values)
+        body: dict[str, Any] = {"success": True}
+        if with_values:
+            body["items"] = [_item(key, value, version) for key, value, version in page.items]
+        else:
+            body["keys"] = [key for key, _, _ in page.items]
+        body["next"] = page.next
+        return _json(request, body)
+
+    @routes.path("/batch", "POST")
+    async def batch(self, request: IRequest) -> bytes:
+        """Many keys' reads, writes and deletes in one round trip (see L{kvd.gateway.batch})."""
+        batch = Batch.parse(json_request(request, "a batch"), self.max_value_bytes)
+        coordinator = self.coordinator
+        results = await BatchRunner(coordinator, coordinator.nodes, self._now).run(batch)
+        return _json(request, {"success": True, "results": results})
 
     @routes.path("/cluster", "GET")
     def describe(self, request: IRequest) -> bytes:

@@ -350,6 +350,10 @@ def gateway_metrics(
     return metrics
 
 
+def _log_expiry_failure(failure: Any) -> None:
+    _log.warn("could not turn expired entries into tombstones: {why}", why=failure.getErrorMessage())
+
+
 def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
     """One storage node's services, in start order."""
     creds = credentials(config, config.client_token_file)
@@ -369,7 +373,10 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
         fail(f"cannot use data dir {config.data_dir}: {e}")
     api = NodeAPI(config.node_id, store, config.max_value_bytes, node_metrics(store), creds.auth, acceptor=acceptor)
     listener = _listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics)
-    services: list[service.Service] = [storage, listener]
+    # Expired entries read as absent at once; this turns them into tombstones (freeing their values).
+    expiry = TimerService(1.0, lambda: store.expire().addErrback(_log_expiry_failure))
+    expiry.clock = reactor
+    services: list[service.Service] = [storage, listener, expiry]
     if not config.registry:
         return services
 

@@ -183,13 +183,17 @@ class BoundedSite(Site):
     ) -> None:
         super().__init__(resource, timeout=timeout, **kwargs)
         self.max_body = max_body
-        #: Batches between kvd processes carry many values at once.
+        #: Batches between kvd processes carry many values at once; so does a client's
+        #: POST /batch, bounded the same way: the gateway holds its body in memory, as a node
+        #: does an internal batch (a batch of 1,000 values of the largest size is refused).
         self.internal_max_body = internal_message_limit(max_body)
         self.access_log = access_log
         self.metrics = metrics
 
     def limit_for(self, path: bytes) -> int:
-        return self.internal_max_body if path.startswith(paths.INTERNAL) else self.max_body
+        if path.startswith(paths.INTERNAL) or path == paths.BATCH:
+            return self.internal_max_body
+        return self.max_body
 
     def log(self, request: HTTPRequest) -> None:
         # Called by every request as it finishes.

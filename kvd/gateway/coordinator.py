@@ -29,6 +29,7 @@ from kvd.gateway.cluster import Cluster, Route
 from kvd.gateway.nodes import NodeClients, Written
 from kvd.gateway.quorum import Gathered, gather
 from kvd.store import Entry
+from kvd.ttl import with_expiry
 from kvd.versions import HybridClock
 
 _log = Logger()
@@ -48,10 +49,11 @@ class Coordinator:
     write_quorum: int = 2
     read_quorum: int = 2
 
-    def write(self, key: str, value: str | None) -> Deferred[tuple[str, bool]]:
+    def write(self, key: str, value: str | None, ttl: float | None = None) -> Deferred[tuple[str, bool]]:
         """
         Write (C{value} None: delete) to W replicas; fires with the version and whether any
-        replica that answered held the key live before.
+        replica that answered held the key live before. With C{ttl}, the version carries
+        the expiry C{ttl} seconds from now (L{kvd.ttl}).
 
         A replica that already holds a newer version than this write's (minted by a
         coordinator whose clock runs ahead) says so; the clock then moves past it and the
@@ -65,9 +67,12 @@ class Coordinator:
         route = view.route(key, self.nodes.health.reachable)
         needed = min(self.write_quorum, view.replicas)
         live: list[bool] = []
+        expires = None if ttl is None else self.clock.now() + ttl
 
         def attempt(rounds: int) -> Deferred[tuple[str, bool]]:
             version = self.clock.next()
+            if expires is not None:
+                version = with_expiry(version, expires)
 
             def ask(node_id: str) -> Deferred[Written]:
                 return self.nodes(view.members[node_id]).apply_key(key, value, version)

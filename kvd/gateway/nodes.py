@@ -35,7 +35,7 @@ from kvd.internal import RepairReport
 from kvd.keys import BATCH_VALUE_BUDGET
 from kvd.membership import NodeInfo
 from kvd.paxos import Promise, Proposal
-from kvd.store import Entry
+from kvd.store import Entry, Listed
 from kvd.transport import Answer, PeerError, Peers, PeerTimeout, PeerUnreachable
 
 T = TypeVar("T")
@@ -99,6 +99,18 @@ class _Queue:
 
 
 @define
+class Cork:
+    """
+    Shared by a gateway's node clients: while held, single-key calls queue without being
+    sent, so the many keys of one client request (a batch) leave together, one internal
+    request per node and kind, when it is let go.
+    """
+
+    held: int = 0
+    corked: list[NodeClient] = field(factory=list)
+
+
+@define
 class NodeClient:
     """Calls to one node's internal API."""
 
@@ -107,6 +119,7 @@ class NodeClient:
     #: Told (node id, the node's clock in seconds) whenever an answer carries it.
     on_clock: Callable[[str, float], None] | None = None
     health: Health | None = None
+    _cork: Cork = field(factory=Cork)
     _applies: _Queue = field(factory=_Queue)
     _reads: _Queue = field(factory=_Queue)
 
@@ -217,6 +230,34 @@ class NodeClient:
         """Forget (key, version) items where the version still matches; fires with how many went."""
         return self._call("drop", {"items": [list(item) for item in items]}, lambda body: int(body["dropped"]))
 
+    def listing(self, prefix: str, after: str | None, limit: int, values: bool) -> Deferred[Listed]:
+        """
+        The node's next keys under C{prefix} after C{after}, in key order, tombstones
+        included (value None); without C{values}, live values are given as C{""}.
+        """
+
+        def parse(body: Any) -> Listed:
+            entries, more = body["entries"], body["more"]
+            if not isinstance(entries, list) or not isinstance(more, bool):
+                raise ValueError("entries")
+            found: list[tuple[str, str | None, str]] = []
+            previous = after
+            for key, value, version in entries:
+                if not (
+                    isinstance(key, str) and isinstance(version, str) and (value is None or isinstance(value, str))
+                ):
+                    raise ValueError("entry")
+                if not key.startswith(prefix) or (previous is not None and key <= previous):
+                    raise ValueError("order")  # a node out of order would make the merge skip keys
+                found.append((key, value, version))
+                previous = key
+            if len(found) > limit:
+                raise ValueError("limit")
+            return Listed(found, more)
+
+        body = {"prefix": prefix, "after": after, "limit": limit, "values": values}
+        return self._call("list", body, parse)
+
     def report(self, report: RepairReport) -> Deferred[None]:
         """Tell the node what the last repair sweep moved for it (its GET /node shows it)."""
         return self._call("progress", report.to_json(), lambda body: None)
@@ -280,9 +321,19 @@ class NodeClient:
         d: Deferred[Any] = Deferred()
         queue.items.append((item, d))
         queue.chars += chars
-        if not queue.busy:
+        if self._cork.held:
+            if self not in self._cork.corked:
+                self._cork.corked.append(self)
+        elif not queue.busy:
             send()
         return d
+
+    def uncorked(self) -> None:
+        """Send what queued while the cork was held."""
+        if not self._applies.busy:
+            self._send_applies()
+        if not self._reads.busy:
+            self._send_reads()
 
     def _take(self, queue: _Queue, size: Callable[[Any], int]) -> list[tuple[Any, Deferred[Any]]]:
         if not self.reachable:
@@ -361,6 +412,7 @@ class NodeClients:
         default=Factory(lambda self: Health(self.peers.reactor, self.peers.timeout), takes_self=True)
     )
     _clients: dict[str, NodeClient] = field(factory=dict)
+    _cork: Cork = field(factory=Cork)
 
     def __attrs_post_init__(self) -> None:
         self.health.probe = self.probe
@@ -368,7 +420,7 @@ class NodeClients:
     def __call__(self, node: NodeInfo) -> NodeClient:
         client = self._clients.get(node.id)
         if client is None or client.node != node:
-            client = self._clients[node.id] = NodeClient(node, self.peers, self.on_clock, self.health)
+            client = self._clients[node.id] = NodeClient(node, self.peers, self.on_clock, self.health, self._cork)
         return client
 
     def probe(self, node_id: str, timeout: float) -> Deferred[bool]:
@@ -378,3 +430,15 @@ class NodeClients:
             return fail(PeerError(node_id, "not a member"))
         d = self.peers.call("GET", f"{client.node.url}/healthz", timeout=timeout)
         return d.addCallback(lambda answer: answer.status == 200)
+
+    def cork(self) -> None:
+        """Hold every single-key call until L{uncork}: see L{Cork}. Calls nest."""
+        self._cork.held += 1
+
+    def uncork(self) -> None:
+        cork = self._cork
+        cork.held -= 1
+        if not cork.held:
+            corked, cork.corked = cork.corked, []
+            for client in corked:
+                client.uncorked()

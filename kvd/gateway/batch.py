@@ -1,0 +1,148 @@
+"""
+Many keys in one client round trip (C{POST /batch}), not atomically.
+
+The body is C{{"get": [K...], "put": {K: V...}, "delete": [K...]}}; every key is answered as
+if it had come alone, with its own C{"status"} inside the results. The whole request is
+refused (nothing done) when it is malformed: not that shape, a bad key, a key named twice
+(its results would collide), a value that is not a string (400), more than L{MAX_KEYS} keys
+or a value over the value limit (413).
+
+Every key's read or write is started through the coordinator at once with the node clients
+corked (L{kvd.gateway.nodes.Cork}), so the quorum traffic of the whole batch leaves as one
+internal request per node and kind (cut only by the usual batch bounds), not one per key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from attrs import define
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.nodes import NodeClients
+from kvd.keys import ClientError, NotFound, Unavailable, ValueTooLarge, check_key
+from kvd.store import Entry
+from kvd.ttl import expired, expires
+
+_log = Logger()
+
+#: The most keys one batch may name, in all.
+MAX_KEYS = 1000
+
+
+@define
+class Batch:
+    """What a checked batch body asks for."""
+
+    get: list[str]
+    put: dict[str, str]
+    delete: list[str]
+
+    @classmethod
+    def parse(cls, body: object, max_value_bytes: int) -> Batch:
+        """
+        @raise ClientError: (400) unless C{body} is a batch of good keys, each named once.
+        @raise ValueTooLarge: (413) for more than L{MAX_KEYS} keys or a value over the limit.
+        """
+        shape = 'the body must be {"get": [K...], "put": {K: V...}, "delete": [K...]}'
+        if not isinstance(body, dict) or set(body) - {"get", "put", "delete"}:
+            raise ClientError(shape)
+        get, put, delete = body.get("get", []), body.get("put", {}), body.get("delete", [])
+        if not (isinstance(get, list) and isinstance(put, dict) and isinstance(delete, list)):
+            raise ClientError(shape)
+        if len(get) + len(put) + len(delete) > MAX_KEYS:
+            raise ValueTooLarge(
+                f"a batch names at most {MAX_KEYS} keys; this one names {len(get) + len(put) + len(delete)}"
+            )
+        seen: set[str] = set()
+        for key in [*get, *put, *delete]:
+            check_key(key)
+            if key in seen:
+                raise ClientError(f"a batch names each key once; {key!r} is named twice")
+            seen.add(key)
+        for key, value in put.items():
+            if not isinstance(value, str):
+                raise ClientError(f"the value of {key!r} must be a string")
+            size = len(value.encode("utf-8", "surrogatepass"))
+            if size > max_value_bytes:
+                raise ValueTooLarge(f"the value of {key!r} is {size} bytes; the limit is {max_value_bytes}")
+        return cls(get, put, delete)
+
+
+def _status(failure: Failure) -> int:
+    error = failure.value
+    if isinstance(error, NotFound):
+        return 404
+    if isinstance(error, ClientError):
+        return 400
+    if isinstance(error, Unavailable):
+        return 503
+    return 500
+
+
+def _versioned(body: dict[str, Any]) -> dict[str, Any]:
+    if "~" in body["version"]:
+        body["expires"] = expires(body["version"])
+    return body
+
+
+@define
+class BatchRunner:
+    """Runs batches through a gateway's coordinator."""
+
+    coordinator: Coordinator
+    nodes: NodeClients
+    now: Callable[[], float]
+
+    def run(self, batch: Batch) -> Deferred[dict[str, dict[str, Any]]]:
+        """Every key's answer, keyed by key; never fails (each key's error is in its answer)."""
+        started: list[tuple[str, Deferred[dict[str, Any]]]] = []
+        coordinator = self.coordinator
+        self.nodes.cork()
+        try:
+            for key in batch.get:
+                started.append((key, maybeDeferred(coordinator.read, key).addCallback(self._read, key)))
+            for key, value in batch.put.items():
+                written = maybeDeferred(coordinator.write, key, value)
+                started.append((key, written.addCallback(self._written, key, value)))
+            for key in batch.delete:
+                started.append((key, maybeDeferred(coordinator.write, key, None).addCallback(self._deleted, key)))
+        finally:
+            self.nodes.uncork()
+        for key, d in started:
+            d.addErrback(self._failed, key)
+
+        def collected(results: list[tuple[bool, Any]]) -> dict[str, dict[str, Any]]:
+            return {key: result for (key, _), (_, result) in zip(started, results, strict=True)}
+
+        return DeferredList([d for _, d in started]).addCallback(collected)
+
+    def _read(self, entry: Entry | None, key: str) -> dict[str, Any]:
+        if entry is None or entry[0] is None or expired(entry[1], self.now()):
+            raise NotFound("no such key")
+        return _versioned({"status": 200, "success": True, "key": key, "value": entry[0], "version": entry[1]})
+
+    @staticmethod
+    def _written(written: tuple[str, bool], key: str, value: str) -> dict[str, Any]:
+        return {"status": 200, "success": True, "key": key, "value": value, "version": written[0]}
+
+    @staticmethod
+    def _deleted(written: tuple[str, bool], key: str) -> dict[str, Any]:
+        version, was_live = written
+        if not was_live:
+            raise NotFound("no such key")
+        return {"status": 200, "success": True, "key": key, "version": version}
+
+    @staticmethod
+    def _failed(failure: Failure, key: str) -> dict[str, Any]:
+        status = _status(failure)
+        if status == 500:
+            _log.failure("unexpected error in a batch, answering {key!r}", failure, key=key)
+            error = "internal error; see the server log"
+        else:
+            error = str(failure.value)
+        return {"status": status, "success": False, "key": key, "error": error}

@@ -35,6 +35,8 @@ from kvd import paths
 from kvd.auth import Auth
 from kvd.gateway.cluster import Cluster
 from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.hot import HotKeys
+from kvd.gateway.plan import parse_change, plan, shares
 from kvd.gateway.quorum import QuorumFailed
 from kvd.gateway.repair import Repairer
 from kvd.internal import RepairReport
@@ -60,6 +62,9 @@ _log = Logger()
 #: The longest long poll the registry holds open.
 MAX_WAIT = 300.0
 DEFAULT_WAIT = 30.0
+#: How many hot keys /cluster/hot lists unless asked, and at most.
+DEFAULT_HOT = 10
+MAX_HOT = 100
 
 #: The error table: the first row whose class the error is an instance of gives its status.
 STATUSES: tuple[tuple[type[BaseException], int], ...] = (
@@ -123,6 +128,17 @@ def _number_arg(request: IRequest, name: bytes, kind: type[float] | type[int]) -
         return number(values[0].decode("utf-8", "replace"), kind, 0, name.decode())
     except Invalid as e:
         raise ClientError(str(e)) from None
+
+
+def _text_arg(request: IRequest, name: bytes) -> str | None:
+    values = request.args.get(name)
+    if not values:
+        return None
+    try:
+        text: str = values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ClientError(f"{name.decode()} is not UTF-8") from None
+    return text
 
 
 def render_error(request: IRequest, failure: Failure, key: str | None = None) -> bytes:
@@ -529,7 +545,9 @@ class GatewayAPI:
     """
     The client API in front of the cluster: each write goes to the key's N replicas and is
     answered after W; each read asks R and answers the newest (see L{kvd.gateway.coordinator}).
-    Plus C{/cluster}, with the repair sweep's progress.
+    Plus C{/cluster}, with the repair sweep's progress and each node's share of the ring,
+    C{/cluster/plan} (what a membership change would move) and C{/cluster/hot} (the most
+    requested keys of the last minute, counted in C{hot} when given).
     """
 
     cluster: Cluster
@@ -538,6 +556,9 @@ class GatewayAPI:
     metrics: Metrics = field(factory=Metrics)
     auth: Auth = field(factory=Auth)
     repairer: Repairer | None = None
+    hot: HotKeys | None = None
+    #: The last ring whose shares were computed, and those shares.
+    _shares: tuple[object, dict[str, float]] = field(default=(None, {}), init=False)
 
     def __attrs_post_init__(self) -> None:
         cluster, repairer = self.cluster, self.repairer
@@ -555,6 +576,9 @@ class GatewayAPI:
     @routes.key(paths.KV, "GET", fast=True)
     def get(self, request: IRequest, key: str) -> Deferred[bytes]:
         # Without a coroutine, as this is the gateway's busiest path.
+        if self.hot is not None:
+            self.hot.record(key)
+
         def render(entry: Entry | None) -> bytes:
             if entry is None or entry[0] is None:
                 raise NotFound("no such key")
@@ -564,6 +588,8 @@ class GatewayAPI:
 
     @routes.key(paths.KV, "PUT", fast=True)
     def put(self, request: IRequest, key: str) -> Deferred[bytes]:
+        if self.hot is not None:
+            self.hot.record(key)
         value = parse_value(request.content.read(), self.max_value_bytes)
 
         def render(written: tuple[str, bool]) -> bytes:
@@ -573,6 +599,9 @@ class GatewayAPI:
 
     @routes.key(paths.KV, "DELETE", fast=True)
     def delete(self, request: IRequest, key: str) -> Deferred[bytes]:
+        if self.hot is not None:
+            self.hot.record(key)
+
         def render(written: tuple[str, bool]) -> bytes:
             version, was_live = written
             if not was_live:
@@ -583,11 +612,15 @@ class GatewayAPI:
 
     @routes.path("/cluster", "GET")
     def describe(self, request: IRequest) -> bytes:
+        ring = self.cluster.ring
+        if self._shares[0] is not ring:
+            self._shares = (ring, shares(ring))
+        share = self._shares[1]
         return _json(
             request,
             {
                 "success": True,
-                "nodes": [m.to_json() for m in self.cluster.sorted()],
+                "nodes": [{**m.to_json(), "share": share.get(m.id, 0.0)} for m in self.cluster.sorted()],
                 "replicas": self.cluster.replicas,
                 "vnodes": self.cluster.vnodes,
                 "write_quorum": self.coordinator.write_quorum,
@@ -599,6 +632,27 @@ class GatewayAPI:
     @routes.key(paths.OWNERS, "GET")
     def owners(self, request: IRequest, key: str) -> bytes:
         return _json(request, {"success": True, "key": key, "nodes": self.cluster.owners(key)})
+
+    @routes.path("/cluster/plan", "GET")
+    def plan(self, request: IRequest) -> bytes:
+        """A dry run of C{?join=ID[:WEIGHT]} or C{?remove=ID}: what would move where; nothing changes."""
+        ring = self.cluster.ring
+        try:
+            change = parse_change(_text_arg(request, b"join"), _text_arg(request, b"remove"), ring.nodes)
+        except Invalid as e:
+            raise ClientError(str(e)) from None
+        return _json(request, {"success": True, **plan(ring, change, self.cluster.replicas).to_json()})
+
+    @routes.path("/cluster/hot", "GET")
+    def hot_keys(self, request: IRequest) -> bytes:
+        """The C{?n=N} (default 10, at most 100) most requested keys of the last minute."""
+        n = _number_arg(request, b"n", int)
+        if n is not None and not 1 <= n <= MAX_HOT:
+            raise ClientError(f"n must be a whole number from 1 to {MAX_HOT}")
+        hot = self.hot
+        keys = [] if hot is None else [k.to_json() for k in hot.top(n or DEFAULT_HOT)]
+        window = None if hot is None else hot.window
+        return _json(request, {"success": True, "window": window, "keys": keys})
 
     def resource(self) -> Resource:
         return self.routes.resource(self, self.auth)

@@ -38,6 +38,7 @@ from twisted.web.resource import IResource
 from kvd.auth import Auth, BadSecretFile, bearer, read_secret
 from kvd.gateway import Cluster
 from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.hot import HotKeys
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.repair import Repairer
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
@@ -335,7 +336,9 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
     sweeps = TimerService(config.repair_interval, lambda: Deferred.fromCoroutine(repairer.sweep()))
     sweeps.clock = reactor
     services.append(sweeps)
-    api = GatewayAPI(cluster, coordinator, config.max_value_bytes, auth=creds.auth, repairer=repairer)
+    api = GatewayAPI(
+        cluster, coordinator, config.max_value_bytes, auth=creds.auth, repairer=repairer, hot=HotKeys(reactor)
+    )
     services.append(_listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics))
     return services
 

@@ -104,8 +104,8 @@ class FakeGateway:
             move = {"from": "a", "to": query.get("join", "a").split(":")[0], "share": 0.5}
             return _json(200, {"success": True, "moves": [move], "moved_share": 0.5})
         if path == "/cluster/hot":
-            keys = [{"key": "k", "requests": 10, "rate": 0.5}][: int(query.get("n", "10"))]
-            return _json(200, {"success": True, "window": 60, "keys": keys})
+            hot: list[dict[str, object]] = [{"key": "k", "requests": 10, "rate": 0.5}][: int(query.get("n", "10"))]
+            return _json(200, {"success": True, "window": 60, "keys": hot})
         return _json(404, {"success": False, "error": "no such endpoint"})
 
     def _key(self, method: str, key: str, query: dict[str, str], headers: dict[str, str], body: bytes) -> Answer:

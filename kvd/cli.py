@@ -236,8 +236,8 @@ def cluster(c: Context) -> None:
             title=f"{c.url}: N={described.get('replicas')} W={described.get('write_quorum')} "
             f"R={described.get('read_quorum')}"
         )
-        for name in ("node", "status", "keys", "repair (sent/to send)", "ring share", "url"):
-            t.add_column(name, justify="right" if name in ("keys", "ring share") else "left")
+        for name in ("node", "status", "keys", "repair sent/due", "ring share"):
+            t.add_column(name, justify="left" if name in ("node", "status") else "right")
         for row in rows:
             repair = row["repair"]
             share = row["share"]
@@ -247,7 +247,6 @@ def cluster(c: Context) -> None:
                 "-" if row["keys"] is None else str(row["keys"]),
                 "-" if not repair else f"{repair.get('sent', 0)}/{repair.get('keys_to_send', 0)}",
                 "-" if share is None else f"{share:.1%}",
-                str(row["url"]),
             )
         c.out.print(t)
         repair = described.get("repair")

@@ -337,7 +337,12 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
     sweeps.clock = reactor
     services.append(sweeps)
     api = GatewayAPI(
-        cluster, coordinator, config.max_value_bytes, auth=creds.auth, repairer=repairer, hot=HotKeys(reactor)
+        cluster,
+        coordinator,
+        config.max_value_bytes,
+        auth=creds.auth,
+        repairer=repairer,
+        hot=None if config.no_hot_keys else HotKeys(reactor),
     )
     services.append(_listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics))
     return services

@@ -55,6 +55,13 @@ def test_the_readme_tour_and_using_a_node_run_as_written(tmp_path: Path) -> None
     if not gateway_lists_keys():
         # Listing (GET /kv?prefix=) is another branch's; until it is here, `kvd ls` must fail cleanly.
         lines = [f"! {line}" if line.strip() == "kvd ls" else line for line in lines]
+    done = beside_the_dev_cluster(tmp_path, lines)
+    assert "new value 7" in done.stdout  # node4's own copy, written while it was down
+    assert '"id": "a", "keys": 0' in done.stdout  # "Using a node" ran through /node
+
+
+def beside_the_dev_cluster(tmp_path: Path, lines: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run C{lines} as one bash script in C{tmp_path}, beside a dev cluster; asserts it succeeded."""
     (tmp_path / ".venv").symlink_to(sys.prefix)  # what the README's first command made
     script = "\n".join(
         [
@@ -89,5 +96,21 @@ def test_the_readme_tour_and_using_a_node_run_as_written(tmp_path: Path) -> None
     stdout, stderr = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
     done = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr[-3000:] + "\n--- dev.log:\n" + (tmp_path / "dev.log").read_text()[-2000:]
-    assert "new value 7" in done.stdout  # node4's own copy, written while it was down
-    assert '"id": "a", "keys": 0' in done.stdout  # "Using a node" ran through /node
+    return done
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, re.S)
+
+
+def test_the_client_examples_run_as_written(tmp_path: Path) -> None:
+    """Every example of docs/client.md but the endless loops (watch, changes), against the dev cluster."""
+    blocks = python_blocks((ROOT / "docs" / "client.md").read_text(encoding="utf-8"))
+    runnable = [b for b in blocks if "while True" not in b and "client.watch(" not in b]
+    assert len(blocks) - len(runnable) == 2 and len(runnable) >= 4
+    lines = []
+    for number, block in enumerate(runnable):
+        (tmp_path / f"example{number}.py").write_text(block)
+        lines.append(f"python example{number}.py")
+    done = beside_the_dev_cluster(tmp_path, lines)
+    assert "gone" in done.stdout and "hello" in done.stdout

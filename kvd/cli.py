@@ -32,6 +32,8 @@ from rich.table import Table
 from rich.text import Text
 
 from kvd.clients import DEFAULT_URL, Client, ConnectionFailed, KvdError, entry_line
+from kvd.gateway.plan import shares
+from kvd.ring import Ring
 
 __all__ = ["main"]
 
@@ -203,6 +205,15 @@ def _node_state(c: Context, url: str) -> dict[str, Any] | None:
         return None
 
 
+def _ring_shares(described: dict[str, Any]) -> dict[str, float]:
+    """Each node's share of the ring, from the ring the gateway builds (ids, weights and vnodes fix it)."""
+    try:
+        weights = {str(n["id"]): int(n.get("weight", 1)) for n in described.get("nodes", [])}
+        return shares(Ring(weights, vnodes=int(described["vnodes"])))
+    except (KeyError, TypeError, ValueError):
+        return {}
+
+
 @main.command()
 @pass_context
 def cluster(c: Context) -> None:
@@ -210,9 +221,11 @@ def cluster(c: Context) -> None:
     A table of every node: up or down, keys held, its repair progress and ring share.
 
     Keys and repair progress come from each node's own GET /node (so the nodes' URLs must be
-    reachable from here); a node that does not answer within 2 s is shown down.
+    reachable from here); a node that does not answer within 2 s is shown down. The ring
+    share is computed here from the gateway's members, weights and vnodes.
     """
     described = c.client.cluster()
+    share = _ring_shares(described)
     rows = []
     for node in described.get("nodes", []):
         state = _node_state(c, str(node.get("url")))
@@ -225,7 +238,7 @@ def cluster(c: Context) -> None:
                 "status": "up" if state is not None else "down",
                 "keys": None if state is None else state.get("keys"),
                 "repair": rebalance or None,
-                "share": node.get("share"),
+                "share": share.get(str(node.get("id"))),
             }
         )
     body = {k: v for k, v in described.items() if k != "success"}

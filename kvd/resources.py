@@ -36,7 +36,7 @@ from kvd.auth import Auth
 from kvd.gateway.cluster import Cluster
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.hot import HotKeys
-from kvd.gateway.plan import parse_change, plan, shares
+from kvd.gateway.plan import parse_change, plan
 from kvd.gateway.quorum import QuorumFailed
 from kvd.gateway.repair import Repairer
 from kvd.internal import RepairReport
@@ -545,9 +545,9 @@ class GatewayAPI:
     """
     The client API in front of the cluster: each write goes to the key's N replicas and is
     answered after W; each read asks R and answers the newest (see L{kvd.gateway.coordinator}).
-    Plus C{/cluster}, with the repair sweep's progress and each node's share of the ring,
-    C{/cluster/plan} (what a membership change would move) and C{/cluster/hot} (the most
-    requested keys of the last minute, counted in C{hot} when given).
+    Plus C{/cluster}, with the repair sweep's progress, C{/cluster/plan} (what a membership
+    change would move) and C{/cluster/hot} (the most requested keys of the last minute,
+    counted in C{hot} when given).
     """
 
     cluster: Cluster
@@ -557,8 +557,6 @@ class GatewayAPI:
     auth: Auth = field(factory=Auth)
     repairer: Repairer | None = None
     hot: HotKeys | None = None
-    #: The last ring whose shares were computed, and those shares.
-    _shares: tuple[object, dict[str, float]] = field(default=(None, {}), init=False)
 
     def __attrs_post_init__(self) -> None:
         cluster, repairer = self.cluster, self.repairer
@@ -612,15 +610,11 @@ class GatewayAPI:
 
     @routes.path("/cluster", "GET")
     def describe(self, request: IRequest) -> bytes:
-        ring = self.cluster.ring
-        if self._shares[0] is not ring:
-            self._shares = (ring, shares(ring))
-        share = self._shares[1]
         return _json(
             request,
             {
                 "success": True,
-                "nodes": [{**m.to_json(), "share": share.get(m.id, 0.0)} for m in self.cluster.sorted()],
+                "nodes": [m.to_json() for m in self.cluster.sorted()],
                 "replicas": self.cluster.replicas,
                 "vnodes": self.cluster.vnodes,
                 "write_quorum": self.coordinator.write_quorum,

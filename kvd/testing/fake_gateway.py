@@ -94,7 +94,7 @@ class FakeGateway:
                     imported += 1
             return _json(200, {"success": True, "imported": imported})
         if path == "/cluster":
-            nodes = [{"id": "a", "url": "http://127.0.0.1:9", "weight": 1, "share": 1.0}]
+            nodes = [{"id": "a", "url": "http://127.0.0.1:9", "weight": 1}]
             return _json(200, {"success": True, "nodes": nodes, "replicas": 1, "vnodes": 8, "repair": None})
         if path.startswith("/cluster/owners/"):
             return _json(200, {"success": True, "key": unquote(path[16:]), "nodes": ["a"]})

@@ -75,6 +75,7 @@ def test_the_command_against_a_real_cluster(cluster: Cluster) -> None:
     rows = json.loads(run("--url", url, "--json", "cluster").stdout)["nodes"]
     assert [(r["id"], r["status"]) for r in rows] == [("a", "up"), ("b", "up"), ("c", "up")]
     assert sum(r["keys"] for r in rows) >= 4  # two keys, on at least two replicas each
+    assert abs(sum(r["share"] for r in rows) - 1) < 1e-9 and all(0.2 < r["share"] < 0.5 for r in rows)
     assert b"d" in run("--url", url, "plan", "--join", "d:2").stdout
     assert json.loads(run("--url", url, "--json", "hot", "-n", "1").stdout)["keys"][0]["key"] in ("a", "b")
 

@@ -305,6 +305,13 @@ OPTIONS: tuple[Option, ...] = (
         default=False,
         flag=True,
     ),
+    Option(
+        "no-hot-keys",
+        _roles("gateway"),
+        "do not count key requests for /cluster/hot (it then lists none); for measuring what counting costs.",
+        default=False,
+        flag=True,
+    ),
 )
 
 
@@ -352,6 +359,7 @@ class GatewayConfig(Config):
     timeout: float
     max_value_bytes: int
     client_token_file: str | None
+    no_hot_keys: bool = False
 
 
 @frozen(kw_only=True)

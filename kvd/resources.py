@@ -37,7 +37,9 @@ from kvd.gateway.batch import Batch, BatchRunner
 from kvd.gateway.cas import Proposer
 from kvd.gateway.cluster import Cluster
 from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.hot import HotKeys
 from kvd.gateway.listing import Lister
+from kvd.gateway.plan import parse_change, plan
 from kvd.gateway.quorum import QuorumFailed
 from kvd.gateway.repair import Repairer
 from kvd.internal import RepairReport
@@ -73,6 +75,9 @@ DEFAULT_LIST = 100
 #: The longest long poll the registry holds open.
 MAX_WAIT = 300.0
 DEFAULT_WAIT = 30.0
+#: How many hot keys /cluster/hot lists unless asked, and at most.
+DEFAULT_HOT = 10
+MAX_HOT = 100
 
 #: The error table: the first row whose class the error is an instance of gives its status.
 STATUSES: tuple[tuple[type[BaseException], int], ...] = (
@@ -658,7 +663,9 @@ class GatewayAPI:
     The client API in front of the cluster: each write goes to the key's N replicas and is
     answered after W; each read asks R and answers the newest (see L{kvd.gateway.coordinator}).
     Plus C{/cluster}, with the repair sweep's progress and what this gateway's failure
-    detector thinks of each node, and C{/readyz}, whether quorums can be reached.
+    detector thinks of each node, C{/readyz}, whether quorums can be reached,
+    C{/cluster/plan} (what a membership change would move) and C{/cluster/hot} (the most
+    requested keys of the last minute, counted in C{hot} when given).
     """
 
     cluster: Cluster
@@ -668,6 +675,7 @@ class GatewayAPI:
     auth: Auth = field(factory=Auth)
     repairer: Repairer | None = None
     proposer: Proposer | None = None
+    hot: HotKeys | None = None
 
     routes = Routes()
 
@@ -679,6 +687,9 @@ class GatewayAPI:
     @routes.key(paths.KV, "GET", fast=True)
     def get(self, request: IRequest, key: str) -> Deferred[bytes]:
         # Without a coroutine, as this is the gateway's busiest path.
+        if self.hot is not None:
+            self.hot.record(key)
+
         def render(entry: Entry | None) -> bytes:
             if entry is None or entry[0] is None or ("~" in entry[1] and expired(entry[1], self._now())):
                 raise NotFound("no such key")
@@ -688,6 +699,8 @@ class GatewayAPI:
 
     @routes.key(paths.KV, "PUT", fast=True)
     def put(self, request: IRequest, key: str) -> Deferred[bytes]:
+        if self.hot is not None:
+            self.hot.record(key)
         precondition = _precondition(request)
         ttl = _ttl_arg(request)
         if precondition is not None and ttl is not None:
@@ -703,6 +716,9 @@ class GatewayAPI:
 
     @routes.key(paths.KV, "DELETE", fast=True)
     def delete(self, request: IRequest, key: str) -> Deferred[bytes]:
+        if self.hot is not None:
+            self.hot.record(key)
+
         def render(written: tuple[str, bool]) -> bytes:
             version, was_live = written
             if not was_live:
@@ -856,6 +872,27 @@ class GatewayAPI:
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"content-length", b"%d" % len(body))
         return body
+
+    @routes.path("/cluster/plan", "GET")
+    def plan(self, request: IRequest) -> bytes:
+        """A dry run of C{?join=ID[:WEIGHT]} or C{?remove=ID}: what would move where; nothing changes."""
+        ring = self.cluster.ring
+        try:
+            change = parse_change(_text_arg(request, b"join"), _text_arg(request, b"remove"), ring.nodes)
+        except Invalid as e:
+            raise ClientError(str(e)) from None
+        return _json(request, {"success": True, **plan(ring, change, self.cluster.replicas).to_json()})
+
+    @routes.path("/cluster/hot", "GET")
+    def hot_keys(self, request: IRequest) -> bytes:
+        """The C{?n=N} (default 10, at most 100) most requested keys of the last minute."""
+        n = _number_arg(request, b"n", int)
+        if n is not None and not 1 <= n <= MAX_HOT:
+            raise ClientError(f"n must be a whole number from 1 to {MAX_HOT}")
+        hot = self.hot
+        keys = [] if hot is None else [k.to_json() for k in hot.top(n or DEFAULT_HOT)]
+        window = None if hot is None else hot.window
+        return _json(request, {"success": True, "window": window, "keys": keys})
 
     def resource(self) -> Resource:
         return self.routes.resource(self, self.auth)

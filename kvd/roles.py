@@ -40,6 +40,7 @@ from kvd.gateway import Cluster
 from kvd.gateway.cas import Proposer
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.health import Health
+from kvd.gateway.hot import HotKeys
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.repair import Repairer
 from kvd.gateway.skew import ClockSkew
@@ -467,6 +468,7 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
         creds.auth,
         repairer,
         proposer,
+        None if config.no_hot_keys else HotKeys(reactor),
     )
     services.append(_listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics))
     return services

@@ -1,0 +1,113 @@
+"""
+What the gateway's hot-key counting (GET /cluster/hot) costs.
+
+Two measurements, in the same run:
+
+1. ``HotKeys.record`` alone, in ns per call, on three workloads: one key over and over, a
+   skewed one (Zipf-like, 100k keys), and the worst case for the summary: every request a new
+   key (each fills a counter, and every 513th pass lowers all 512).
+2. GET req/s through two gateways in front of the same registry and three nodes, one counting
+   (the default) and one started with ``--no-hot-keys``, measured with wrk in alternating
+   rounds so that drift on a shared machine falls on both; the median of each.
+
+Target (issue 11): counting costs under 3% of gateway throughput. Every process is stopped at
+the end; nothing here fails on a timing.
+
+    python bench/hot_keys.py [--duration 5] [--rounds 3] [--keys 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from checkout import ensure_kvd_importable
+from report import machine, median, met, report_quiet
+from servers import bench_processes, preload, wait_for_members
+from wrk import GET_LUA, run_wrk, write_lua
+
+ensure_kvd_importable()
+
+from kvd.gateway.hot import HotKeys  # noqa: E402
+
+TARGET = 0.03
+CALLS = 300_000
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def seconds(self) -> float:
+        return self.now
+
+
+def record_cost(keys: list[str]) -> float:
+    """ns per record() over C{keys}."""
+    clock = _Clock()
+    hot = HotKeys(clock)
+    record = hot.record
+    started = time.perf_counter()
+    for key in keys:
+        record(key)
+    return (time.perf_counter() - started) / len(keys) * 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of wrk per round and gateway")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keys", type=int, default=1000, help="distinct keys read")
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    print(f"kvd from {ensure_kvd_importable()}")
+    print(machine())
+    report_quiet()
+
+    rng = random.Random(1)
+    workloads = {
+        "one key": ["hot"] * CALLS,
+        "zipf-like, 100k keys": [f"k{int(100_000 ** rng.random())}" for _ in range(CALLS)],
+        "every key new": [f"k{i}" for i in range(CALLS)],
+    }
+    costs = {}
+    for name, keys in workloads.items():
+        costs[name] = min(record_cost(keys) for _ in range(3))
+        print(f"record(), {name:22s} {costs[name]:7.0f} ns/call")
+
+    items = [(f"key{i}", "v" * 100) for i in range(args.keys)]
+    with tempfile.TemporaryDirectory(prefix="kvd-bench-hot-") as tmp:
+        workdir = Path(tmp)
+        lua = write_lua(workdir, "get.lua", GET_LUA, n=args.keys, prefix="key")
+        with bench_processes(workdir) as processes:
+            registry_url = processes.registry().start().url
+            for number in range(1, 4):
+                processes.node(f"node{number}", None, "--registry", registry_url).start()
+            on = processes.gateway("--registry", registry_url, name="gateway-hot-on").start()
+            off = processes.gateway("--registry", registry_url, "--no-hot-keys", name="gateway-hot-off").start()
+            wait_for_members(on, 3, 30)
+            wait_for_members(off, 3, 30)
+            assert on.port is not None
+            preload(on.port, items)
+            rates: dict[str, list[float]] = {"on": [], "off": []}
+            for _ in range(args.rounds):
+                for label, gateway in (("on", on), ("off", off)):
+                    result = run_wrk(gateway.url, lua, args.duration, connections=args.connections)
+                    rates[label].append(result.rps)
+    on_rps, off_rps = median(rates["on"]), median(rates["off"])
+    cost = 1 - on_rps / off_rps
+    print(f"gateway GET, counting on   {on_rps:9.0f} req/s   rounds {[round(r) for r in rates['on']]}")
+    print(f"gateway GET, --no-hot-keys {off_rps:9.0f} req/s   rounds {[round(r) for r in rates['off']]}")
+    print(f"measured cost {cost:+.1%}   target < {TARGET:.0%}   {met(cost, TARGET, at_least=False)}")
+    worst = max(costs.values())
+    print(
+        f"record() at {on_rps:.0f} req/s, worst workload: {worst * on_rps / 1e9:.2%} of one core "
+        "(the gateway is one process on one core)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""
+The blocking kvd.Client and the kvd command: against real twistd processes for what this
+branch's gateway serves (get, put, delete, owners, cluster, plan, hot), and against the fake
+gateway on a loopback socket for the forms whose server side is not here yet (ls, batch,
+watch, changes, TTL, conditional writes, export, import).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import kvd
+from kvd.cli import main
+from kvd.testing.fake_gateway import FakeGateway, serve_in_thread
+from kvd.testing.processes import Cluster, Processes, free_port
+
+pytestmark = pytest.mark.timeout(120)
+KVD = str(Path(sys.executable).parent / "kvd")
+
+
+def run(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """The installed kvd command, as a shell would run it."""
+    return subprocess.run([KVD, *args], input=stdin, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[FakeGateway, str]]:
+    gateway = FakeGateway()
+    with serve_in_thread(gateway) as url:
+        yield gateway, url
+
+
+@pytest.fixture
+def cluster(processes: Processes) -> Cluster:
+    return processes.cluster(gateway_options=("--timeout", "2"))
+
+
+# --- against real processes ------------------------------------------------------------------
+
+
+def test_the_client_writes_reads_and_deletes_through_a_real_gateway(cluster: Cluster) -> None:
+    with kvd.Client(cluster.gateway.url) as client:
+        written = client.put("greeting", "hello wörld")
+        assert client.get("greeting") == kvd.Entry("greeting", "hello wörld", written.version or "")
+        assert sorted(client.owners("greeting")) == ["a", "b", "c"]
+        assert client.delete("greeting").key == "greeting"
+        with pytest.raises(kvd.NotFound):
+            client.get("greeting")
+        with pytest.raises(kvd.BadRequest):
+            client.plan(remove="nobody")
+        assert client.plan(join="d")["moved_share"] > 0
+        assert [n["id"] for n in client.cluster()["nodes"]] == ["a", "b", "c"]
+        for _ in range(5):  # greeting had four requests
+            client.put("busy", "x")
+        assert client.hot(1)["keys"][0]["key"] == "busy"
+
+
+def test_the_command_against_a_real_cluster(cluster: Cluster) -> None:
+    url = cluster.gateway.url
+    assert run("--url", url, "put", "a", "1").returncode == 0
+    got = run("--url", url, "get", "a")
+    assert (got.returncode, got.stdout) == (0, b"1\n")
+    assert run("--url", url, "put", "b", "-", stdin=b"from stdin").returncode == 0
+    assert json.loads(run("--url", url, "--json", "get", "b").stdout)["value"] == "from stdin"
+    assert sorted(run("--url", url, "owners", "a").stdout.split()) == [b"a", b"b", b"c"]
+    table = run("--url", url, "cluster")
+    assert table.returncode == 0 and all(n in table.stdout for n in (b" a ", b" b ", b" c ", b"up"))
+    rows = json.loads(run("--url", url, "--json", "cluster").stdout)["nodes"]
+    assert [(r["id"], r["status"]) for r in rows] == [("a", "up"), ("b", "up"), ("c", "up")]
+    assert sum(r["keys"] for r in rows) >= 4  # two keys, on at least two replicas each
+    assert abs(sum(r["share"] for r in rows) - 1) < 1e-9 and all(0.2 < r["share"] < 0.5 for r in rows)
+    assert b"d" in run("--url", url, "plan", "--join", "d:2").stdout
+    assert json.loads(run("--url", url, "--json", "hot", "-n", "1").stdout)["keys"][0]["key"] in ("a", "b")
+
+
+def test_every_failure_is_one_line_on_stderr_and_a_nonzero_status(cluster: Cluster) -> None:
+    missing = run("--url", cluster.gateway.url, "get", "nothing-here")
+    assert missing.returncode == 1 and missing.stdout == b""
+    assert missing.stderr.count(b"\n") == 1 and b"no such key" in missing.stderr
+    refused = run("--url", f"http://127.0.0.1:{free_port()}", "get", "a")
+    assert refused.returncode == 3 and refused.stderr.count(b"\n") == 1 and b"cannot reach" in refused.stderr
+    usage = run("--url", cluster.gateway.url, "plan")
+    assert usage.returncode == 2
+    cluster.nodes[0].kill()
+    cluster.nodes[1].kill()
+    unavailable = run("--url", cluster.gateway.url, "put", "x", "1")
+    assert unavailable.returncode == 1 and unavailable.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize(
+    "command", ["get", "put", "delete", "ls", "watch", "owners", "cluster", "export", "import", "plan", "hot"]
+)
+def test_every_subcommand_has_help(command: str) -> None:
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0 and "Usage: " in result.output
+
+
+# --- against the fake gateway ------------------------------------------------------------------
+
+
+def test_the_client_pages_batches_and_writes_conditionally(fake: tuple[FakeGateway, str]) -> None:
+    gateway, url = fake
+    with kvd.Client(url) as client:
+        client.batch(put={f"k{i:03d}": str(i) for i in range(250)})
+        assert list(client.list("k", limit=100)) == [f"k{i:03d}" for i in range(250)]
+        assert [e.value for e in client.items("k00")] == [str(i) for i in range(10)]
+        first = client.put("c", "1", ttl=5)
+        assert first.expires is not None
+        with pytest.raises(kvd.PreconditionFailed):
+            client.put("c", "2", if_version="not-it")
+        assert client.put("c", "2", if_version=first.version).value == "2"
+        gateway.interfere["c"] = 3
+        assert client.update("c", lambda v: (v or "") + "+").value == "someone else's+"
+        with pytest.raises(kvd.PreconditionFailed):
+            client.delete("c", if_version=first.version)
+
+
+def test_the_client_watches_follows_changes_exports_and_imports(fake: tuple[FakeGateway, str]) -> None:
+    gateway, url = fake
+    with kvd.Client(url) as client:
+        start = client.changes(cursor="0").next
+        first = client.put("w", "1")
+        gateway.interfere["w"] = 0
+        assert next(client.watch("w", version=first.version)).value == "changed-by-someone"  # type: ignore[union-attr]
+        assert [c.key for c in client.changes(cursor=start).changes] == ["w"]
+        exported = list(client.export())
+        gateway.data.clear()
+        assert client.import_entries(exported)["imported"] == 1
+        assert list(client.export()) == exported
+    refused = kvd.Client(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(kvd.ConnectionFailed):
+        refused.get("k")
+
+
+def test_the_command_lists_exports_and_imports(fake: tuple[FakeGateway, str], tmp_path: Path) -> None:
+    gateway, url = fake
+    for i in range(1200):
+        gateway._write(f"key{i:04d}", f"value {i}")
+    listed = run("--url", url, "ls", "key")
+    assert listed.returncode == 0 and listed.stdout.split() == [f"key{i:04d}".encode() for i in range(1200)]
+    backup = tmp_path / "backup.ndjson"
+    exported = run("--url", url, "export", str(backup))
+    assert exported.returncode == 0 and b"exported 1200 keys" in exported.stderr
+    assert len(backup.read_bytes().splitlines()) == 1200
+    gateway.data.clear()
+    imported = run("--url", url, "import", str(backup))
+    assert imported.returncode == 0 and b"imported 1200" in imported.stderr
+    assert len(gateway.data) == 1200
+
+
+def test_the_command_sends_ttl_conditions_and_the_token(tmp_path: Path) -> None:
+    gateway = FakeGateway(token="s3cret")
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    with serve_in_thread(gateway) as url:
+        assert run("--url", url, "get", "a").returncode == 1  # no token: 401
+        with_token = ("--url", url, "--token-file", str(token))
+        assert run(*with_token, "put", "a", "1", "--ttl", "30").returncode == 0
+        assert ("PUT", "/kv/a?ttl=30") in gateway.log
+        version = json.loads(run(*with_token, "--json", "get", "a").stdout)["version"]
+        lost = run(*with_token, "put", "a", "2", "--if-version", "other")
+        assert lost.returncode == 1 and b"precondition" in lost.stderr
+        assert run(*with_token, "put", "a", "2", "--if-version", version).returncode == 0
+        assert run(*with_token, "put", "a", "3", "--if-absent").returncode == 1
+        env_run = subprocess.run(
+            [KVD, "--token-file", str(token), "get", "a"],
+            capture_output=True,
+            timeout=30,
+            env={"KVD_URL": url, "PATH": "/usr/bin:/bin"},
+        )
+        assert env_run.stdout == b"2\n"

@@ -13,7 +13,7 @@ that version back to the owners it found stale (read repair).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from attrs import define
 from twisted.internet.defer import Deferred
@@ -21,8 +21,9 @@ from twisted.logger import Logger
 
 from kvd.gateway.cluster import Cluster
 from kvd.gateway.nodes import NodeClients, Written
-from kvd.gateway.quorum import Gathered, gather
+from kvd.gateway.quorum import Gathered, Receipt, gather
 from kvd.store import Entry
+from kvd.transport import PeerTimeout
 from kvd.versions import HybridClock
 
 _log = Logger()
@@ -30,6 +31,14 @@ _log = Logger()
 #: How often a write goes again with a newer version before it gives up on a replica that
 #: keeps holding newer ones (each round moves the clock past what the replicas hold).
 MAX_WRITE_ROUNDS = 3
+
+
+class WriteOutcome(NamedTuple):
+    """What a quorum write did: its version, whether the key was live before, and its receipt."""
+
+    version: str
+    live: bool
+    receipt: Receipt
 
 
 @define
@@ -42,10 +51,10 @@ class Coordinator:
     write_quorum: int = 2
     read_quorum: int = 2
 
-    def write(self, key: str, value: str | None) -> Deferred[tuple[str, bool]]:
+    def write(self, key: str, value: str | None) -> Deferred[WriteOutcome]:
         """
-        Write (C{value} None: delete) to W replicas; fires with the version and whether any
-        replica that answered held the key live before.
+        Write (C{value} None: delete) to W replicas; fires with the version, whether any
+        replica that answered held the key live before, and which replicas took it.
 
         A replica that already holds a newer version than this write's (minted by a
         coordinator whose clock runs ahead) says so; the clock then moves past it and the
@@ -59,17 +68,23 @@ class Coordinator:
         owners, fallbacks = view.placement(key)
         needed = min(self.write_quorum, view.replicas)
         live: list[bool] = []
+        timed_out: list[str] = []
 
-        def attempt(rounds: int) -> Deferred[tuple[str, bool]]:
+        def attempt(rounds: int) -> Deferred[WriteOutcome]:
             version = self.clock.next()
 
             def ask(node_id: str) -> Deferred[Written]:
-                return self.nodes(view.members[node_id]).apply_key(key, value, version)
+                def failed(failure: Any) -> Any:
+                    if failure.check(PeerTimeout):
+                        timed_out.append(node_id)  # it may have taken the write all the same
+                    return failure
+
+                return self.nodes(view.members[node_id]).apply_key(key, value, version).addErrback(failed)
 
             def taken(written: Written) -> bool:
                 return written.held == version
 
-            def answer(gathered: Gathered[Written]) -> Deferred[tuple[str, bool]] | tuple[str, bool]:
+            def answer(gathered: Gathered[Written]) -> Deferred[WriteOutcome] | WriteOutcome:
                 live.extend(written.live for written in gathered.answers.values())
                 newer = [w.held for w in gathered.answers.values() if w.held > version]
                 if newer and rounds < MAX_WRITE_ROUNDS:
@@ -79,8 +94,9 @@ class Coordinator:
                         key=key,
                     )
                     return attempt(rounds + 1)
-                gathered.require("write", needed)
-                return version, any(live)
+                receipt = gathered.receipt(uncertain=bool(timed_out))
+                gathered.require("write", needed, receipt)
+                return WriteOutcome(version, any(live), receipt)
 
             return gather(ask, owners, fallbacks, needed, taken).addCallback(answer)
 

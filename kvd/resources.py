@@ -36,6 +36,7 @@ from kvd.auth import Auth
 from kvd.changes import ChangeIndex
 from kvd.gateway.cluster import Cluster
 from kvd.gateway.coordinator import Coordinator, WriteOutcome
+from kvd.gateway.feed import Feed, Watches
 from kvd.gateway.quorum import QuorumFailed, Receipt
 from kvd.gateway.repair import Repairer
 from kvd.internal import RepairReport
@@ -61,6 +62,9 @@ _log = Logger()
 #: The longest long poll the registry holds open.
 MAX_WAIT = 300.0
 DEFAULT_WAIT = 30.0
+#: Changes a page of the change feed holds from each node, by default and at most.
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
 
 #: The error table: the first row whose class the error is an instance of gives its status.
 STATUSES: tuple[tuple[type[BaseException], int], ...] = (
@@ -620,8 +624,18 @@ class GatewayAPI:
     metrics: Metrics = field(factory=Metrics)
     auth: Auth = field(factory=Auth)
     repairer: Repairer | None = None
+    #: Times watches and the change feed's long polls; without one they answer at once.
+    clock: IReactorTime | None = None
+    feed: Feed = field(default=None)
+    watches: Watches | None = None
 
     routes = Routes()
+
+    def __attrs_post_init__(self) -> None:
+        if self.feed is None:
+            self.feed = Feed(self.cluster, self.coordinator.nodes)
+        if self.watches is None and self.clock is not None:
+            self.watches = Watches(self.cluster, self.coordinator, self.clock)
 
     @routes.key(paths.KV, "GET", fast=True)
     def get(self, request: IRequest, key: str) -> Deferred[bytes]:
@@ -631,7 +645,25 @@ class GatewayAPI:
                 raise NotFound("no such key")
             return _versioned(request, {"success": True, "key": key, "value": entry[0], "version": entry[1]})
 
+        if b"wait" in request.args and self.watches is not None:
+            wait, version = _watch_args(request)
+            return Deferred.fromCoroutine(self.watches.watch(key, version, wait)).addCallback(render)
         return self.coordinator.read(key).addCallback(render)
+
+    @routes.path("/changes", "GET")
+    async def changes(self, request: IRequest) -> bytes:
+        """The change feed: keys written since a cursor, on every node, merged."""
+        wait, _ = _watch_args(request) if self.clock is not None else (0.0, "")
+        limit = _number_arg(request, b"limit", int)
+        if limit is not None and not 1 <= limit <= MAX_PAGE:
+            raise ClientError(f"limit must be from 1 to {MAX_PAGE}")
+        cursor = request.args.get(b"cursor", [None])[0]
+        prefix = _text(request.args.get(b"prefix", [b""])[0])
+        page = await self.feed.changes(
+            None if cursor is None else _text(cursor), prefix, DEFAULT_PAGE if limit is None else limit, wait
+        )
+        changes = [{"key": key, "value": value, "version": version} for key, value, version in page.changes]
+        return _json(request, {"success": True, "changes": changes, "next": page.next})
 
     @routes.key(paths.KV, "PUT", fast=True)
     def put(self, request: IRequest, key: str) -> Deferred[bytes]:

@@ -330,7 +330,7 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
         fail(str(e))
     except OSError as e:
         fail(f"cannot use data dir {config.data_dir}: {e}")
-    api = NodeAPI(config.node_id, store, config.max_value_bytes, node_metrics(store), creds.auth)
+    api = NodeAPI(config.node_id, store, config.max_value_bytes, node_metrics(store), creds.auth, clock=reactor)
     listener = _listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics)
     services: list[service.Service] = [storage, listener]
     if not config.registry:
@@ -389,7 +389,13 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
     sweeps.clock = reactor
     services.append(sweeps)
     api = GatewayAPI(
-        cluster, coordinator, config.max_value_bytes, gateway_metrics(cluster, repairer, skew), creds.auth, repairer
+        cluster,
+        coordinator,
+        config.max_value_bytes,
+        gateway_metrics(cluster, repairer, skew),
+        creds.auth,
+        repairer,
+        clock=reactor,
     )
     services.append(_listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics))
     return services

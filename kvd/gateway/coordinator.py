@@ -33,12 +33,23 @@ _log = Logger()
 MAX_WRITE_ROUNDS = 3
 
 
-class WriteOutcome(NamedTuple):
-    """What a quorum write did: its version, whether the key was live before, and its receipt."""
-
+class _Written(NamedTuple):
     version: str
     live: bool
+
+
+class WriteOutcome(_Written):
+    """
+    What a quorum write did: its version and whether the key was live before (a pair, as
+    callers unpack it), and its receipt.
+    """
+
     receipt: Receipt
+
+    def __new__(cls, version: str, live: bool, receipt: Receipt) -> WriteOutcome:
+        outcome = super().__new__(cls, version, live)
+        outcome.receipt = receipt
+        return outcome
 
 
 @define

@@ -69,7 +69,8 @@ async def bench(gateway_port: int, node_pids: list[int], gateway_pid: int, watch
     await asyncio.sleep(idle)
     for name, pid in pids.items():
         share = (cpu_seconds(pid) - cpu_before[name]) / idle * 100
-        verdict = f" (target < {TARGET_CPU}%: {'met' if share < TARGET_CPU else 'NOT met'})" if name == "gateway" else ""
+        met = "met" if share < TARGET_CPU else "NOT met"
+        verdict = f" (target < {TARGET_CPU}%: {met})" if name == "gateway" else ""
         print(f"{name} CPU while {watchers} watchers idle for {idle:g}s: {share:.2f}% of a core{verdict}")
     # Wake a few and time it.
     delays = []

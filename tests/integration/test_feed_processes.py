@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+
 from kvd.testing.processes import Kvd, Processes, request
 
 pytestmark = pytest.mark.timeout(180)

@@ -62,7 +62,7 @@ _log = Logger()
 #: The longest long poll the registry holds open.
 MAX_WAIT = 300.0
 DEFAULT_WAIT = 30.0
-#: Changes a page of the change feed holds from each node, by default and at most.
+#: Changes a page of the change feed holds, by default and at most.
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 
@@ -503,7 +503,7 @@ class NodeAPI:
             except TimeoutError:
                 pass
             page = index.since(position, prefix, limit)
-        changes: list[list[str | None]] = []
+        changes: list[list[str | int | None]] = []
         budget, next_position, more = BATCH_VALUE_BUDGET, page.next, page.more
         for done, key in enumerate(page.keys):
             if budget < 0:
@@ -513,7 +513,8 @@ class NodeAPI:
             if entry is None:
                 continue
             # Without values, a live key's value is sent as "" and a tombstone's as null.
-            changes.append([key, entry[0] if values or entry[0] is None else "", entry[1]])
+            # [key, value, version, position of the change]
+            changes.append([key, entry[0] if values or entry[0] is None else "", entry[1], index.seq_of(key)])
             if values:
                 budget -= len(entry[0] or "")
         return _json(

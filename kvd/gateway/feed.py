@@ -74,13 +74,40 @@ class FeedPage:
     next: str
 
 
-def _merge(pages: list[ChangePage]) -> list[Item]:
+def _merge(pages: dict[str, ChangePage], positions: dict[str, Position | None], limit: int) -> list[Item]:
+    """
+    The newest entry of each key the pages hold, at most C{limit} keys: taken from the
+    nodes in turn, each node's position moved on only past what was taken from it (the
+    rest comes again in the next page).
+    """
     newest: dict[str, Item] = {}
-    for page in pages:
-        for item in page.changes:
+    taken = dict.fromkeys(pages, 0)
+    # The node whose first change is the oldest goes first, so none is starved by a busy one.
+    order = sorted((page.changes[0][2], node) for node, page in pages.items() if page.changes)
+    going = True
+    while going:
+        going = False
+        for _, node in order:
+            page = pages[node]
+            at = taken[node]
+            if at == len(page.changes):
+                continue
+            item = page.changes[at]
+            if item[0] not in newest and len(newest) >= limit:
+                continue
+            going = True
+            taken[node] = at + 1
             known = newest.get(item[0])
             if known is None or item[2] > known[2]:
                 newest[item[0]] = item
+    for node, page in pages.items():
+        if taken[node] == len(page.changes):
+            positions[node] = (page.epoch, page.next)
+        elif taken[node]:
+            positions[node] = (page.epoch, page.positions[taken[node] - 1])
+        else:
+            # Nothing of this page was taken: the node stays where it was asked from.
+            positions[node] = (page.epoch, page.positions[0] - 1)
     return [newest[key] for key in sorted(newest)]
 
 
@@ -94,7 +121,7 @@ class Feed:
     async def changes(self, cursor: str | None, prefix: str = "", limit: int = 100, wait: float = 0.0) -> FeedPage:
         """
         What changed since C{cursor} (None: from now on; "0": from the beginning), at most
-        C{limit} keys from each node; waits up to C{wait} seconds when nothing has.
+        C{limit} keys; waits up to C{wait} seconds when nothing has.
 
         @raise ClientError: for a cursor that is not one.
         @raise NoNodes: when there are no members.
@@ -111,30 +138,29 @@ class Feed:
         def ask(node: str, wait: float) -> Deferred[ChangePage]:
             return self.nodes(view.members[node]).changes(positions[node], prefix, limit, wait)
 
-        def took(node: str, page: ChangePage) -> None:
-            positions[node] = (page.epoch, page.next)
-
-        pages: list[ChangePage] = []
+        pages: dict[str, ChangePage] = {}
         first = await DeferredList([ask(node, 0.0) for node in positions], consumeErrors=True)
         for node, (ok, page) in zip(list(positions), first, strict=True):
             if ok:
-                took(node, page)
-                pages.append(page)
-        if wait > 0 and not any(page.changes or page.more for page in pages):
-            pages += await self._first_news(list(positions), ask, took, wait)
-        return FeedPage(_merge(pages), encode_cursor({n: at for n, at in positions.items() if at is not None}))
+                pages[node] = page
+        if wait > 0 and not any(page.changes or page.more for page in pages.values()):
+            # Nothing yet: wait from where the first round ended.
+            for node, page in pages.items():
+                positions[node] = (page.epoch, page.next)
+            pages.update(await self._first_news(list(positions), ask, wait))
+        changes = _merge(pages, positions, limit)
+        return FeedPage(changes, encode_cursor({n: at for n, at in positions.items() if at is not None}))
 
     @staticmethod
-    async def _first_news(nodes: list[str], ask: Any, took: Any, wait: float) -> list[ChangePage]:
+    async def _first_news(nodes: list[str], ask: Any, wait: float) -> dict[str, ChangePage]:
         """Long-poll every node at once; the first to tell of a change ends the wait for all."""
         done: Deferred[None] = Deferred()
         pending = {node: ask(node, wait) for node in nodes}
-        pages: list[ChangePage] = []
+        pages: dict[str, ChangePage] = {}
         left = len(pending)
 
         def answered(page: ChangePage, node: str) -> None:
-            took(node, page)
-            pages.append(page)
+            pages[node] = page
             if (page.changes or page.more) and not done.called:
                 done.callback(None)
 

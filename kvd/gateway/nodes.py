@@ -60,6 +60,8 @@ class ChangePage:
     changes: list[Item]
     #: Whether more changes follow already.
     more: bool
+    #: The position of each change in the node's write order.
+    positions: list[int] = field(factory=list)
 
 
 def _encode(body: object) -> bytes:
@@ -239,13 +241,17 @@ class NodeClient:
             if not isinstance(changes, list):
                 raise ValueError("changes")
             items: list[Item] = []
-            for key, value, version in changes:
+            positions: list[int] = []
+            for key, value, version, at in changes:
+                if type(at) is not int:
+                    raise ValueError("position")
+                positions.append(at)
                 if not (isinstance(key, str) and isinstance(version, str)):
                     raise ValueError("change")
                 if not (value is None or isinstance(value, str)):
                     raise ValueError("change")
                 items.append((key, value, version))
-            return ChangePage(epoch, position, items, more)
+            return ChangePage(epoch, position, items, more, positions)
 
         request = {"since": None if since is None else list(since), "prefix": prefix, "limit": limit}
         d = self.peers.call(

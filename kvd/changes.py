@@ -27,6 +27,9 @@ from twisted.internet.defer import Deferred
 #: The most index entries one call of L{ChangeIndex.since} looks at, so a prefix that
 #: matches little cannot make one request walk the whole index.
 MAX_SCAN = 20_000
+#: The most keys one answer of a node's changes holds: as many as an internal batch, so the
+#: answer stays within the internal message limit (L{kvd.keys.internal_message_limit}).
+MAX_KEYS = 512
 
 
 @frozen

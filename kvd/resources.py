@@ -33,7 +33,7 @@ from werkzeug.routing import BaseConverter
 
 from kvd import paths
 from kvd.auth import Auth
-from kvd.changes import ChangeIndex
+from kvd.changes import MAX_KEYS, ChangeIndex
 from kvd.gateway.cluster import Cluster
 from kvd.gateway.coordinator import Coordinator, WriteOutcome
 from kvd.gateway.feed import Feed, Watches
@@ -494,6 +494,7 @@ class NodeAPI:
             position = 0
         else:
             position = since[1]
+        limit = min(limit, MAX_KEYS)
         page = index.since(position, prefix, limit)
         if not page.keys and not page.more and wait > 0 and self.clock is not None:
             waiting = index.wait_for_prefix(prefix)

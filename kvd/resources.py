@@ -33,14 +33,16 @@ from werkzeug.routing import BaseConverter
 
 from kvd import paths, ui
 from kvd.auth import Auth
+from kvd.changes import MAX_KEYS, ChangeIndex
 from kvd.gateway.batch import Batch, BatchRunner
 from kvd.gateway.cas import Proposer
 from kvd.gateway.cluster import Cluster
-from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.coordinator import Coordinator, WriteOutcome
+from kvd.gateway.feed import Feed, Watches
 from kvd.gateway.hot import HotKeys
 from kvd.gateway.listing import Lister
 from kvd.gateway.plan import parse_change, plan
-from kvd.gateway.quorum import QuorumFailed
+from kvd.gateway.quorum import QuorumFailed, Receipt
 from kvd.gateway.repair import Repairer
 from kvd.internal import RepairReport
 from kvd.keys import (
@@ -78,6 +80,9 @@ DEFAULT_WAIT = 30.0
 #: How many hot keys /cluster/hot lists unless asked, and at most.
 DEFAULT_HOT = 10
 MAX_HOT = 100
+#: Changes a page of the change feed holds, by default and at most.
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
 
 #: The error table: the first row whose class the error is an instance of gives its status.
 STATUSES: tuple[tuple[type[BaseException], int], ...] = (
@@ -177,6 +182,17 @@ def _precondition(request: IRequest, delete: bool = False) -> Precondition | Non
     return parse_precondition(request.getHeader(b"if-match"), request.getHeader(b"if-none-match"), delete)
 
 
+def _watch_args(request: IRequest) -> tuple[float, str]:
+    """A watch's C{wait} (seconds, at most L{MAX_WAIT}) and C{version} ("": absent)."""
+    wait = min(_number_arg(request, b"wait", float) or 0.0, MAX_WAIT)
+    return wait, _text(request.args.get(b"version", [b""])[0])
+
+
+def _receipt(receipt: Receipt) -> dict[str, Any]:
+    """A write answer's receipt: which replicas made it durable, which fallbacks hold it for whom."""
+    return {"replicas": receipt.replicas, "hinted": receipt.hinted}
+
+
 def render_error(request: IRequest, failure: Failure, key: str | None = None) -> bytes:
     """The error table at work: a failure becomes a status and a JSON body."""
     error = failure.value
@@ -204,6 +220,9 @@ def render_error(request: IRequest, failure: Failure, key: str | None = None) ->
         body["version"] = error.current
     if isinstance(error, QuorumFailed):
         body["answered"], body["needed"] = error.answered, error.needed
+        if error.receipt is not None:
+            body.update(_receipt(error.receipt))
+            body["partial"] = error.receipt.partial
     if isinstance(error, StaleIncarnation):
         body["incarnation"] = error.current  # what a restored node must move past
     if status >= 500:
@@ -420,16 +439,49 @@ class NodeAPI:
     rebalance: RepairReport | None = None
     #: The Paxos acceptor for gateways' conditional writes (None: this node takes no part in them).
     acceptor: Acceptor | None = None
+    #: Times long polls (watches, the change feed); without one they answer at once.
+    clock: IReactorTime | None = None
+    #: The store's write order, for watches and the change feed; built from the store by default.
+    changes: ChangeIndex = field(default=None)
 
     routes = Routes()
 
+    def __attrs_post_init__(self) -> None:
+        if self.changes is None:
+            self.changes = ChangeIndex.follow(self.store)
+
     @routes.key(paths.KV, "GET", fast=True)
-    def get(self, request: IRequest, key: str) -> bytes:
+    def get(self, request: IRequest, key: str) -> Rendered:
         # Not async: a read touches memory only, and a coroutine per GET is measurable.
+        if b"wait" in request.args:
+            return self._watch(request, key)
+        return self._answer(request, key)
+
+    def _answer(self, request: IRequest, key: str) -> bytes:
         entry = self.store.entry(key)
         if entry is None or entry[0] is None:
             raise NotFound("no such key")
         return _versioned(request, {"success": True, "key": key, "value": entry[0], "version": entry[1]})
+
+    def _state(self, key: str) -> str:
+        """The key's version here; "" when absent or deleted (what a watch's C{version=} compares with)."""
+        entry = self.store.entry(key)
+        return "" if entry is None or entry[0] is None else entry[1]
+
+    async def _watch(self, request: IRequest, key: str) -> bytes:
+        """GET with C{wait}: answer once the key's version here is not C{version}, or when the wait is over."""
+        wait, version = _watch_args(request)
+        clock = self.clock
+        if clock is not None:
+            deadline = clock.seconds() + wait
+            while self._state(key) == version and clock.seconds() < deadline:
+                waiting = self.changes.wait_for_key(key)
+                waiting.addTimeout(deadline - clock.seconds(), clock)
+                try:
+                    await waiting
+                except TimeoutError:
+                    break
+        return self._answer(request, key)
 
     @routes.key(paths.KV, "PUT", fast=True)
     async def put(self, request: IRequest, key: str) -> bytes:
@@ -555,6 +607,63 @@ class NodeAPI:
         listed = self.store.listing(prefix, after, limit, values)
         return _json(request, {"success": True, "entries": listed.entries, "more": listed.more})
 
+    @routes.path("/internal/changes", "POST")
+    async def internal_changes(self, request: IRequest) -> bytes:
+        """
+        The keys changed here after a position of this node's write order (L{ChangeIndex}),
+        each with its entry now; waits up to C{wait} seconds for one when there is none. A
+        position of another epoch (an earlier run of this node) counts as 0.
+        """
+        shape = '{"since": [EPOCH, POSITION] or null, "prefix": P, "limit": N, "wait": S}'
+        body = json_request(request, shape)
+        if not isinstance(body, dict):
+            raise ClientError("the body must be a JSON object")
+        since, prefix, limit = body.get("since"), body.get("prefix", ""), body.get("limit", 1000)
+        wait, values = body.get("wait", 0), body.get("values", True)
+        if not (
+            (since is None or (isinstance(since, list) and len(since) == 2 and isinstance(since[0], str)))
+            and isinstance(prefix, str)
+            and type(limit) is int
+            and limit > 0
+            and type(wait) in (int, float)
+            and isinstance(values, bool)
+        ) or (since is not None and type(since[1]) is not int):
+            raise ClientError(f"the body must be {shape}")
+        index = self.changes
+        if since is None:
+            position = index.position
+        elif since[0] != index.epoch or not 0 <= since[1] <= index.position:
+            position = 0
+        else:
+            position = since[1]
+        limit = min(limit, MAX_KEYS)
+        page = index.since(position, prefix, limit)
+        if not page.keys and not page.more and wait > 0 and self.clock is not None:
+            waiting = index.wait_for_prefix(prefix)
+            waiting.addTimeout(min(float(wait), MAX_WAIT), self.clock)
+            try:
+                await waiting
+            except TimeoutError:
+                pass
+            page = index.since(position, prefix, limit)
+        changes: list[list[str | int | None]] = []
+        budget, next_position, more = BATCH_VALUE_BUDGET, page.next, page.more
+        for done, key in enumerate(page.keys):
+            if budget < 0:
+                next_position, more = index.seq_of(page.keys[done - 1]) or position, True
+                break
+            entry = self.store.entry(key)
+            if entry is None:
+                continue
+            # Without values, a live key's value is sent as "" and a tombstone's as null.
+            # [key, value, version, position of the change]
+            changes.append([key, entry[0] if values or entry[0] is None else "", entry[1], index.seq_of(key)])
+            if values:
+                budget -= len(entry[0] or "")
+        return _json(
+            request, {"success": True, "epoch": index.epoch, "next": next_position, "more": more, "changes": changes}
+        )
+
     @routes.path("/internal/digests", "GET")
     def internal_digests(self, request: IRequest) -> bytes:
         return _json(request, {"success": True, "digests": [f"{d:016x}" for d in self.store.digests()]})
@@ -677,9 +786,20 @@ class GatewayAPI:
     proposer: Proposer | None = None
     hot: HotKeys | None = None
 
+    #: Times watches and the change feed's long polls; without one they answer at once.
+    clock: IReactorTime | None = None
+    feed: Feed = field(default=None)
+    watches: Watches | None = None
+
     routes = Routes()
 
-    def _conditional(self, key: str, value: str | None, precondition: Precondition) -> Deferred[tuple[str, bool]]:
+    def __attrs_post_init__(self) -> None:
+        if self.feed is None:
+            self.feed = Feed(self.cluster, self.coordinator.nodes)
+        if self.watches is None and self.clock is not None:
+            self.watches = Watches(self.cluster, self.coordinator, self.clock)
+
+    def _conditional(self, key: str, value: str | None, precondition: Precondition) -> Deferred[WriteOutcome]:
         if self.proposer is None:
             raise Unavailable("this gateway takes no conditional writes")
         return Deferred.fromCoroutine(self.proposer.write(key, value, precondition))
@@ -695,7 +815,25 @@ class GatewayAPI:
                 raise NotFound("no such key")
             return _versioned(request, {"success": True, "key": key, "value": entry[0], "version": entry[1]})
 
+        if b"wait" in request.args and self.watches is not None:
+            wait, version = _watch_args(request)
+            return Deferred.fromCoroutine(self.watches.watch(key, version, wait)).addCallback(render)
         return self.coordinator.read(key).addCallback(render)
+
+    @routes.path("/changes", "GET")
+    async def changes(self, request: IRequest) -> bytes:
+        """The change feed: keys written since a cursor, on every node, merged."""
+        wait, _ = _watch_args(request) if self.clock is not None else (0.0, "")
+        limit = _number_arg(request, b"limit", int)
+        if limit is not None and not 1 <= limit <= MAX_PAGE:
+            raise ClientError(f"limit must be from 1 to {MAX_PAGE}")
+        cursor = request.args.get(b"cursor", [None])[0]
+        prefix = _text(request.args.get(b"prefix", [b""])[0])
+        page = await self.feed.changes(
+            None if cursor is None else _text(cursor), prefix, DEFAULT_PAGE if limit is None else limit, wait
+        )
+        changes = [{"key": key, "value": value, "version": version} for key, value, version in page.changes]
+        return _json(request, {"success": True, "changes": changes, "next": page.next})
 
     @routes.key(paths.KV, "PUT", fast=True)
     def put(self, request: IRequest, key: str) -> Deferred[bytes]:
@@ -707,8 +845,9 @@ class GatewayAPI:
             raise ClientError("a conditional write cannot take ttl yet: write it, then set its ttl unconditionally")
         value = parse_value(request.content.read(), self.max_value_bytes)
 
-        def render(written: tuple[str, bool]) -> bytes:
-            return _versioned(request, {"success": True, "key": key, "value": value, "version": written[0]})
+        def render(written: WriteOutcome) -> bytes:
+            body = {"success": True, "key": key, "value": value, "version": written.version}
+            return _versioned(request, {**body, **_receipt(written.receipt)})
 
         if precondition is not None:
             return self._conditional(key, value, precondition).addCallback(render)
@@ -719,11 +858,11 @@ class GatewayAPI:
         if self.hot is not None:
             self.hot.record(key)
 
-        def render(written: tuple[str, bool]) -> bytes:
-            version, was_live = written
-            if not was_live:
+        def render(written: WriteOutcome) -> bytes:
+            if not written.live:
                 raise NotFound("no such key")
-            return _versioned(request, {"success": True, "key": key, "version": version})
+            body = {"success": True, "key": key, "version": written.version}
+            return _versioned(request, {**body, **_receipt(written.receipt)})
 
         precondition = _precondition(request, delete=True)
         if precondition is not None:

@@ -372,7 +372,9 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
         fail(str(e))
     except OSError as e:
         fail(f"cannot use data dir {config.data_dir}: {e}")
-    api = NodeAPI(config.node_id, store, config.max_value_bytes, node_metrics(store), creds.auth, acceptor=acceptor)
+    api = NodeAPI(
+        config.node_id, store, config.max_value_bytes, node_metrics(store), creds.auth, acceptor=acceptor, clock=reactor
+    )
     listener = _listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics)
     # Expired entries read as absent at once; this turns them into tombstones (freeing their values).
     expiry = TimerService(1.0, lambda: store.expire().addErrback(_log_expiry_failure))
@@ -469,6 +471,7 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
         repairer,
         proposer,
         None if config.no_hot_keys else HotKeys(reactor),
+        clock=reactor,
     )
     services.append(_listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics))
     return services

@@ -218,6 +218,9 @@ class Store:
     #: (expiry in ms, key) of live entries that carry an expiry, soonest first; made by the
     #: first L{expire}, then kept up to date by every change. Stale items are skipped.
     _expiring: list[tuple[int, str]] | None = None
+    #: Called with (key, whether the store still holds it) after every change in memory:
+    #: the write order index (L{kvd.changes}) follows the store through it.
+    on_change: Callable[[str, bool], None] | None = None
 
     @classmethod
     def open(
@@ -579,6 +582,8 @@ class Store:
             self._live += (packed is not None and is_live(packed)) - (old is not None and is_live(old))
         if self._digests is not None:
             self._digests.change(key, old, packed)
+        if self.on_change is not None:
+            self.on_change(key, packed is not None)
 
     def _append(self, records: bytes, undo: tuple[tuple[str, str | None], ...]) -> Deferred[None]:
         d: Deferred[None] = Deferred()

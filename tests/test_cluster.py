@@ -59,7 +59,7 @@ class Harness:
         nodes = NodeClients(self.peers)
         self.coordinator = Coordinator(self.cluster, nodes, HybridClock(self.clock.seconds, "gw"))
         self.repairer = Repairer(self.cluster, nodes, self.clock.seconds, tombstone_grace=60)
-        gateway = GatewayAPI(self.cluster, self.coordinator, repairer=self.repairer)
+        gateway = GatewayAPI(self.cluster, self.coordinator, repairer=self.repairer, clock=self.clock)
         self.network.serve("gateway.test", gateway.resource())
 
     def registry_client(self, host: str = "registry.test") -> RegistryClient:
@@ -85,7 +85,7 @@ class Harness:
         self.stores[node_id] = store
         host = f"{node_id}.test"
         self.network.down.discard(host)
-        self.network.serve(host, NodeAPI(node_id, store).resource())
+        self.network.serve(host, NodeAPI(node_id, store, clock=self.clock).resource())
         beats = [
             Heartbeat(
                 self.registry_client(registry),
@@ -183,9 +183,17 @@ def test_every_write_lands_on_all_owners_with_one_version(harness: Harness) -> N
     for i in range(30):
         key = f"key{i}"
         status, body = harness.gateway("PUT", f"/kv/{key}", b"v%d" % i)
-        assert status == 200 and body == {"success": True, "key": key, "value": f"v{i}", "version": body["version"]}
+        assert status == 200 and body == {
+            "success": True,
+            "key": key,
+            "value": f"v{i}",
+            "version": body["version"],
+            "replicas": body["replicas"],
+            "hinted": {},
+        }
         owners = harness.gateway("GET", f"/cluster/owners/{key}")[1]["nodes"]
         assert len(owners) == 3
+        assert len(body["replicas"]) >= 2 and set(body["replicas"]) <= set(owners), "the receipt names owners"
         assert all(harness.stores[o].entry(key) == (f"v{i}", body["version"]) for o in owners)
         others = set(harness.stores) - set(owners)
         assert all(harness.stores[o].entry(key) is None for o in others)

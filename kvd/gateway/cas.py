@@ -28,8 +28,9 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from kvd.gateway.cluster import Cluster, ClusterView
+from kvd.gateway.coordinator import WriteOutcome
 from kvd.gateway.nodes import NodeClients, Written
-from kvd.gateway.quorum import Gathered, gather
+from kvd.gateway.quorum import Gathered, Receipt, gather
 from kvd.keys import Precondition, Unavailable
 from kvd.paxos import Promise, Proposal
 from kvd.versions import HybridClock
@@ -63,10 +64,10 @@ class Proposer:
     conflicts: int = 0
     recovered: int = 0
 
-    async def write(self, key: str, value: str | None, precondition: Precondition) -> tuple[str, bool]:
+    async def write(self, key: str, value: str | None, precondition: Precondition) -> WriteOutcome:
         """
         Write C{value} (None: delete) if C{precondition} holds of the key's current entry;
-        fires with the new version and whether the key was live before.
+        fires with the new version, whether the key was live before, and the commit's receipt.
 
         @raise PreconditionFailed: with the current version, when it does not hold.
         @raise QuorumFailed: when fewer than a majority of owners answer, or the commit misses W.
@@ -112,8 +113,8 @@ class Proposer:
                 lost += 1
                 await self._pause(lost)
                 continue
-            await self._commit(view, owners, key, value, ballot)
-            return ballot, newest is not None and newest[0] is not None
+            receipt = await self._commit(view, owners, key, value, ballot)
+            return WriteOutcome(ballot, newest is not None and newest[0] is not None, receipt)
         raise Contended(f"conditional write of {key!r}: other writers kept winning; try again")
 
     def _observe(self, versions: list[str]) -> None:
@@ -147,7 +148,7 @@ class Proposer:
         self._observe([ballot for _, ballot in gathered.answers.values()])
         return False
 
-    async def _commit(self, view: ClusterView, owners: list[str], key: str, value: str | None, version: str) -> None:
+    async def _commit(self, view: ClusterView, owners: list[str], key: str, value: str | None, version: str) -> Receipt:
         """Write the chosen entry to the owners; return once W (and a majority) hold it or newer."""
         needed = min(len(owners), max(self.write_quorum, len(owners) // 2 + 1))
 
@@ -155,4 +156,6 @@ class Proposer:
             return self.nodes(view.members[node_id]).apply_key(key, value, version)
 
         gathered = await gather(ask, owners, [], needed, lambda written: written.held >= version)
-        gathered.require("conditional write (commit)", needed)
+        receipt = gathered.receipt()
+        gathered.require("conditional write (commit)", needed, receipt)
+        return receipt

@@ -97,6 +97,12 @@ class Route:
     #: Members not asked at all, as they cannot be reached.
     skipped: list[str]
 
+    def hints(self) -> dict[str, str]:
+        """Each fallback among the targets, and the unreachable owner it stands in for."""
+        missing = [node_id for node_id in self.owners if node_id not in self.targets]
+        standing = [node_id for node_id in self.targets if node_id not in self.owners]
+        return dict(zip(standing, missing, strict=False))
+
 
 @define
 class Cluster:

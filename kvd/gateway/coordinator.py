@@ -19,7 +19,7 @@ few are left the answer is a 503 at once, without waiting on anyone.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from attrs import define
 from twisted.internet.defer import Deferred
@@ -27,8 +27,9 @@ from twisted.logger import Logger
 
 from kvd.gateway.cluster import Cluster, Route
 from kvd.gateway.nodes import NodeClients, Written
-from kvd.gateway.quorum import Gathered, gather
+from kvd.gateway.quorum import Gathered, Receipt, gather
 from kvd.store import Entry
+from kvd.transport import PeerTimeout
 from kvd.ttl import with_expiry
 from kvd.versions import HybridClock
 
@@ -37,6 +38,25 @@ _log = Logger()
 #: How often a write goes again with a newer version before it gives up on a replica that
 #: keeps holding newer ones (each round moves the clock past what the replicas hold).
 MAX_WRITE_ROUNDS = 3
+
+
+class _Written(NamedTuple):
+    version: str
+    live: bool
+
+
+class WriteOutcome(_Written):
+    """
+    What a quorum write did: its version and whether the key was live before (a pair, as
+    callers unpack it), and its receipt.
+    """
+
+    receipt: Receipt
+
+    def __new__(cls, version: str, live: bool, receipt: Receipt) -> WriteOutcome:
+        outcome = super().__new__(cls, version, live)
+        outcome.receipt = receipt
+        return outcome
 
 
 @define
@@ -49,11 +69,11 @@ class Coordinator:
     write_quorum: int = 2
     read_quorum: int = 2
 
-    def write(self, key: str, value: str | None, ttl: float | None = None) -> Deferred[tuple[str, bool]]:
+    def write(self, key: str, value: str | None, ttl: float | None = None) -> Deferred[WriteOutcome]:
         """
-        Write (C{value} None: delete) to W replicas; fires with the version and whether any
-        replica that answered held the key live before. With C{ttl}, the version carries
-        the expiry C{ttl} seconds from now (L{kvd.ttl}).
+        Write (C{value} None: delete) to W replicas; fires with the version, whether any
+        replica that answered held the key live before, and which replicas took it. With
+        C{ttl}, the version carries the expiry C{ttl} seconds from now (L{kvd.ttl}).
 
         A replica that already holds a newer version than this write's (minted by a
         coordinator whose clock runs ahead) says so; the clock then moves past it and the
@@ -68,19 +88,25 @@ class Coordinator:
         needed = min(self.write_quorum, view.replicas)
         live: list[bool] = []
         expires = None if ttl is None else self.clock.now() + ttl
+        timed_out: list[str] = []
 
-        def attempt(rounds: int) -> Deferred[tuple[str, bool]]:
+        def attempt(rounds: int) -> Deferred[WriteOutcome]:
             version = self.clock.next()
             if expires is not None:
                 version = with_expiry(version, expires)
 
             def ask(node_id: str) -> Deferred[Written]:
-                return self.nodes(view.members[node_id]).apply_key(key, value, version)
+                def failed(failure: Any) -> Any:
+                    if failure.check(PeerTimeout):
+                        timed_out.append(node_id)  # it may have taken the write all the same
+                    return failure
+
+                return self.nodes(view.members[node_id]).apply_key(key, value, version).addErrback(failed)
 
             def taken(written: Written) -> bool:
                 return written.held == version
 
-            def answer(gathered: Gathered[Written]) -> Deferred[tuple[str, bool]] | tuple[str, bool]:
+            def answer(gathered: Gathered[Written]) -> Deferred[WriteOutcome] | WriteOutcome:
                 live.extend(written.live for written in gathered.answers.values())
                 newer = [w.held for w in gathered.answers.values() if w.held > version]
                 if newer and rounds < MAX_WRITE_ROUNDS:
@@ -90,11 +116,14 @@ class Coordinator:
                         key=key,
                     )
                     return attempt(rounds + 1)
-                gathered.require("write", needed)
-                return version, any(live)
+                receipt = gathered.receipt(uncertain=bool(timed_out))
+                gathered.require("write", needed, receipt)
+                return WriteOutcome(version, any(live), receipt)
 
-            skipped = self._skipped(route)
-            return gather(ask, route.targets, route.spares, needed, taken, errors=skipped).addCallback(answer)
+            d = gather(
+                ask, route.targets, route.spares, needed, taken, errors=self._skipped(route), standing_in=route.hints()
+            )
+            return d.addCallback(answer)
 
         return attempt(1)
 

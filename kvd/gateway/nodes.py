@@ -61,6 +61,23 @@ class Written:
     held: str
 
 
+@frozen
+class ChangePage:
+    """A page of a node's write order (see L{kvd.changes}): what changed after a position."""
+
+    #: The node's index epoch: a position means something only within one.
+    epoch: str
+    #: Where to ask from next time.
+    next: int
+    #: (key, value or None for a tombstone, version), oldest change first; when values
+    #: were not asked for, a live key's value is "".
+    changes: list[Item]
+    #: Whether more changes follow already.
+    more: bool
+    #: The position of each change in the node's write order.
+    positions: list[int] = field(factory=list)
+
+
 def _encode(body: object) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode()
 
@@ -298,6 +315,47 @@ class NodeClient:
 
         body = {"key": key, "ballot": proposal.ballot, "value": proposal.value, "version": proposal.version}
         return self._call("accept", body, parse)
+
+    def changes(
+        self,
+        since: tuple[str, int] | None,
+        prefix: str = "",
+        limit: int = 1000,
+        wait: float = 0.0,
+        values: bool = True,
+    ) -> Deferred[ChangePage]:
+        """
+        The keys changed on the node after C{since} (its epoch and position; None: from now
+        on), waiting up to C{wait} seconds there when nothing has.
+        """
+
+        def parse(body: Any) -> ChangePage:
+            epoch, position, more, changes = body["epoch"], body["next"], body["more"], body["changes"]
+            if not (isinstance(epoch, str) and type(position) is int and isinstance(more, bool)):
+                raise ValueError("epoch")
+            if not isinstance(changes, list):
+                raise ValueError("changes")
+            items: list[Item] = []
+            positions: list[int] = []
+            for key, value, version, at in changes:
+                if type(at) is not int:
+                    raise ValueError("position")
+                positions.append(at)
+                if not (isinstance(key, str) and isinstance(version, str)):
+                    raise ValueError("change")
+                if not (value is None or isinstance(value, str)):
+                    raise ValueError("change")
+                items.append((key, value, version))
+            return ChangePage(epoch, position, items, more, positions)
+
+        request = {"since": None if since is None else list(since), "prefix": prefix, "limit": limit}
+        d = self.peers.call(
+            "POST",
+            f"{self.node.url}/internal/changes",
+            _encode({**request, "wait": wait, "values": values}),
+            timeout=None if wait <= 0 else wait + self.peers.timeout,
+        )
+        return d.addCallback(self._checked, "changes", parse)
 
     # One key at a time, batched: the quorum paths.
 

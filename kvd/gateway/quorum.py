@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
@@ -25,11 +25,30 @@ T = TypeVar("T")
 class QuorumFailed(Unavailable):
     """Fewer replicas than the quorum answered; says how many did."""
 
-    def __init__(self, what: str, answered: int, needed: int, errors: list[str]) -> None:
+    def __init__(
+        self,
+        what: str,
+        answered: int,
+        needed: int,
+        errors: list[str],
+        receipt: Receipt | None = None,
+    ) -> None:
         detail = f"; {'; '.join(errors[:3])}" if errors else ""
         super().__init__(f"{what} quorum not reached: {answered} of {needed} replicas answered{detail}")
         self.answered = answered
         self.needed = needed
+        #: For a write: which replicas took it anyway, so the client knows it may still appear.
+        self.receipt = receipt
+
+
+@frozen
+class Receipt:
+    """Which replicas took a write, and which of them are fallbacks holding it for which owner."""
+
+    replicas: list[str]
+    hinted: dict[str, str]
+    #: Whether the write may still become visible: some replica took it, or did not answer in time.
+    partial: bool = False
 
 
 @define
@@ -42,11 +61,21 @@ class Gathered(Generic[T]):
     answers: dict[str, T] = field(factory=dict)
     errors: list[str] = field(factory=list)
     accepted: int = 0
+    #: The nodes whose answers counted, in the order they came.
+    accepted_by: list[str] = field(factory=list)
+    #: For each spare asked: the node of the first ones it stands in for.
+    standing_in: dict[str, str] = field(factory=dict)
 
-    def require(self, what: str, needed: int) -> Gathered[T]:
+    def receipt(self, uncertain: bool = False) -> Receipt:
+        """Who took it so far (C{uncertain}: some replica's outcome is unknown)."""
+        replicas = list(self.accepted_by)
+        hinted = {node: self.standing_in[node] for node in replicas if node in self.standing_in}
+        return Receipt(replicas, hinted, bool(replicas) or uncertain)
+
+    def require(self, what: str, needed: int, receipt: Receipt | None = None) -> Gathered[T]:
         """@raise QuorumFailed: when fewer than C{needed} answers counted."""
         if self.accepted < needed:
-            raise QuorumFailed(what, self.accepted, needed, self.errors)
+            raise QuorumFailed(what, self.accepted, needed, self.errors, receipt)
         return self
 
 
@@ -87,6 +116,7 @@ class _Gathering(Generic[T]):
         self.result.answers[node_id] = answer
         if self.accept(answer):
             self.result.accepted += 1
+            self.result.accepted_by.append(node_id)
         self.settle()
 
     def _failed(self, failure: Failure, node_id: str) -> None:
@@ -94,7 +124,9 @@ class _Gathering(Generic[T]):
         self.result.errors.append(f"{node_id}: {failure.getErrorMessage()}")
         if self.spares:
             # Even once the quorum is reached: a write still wants N copies (hinted handoff).
-            self.launch(self.spares.pop(0))
+            spare = self.spares.pop(0)
+            self.result.standing_in[spare] = self.result.standing_in.pop(node_id, node_id)
+            self.launch(spare)
         self.settle()
 
     def settle(self) -> None:
@@ -115,6 +147,7 @@ def gather(
     accept: Callable[[T], bool] = _always,
     hedge: tuple[IReactorTime, float] | None = None,
     errors: Sequence[str] = (),
+    standing_in: dict[str, str] | None = None,
 ) -> Deferred[Gathered[T]]:
     """
     Ask every node of C{first}; replace each that fails by the next of C{spares}, and with
@@ -125,6 +158,7 @@ def gather(
     """
     gathering: _Gathering[T] = _Gathering(ask, list(spares), needed, accept, hedge=hedge)
     gathering.result.errors.extend(errors)
+    gathering.result.standing_in.update(standing_in or {})
     for node_id in first:
         gathering.launch(node_id)
     gathering.launching = False

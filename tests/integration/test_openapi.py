@@ -213,7 +213,8 @@ def _keep_inside(case: schemathesis.Case, dev: DevCluster) -> None:
     - A node registered with the dev registry becomes a member the dev gateway calls. A
       registration that should succeed is pointed at a loopback port where nothing listens,
       so the cluster never calls a host or port it does not own.
-    - A long poll for the current index waits up to 300 s: it is cut to 0.2 s.
+    - A long poll for the current index waits up to 300 s: it is cut to 0.2 s; so are
+      watches and waits on the change feed.
     """
     if case.operation.path == "/registry/nodes/{id}" and case.method == "PUT":
         body = case.body
@@ -221,6 +222,8 @@ def _keep_inside(case: schemathesis.Case, dev: DevCluster) -> None:
         if positive and isinstance(body, dict):
             if isinstance(body.get("url"), str):
                 body["url"] = _dead_end(body["url"], dev.dead_port)
+    if case.operation.path in ("/kv/{key}", "/changes") and case.query and "wait" in case.query:
+        _cut_wait(case)
     if case.operation.path == "/registry/nodes" and case.query and "index" in case.query:
         wait = case.query.get("wait")
         try:
@@ -229,6 +232,16 @@ def _keep_inside(case: schemathesis.Case, dev: DevCluster) -> None:
             return  # answered at once with a 400
         if seconds is None or seconds > 0.2:
             case.query["wait"] = 0.2
+
+
+def _cut_wait(case: schemathesis.Case) -> None:
+    """A watch or a wait on the change feed may wait up to 300 s: it is cut to 0.2 s."""
+    try:
+        seconds = float(case.query["wait"])
+    except (TypeError, ValueError):
+        return  # answered at once with a 400
+    if seconds > 0.2:
+        case.query["wait"] = 0.2
 
 
 #: What every answer is checked for. The last three take part only where schemathesis made

@@ -1,0 +1,176 @@
+"""
+A node's write order: which keys changed, in the order they changed here, and who waits for that.
+
+Every change to the store (a local or replicated write, a tombstone) gets the next sequence
+number of this index; only each key's latest one is kept, so a key written many times is one
+entry. A reader holds a position (the last sequence number it has seen) and asks for the keys
+changed after it; that is what the change feed (C{GET /changes}) and watches read.
+
+The index lives in memory only: at start it is rebuilt from the recovered store in whatever
+order the store gives, under a fresh random I{epoch}. A position from an older epoch means
+nothing any more, so a reader holding one starts again from 0: it is sent everything again,
+and misses nothing.
+
+Waiters (long polls) are woken by the writes themselves: one list per watched key and one
+list of prefix waiters; there is no timer or loop per waiter.
+"""
+
+from __future__ import annotations
+
+import secrets
+from bisect import bisect_right
+from collections.abc import Callable, Iterable
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
+
+#: The most index entries one call of L{ChangeIndex.since} looks at, so a prefix that
+#: matches little cannot make one request walk the whole index.
+MAX_SCAN = 20_000
+#: The most keys one answer of a node's changes holds: as many as an internal batch, so the
+#: answer stays within the internal message limit (L{kvd.keys.internal_message_limit}).
+MAX_KEYS = 512
+
+
+@frozen
+class Page:
+    """The keys changed after a position, oldest change first."""
+
+    keys: list[str]
+    #: The position to ask from next time: everything up to it has been looked at.
+    next: int
+    #: Whether more changes follow C{next} already (the page was cut by its limit or the scan).
+    more: bool
+
+
+@define
+class ChangeIndex:
+    """The order of one store's changes. Make one with L{ChangeIndex.follow}."""
+
+    epoch: str = field(factory=lambda: secrets.token_hex(8))
+    #: The last sequence number handed out: the position of "now".
+    position: int = 0
+    #: Ascending sequence numbers, and the key each was given to (None once the key changed again).
+    _seqs: list[int] = field(factory=list)
+    _keys: list[str | None] = field(factory=list)
+    _seq_of: dict[str, int] = field(factory=dict)
+    _stale: int = 0
+    _key_waiters: dict[str, list[Deferred[None]]] = field(factory=dict)
+    _feed_waiters: list[tuple[str, Deferred[None]]] = field(factory=list)
+
+    @classmethod
+    def of(cls, keys: Iterable[str]) -> ChangeIndex:
+        """An index holding C{keys} as changed, in the order given, under a new epoch."""
+        index = cls()
+        for key in keys:
+            index.changed(key)
+        return index
+
+    @classmethod
+    def follow(cls, store: object) -> ChangeIndex:
+        """
+        An index of C{store} (a L{kvd.store.Store}): its keys now, then every change it makes,
+        through the store's C{on_change} hook.
+        """
+        index = cls.of(key for key, _ in store.entries())  # type: ignore[attr-defined]
+        store.on_change = index._store_changed  # type: ignore[attr-defined]
+        return index
+
+    def __len__(self) -> int:
+        return len(self._seq_of)
+
+    def _store_changed(self, key: str, present: bool) -> None:
+        if present:
+            self.changed(key)
+        else:
+            self.forget(key)
+
+    def changed(self, key: str) -> None:
+        """C{key} changed now: it moves to the end of the order; its waiters wake."""
+        self._unlink(key)
+        self.position += 1
+        self._seqs.append(self.position)
+        self._keys.append(key)
+        self._seq_of[key] = self.position
+        self._wake(key)
+
+    def forget(self, key: str) -> None:
+        """C{key} is gone from the store entirely (dropped, not deleted): it leaves the order."""
+        self._unlink(key)
+
+    def _unlink(self, key: str) -> None:
+        old = self._seq_of.pop(key, None)
+        if old is None:
+            return
+        self._keys[bisect_right(self._seqs, old) - 1] = None
+        self._stale += 1
+        if self._stale > 1024 and self._stale * 2 > len(self._seqs):
+            kept = [(seq, k) for seq, k in zip(self._seqs, self._keys, strict=True) if k is not None]
+            self._seqs = [seq for seq, _ in kept]
+            self._keys = [k for _, k in kept]
+            self._stale = 0
+
+    def seq_of(self, key: str) -> int | None:
+        """The sequence number of C{key}'s latest change, if the index holds it."""
+        return self._seq_of.get(key)
+
+    def since(self, position: int, prefix: str = "", limit: int = 1000, scan: int = MAX_SCAN) -> Page:
+        """
+        The keys starting with C{prefix} whose latest change is after C{position}, at most
+        C{limit} of them, looking at no more than C{scan} entries.
+        """
+        at = bisect_right(self._seqs, position)
+        found: list[str] = []
+        seqs, keys = self._seqs, self._keys
+        end = min(len(seqs), at + scan)
+        while at < end and len(found) < limit:
+            key = keys[at]
+            if key is not None and key.startswith(prefix):
+                found.append(key)
+            at += 1
+        if at == len(seqs):
+            return Page(found, self.position, False)
+        return Page(found, seqs[at - 1] if at else position, True)
+
+    # Waiting: woken by the writes themselves.
+
+    def wait_for_key(self, key: str) -> Deferred[None]:
+        """Fires at the next change of C{key}; cancelling it forgets the waiter."""
+
+        def cancel(d: Deferred[None]) -> None:
+            waiting = self._key_waiters.get(key)
+            if waiting is not None and d in waiting:
+                waiting.remove(d)
+                if not waiting:
+                    del self._key_waiters[key]
+
+        d: Deferred[None] = Deferred(cancel)
+        self._key_waiters.setdefault(key, []).append(d)
+        return d
+
+    def wait_for_prefix(self, prefix: str) -> Deferred[None]:
+        """Fires at the next change of a key starting with C{prefix}; cancelling it forgets the waiter."""
+
+        def cancel(d: Deferred[None]) -> None:
+            self._feed_waiters = [(p, w) for p, w in self._feed_waiters if w is not d]
+
+        d: Deferred[None] = Deferred(cancel)
+        self._feed_waiters.append((prefix, d))
+        return d
+
+    @property
+    def waiting(self) -> int:
+        """How many waiters there are, of both kinds."""
+        return sum(len(w) for w in self._key_waiters.values()) + len(self._feed_waiters)
+
+    def _wake(self, key: str) -> None:
+        woken = self._key_waiters.pop(key, [])
+        if self._feed_waiters:
+            woken += [d for prefix, d in self._feed_waiters if key.startswith(prefix)]
+            self._feed_waiters = [(p, d) for p, d in self._feed_waiters if not key.startswith(p)]
+        for d in woken:
+            d.callback(None)
+
+
+#: What L{kvd.store.Store} calls on every change: (key, whether the key is still there).
+OnChange = Callable[[str, bool], None]

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cluster import Harness
 from twisted.internet.defer import ensureDeferred
 from twisted.web.resource import Resource
 
 from kvd.membership import NodeInfo
 from kvd.resources import NodeAPI
+from kvd.testing.cluster import Harness
 
 START = 1_700_000_000.0
 

@@ -13,11 +13,11 @@ from urllib.parse import quote
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cluster import Harness
 from test_replication import NODES, Simulation
 from twisted.internet.defer import ensureDeferred
 
 from kvd.gateway.feed import decode_cursor, encode_cursor
+from kvd.testing.cluster import Harness
 
 
 class Follower:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cluster import Hang, Harness
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 
@@ -24,6 +23,7 @@ from kvd.gateway.quorum import gather
 from kvd.membership import NodeInfo
 from kvd.resources import GatewayAPI
 from kvd.roles import gateway_metrics
+from kvd.testing.cluster import Hang, Harness
 from kvd.transport import PeerError, PeerTimeout, PeerUnreachable
 from kvd.versions import HybridClock
 

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cluster import TTL, Harness
 from twisted.internet.defer import ensureDeferred
 
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.repair import Repairer
+from kvd.testing.cluster import TTL, Harness
 
 NODES = ["n1", "n2", "n3", "n4", "n5"]
 

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cluster import Harness
 from twisted.internet.defer import Deferred
 
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.skew import ClockSkew
+from kvd.testing.cluster import Harness
 from kvd.versions import HybridClock
 
 

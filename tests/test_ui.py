@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cluster import Hang, Harness
 from twisted.internet.defer import ensureDeferred
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -22,6 +21,7 @@ from kvd.auth import Auth
 from kvd.membership import NodeInfo
 from kvd.resources import GatewayAPI
 from kvd.ring import POINT_SPACE, Ring
+from kvd.testing.cluster import Hang, Harness
 
 
 @pytest.fixture

@@ -73,3 +73,17 @@ def test_api_md_documents_exactly_the_operations_of_the_openapi_spec() -> None:
     in_doc = set(OPERATION.findall((ROOT / "docs" / "api.md").read_text(encoding="utf-8")))
     assert sorted(in_spec - in_doc) == [], "in openapi.yaml, not in api.md"
     assert sorted(in_doc - in_spec) == [], "in api.md, not in openapi.yaml"
+
+
+def test_the_architecture_page_names_every_module_and_only_modules_that_exist() -> None:
+    """docs/architecture.md is the newcomer's map: it must match the tree, both ways."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(kvd/[\w/]+(?:\.py|/))`", text))
+    modules = {
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "kvd").rglob("*.py")
+        if path.name != "__init__.py" or path.parent.name == "ui"
+    }
+    modules = {m if not m.endswith("ui/__init__.py") else "kvd/ui/" for m in modules}
+    assert sorted(modules - named) == [], "modules the page does not name"
+    assert sorted(n for n in named if not (ROOT / n).exists()) == [], "names the page has that the tree has not"

@@ -435,7 +435,8 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
     creds = credentials(config, config.client_token_file)
     cluster = Cluster(vnodes=config.vnodes, replicas=config.replicas)
     client = HTTPClientService(reactor, config.timeout, creds, config.max_value_bytes)
-    health = Health(reactor, config.timeout)
+    # A gateway never times out of reach the last nodes its quorums need.
+    health = Health(reactor, config.timeout, keep_at_least=max(config.write_quorum, config.read_quorum))
     services: list[service.Service] = [client, HealthService(health)]
 
     def follow(members: dict[str, NodeInfo]) -> None:

@@ -74,6 +74,18 @@ def test_a_failure_marks_a_node_unreachable_at_once_and_probes_back_off_until_on
     assert len(probes) == count, "a reachable node is not probed"
 
 
+def test_time_outs_never_leave_fewer_nodes_reachable_than_the_quorums_need_but_refusals_do() -> None:
+    """When every node is slow the gateway is likely the slow one: it keeps asking the last ones."""
+    health = Health(Clock(), ceiling=2.0, probe=lambda node_id, timeout: Deferred(), keep_at_least=2)
+    for node_id in "abc":
+        health.succeeded(node_id, 0.001)
+    for node_id in "abc":
+        health.failed(node_id, "no answer within 0.5s", timed_out=True)
+    assert [health.reachable(n) for n in "abc"] == [False, True, True]
+    health.failed("b", "connection refused")
+    assert [health.reachable(n) for n in "abc"] == [False, False, True]
+
+
 def test_a_forgotten_member_is_no_longer_probed() -> None:
     clock = Clock()
     probes: list[str] = []

@@ -67,6 +67,10 @@ class Health:
     ceiling: float = DEFAULT_TIMEOUT
     #: Set by whoever can reach the nodes (L{kvd.gateway.nodes.NodeClients}).
     probe: Probe | None = None
+    #: A time-out never leaves fewer members than this judged reachable (a refusal does): when
+    #: every node is slow the gateway itself is likely the slow one (overloaded, paused), and
+    #: routing around all of them would only turn slow answers into failed ones.
+    keep_at_least: int = 0
     _nodes: dict[str, _Node] = field(factory=dict)
 
     def _node(self, node_id: str) -> _Node:
@@ -117,11 +121,13 @@ class Health:
         if not node.reachable:
             self._reachable(node_id, node, "it answered")
 
-    def failed(self, node_id: str, reason: str) -> None:
+    def failed(self, node_id: str, reason: str, timed_out: bool = False) -> None:
         """A call timed out, was refused or was reset: route around the node until a probe answers."""
         node = self._node(node_id)
         if not node.reachable:
             return
+        if timed_out and sum(other.reachable for other in self._nodes.values()) <= self.keep_at_least:
+            return  # the last ones a quorum needs: slow, but still asked
         node.reachable, node.reason, node.backoff = False, reason, 0.0
         _log.warn(
             "node {node} judged unreachable: {reason}; routing around it and probing", node=node_id, reason=reason

@@ -419,7 +419,7 @@ class NodeClient:
 
         def lost(failure: Failure) -> Failure:
             if failure.check(PeerTimeout, PeerUnreachable):
-                health.failed(self.node.id, failure.getErrorMessage())
+                health.failed(self.node.id, failure.getErrorMessage(), timed_out=bool(failure.check(PeerTimeout)))
             return failure
 
         return d.addCallbacks(answered, lost)

@@ -49,7 +49,16 @@ from pathlib import Path
 from checkout import code_version, ensure_kvd_importable
 from profiling import PySpy, summarize_profile
 from report import machine, met, report_quiet
-from servers import STARTUP_SECONDS, Kvd, Process, bench_processes, free_port, preload, wait_for_members
+from servers import (
+    STARTUP_SECONDS,
+    Kvd,
+    Process,
+    bench_processes,
+    free_port,
+    http_request,
+    preload,
+    wait_for_members,
+)
 from wrk import GET_LUA, PUT_LUA, WrkResult, run_wrk, write_lua
 
 PUT_RATIO_TARGET = 1.0
@@ -121,6 +130,33 @@ def cpu_of(pids: dict[str, int]) -> Iterator[dict[str, float]]:
     yield used
     for name, pid in pids.items():
         used[name] = cpu_seconds(pid) - before[name]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A node's /metrics as {sample name with labels: value}."""
+    samples = {}
+    for line in http_request(port, "GET", "/metrics", timeout=30).body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def batching(before: dict[str, float], after: dict[str, float], writes: int) -> str:
+    """How the node took C{writes} replicated PUTs: internal requests and group commits, from /metrics deltas."""
+
+    def delta(match: str) -> float:
+        return sum(v - before.get(k, 0.0) for k, v in after.items() if match in k)
+
+    requests = delta('kvd_http_requests_total{method="POST",route="/internal/apply"')
+    commits = delta("kvd_group_commit_writes_count")
+    committed = delta("kvd_group_commit_writes_sum")
+    fsync = delta("kvd_fsync_seconds_sum")
+    return (
+        f"{requests:,.0f} internal apply requests ({writes / requests if requests else float('nan'):.1f} writes each), "
+        f"{commits:,.0f} group commits ({committed / commits if commits else float('nan'):.1f} writes each, "
+        f"{fsync / commits * 1000 if commits else float('nan'):.2f} ms each)"
+    )
 
 
 def per_request_us(seconds: float, result: WrkResult) -> float:
@@ -255,7 +291,12 @@ def run_kvd(workdir: Path, items: list[tuple[str, str]], args: argparse.Namespac
         assert gateway.port is not None
         preload(gateway.port, items)
         pids = {"gateway": gateway.pid, **{f"node {node.args[3]}": node.pid for node in nodes}}
+        assert nodes[0].port is not None
+        before = scrape(nodes[0].port)
         figures = measure("kvd", gateway.url, put_lua, get_lua, pids, args)
+        assert figures.put is not None
+        # The GET run after the PUT run sends no applies and commits nothing.
+        print(f"      node a during the PUT run: {batching(before, scrape(nodes[0].port), figures.put.requests)}")
         profile = profile_kvd(gateway, nodes[0], gateway.url, put_lua, get_lua, args) if args.profile else []
     return figures, profile
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
 import secrets
 import tempfile
@@ -302,6 +303,72 @@ def repair_figures(count: int, keys: int, throttle: int | None, wire: Wire) -> N
             sim.close()
 
 
+# --- 4. a sweep's parts, each timed alone -------------------------------------------------------
+
+
+def sweep_parts(count: int, keys: int, node_keys: int) -> None:
+    """
+    A full sweep's work without the simulator: a node listing its versions (every range, and 32
+    of 256), the JSON both ways, and the gateway's reconciliation of C{keys} keys placed on
+    C{count} nodes when every replica already agrees (nothing to push or drop).
+    """
+    with tempfile.TemporaryDirectory(prefix="kvd-bench-parts-") as tmp:
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        store = Store.open(str(Path(tmp) / "n"), clock=HybridClock(clock.seconds, "n"), fsync=False)
+        try:
+            versions = HybridClock(clock.seconds, "gw")
+            for i in range(node_keys):
+                store.apply(f"key{i}", "v" * 100, versions.next())
+            started = time.process_time()
+            listing, dead = store.versions_in(range(256))
+            list_all = time.process_time() - started
+            started = time.process_time()
+            store.versions_in(range(32))
+            list_32 = time.process_time() - started
+            started = time.process_time()
+            body = json_body({"success": True, "versions": listing, "tombstones": dead})
+            encode = time.process_time() - started
+            started = time.process_time()
+            json.loads(body)
+            decode = time.process_time() - started
+            gc.collect()
+            tracemalloc.start()
+            parsed = json.loads(body)
+            held, _ = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            del parsed
+        finally:
+            store.abandon()
+    per = 1e6 / node_keys
+    print(
+        f"node side, {node_keys:,} keys held: versions_in(all 256 ranges) {list_all * per:.2f} us a key, "
+        f"versions_in(32 ranges) {list_32 * per:.2f} us a key held; answer {len(body) / node_keys:.1f} B a key, "
+        f"JSON encode {encode * per:.2f} us, decode {decode * per:.2f} us a key; the decoded listing holds "
+        f"{held / node_keys:.0f} B a key in the gateway"
+    )
+    ids = node_ids(count)
+    cluster = Cluster(vnodes=DEFAULT_VNODES, replicas=REPLICAS)
+    cluster.update({i: NodeInfo(i, f"http://{i}.test") for i in ids}, quiet=True)
+    view = cluster.view()
+    listings: dict[str, dict[str, str]] = {i: {} for i in ids}
+    versions = HybridClock(clock.seconds, "gw")
+    for k in range(keys):
+        key, version = f"key{k}", versions.next()
+        for owner in view.owners(key):
+            listings[owner][key] = version
+    repairer = Repairer(cluster, NodeClients(Network(clock).peers()), clock.seconds)
+    done: list[object] = []
+    started = time.process_time()
+    Deferred.fromCoroutine(repairer._reconcile(view, {}, listings, set(), {})).addBoth(done.append)
+    reconcile = time.process_time() - started
+    assert done == [None], done
+    print(
+        f"gateway side, {count:5} nodes, {keys:,} keys: reconcile {reconcile / keys * 1e6:6.2f} us a key "
+        f"({reconcile / keys / count * 1e9:.0f} ns a key and member)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ring-nodes", default="10,100,1000", help="ring and membership sizes, comma-separated")
@@ -316,7 +383,10 @@ def main() -> None:
         help="also run the first sweep with the gateway's answer cap at this many bytes (0: skip), to see "
         "where a node's versions listing outgrows it",
     )
-    parser.add_argument("--only", default="rmx", help="r: ring, m: membership, x: repair simulation")
+    parser.add_argument("--parts-keys", type=int, default=100_000, help="keys held by the node timed in p")
+    parser.add_argument(
+        "--only", default="rmpx", help="r: ring, m: membership, p: a sweep's parts, x: repair simulation"
+    )
     args = parser.parse_args()
     kvd_dir = ensure_kvd_importable()
     print(f"kvd from {kvd_dir} ({code_version(kvd_dir)})")
@@ -329,6 +399,9 @@ def main() -> None:
     if "r" in args.only:
         for count in sizes:
             ring_figures(count, args.lookups)
+    if "p" in args.only:
+        for count in sizes:
+            sweep_parts(count, min(100_000, 10_000_000 // count), args.parts_keys)
     if "x" in args.only:
         wire = Wire()
         repair_figures(args.sim_nodes, args.sim_keys, None, wire)

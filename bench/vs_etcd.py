@@ -148,12 +148,21 @@ def batching(before: dict[str, float], after: dict[str, float], writes: int) -> 
     def delta(match: str) -> float:
         return sum(v - before.get(k, 0.0) for k, v in after.items() if match in k)
 
-    requests = delta('kvd_http_requests_total{method="POST",route="/internal/apply"')
+    requests = sum(
+        v - before.get(k, 0.0)
+        for k, v in after.items()
+        if k.startswith("kvd_http_requests_total") and "/internal/apply" in k
+    )
     commits = delta("kvd_group_commit_writes_count")
     committed = delta("kvd_group_commit_writes_sum")
     fsync = delta("kvd_fsync_seconds_sum")
+    counted = (
+        f"{requests:,.0f} internal apply requests ({writes / requests:.1f} writes each)"
+        if requests
+        else "internal apply requests not counted in its /metrics"
+    )
     return (
-        f"{requests:,.0f} internal apply requests ({writes / requests if requests else float('nan'):.1f} writes each), "
+        f"{counted}, "
         f"{commits:,.0f} group commits ({committed / commits if commits else float('nan'):.1f} writes each, "
         f"{fsync / commits * 1000 if commits else float('nan'):.2f} ms each)"
     )

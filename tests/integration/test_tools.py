@@ -1,8 +1,7 @@
 """
-The blocking kvd.Client and the kvd command: against real twistd processes for what this
-branch's gateway serves (get, put, delete, owners, cluster, plan, hot), and against the fake
-gateway on a loopback socket for the forms whose server side is not here yet (ls, batch,
-watch, changes, TTL, conditional writes, export, import).
+The blocking kvd.Client and the kvd command: against real twistd processes, and against the
+fake gateway on a loopback socket for the exact forms of every request (and the failures a
+real cluster cannot be made to give on demand).
 """
 
 from __future__ import annotations
@@ -60,6 +59,29 @@ def test_the_client_writes_reads_and_deletes_through_a_real_gateway(cluster: Clu
         for _ in range(5):  # greeting had four requests
             client.put("busy", "x")
         assert client.hot(1)["keys"][0]["key"] == "busy"
+
+
+def test_the_client_lists_batches_watches_follows_and_updates_against_a_real_gateway(cluster: Cluster) -> None:
+    """What the fake gateway below checks the form of, against the real thing now that it serves it."""
+    with kvd.Client(cluster.gateway.url) as client:
+        results = client.batch(put={f"k{i:03d}": str(i) for i in range(250)})
+        assert len(results) == 250
+        assert list(client.list("k", limit=100)) == [f"k{i:03d}" for i in range(250)]
+        assert [e.value for e in client.items("k00")] == [str(i) for i in range(10)]
+        start = client.changes().next
+        first = client.put("c", "1", ttl=60)
+        assert first.expires is not None
+        with pytest.raises(kvd.PreconditionFailed):
+            client.put("c", "2", if_version="0000000000010000000.nobody")
+        second = client.put("c", "2", if_version=first.version)
+        assert second.value == "2"
+        assert client.update("c", lambda v: (v or "") + "+").value == "2+"
+        assert "c" in [change.key for change in client.changes(cursor=start).changes]
+        watching = client.watch("c", version=client.get("c").version, wait=5)
+        client.put("c", "3")
+        assert next(watching).value == "3"  # type: ignore[union-attr]
+        with pytest.raises(kvd.PreconditionFailed):
+            client.put("c", "4", if_absent=True)
 
 
 def test_the_command_against_a_real_cluster(cluster: Cluster) -> None:

@@ -31,7 +31,6 @@ import argparse
 import http.client
 import os
 import re
-import shutil
 import signal
 import tempfile
 import time
@@ -45,6 +44,7 @@ from report import machine, met, report_quiet
 from servers import Kvd, Processes, bench_processes, preload, request, wait_for_members
 from wrk import GET_LUA, PUT_LUA, WrkResult, run_wrk, write_lua
 
+from kvd.testing.clocks import faketime_launcher, faketime_unavailable
 from kvd.testing.firewall import Firewall, iptables_unavailable
 from kvd.testing.processes import free_port, http_request, listen_on
 
@@ -261,15 +261,16 @@ def statuses(port: int | None) -> dict[str, str]:
 
 def skew(cluster: FaultCluster, duration: float) -> None:
     """A gateway an hour ahead (faketime) writes; a normal one overwrites and deletes: lost, undone."""
-    if shutil.which("faketime") is None:
-        print("\nskew: skipped, no faketime (apt-get install faketime)")
+    why = faketime_unavailable()
+    if why is not None:
+        print(f"\nskew: skipped, {why}")
         return
     port = free_port()
     ahead = cluster.processes.kvd(
         "gateway-ahead",
         *("--role", "gateway", *cluster.listed, "--listen", listen_on(port)),
         port=port,
-        launcher=["faketime", "-f", "+1h"],
+        launcher=faketime_launcher("+1h"),
     ).start()
     wait_for_members(ahead, 3, 60)
     for i in range(120):

@@ -4,18 +4,16 @@ faketime). A write acknowledged after another write to the same key was acknowle
 over it, and a delete likewise, whichever gateway's clock is ahead: 0 lost, 0 undone, read
 through every gateway. The skewed gateway exports the skew and logs it once.
 
-Skipped with the reason where faketime is not installed or does not move this Python's clock.
+Skipped with the reason where libfaketime is not installed or does not move this Python's clock.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
 
 import pytest
 
+from kvd.testing.clocks import faketime_launcher, faketime_unavailable
 from kvd.testing.processes import Kvd, Processes, free_port, http_request, listen_on, request
 
 from .test_cluster_processes import eventually
@@ -24,29 +22,13 @@ pytestmark = pytest.mark.timeout(180)
 HOUR = 3600.0
 
 
-def faketime_unavailable() -> str | None:
-    if shutil.which("faketime") is None:
-        return "no faketime binary on PATH (apt-get install faketime)"
-    clock = [sys.executable, "-c", "import time; print(time.time())"]
-    try:
-        real = float(subprocess.run(clock, capture_output=True, text=True, timeout=20).stdout)
-        fake = float(
-            subprocess.run(["faketime", "-f", "+1h", *clock], capture_output=True, text=True, timeout=20).stdout
-        )
-    except (OSError, ValueError, subprocess.SubprocessError) as e:
-        return f"faketime does not run this Python: {e}"
-    if abs(fake - real - HOUR) > 60:
-        return f"faketime -f +1h moved this Python's clock by {fake - real:.0f} s, not 3600"
-    return None
-
-
 def skewed_gateway(processes: Processes, name: str, offset: str, registry: Kvd) -> Kvd:
     port = free_port()
     return processes.kvd(
         name,
         *("--role", "gateway", "--registry", registry.url, "--listen", listen_on(port)),
         port=port,
-        launcher=["faketime", "-f", offset],
+        launcher=faketime_launcher(offset),
     )
 
 
@@ -77,7 +59,7 @@ def check(gateways: list[Kvd], expected: dict[str, str | None]) -> tuple[list[st
 
 @pytest.mark.parametrize(("offset", "sign"), [("+1h", 1), ("-1h", -1)], ids=["ahead", "behind"])
 def test_writes_and_deletes_after_a_skewed_gateways_writes_win(processes: Processes, offset: str, sign: int) -> None:
-    why = faketime_unavailable()
+    why = faketime_unavailable(offset, sign * HOUR)
     if why is not None:
         pytest.skip(why)
     cluster = processes.cluster(gateway_options=("--replicas", "3", "--write-quorum", "2", "--read-quorum", "2"))

@@ -1,13 +1,15 @@
 """
-Crash and check: concurrent writers and readers through a gateway (N=3, W=2, R=2) while one
-of three nodes is killed (kill -9) and restarted every 20 seconds, for 5 minutes.
+Crash and check: concurrent writers and readers through a gateway (N=3, W=2, R=2) while,
+every 20 seconds for 5 minutes, one of three nodes is killed (kill -9) and restarted, hung
+(SIGSTOP, then SIGCONT) or cut off from the gateway (iptables DROP on its port, then healed),
+in turn (--faults picks which; cuts need root and iptables).
 
 Prints the writes acknowledged, the acknowledged writes lost (must be 0: every one is read
 back at the end, after the cluster has settled), and the reads that failed while at most
 one node was down (must be 0): a read fails when it errors, or answers anything but the
 value last acknowledged for the key.
 
-    python bench/chaos.py [--minutes 5] [--period 20] [--writers 8]
+    python bench/chaos.py [--minutes 5] [--period 20] [--writers 8] [--faults kill,stop,cut]
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import random
+import signal
 import tempfile
 import threading
 import time
@@ -26,6 +30,8 @@ from checkout import ensure_kvd_importable
 from replication import Cluster
 from report import machine
 
+from kvd.testing.firewall import Firewall, iptables_unavailable
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +40,12 @@ def main() -> None:
     parser.add_argument("--down", type=float, default=5.0, help="seconds a killed node stays down")
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--readers", type=int, default=4)
+    parser.add_argument("--faults", default="kill,stop,cut", help="kill (-9), stop (SIGSTOP), cut (iptables)")
     args = parser.parse_args()
+    faults = [f.strip() for f in args.faults.split(",")]
+    if "cut" in faults and (why := iptables_unavailable()) is not None:
+        print(f"no partitions: {why}")
+        faults.remove("cut")
     print(f"kvd from {ensure_kvd_importable()}")
     print(machine())
 
@@ -43,6 +54,7 @@ def main() -> None:
     stop = threading.Event()
     counts = {"writes": 0, "write_failures": 0, "reads": 0, "read_failures": 0}
     examples: list[str] = []
+    now = ["healthy", time.monotonic()]  # the fault in place, and since when
 
     with tempfile.TemporaryDirectory(prefix="kvd-bench-chaos-") as tmp, ExitStack() as stack:
         cluster = Cluster(stack, Path(tmp))
@@ -97,23 +109,45 @@ def main() -> None:
                     if status != 200 or (got != expected and not _newer(got, expected)):
                         counts["read_failures"] += 1
                         if len(examples) < 10:
-                            examples.append(f"read {key}: {status} {got!r}, expected {expected!r}")
+                            examples.append(
+                                f"read {key}: {status} {got!r}, expected {expected!r}"
+                                f" ({now[0]}, {time.monotonic() - now[1]:.1f} s in)"
+                            )
 
         threads = [threading.Thread(target=writer, args=(n,)) for n in range(args.writers)]
         threads += [threading.Thread(target=reader, args=(n,)) for n in range(args.readers)]
         for t in threads:
             t.start()
         started = time.monotonic()
-        kills = 0
+        done = dict.fromkeys(faults, 0)
+        wall = stack.enter_context(Firewall()) if "cut" in faults else None
         try:
             while time.monotonic() - started < args.minutes * 60:
                 time.sleep(max(0.0, args.period - args.down))
                 victim = random.choice(sorted(cluster.nodes))
-                cluster.kill(victim)
-                kills += 1
-                print(f"  {time.monotonic() - started:6.1f}s  killed {victim}; writes so far {counts['writes']}")
-                time.sleep(args.down)
-                cluster.start_node(victim)
+                fault = faults[sum(done.values()) % len(faults)]
+                node = cluster.nodes[victim]
+                if fault == "kill":
+                    cluster.kill(victim)
+                elif fault == "stop":
+                    os.kill(node.pid, signal.SIGSTOP)
+                else:
+                    assert wall is not None and node.port is not None
+                    wall.cut(node.port)
+                done[fault] += 1
+                now[:] = [f"{fault} {victim}", time.monotonic()]
+                print(f"  {time.monotonic() - started:6.1f}s  {fault} {victim}; writes so far {counts['writes']}")
+                try:
+                    time.sleep(args.down)
+                finally:
+                    if fault == "kill":
+                        cluster.start_node(victim)
+                    elif fault == "stop":
+                        os.kill(node.pid, signal.SIGCONT)
+                    else:
+                        assert wall is not None
+                        wall.heal()
+                    now[:] = [f"after {fault} {victim}", time.monotonic()]
         finally:
             stop.set()
             for t in threads:
@@ -126,7 +160,7 @@ def main() -> None:
             status, body = call(conn, "GET", f"/kv/{key}")
             if status != 200 or body.get("value") != value:
                 lost.append(key)
-        print(f"kills                     {kills}")
+        print(f"faults                    {', '.join(f'{n} {f}' for f, n in done.items())}")
         print(f"writes attempted          {counts['writes']}")
         print(f"writes acknowledged       {counts['writes'] - counts['write_failures']}")
         print(f"writes refused (503 etc.) {counts['write_failures']}")

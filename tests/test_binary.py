@@ -194,3 +194,23 @@ def test_gateway_answers_raw_bytes_with_their_content_type(harness: Harness) -> 
     ensureDeferred(harness.client.call("GET", "http://gateway.test/kv/blob?raw=true")).addBoth(results.append)
     harness.settle()
     assert results[0].status == 200 and results[0].body == BLOB
+
+
+def test_a_paxos_acceptor_record_keeps_a_binary_value_exactly() -> None:
+    """Conditional writes carry values through the acceptor's file: bytes must survive it."""
+    from kvd.paxos import Proposal, _parse, _record, _State
+
+    value = parse_value(BLOB, 10_000, b"image/png")
+    line = _record("k", _State("b1", Proposal("b1", value, "0000000f4240000000.gw")))
+    parsed = _parse(line)
+    assert not isinstance(parsed, str)
+    accepted = parsed[1].accepted
+    assert accepted is not None and raw_value(accepted.value or "") == (BLOB, "image/png")
+
+
+def test_an_internal_write_of_a_malformed_typed_value_is_refused_not_stored(store: Store) -> None:
+    client = StubTreq(NodeAPI("a", store).resource())
+    items = [["k", "\udfffb\x1fnot base64!", "0000000f4240000000.gw"]]
+    body = json.dumps({"items": items}).encode()
+    status, _, _ = request(client, "POST", "/internal/apply", body)
+    assert status == 400 and store.entry("k") is None

@@ -5,11 +5,18 @@ Layout of a data dir::
 
     LOCK                   held (flock) by the one process that owns the dir
     incarnation            the node's start count (L{kvd.incarnation})
-    snapshot.json          {"kvd": 2, "generation": G, "data": {key: entry, ...}}
+    snapshot.json          {"kvd": 3, "generation": G, "data": {key: entry, ...}}
     journal-G.jsonl        one JSON record a line, written after the snapshot of generation G:
-                           ["p", key, value, version]  put
+                           ["p", key, value, version]  put of text
+                           ["b", key, base64, version, content type]  put of bytes ("": default)
+                           ["t", key, text, version, content type]    put of text with a content type
                            ["d", key, version]         delete (a tombstone)
                            ["x", key]                  drop (forget the key entirely)
+
+Binary values (L{kvd.keys.TYPED}) are held in memory as a packed entry whose version is
+followed by BIN, the kind, the content type, then SEP and the payload: for bytes their
+latin-1 mapping, one byte of memory per byte (in snapshots: their base64, kind C{"B"}).
+Format 3 snapshots may hold those; format 2 (text only) still loads unchanged.
 
 Format 1 (before versions existed) held bare values in the snapshot and ``["p", key, value]``,
 ``["d", key]`` records; it still loads, every value at L{NO_VERSION}.
@@ -21,6 +28,8 @@ through the helpers here.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fcntl
 import json
 import os
@@ -30,10 +39,12 @@ from typing import Any
 
 from attrs import frozen
 
+from kvd.keys import TYPED, split_typed
+
 SNAPSHOT = "snapshot.json"
 SNAPSHOT_TMP = "snapshot.json.tmp"
 LOCK = "LOCK"
-FORMAT = 2
+FORMAT = 3
 #: The version of data written before versions existed: older than every real one.
 NO_VERSION = ""
 #: A key's value (None for a tombstone: a deletion replicas must learn of) and version.
@@ -42,6 +53,10 @@ Entry = tuple["str | None", str]
 #: (a tombstone is its version alone): a tuple and a second string object per key would
 #: double the memory a key takes, and slow loading a snapshot. Versions never hold SEP.
 SEP = "\x1f"
+#: In a packed entry, ends the version of a typed value (bytes, or text with a content type):
+#: version, BIN, kind ("b": bytes as latin-1; "B": bytes as base64; "t": text), content
+#: type, SEP, payload. Versions never hold BIN.
+BIN = "\x1e"
 #: Items per slice when serialising a snapshot: between slices the GIL can go back to the
 #: reactor thread, so compaction of a large store does not stall request handling.
 SNAPSHOT_SLICE = 20_000
@@ -65,22 +80,67 @@ class StoreLocked(StoreError):
 
 
 def pack(value: str | None, version: str) -> str:
-    return version if value is None else version + SEP + value
+    if value is None:
+        return version
+    if value[:1] != TYPED:
+        return version + SEP + value
+    kind, content_type, payload = split_typed(value)
+    if kind == "b":
+        payload = base64.b64decode(payload).decode("latin-1")
+    return version + BIN + kind + content_type + SEP + payload
+
+
+def _typed(head: str, mark: int, payload: str) -> Entry:
+    kind, content_type = head[mark + 1], head[mark + 2 :]
+    if kind == "b":
+        payload = base64.b64encode(payload.encode("latin-1")).decode("ascii")
+    elif kind == "B":
+        kind = "b"
+    return TYPED + kind + content_type + SEP + payload, head[:mark]
 
 
 def unpack(packed: str) -> Entry:
     cut = packed.find(SEP)
-    return (None, packed) if cut < 0 else (packed[cut + 1 :], packed[:cut])
+    if cut < 0:
+        return None, packed
+    head = packed[:cut]
+    mark = head.find(BIN)
+    if mark < 0:
+        return packed[cut + 1 :], head
+    return _typed(head, mark, packed[cut + 1 :])
 
 
 def version_of(packed: str) -> str:
     cut = packed.find(SEP)
-    return packed if cut < 0 else packed[:cut]
+    if cut < 0:
+        return packed
+    mark = packed.find(BIN, 0, cut)
+    return packed[:cut] if mark < 0 else packed[:mark]
 
 
 def is_live(packed: str) -> bool:
     """Whether a packed entry holds a value (not a tombstone)."""
     return SEP in packed
+
+
+def _on_disk(packed: str) -> str:
+    """A packed entry as a snapshot holds it: bytes as base64 (kind "B"), the rest as in memory."""
+    cut = packed.find(SEP)
+    mark = packed.find(BIN, 0, cut) if cut >= 0 else -1
+    if mark < 0 or packed[mark + 1] != "b":
+        return packed
+    payload = base64.b64encode(packed[cut + 1 :].encode("latin-1")).decode("ascii")
+    return packed[:mark] + BIN + "B" + packed[mark + 2 : cut] + SEP + payload
+
+
+def _in_memory(packed: str) -> str:
+    """A snapshot's packed entry as memory holds it: bytes as latin-1 (kind "b")."""
+    cut = packed.find(SEP)
+    mark = packed.find(BIN, 0, cut) if cut >= 0 else -1
+    if mark < 0 or packed[mark + 1] != "B":
+        return packed
+    payload = base64.b64decode(packed[cut + 1 :], validate=True).decode("latin-1")
+    return packed[:mark] + BIN + "b" + packed[mark + 2 : cut] + SEP + payload
 
 
 # Records.
@@ -96,7 +156,12 @@ def _record(*fields: str) -> bytes:
 
 def encode_entry(key: str, value: str | None, version: str) -> bytes:
     """A put (value) or a tombstone (None), with its version."""
-    return _record("p", key, value, version) if value is not None else _record("d", key, version)
+    if value is None:
+        return _record("d", key, version)
+    if value[:1] == TYPED:
+        kind, content_type, payload = split_typed(value)
+        return _record(kind, key, payload, version, content_type)
+    return _record("p", key, value, version)
 
 
 def encode_drop(key: str) -> bytes:
@@ -153,7 +218,13 @@ def lock(directory: str) -> int:
 def _snapshot_chunks(generation: int, items: list[tuple[str, str]]) -> Iterator[bytes]:
     yield b'{"kvd":%d,"generation":%d,"data":{' % (FORMAT, generation)
     for start in range(0, len(items), SNAPSHOT_SLICE):
-        body = json.dumps(dict(items[start : start + SNAPSHOT_SLICE]), ensure_ascii=False)
+        body = json.dumps(
+            {
+                key: _on_disk(packed) if BIN in packed else packed
+                for key, packed in items[start : start + SNAPSHOT_SLICE]
+            },
+            ensure_ascii=False,
+        )
         if start:
             yield b","
         yield body[1:-1].encode()
@@ -234,6 +305,16 @@ def _replay(path: str, data: dict[str, str], records: list[Any]) -> None:
             data[record[1]] = record[3] + SEP + record[2]
         elif kind == "d" and size == 3:
             data[record[1]] = record[2]
+        elif kind == "b" and size == 5:
+            try:
+                payload = base64.b64decode(record[2], validate=True).decode("latin-1")
+            except (binascii.Error, ValueError):
+                raise CorruptStore(
+                    f"{path}: record {number} holds bytes that are not base64; refusing to start"
+                ) from None
+            data[record[1]] = record[3] + BIN + "b" + record[4] + SEP + payload
+        elif kind == "t" and size == 5:
+            data[record[1]] = record[3] + BIN + "t" + record[4] + SEP + record[2]
         elif kind == "x" and size == 2:
             data.pop(record[1], None)
         elif kind == "p" and size == 3:  # format 1: no version
@@ -250,6 +331,12 @@ def _entries(path: str, format: int, data: dict[str, Any]) -> dict[str, str]:
         raise CorruptStore(f"{path}: holds an entry that is not a string; refusing to start")
     if format == 1:
         return {k: NO_VERSION + SEP + v for k, v in data.items()}
+    if format >= 3:
+        try:
+            for key in [key for key, packed in data.items() if BIN in packed]:
+                data[key] = _in_memory(data[key])
+        except (binascii.Error, ValueError):
+            raise CorruptStore(f"{path}: holds bytes that are not base64; refusing to start") from None
     return data
 
 
@@ -289,11 +376,11 @@ def recover(directory: str) -> Recovered:
             raise CorruptStore(f"{snapshot}: not valid JSON ({e}); refusing to start") from None
         if (
             not isinstance(loaded, dict)
-            or loaded.get("kvd") not in (1, FORMAT)
+            or loaded.get("kvd") not in (1, 2, FORMAT)
             or not isinstance(loaded.get("generation"), int)
             or not isinstance(loaded.get("data"), dict)
         ):
-            raise CorruptStore(f"{snapshot}: not a kvd snapshot of format 1 or {FORMAT}; refusing to start")
+            raise CorruptStore(f"{snapshot}: not a kvd snapshot of format 1 to {FORMAT}; refusing to start")
         generation, data = loaded["generation"], _entries(snapshot, loaded["kvd"], loaded["data"])
 
     journals = sorted((int(m.group(1)), name) for name in names if (m := _JOURNAL.match(name)))

@@ -5,6 +5,8 @@ domain errors that the HTTP layer maps to status codes.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from urllib.parse import unquote_to_bytes
 
@@ -86,19 +88,151 @@ def check_key(key: object) -> str:
     return key
 
 
-def parse_value(body: bytes, limit: int) -> str:
-    """
-    Turn a request body into a value.
+#: Values (see L{parse_value}). Inside kvd a value is a C{str}: UTF-8 text with no content
+#: type given is the text itself, exactly as before binary values existed; anything else is
+#: "typed": TYPED, a kind (C{"b"}: bytes, the payload their base64; C{"t"}: text), the
+#: content type given at PUT (C{""}: the kind's default), SEP, the payload. TYPED is a lone
+#: surrogate, which text decoded from UTF-8 never holds, so no text value is ever mistaken
+#: for a typed one; JSON carries it as C{\\udfff} (encoders use C{surrogatepass}).
+TYPED = "\udfff"
+VALUE_SEP = "\x1f"
+BINARY_TYPE = "application/octet-stream"
+TEXT_TYPE = "text/plain; charset=utf-8"
+#: Content types that mean "none given": curl's C{-d} and C{--data-binary} send this one.
+_NOT_GIVEN = ("application/x-www-form-urlencoded",)
+_CONTENT_TYPE = re.compile(r"^[\x20-\x7e]{1,200}$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
-    @raise ValueTooLarge: when it is over C{limit} bytes.
-    @raise BadValue: when it is not UTF-8.
+
+def typed_value(payload: bytes | str, content_type: str = "") -> str:
+    """The value of C{payload} (bytes, or text) with C{content_type} (C{""}: the default)."""
+    if isinstance(payload, bytes):
+        return TYPED + "b" + content_type + VALUE_SEP + base64.b64encode(payload).decode("ascii")
+    if not content_type:
+        return payload
+    return TYPED + "t" + content_type + VALUE_SEP + payload
+
+
+def split_typed(value: str) -> tuple[str, str, str]:
+    """A typed value's kind, content type (C{""}: default) and payload (base64 for bytes)."""
+    cut = value.index(VALUE_SEP)
+    return value[1], value[2:cut], value[cut + 1 :]
+
+
+def content_type_of(header: bytes | None) -> str:
+    """
+    The content type a PUT gives, as stored (C{""}: none given).
+
+    @raise BadValue: unless it is printable ASCII of at most 200 characters.
+    """
+    if header is None:
+        return ""
+    text = header.decode("latin-1").strip()
+    if not text or text.split(";")[0].strip().lower() in _NOT_GIVEN:
+        return ""
+    if not _CONTENT_TYPE.match(text):
+        raise BadValue("a Content-Type must be printable ASCII of at most 200 characters")
+    return text
+
+
+def parse_value(body: bytes, limit: int, content_type: bytes | None = None) -> str:
+    """
+    Turn a request body, and its C{Content-Type} header, into a value.
+
+    UTF-8 with no content type (or C{text/plain; charset=utf-8}, or curl's form default) is
+    plain text; other bytes are kept as bytes, with the content type given (C{""} for
+    C{application/octet-stream}, their default).
+
+    @raise ValueTooLarge: when it is over C{limit} bytes (the bytes themselves, not their base64).
+    @raise BadValue: for a Content-Type that is not printable ASCII.
     """
     if len(body) > limit:
         raise ValueTooLarge(f"the value is {len(body)} bytes; the limit is {limit}")
+    given = content_type_of(content_type)
     try:
-        return body.decode("utf-8")
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise BadValue("a value must be UTF-8 text") from None
+        return typed_value(body, "" if given == BINARY_TYPE else given)
+    return typed_value(text, "" if given == TEXT_TYPE else given)
+
+
+def check_value(value: str) -> str:
+    """
+    A value that arrived in a JSON body (internal writes): text, or a well-formed typed value.
+
+    @raise BadValue: for text holding surrogates or a malformed typed value.
+    """
+    if value.isascii():
+        return value
+    if value[:1] == TYPED:
+        cut = value.find(VALUE_SEP)
+        kind, content_type, payload = value[1:2], value[2:cut], value[cut + 1 :]
+        if cut < 2 or kind not in ("b", "t") or (content_type and not _CONTENT_TYPE.match(content_type)):
+            raise BadValue("not a typed value")
+        if kind == "b":
+            try:
+                base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError):
+                raise BadValue("a binary value's payload must be base64") from None
+        elif _SURROGATE.search(payload):
+            raise BadValue("a value must be UTF-8 text")
+        return value
+    if _SURROGATE.search(value):
+        raise BadValue("a value must be UTF-8 text")
+    return value
+
+
+def text_value(value: object, what: str) -> str:
+    """
+    A value a client sent in JSON: a string of text, or C{{"value": B64, "encoding": "base64"}}
+    for bytes (C{"content_type"} optional).
+
+    @raise BadValue: otherwise.
+    """
+    if isinstance(value, str):
+        if not value.isascii() and _SURROGATE.search(value):
+            raise BadValue(f"the value of {what} must be UTF-8 text (no lone surrogates)")
+        return value
+    if isinstance(value, dict) and set(value) <= {"value", "encoding", "content_type"}:
+        payload, encoding, content_type = value.get("value"), value.get("encoding"), value.get("content_type", "")
+        if isinstance(payload, str) and encoding == "base64" and isinstance(content_type, str):
+            try:
+                raw = base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError):
+                raise BadValue(f"the value of {what} is not valid base64") from None
+            given = content_type_of(content_type.encode("latin-1", "replace")) if content_type else ""
+            return parse_value(raw, len(raw), given.encode() or None)
+    raise BadValue(f'the value of {what} must be a string or {{"value": BASE64, "encoding": "base64"}}')
+
+
+def value_size(value: str) -> int:
+    """The size of a value in bytes, as the value limit counts it (bytes, not their base64)."""
+    if value[:1] != TYPED:
+        return len(value.encode("utf-8")) if not value.isascii() else len(value)
+    kind, _, payload = split_typed(value)
+    if kind == "b":
+        return len(payload) * 3 // 4 - payload[-2:].count("=")
+    return len(payload.encode("utf-8"))
+
+
+def value_json(value: str) -> dict[str, str]:
+    """How JSON answers carry a value: text as is; bytes as base64 with C{"encoding": "base64"}."""
+    if value[:1] != TYPED:
+        return {"value": value}
+    kind, _, payload = split_typed(value)
+    if kind == "b":
+        return {"value": payload, "encoding": "base64"}
+    return {"value": payload}
+
+
+def raw_value(value: str) -> tuple[bytes, str]:
+    """A value's bytes and content type, for C{?raw=true}."""
+    if value[:1] != TYPED:
+        return value.encode("utf-8"), TEXT_TYPE
+    kind, content_type, payload = split_typed(value)
+    if kind == "b":
+        return base64.b64decode(payload), content_type or BINARY_TYPE
+    return payload.encode("utf-8"), content_type or TEXT_TYPE
 
 
 class PreconditionFailed(ClientError):

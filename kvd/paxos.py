@@ -85,7 +85,7 @@ def _record(key: str, state: _State) -> bytes:
     line: dict[str, Any] = {"k": key, "p": state.promised}
     if state.accepted is not None:
         line["a"] = state.accepted.to_json()
-    return json.dumps(line, ensure_ascii=False).encode() + b"\n"
+    return json.dumps(line, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
 
 
 def _floor_record(floor: str) -> bytes:

@@ -56,9 +56,12 @@ from kvd.keys import (
     Unavailable,
     ValueTooLarge,
     check_key,
+    check_value,
     parse_key,
     parse_precondition,
     parse_value,
+    raw_value,
+    value_json,
 )
 from kvd.metrics import CONTENT_TYPE, Metrics
 from kvd.paxos import Acceptor, Proposal
@@ -143,6 +146,40 @@ def _versioned(request: IRequest, body: dict[str, Any]) -> bytes:
     return _json(request, body)
 
 
+def _wants_raw(request: IRequest) -> bool:
+    """Whether a GET asks for the value's bytes themselves (C{?raw=true}) rather than JSON."""
+    values = request.args.get(b"raw")
+    if not values:
+        return False
+    flag = values[0].lower()
+    if flag not in (b"true", b"false", b"1", b"0"):
+        raise ClientError("raw must be true or false")
+    return flag in (b"true", b"1")
+
+
+def _entry_answer(
+    request: IRequest, key: str, value: str, version: str, raw: bool = False, extra: dict[str, Any] | None = None
+) -> bytes:
+    """
+    A key's answer: JSON (bytes as base64 with C{"encoding": "base64"}; C{extra} fields after
+    the version) or, with C{raw}, the bytes.
+    """
+    if not raw:
+        body = {"success": True, "key": key, **value_json(value), "version": version}
+        return _versioned(request, {**body, **extra} if extra else body)
+    data, content_type = raw_value(value)
+    request.setResponseCode(200)
+    request.setHeader(b"etag", b'"%s"' % version.encode())
+    request.setHeader(b"content-type", content_type.encode("latin-1"))
+    request.setHeader(b"content-length", b"%d" % len(data))
+    return data
+
+
+def _content_type(request: IRequest) -> bytes | None:
+    value: bytes | None = request.getHeader(b"content-type")
+    return value
+
+
 def _text_arg(request: IRequest, name: bytes) -> str | None:
     """A query argument as text; L{ClientError} unless it is UTF-8."""
     values = request.args.get(name)
@@ -156,7 +193,7 @@ def _text_arg(request: IRequest, name: bytes) -> str | None:
 
 
 def _item(key: str, value: str, version: str) -> dict[str, Any]:
-    item: dict[str, Any] = {"key": key, "value": value, "version": version}
+    item: dict[str, Any] = {"key": key, **value_json(value), "version": version}
     if "~" in version:
         item["expires"] = expires(version)
     return item
@@ -458,10 +495,11 @@ class NodeAPI:
         return self._answer(request, key)
 
     def _answer(self, request: IRequest, key: str) -> bytes:
+        raw = _wants_raw(request)
         entry = self.store.entry(key)
         if entry is None or entry[0] is None:
             raise NotFound("no such key")
-        return _versioned(request, {"success": True, "key": key, "value": entry[0], "version": entry[1]})
+        return _entry_answer(request, key, entry[0], entry[1], raw)
 
     def _state(self, key: str) -> str:
         """The key's version here; "" when absent or deleted (what a watch's C{version=} compares with)."""
@@ -487,12 +525,12 @@ class NodeAPI:
     async def put(self, request: IRequest, key: str) -> bytes:
         precondition = _precondition(request)
         ttl = _ttl_arg(request)
-        value = parse_value(request.content.read(), self.max_value_bytes)
+        value = parse_value(request.content.read(), self.max_value_bytes, _content_type(request))
         if precondition is not None:
             # Checked and written in one step on the reactor: nothing comes between.
             self._check(key, precondition)
         version = await self.store.put(key, value, ttl)
-        return _versioned(request, {"success": True, "key": key, "value": value, "version": version})
+        return _entry_answer(request, key, value, version)
 
     @routes.key(paths.KV, "DELETE", fast=True)
     async def delete(self, request: IRequest, key: str) -> bytes:
@@ -548,6 +586,8 @@ class NodeAPI:
             and is_version(body.get("version"))
         ):
             raise ClientError('the body must be {"key": K, "ballot": B, "value": V or null, "version": VERSION}')
+        if body["value"] is not None:
+            check_value(body["value"])
         key = check_key(body.get("key"))
         accepted, ballot = await self._acceptor().accept(key, Proposal(body["ballot"], body["value"], body["version"]))
         return _json(request, {"success": True, "accepted": accepted, "ballot": ballot})
@@ -810,10 +850,12 @@ class GatewayAPI:
         if self.hot is not None:
             self.hot.record(key)
 
+        raw = _wants_raw(request)
+
         def render(entry: Entry | None) -> bytes:
             if entry is None or entry[0] is None or ("~" in entry[1] and expired(entry[1], self._now())):
                 raise NotFound("no such key")
-            return _versioned(request, {"success": True, "key": key, "value": entry[0], "version": entry[1]})
+            return _entry_answer(request, key, entry[0], entry[1], raw)
 
         if b"wait" in request.args and self.watches is not None:
             wait, version = _watch_args(request)
@@ -832,7 +874,10 @@ class GatewayAPI:
         page = await self.feed.changes(
             None if cursor is None else _text(cursor), prefix, DEFAULT_PAGE if limit is None else limit, wait
         )
-        changes = [{"key": key, "value": value, "version": version} for key, value, version in page.changes]
+        changes = [
+            {"key": key, "value": None, "version": version} if value is None else _item(key, value, version)
+            for key, value, version in page.changes
+        ]
         return _json(request, {"success": True, "changes": changes, "next": page.next})
 
     @routes.key(paths.KV, "PUT", fast=True)
@@ -843,11 +888,10 @@ class GatewayAPI:
         ttl = _ttl_arg(request)
         if precondition is not None and ttl is not None:
             raise ClientError("a conditional write cannot take ttl yet: write it, then set its ttl unconditionally")
-        value = parse_value(request.content.read(), self.max_value_bytes)
+        value = parse_value(request.content.read(), self.max_value_bytes, _content_type(request))
 
         def render(written: WriteOutcome) -> bytes:
-            body = {"success": True, "key": key, "value": value, "version": written.version}
-            return _versioned(request, {**body, **_receipt(written.receipt)})
+            return _entry_answer(request, key, value, written.version, extra=_receipt(written.receipt))
 
         if precondition is not None:
             return self._conditional(key, value, precondition).addCallback(render)

@@ -43,6 +43,7 @@ from kvd.digests import BUCKETS, Digests
 from kvd.digests import versions_in as _versions_in
 from kvd.incarnation import next_incarnation, read_incarnation
 from kvd.journal import (
+    BIN,
     SEP,
     SNAPSHOT_TMP,
     CorruptStore,
@@ -63,7 +64,7 @@ from kvd.journal import (
     write_all,
     write_snapshot,
 )
-from kvd.keys import BATCH_VALUE_BUDGET, BadKey, check_key
+from kvd.keys import BATCH_VALUE_BUDGET, BadKey, BadValue, check_key, check_value
 from kvd.ttl import MARK, expired, expiry_ms, with_expiry
 from kvd.versions import HybridClock, is_version
 
@@ -157,8 +158,13 @@ def _write_item(item: object) -> tuple[str, str | None, str]:
         key = check_key(item[0])
     except BadKey as e:
         raise BadBatch(str(e)) from None
-    if not is_version(item[2]):
+    if not is_version(item[2]) or BIN in item[2]:
         raise BadBatch(f"not a version: {item[2]!r}")
+    if item[1] is not None:
+        try:
+            check_value(item[1])
+        except BadValue as e:
+            raise BadBatch(str(e)) from None
     return key, item[1], item[2]
 
 
@@ -290,7 +296,12 @@ class Store:
         if packed is None:
             return None
         cut = packed.find(SEP)
-        if cut < 0 or (MARK in packed[:cut] and expired(packed[:cut], self._now())):
+        if cut < 0:
+            return None
+        if BIN in packed[:cut]:
+            value, version = unpack(packed)
+            return None if expired(version, self._now()) else value
+        if MARK in packed[:cut] and expired(packed[:cut], self._now()):
             return None
         return packed[cut + 1 :]
 
@@ -339,7 +350,7 @@ class Store:
             for key, packed in data.items():
                 cut = packed.find(SEP)
                 if cut >= 0 and MARK in packed[:cut]:
-                    ms = expiry_ms(packed[:cut])
+                    ms = expiry_ms(version_of(packed))
                     if ms is not None:
                         heap.append((ms, key))
             heapq.heapify(heap)
@@ -399,10 +410,13 @@ class Store:
                 found.append((key, None, packed))
                 continue
             version = packed[:cut]
+            if BIN in version:
+                version = version_of(packed)
             if MARK in version and expired(version, now):
                 found.append((key, None, version))
             elif values:
-                value = packed[cut + 1 :]
+                value = unpack(packed)[0] if len(version) < cut else packed[cut + 1 :]
+                assert value is not None
                 budget -= len(value)
                 found.append((key, value, version))
             else:
@@ -568,7 +582,7 @@ class Store:
         if expiring is not None and packed is not None:
             cut = packed.find(SEP)
             if cut >= 0 and MARK in packed[:cut]:
-                ms = expiry_ms(packed[:cut])
+                ms = expiry_ms(version_of(packed))
                 if ms is not None:
                     heapq.heappush(expiring, (ms, key))
         if packed is None:

@@ -31,7 +31,7 @@ DEFAULT_IDLE_TIMEOUT = 60
 
 
 def json_body(obj: object) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": ")).encode()
+    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": ")).encode("utf-8", "surrogatepass")
 
 
 def _raw_response(status: int, reason: bytes, obj: object) -> bytes:

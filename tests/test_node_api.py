@@ -114,10 +114,11 @@ def test_bad_keys_get_400_json(client: StubTreq, path: str) -> None:
     assert status == 400 and body["success"] is False and body["error"]
 
 
-def test_a_value_that_is_not_utf8_gets_400(client: StubTreq, store: Store) -> None:
+def test_a_value_that_is_not_utf8_is_kept_as_bytes_and_answered_base64(client: StubTreq, store: Store) -> None:
+    # Before binary values (issue 10 item 8) this was a 400; now any bytes are stored.
     status, body, _ = call(client, "PUT", "/kv/k", b"\xff\xfe")
-    assert status == 400 and "UTF-8" in body["error"]
-    assert store.get("k") is None
+    assert status == 200 and body["value"] == "//4=" and body["encoding"] == "base64"
+    assert store.get("k") is not None
 
 
 def test_a_value_over_the_limit_gets_413_and_is_not_stored(client: StubTreq, store: Store) -> None:

@@ -4,7 +4,8 @@ Many keys in one client round trip (C{POST /batch}), not atomically.
 The body is C{{"get": [K...], "put": {K: V...}, "delete": [K...]}}; every key is answered as
 if it had come alone, with its own C{"status"} inside the results. The whole request is
 refused (nothing done) when it is malformed: not that shape, a bad key, a key named twice
-(its results would collide), a value that is not a string (400), more than L{MAX_KEYS} keys
+(its results would collide), a value that is neither a string (text) nor
+C{{"value": BASE64, "encoding": "base64"}} (bytes, C{"content_type"} optional) (400), more than L{MAX_KEYS} keys
 or a value over the value limit (413).
 
 Every key's read or write is started through the coordinator at once with the node clients
@@ -24,7 +25,7 @@ from twisted.python.failure import Failure
 
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import NodeClients
-from kvd.keys import ClientError, NotFound, Unavailable, ValueTooLarge, check_key
+from kvd.keys import ClientError, NotFound, Unavailable, ValueTooLarge, check_key, text_value, value_json, value_size
 from kvd.store import Entry
 from kvd.ttl import expired, expires
 
@@ -64,13 +65,14 @@ class Batch:
             if key in seen:
                 raise ClientError(f"a batch names each key once; {key!r} is named twice")
             seen.add(key)
+        values: dict[str, str] = {}
         for key, value in put.items():
-            if not isinstance(value, str):
-                raise ClientError(f"the value of {key!r} must be a string")
-            size = len(value.encode("utf-8", "surrogatepass"))
+            # Text as a JSON string; bytes as {"value": BASE64, "encoding": "base64"}.
+            values[key] = checked = text_value(value, repr(key))
+            size = value_size(checked)
             if size > max_value_bytes:
                 raise ValueTooLarge(f"the value of {key!r} is {size} bytes; the limit is {max_value_bytes}")
-        return cls(get, put, delete)
+        return cls(get, values, delete)
 
 
 def _status(failure: Failure) -> int:
@@ -124,11 +126,11 @@ class BatchRunner:
     def _read(self, entry: Entry | None, key: str) -> dict[str, Any]:
         if entry is None or entry[0] is None or expired(entry[1], self.now()):
             raise NotFound("no such key")
-        return _versioned({"status": 200, "success": True, "key": key, "value": entry[0], "version": entry[1]})
+        return _versioned({"status": 200, "success": True, "key": key, **value_json(entry[0]), "version": entry[1]})
 
     @staticmethod
     def _written(written: tuple[str, bool], key: str, value: str) -> dict[str, Any]:
-        return {"status": 200, "success": True, "key": key, "value": value, "version": written[0]}
+        return {"status": 200, "success": True, "key": key, **value_json(value), "version": written[0]}
 
     @staticmethod
     def _deleted(written: tuple[str, bool], key: str) -> dict[str, Any]:

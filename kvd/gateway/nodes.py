@@ -79,7 +79,7 @@ class ChangePage:
 
 
 def _encode(body: object) -> bytes:
-    return json.dumps(body, ensure_ascii=False).encode()
+    return json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 def _value_size(item: Item) -> int:

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, maybeDeferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,7 +49,8 @@ _log = Logger()
 
 #: Keys asked of each node per export page.
 PAGE = 1000
-#: Import writes in flight at once (each node's queue holds 8 * 512 items: this stays under).
+#: Import writes in flight at once, counted until every replica asked has answered (each
+#: node's queue holds 8 * 512 items: this stays under).
 IN_FLIGHT = 2048
 #: How far past the gateway's clock an imported version may be (seconds): further, and it
 #: would outrank every write made after it for that long.
@@ -254,12 +255,19 @@ class Importer:
                 done.skipped += 1
                 continue
             await slots.acquire()
-            written = maybeDeferred(self.coordinator.write_version, key, value, version)
+            asked: list[Deferred[None]] = []
+            written = maybeDeferred(self.coordinator.write_version, key, value, version, asked)
             written.addCallbacks(self._written, self._failed, callbackArgs=(done,), errbackArgs=(done, number))
-            written.addBoth(lambda _: slots.release())
+            # The slot is free once every replica asked has answered (or failed), not just W:
+            # a replica slower than the quorum must not have its queue grow without bound.
+            written.addBoth(self._free, slots, asked)
         for _ in range(self.in_flight):
             await slots.acquire()
         return done
+
+    @staticmethod
+    def _free(_: object, slots: DeferredSemaphore, asked: list[Deferred[None]]) -> None:
+        DeferredList(asked).addBoth(lambda _: slots.release())
 
     @staticmethod
     def _written(current: bool, done: Imported) -> None:

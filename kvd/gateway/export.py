@@ -51,7 +51,7 @@ _log = Logger()
 PAGE = 1000
 #: Import writes in flight at once, counted until every replica asked has answered (each
 #: node's queue holds 8 * 512 items: this stays under).
-IN_FLIGHT = 2048
+IN_FLIGHT = 512
 #: How far past the gateway's clock an imported version may be (seconds): further, and it
 #: would outrank every write made after it for that long.
 MAX_AHEAD = 3600.0

@@ -11,6 +11,8 @@ KV = b"/kv/"
 INTERNAL = b"/internal/"
 #: Many keys in one request, on the gateway (its body may carry many values).
 BATCH = b"/batch"
+#: Streaming a whole data set back in, on the gateway (a body of any size, spooled to disk).
+IMPORT = b"/import"
 #: The registry API.
 REGISTRY = b"/registry/"
 #: A key's preference list on the gateway.

@@ -38,6 +38,7 @@ from kvd.gateway.batch import Batch, BatchRunner
 from kvd.gateway.cas import Proposer
 from kvd.gateway.cluster import Cluster
 from kvd.gateway.coordinator import Coordinator, WriteOutcome
+from kvd.gateway.export import Cut, Exporter, ExportStopped, Importer, Valve
 from kvd.gateway.feed import Feed, Watches
 from kvd.gateway.hot import HotKeys
 from kvd.gateway.listing import Lister
@@ -946,6 +947,63 @@ class GatewayAPI:
         coordinator = self.coordinator
         results = await BatchRunner(coordinator, coordinator.nodes, self._now).run(batch)
         return _json(request, {"success": True, "results": results})
+
+    @routes.path("/export", "GET")
+    async def export(self, request: IRequest) -> bytes | None:
+        """
+        Every key's entry no later than the cut, as NDJSON, a page at a time (see
+        L{kvd.gateway.export}). Errors before the first page are JSON answers; one after
+        the answer has begun ends the body with a line C{{"success": false, "error": ...}}.
+        """
+        cut = Cut.parse(_text_arg(request, b"at"), self.coordinator)
+        lister = Lister(self.coordinator.cluster, self.coordinator.nodes, self._now)
+        exporter = Exporter(lister, cut)
+        valve = Valve()
+        chunks = exporter.chunks(valve)
+        first = await chunks.__anext__()  # a cluster that cannot list is a 503 before any line
+        request.setHeader(b"content-type", b"application/x-ndjson")
+        request.setHeader(b"kvd-export-at", cut.text.encode())
+        consumer: Any = request  # a twisted.web Request is a consumer too
+        consumer.registerProducer(valve, True)
+        try:
+            request.write(first)
+            async for chunk in chunks:
+                if chunk:
+                    request.write(chunk)
+        except ExportStopped:
+            return None
+        except Exception as e:
+            error = str(e) if isinstance(e, Unavailable) else "internal error; see the server log"
+            if not isinstance(e, Unavailable):
+                _log.failure("export failed after {count} keys", Failure(), count=exporter.exported)
+            request.write(json_body({"success": False, "error": error}) + b"\n")
+        finally:
+            consumer.unregisterProducer()
+        _log.info(
+            "exported {count} keys at {cut}; {newer} written since were left out",
+            count=exporter.exported,
+            cut=cut.text,
+            newer=exporter.newer,
+        )
+        return b""
+
+    @routes.path("/import", "POST")
+    async def import_(self, request: IRequest) -> bytes:
+        """
+        NDJSON entries, each written with its own version (see L{kvd.gateway.export}): 200
+        when every line was imported or skipped; otherwise 400 (bad lines) or 503 (writes
+        the cluster could not take), the rest imported all the same, with the counts.
+        """
+        content = request.content
+        content.seek(0)
+        importer = Importer(self.coordinator, self.max_value_bytes, self._now)
+        done = await importer.run(content)
+        body: dict[str, Any] = {"success": done.failed == 0, **done.to_json()}
+        if done.failed == 0:
+            return _json(request, body)
+        first = done.errors[0]
+        body["error"] = f"{done.failed} lines were not imported; line {first['line']}: {first['error']}"
+        return _json(request, body, 503 if done.unavailable else 400)
 
     @routes.path("/cluster", "GET")
     def describe(self, request: IRequest) -> bytes:

@@ -26,6 +26,11 @@ from kvd.metrics import Metrics, now
 
 _log = Logger()
 
+#: The largest POST /import body. Twisted spools a body of unknown or large length to a
+#: temporary file (not memory) before the handler runs, and the import reads it a line at a
+#: time, so this bounds the gateway's disk, not its memory: 16 GiB is 16M entries of 1 KiB.
+DEFAULT_MAX_IMPORT_BYTES = 16 * 1024**3
+
 #: Seconds a connection may sit idle (or dribble a request) before it is closed.
 DEFAULT_IDLE_TIMEOUT = 60
 
@@ -179,6 +184,7 @@ class BoundedSite(Site):
         access_log: bool = False,
         timeout: float = DEFAULT_IDLE_TIMEOUT,
         metrics: Metrics | None = None,
+        max_import: int = DEFAULT_MAX_IMPORT_BYTES,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, timeout=timeout, **kwargs)
@@ -187,10 +193,13 @@ class BoundedSite(Site):
         #: POST /batch, bounded the same way: the gateway holds its body in memory, as a node
         #: does an internal batch (a batch of 1,000 values of the largest size is refused).
         self.internal_max_body = internal_message_limit(max_body)
+        self.max_import = max_import
         self.access_log = access_log
         self.metrics = metrics
 
     def limit_for(self, path: bytes) -> int:
+        if path.split(b"?", 1)[0] == paths.IMPORT:
+            return self.max_import
         if path.startswith(paths.INTERNAL) or path == paths.BATCH:
             return self.internal_max_body
         return self.max_body

@@ -236,3 +236,25 @@ def test_the_change_feed_answers_bytes_in_base64_too(tmp_path: Path) -> None:
         assert (change["value"], change["encoding"]) == ("//4=", "base64")
     finally:
         h.close()
+
+
+def test_bytes_survive_an_export_and_an_import(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    try:
+        h.watcher.start()
+        for node_id in "abc":
+            h.start_node(node_id)
+        h.advance(1)
+        assert h.gateway("PUT", "/kv/bin", BLOB)[0] == 200
+        results: list[Any] = []
+        ensureDeferred(h.client.call("GET", "http://gateway.test/export")).addBoth(results.append)
+        h.settle()
+        [line] = [json.loads(x) for x in results[0].body.splitlines() if b'"bin"' in x]
+        assert line["encoding"] == "base64" and base64.b64decode(line["value"]) == BLOB
+        assert h.gateway("DELETE", "/kv/bin")[0] == 200
+        line["version"] = h.coordinator.clock.next()  # newer than the delete
+        status, answer = h.gateway("POST", "/import", json.dumps(line).encode() + b"\n")
+        assert status == 200 and answer["imported"] == 1, answer
+        assert base64.b64decode(h.gateway("GET", "/kv/bin")[1]["value"]) == BLOB
+    finally:
+        h.close()

@@ -127,6 +127,50 @@ class Coordinator:
 
         return attempt(1)
 
+    def write_version(
+        self, key: str, value: str | None, version: str, asked: list[Deferred[None]] | None = None
+    ) -> Deferred[bool]:
+        """
+        Write with a version given (an import, L{kvd.gateway.export}) instead of one from the
+        clock, to W replicas, in one round: a replica keeps the newer of what it holds and
+        this, so writing the same entry twice, or under newer data, changes nothing newer.
+        Fires with True when the W replicas hold this very version, False when one that
+        answered holds a newer one (the entry is superseded). The clock moves past the
+        version, so the gateway's later writes order after it. Every replica call made is
+        added to C{asked} when given: a caller bounding its writes in flight waits for those
+        too, or a replica slower than the quorum would see its queue grow without bound.
+
+        @raise QuorumFailed: when fewer than W replicas made it (or something newer) durable.
+        @raise NoNodes: when there are no members.
+        """
+        view = self.cluster.view()
+        route = view.route(key, self.nodes.health.reachable)
+        needed = min(self.write_quorum, view.replicas)
+        self.clock.observe(version)
+
+        def ask(node_id: str) -> Deferred[Written]:
+            d = self.nodes(view.members[node_id]).apply_key(key, value, version)
+            if asked is not None:
+                settled: Deferred[None] = Deferred()
+
+                def answered(result: Any) -> Any:
+                    settled.callback(None)
+                    return result
+
+                d.addBoth(answered)
+                asked.append(settled)
+            return d
+
+        def taken(written: Written) -> bool:
+            return written.held >= version
+
+        def answer(gathered: Gathered[Written]) -> bool:
+            gathered.require("write", needed)
+            return all(w.held == version for w in gathered.answers.values())
+
+        skipped = self._skipped(route)
+        return gather(ask, route.targets, route.spares, needed, taken, errors=skipped).addCallback(answer)
+
     def read(self, key: str) -> Deferred[Entry | None]:
         """
         The newest entry among R replicas (None: no replica knows the key); stale owners

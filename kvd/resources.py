@@ -996,7 +996,7 @@ class GatewayAPI:
         """
         content = request.content
         content.seek(0)
-        importer = Importer(self.coordinator, self.max_value_bytes, self._now)
+        importer = Importer(self.coordinator, self.max_value_bytes, self._now, clock=self.clock)
         done = await importer.run(content)
         body: dict[str, Any] = {"success": done.failed == 0, **done.to_json()}
         if done.failed == 0:

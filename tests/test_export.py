@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cluster import Harness
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 
 from kvd.gateway.export import Cut, Exporter, Valve, parse_line
 from kvd.gateway.listing import Page
 from kvd.keys import ClientError
+from kvd.testing.cluster import Harness
 from kvd.versions import encode
 
 
@@ -198,8 +198,30 @@ def test_an_import_the_cluster_cannot_take_is_a_503_with_the_counts(three: Harne
     for node_id in ("n1", "n2"):
         three.crash_node(node_id)
     three.advance(15)
-    status, body = three.gateway("POST", "/import", ndjson([{"key": "k", "value": "1", "version": version}]))
-    assert status == 503 and body["failed"] == 1 and body["errors"][0]["line"] == 1
+    results: list[Any] = []
+    body = ndjson([{"key": "k", "value": "1", "version": version}])
+    ensureDeferred(three._call("POST", "http://gateway.test/import", body)).addBoth(results.append)
+    three.settle()
+    assert not results, "a write the cluster could not take is tried again before it is reported"
+    three.advance(10)
+    status, answer = results[0]
+    assert status == 503 and answer["failed"] == 1 and answer["errors"][0]["line"] == 1
+
+
+def test_an_import_rides_out_nodes_that_come_back_within_its_retries(three: Harness) -> None:
+    version = encode(int(three.clock.seconds() * 1000), 0, "gw")
+    for node_id in ("n1", "n2"):
+        three.crash_node(node_id)
+    results: list[Any] = []
+    body = ndjson([{"key": "k", "value": "1", "version": version}])
+    ensureDeferred(three._call("POST", "http://gateway.test/import", body)).addBoth(results.append)
+    three.advance(0.5, step=0.1)
+    assert not results
+    for node_id in ("n1", "n2"):
+        three.start_node(node_id, incarnation=2)
+    three.advance(6, step=0.1)
+    status, answer = results[0]
+    assert (status, answer["imported"], answer["failed"]) == (200, 1, 0), answer
 
 
 def test_parse_line_and_cut_reject_what_is_not_theirs() -> None:

@@ -34,7 +34,8 @@ from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, maybeDeferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -227,6 +228,10 @@ class Imported:
         return {"imported": self.imported, "skipped": self.skipped, "failed": self.failed, "errors": self.errors}
 
 
+#: Seconds before each retry of an import write the cluster could not take.
+RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)
+
+
 @define
 class Importer:
     """Writes NDJSON lines into the cluster, each with its own version."""
@@ -235,6 +240,9 @@ class Importer:
     max_value_bytes: int
     now: Callable[[], float]
     in_flight: int = IN_FLIGHT
+    #: With a clock, a write the cluster could not take (a node stalled past its deadline,
+    #: say) goes again after RETRY_DELAYS before its line is reported.
+    clock: IReactorTime | None = None
 
     async def run(self, lines: Iterable[bytes]) -> Imported:
         """
@@ -260,7 +268,7 @@ class Importer:
                 continue
             await slots.acquire()
             asked: list[Deferred[None]] = []
-            written = maybeDeferred(self.coordinator.write_version, key, value, version, asked)
+            written = Deferred.fromCoroutine(self._write(key, value, version, asked))
             written.addCallbacks(self._written, self._failed, callbackArgs=(done,), errbackArgs=(done, number))
             # The slot is free once every replica asked has answered (or failed), not just W:
             # a replica slower than the quorum must not have its queue grow without bound.
@@ -268,6 +276,19 @@ class Importer:
         for _ in range(self.in_flight):
             await slots.acquire()
         return done
+
+    async def _write(self, key: str, value: str, version: str, asked: list[Deferred[None]]) -> bool:
+        delays = RETRY_DELAYS if self.clock is not None else ()
+        for delay in delays:
+            try:
+                current: bool = await maybeDeferred(self.coordinator.write_version, key, value, version, asked)
+            except Unavailable:
+                assert self.clock is not None
+                await deferLater(self.clock, delay, lambda: None)
+            else:
+                return current
+        result: bool = await maybeDeferred(self.coordinator.write_version, key, value, version, asked)
+        return result
 
     @staticmethod
     def _free(_: object, slots: DeferredSemaphore, asked: list[Deferred[None]]) -> None:

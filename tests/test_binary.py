@@ -151,11 +151,18 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
         h.close()
 
 
-def test_gateway_carries_bytes_through_replication_listing_batch_and_repair(harness: Harness) -> None:
+@pytest.fixture
+def three(harness: Harness) -> Harness:
+    """The harness with nodes a, b and c up and seen by the gateway."""
     harness.watcher.start()
     for node_id in ("a", "b", "c"):
         harness.start_node(node_id)
     harness.advance(1)
+    return harness
+
+
+def test_gateway_carries_bytes_through_replication_listing_batch_and_repair(three: Harness) -> None:
+    harness = three
     status, body = harness.gateway("PUT", "/kv/blob", BLOB)
     assert status == 200 and body["encoding"] == "base64" and base64.b64decode(body["value"]) == BLOB
     for store in harness.stores.values():
@@ -220,41 +227,27 @@ def test_an_internal_write_of_a_malformed_typed_value_is_refused_not_stored(stor
     assert status == 400 and store.entry("k") is None
 
 
-def test_the_change_feed_answers_bytes_in_base64_too(tmp_path: Path) -> None:
+def test_the_change_feed_answers_bytes_in_base64_too(three: Harness) -> None:
     """Every answer that carries values carries bytes the same way."""
-    h = Harness(tmp_path)
-    try:
-        h.watcher.start()
-        for node_id in "abc":
-            h.start_node(node_id)
-        h.advance(1)
-        start = h.gateway("GET", "/changes")[1]["next"]
-        assert h.gateway("PUT", "/kv/bin", b"\xff\xfe")[0] == 200
-        status, body = h.gateway("GET", f"/changes?cursor={start}")
-        assert status == 200
-        [change] = [c for c in body["changes"] if c["key"] == "bin"]
-        assert (change["value"], change["encoding"]) == ("//4=", "base64")
-    finally:
-        h.close()
+    h = three
+    start = h.gateway("GET", "/changes")[1]["next"]
+    assert h.gateway("PUT", "/kv/bin", b"\xff\xfe")[0] == 200
+    status, body = h.gateway("GET", f"/changes?cursor={start}")
+    assert status == 200
+    [change] = [c for c in body["changes"] if c["key"] == "bin"]
+    assert (change["value"], change["encoding"]) == ("//4=", "base64")
 
 
-def test_bytes_survive_an_export_and_an_import(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
-    try:
-        h.watcher.start()
-        for node_id in "abc":
-            h.start_node(node_id)
-        h.advance(1)
-        assert h.gateway("PUT", "/kv/bin", BLOB)[0] == 200
-        results: list[Any] = []
-        ensureDeferred(h.client.call("GET", "http://gateway.test/export")).addBoth(results.append)
-        h.settle()
-        [line] = [json.loads(x) for x in results[0].body.splitlines() if b'"bin"' in x]
-        assert line["encoding"] == "base64" and base64.b64decode(line["value"]) == BLOB
-        assert h.gateway("DELETE", "/kv/bin")[0] == 200
-        line["version"] = h.coordinator.clock.next()  # newer than the delete
-        status, answer = h.gateway("POST", "/import", json.dumps(line).encode() + b"\n")
-        assert status == 200 and answer["imported"] == 1, answer
-        assert base64.b64decode(h.gateway("GET", "/kv/bin")[1]["value"]) == BLOB
-    finally:
-        h.close()
+def test_bytes_survive_an_export_and_an_import(three: Harness) -> None:
+    h = three
+    assert h.gateway("PUT", "/kv/bin", BLOB)[0] == 200
+    results: list[Any] = []
+    ensureDeferred(h.client.call("GET", "http://gateway.test/export")).addBoth(results.append)
+    h.settle()
+    [line] = [json.loads(x) for x in results[0].body.splitlines() if b'"bin"' in x]
+    assert line["encoding"] == "base64" and base64.b64decode(line["value"]) == BLOB
+    assert h.gateway("DELETE", "/kv/bin")[0] == 200
+    line["version"] = h.coordinator.clock.next()  # newer than the delete
+    status, answer = h.gateway("POST", "/import", json.dumps(line).encode() + b"\n")
+    assert status == 200 and answer["imported"] == 1, answer
+    assert base64.b64decode(h.gateway("GET", "/kv/bin")[1]["value"]) == BLOB

@@ -86,6 +86,18 @@ def test_time_outs_never_leave_fewer_nodes_reachable_than_the_quorums_need_but_r
     assert [health.reachable(n) for n in "abc"] == [False, False, True]
 
 
+def test_the_last_nodes_a_quorum_needs_get_the_whole_timeout_not_the_learned_deadline() -> None:
+    """With one of three hung and W=2, a write has nobody to route to: it waits up to --timeout."""
+    health = Health(Clock(), ceiling=2.0, probe=lambda node_id, timeout: Deferred(), keep_at_least=2)
+    for node_id in "abc":
+        health.succeeded(node_id, 0.001)
+    assert [health.timeout(n) for n in "abc"] == [MIN_TIMEOUT] * 3, "all three up: learned deadlines"
+    health.failed("b", "no answer within 0.5s", timed_out=True)
+    assert health.timeout("a") == health.timeout("c") == 2.0
+    health.succeeded("b", 0.001)
+    assert health.timeout("a") == MIN_TIMEOUT, "and back to the learned one once it answers again"
+
+
 def test_a_forgotten_member_is_no_longer_probed() -> None:
     clock = Clock()
     probes: list[str] = []

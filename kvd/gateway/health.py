@@ -95,9 +95,14 @@ class Health:
         return node.mean + 4 * node.deviation
 
     def timeout(self, node_id: str) -> float:
-        """How long the next call to the node may take before it counts as lost."""
+        """
+        How long the next call to the node may take before it counts as lost: the learned
+        deadline, or the whole C{--timeout} for a node that is among the last L{keep_at_least}
+        reachable ones (a quorum has nobody to route to instead, so giving up early would only
+        turn a slow answer into a failed request).
+        """
         worst = self.usual_worst(node_id)
-        if worst is None:
+        if worst is None or self._among_the_last(node_id):
             return self.ceiling
         return max(min(MIN_TIMEOUT, self.ceiling), min(self.ceiling, TIMEOUT_FACTOR * worst + SLACK))
 
@@ -126,13 +131,18 @@ class Health:
         node = self._node(node_id)
         if not node.reachable:
             return
-        if timed_out and sum(other.reachable for other in self._nodes.values()) <= self.keep_at_least:
+        if timed_out and self._among_the_last(node_id):
             return  # the last ones a quorum needs: slow, but still asked
         node.reachable, node.reason, node.backoff = False, reason, 0.0
         _log.warn(
             "node {node} judged unreachable: {reason}; routing around it and probing", node=node_id, reason=reason
         )
         self._schedule(node_id, node)
+
+    def _among_the_last(self, node_id: str) -> bool:
+        if not self.keep_at_least or not self.reachable(node_id):
+            return False
+        return sum(other.reachable for other in self._nodes.values()) <= self.keep_at_least
 
     def _schedule(self, node_id: str, node: _Node) -> None:
         node.backoff = min(MAX_PROBE_INTERVAL, node.backoff * 2 if node.backoff else FIRST_PROBE_INTERVAL)

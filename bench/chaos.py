@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--readers", type=int, default=4)
     parser.add_argument("--faults", default="kill,stop,cut", help="kill (-9), stop (SIGSTOP), cut (iptables)")
+    parser.add_argument("--keep", metavar="DIR", help="run in DIR, keeping its logs and data")
     args = parser.parse_args()
     faults = [f.strip() for f in args.faults.split(",")]
     if "cut" in faults and (why := iptables_unavailable()) is not None:
@@ -56,7 +57,12 @@ def main() -> None:
     examples: list[str] = []
     now = ["healthy", time.monotonic()]  # the fault in place, and since when
 
-    with tempfile.TemporaryDirectory(prefix="kvd-bench-chaos-") as tmp, ExitStack() as stack:
+    with ExitStack() as stack:
+        if args.keep:
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+            tmp = args.keep
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kvd-bench-chaos-"))
         cluster = Cluster(stack, Path(tmp))
         port = cluster.gateway_port
 
@@ -111,7 +117,7 @@ def main() -> None:
                         if len(examples) < 10:
                             examples.append(
                                 f"read {key}: {status} {got!r}, expected {expected!r}"
-                                f" ({now[0]}, {time.monotonic() - now[1]:.1f} s in)"
+                                f" ({now[0]}, {time.monotonic() - now[1]:.1f} s in): {body.get('error', '')}"
                             )
 
         threads = [threading.Thread(target=writer, args=(n,)) for n in range(args.writers)]

@@ -16,12 +16,14 @@ import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 
+from kvd.gateway.cluster import ClusterView
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.health import FIRST_PROBE_INTERVAL, MAX_PROBE_INTERVAL, MIN_TIMEOUT, Health
 from kvd.gateway.nodes import MAX_QUEUED, NodeClient, NodeClients
 from kvd.gateway.quorum import gather
 from kvd.membership import NodeInfo
 from kvd.resources import GatewayAPI
+from kvd.ring import Ring, node_points
 from kvd.roles import gateway_metrics
 from kvd.testing.cluster import Hang, Harness
 from kvd.transport import PeerError, PeerTimeout, PeerUnreachable
@@ -370,3 +372,26 @@ def test_a_replica_hung_from_the_start_costs_one_configured_timeout_at_most(tmp_
     finally:
         h.health.stop()
         h.close()
+
+
+# Readiness: the ring ranges that lack a read quorum.
+
+
+def test_ranges_short_of_a_quorum_are_counted_exactly_whichever_members_are_unreachable() -> None:
+    """The count that C{/readyz} reports, against a walk over every segment of the ring."""
+    ids = "abcde"
+    ring = Ring(dict.fromkeys(ids, 1), vnodes=16)
+    members = {node_id: NodeInfo(node_id, f"http://127.0.0.1:{5000 + i}") for i, node_id in enumerate(ids)}
+    view = ClusterView(members, ring, 3)
+    points = 16 * len(ids)
+    for unreachable, needed in [("", 2), ("a", 2), ("ab", 2), ("abc", 2), ("ab", 3), ("abcd", 1), ("abcde", 1)]:
+        expected = sum(
+            sum(owner not in unreachable for owner in ring.preference_list_at(point, 3)) < needed
+            for node_id in ids
+            for point in node_points(node_id, 16)
+        )
+        for _ in range(2):  # the second answer comes from the cache, and must be the same
+            assert view.ranges_short_of(needed, lambda n, u=unreachable: n not in u) == expected, (unreachable, needed)
+        if len(unreachable) <= 3 - needed:
+            assert expected == 0, "no range can be short while enough members are reachable"
+    assert view.ranges_short_of(1, lambda n: False) == points, "nothing reachable: every range is short"

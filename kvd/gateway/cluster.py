@@ -38,6 +38,8 @@ class ClusterView:
     replicas: int
     #: The members the registry reports down (still on the ring).
     down: frozenset[str] = frozenset()
+    #: (needed, unusable members) -> ranges short of that many usable owners; see L{ranges_short_of}.
+    _short: dict[tuple[int, frozenset[str]], int] = field(factory=dict, eq=False, repr=False)
 
     def owners(self, key: str) -> list[str]:
         """The key's preference list, first owner first."""
@@ -75,13 +77,29 @@ class ClusterView:
         return Route(owners, live + spares[:missing], spares[missing:], skipped)
 
     def ranges_short_of(self, needed: int, reachable: Callable[[str], bool]) -> int:
-        """How many ring ranges have fewer than C{needed} reachable owners."""
+        """
+        How many ring ranges have fewer than C{needed} usable owners.
+
+        A range has min(N, members) distinct owners, so while no more members are unusable than
+        that leaves room for, no range can be short, and the answer is 0 without a walk. Only
+        otherwise are the ranges walked (every point of the ring), once per set of unusable
+        members: a readiness probe polled every second does not walk a large ring each time.
+        """
+        unusable = frozenset(node_id for node_id in self.members if not self.usable(node_id, reachable))
+        if min(self.replicas, len(self.members)) - len(unusable) >= needed:
+            return 0
+        known = self._short.get((needed, unusable))
+        if known is not None:
+            return known
         short = 0
         for node_id, weight in self.ring.nodes.items():
             for point in node_points(node_id, weight * self.ring.vnodes):
                 owners = self.ring.preference_list_at(point, self.replicas)
-                if sum(self.usable(o, reachable) for o in owners) < needed:
+                if sum(owner not in unusable for owner in owners) < needed:
                     short += 1
+        if len(self._short) >= 16:
+            self._short.clear()
+        self._short[needed, unusable] = short
         return short
 
 

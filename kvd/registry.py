@@ -48,6 +48,7 @@ The change index
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 from typing import Literal
@@ -202,6 +203,8 @@ class Registry:
         self.forget_after = forget_after
         self.index = 1
         self._members: dict[str, Member] = {}
+        #: (time, member id): a min-heap of when a sweep may have something to do for a member.
+        self._deadlines: list[tuple[float, str]] = []
         self._highest_incarnation: dict[str, int] = {}
         # A dict used as an insertion-ordered set: waiters fire in the order
         # they arrived, and a cancelled one is removed in O(1).
@@ -243,6 +246,7 @@ class Registry:
         old = self._members.get(node_id)
         new = Member(node_id, url, weight, incarnation, now + self.ttl)
         self._members[node_id] = new
+        heapq.heappush(self._deadlines, (new.expires, node_id))
         self._highest_incarnation[node_id] = incarnation
         changed = old is None or (old.url, old.weight, old.incarnation, old.status) != (
             url,
@@ -383,13 +387,24 @@ class Registry:
         self._waiters.pop(waiter, None)
 
     def _sweep(self, now: float) -> list[str]:
-        """Mark down the members whose lease ended by C{now}, forget those down long enough; one index move."""
-        changed = []
-        for node_id in sorted(self._members):
-            member = self._members[node_id]
+        """
+        Mark down the members whose lease ended by C{now}, forget those down long enough; one index move.
+
+        Only the deadlines that have passed are looked at (a heap of them, each checked against
+        the member as it is now, as a renewal leaves its older deadline behind), so a renewal
+        costs O(log members), not a pass over every member.
+        """
+        changed = set()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, node_id = heapq.heappop(deadlines)
+            member = self._members.get(node_id)
+            if member is None:
+                continue
             if member.up and member.expires <= now:
                 member = self._members[node_id] = evolve(member, status="down")
-                changed.append(node_id)
+                heapq.heappush(deadlines, (member.expires + self.forget_after, node_id))
+                changed.add(node_id)
                 log.info(
                     "Node {node_id} at {url} is down: lease not renewed within {ttl}s",
                     node_id=node_id,
@@ -398,8 +413,7 @@ class Registry:
                 )
             if not member.up and member.expires + self.forget_after <= now:
                 del self._members[node_id]
-                if not changed or changed[-1] != node_id:
-                    changed.append(node_id)
+                changed.add(node_id)
                 log.info(
                     "Node {node_id} at {url} forgotten: down for {forget_after}s",
                     node_id=node_id,
@@ -408,7 +422,7 @@ class Registry:
                 )
         if changed:
             self.index += 1
-        return changed
+        return sorted(changed)
 
     def _notify(self, start: int) -> None:
         # Fire once per public call, after the state is final, so a waiter

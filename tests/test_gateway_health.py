@@ -274,6 +274,27 @@ def test_a_hung_node_costs_at_most_one_deadline_then_is_routed_around_and_used_a
     assert cluster.stores["b"].entry("after") is not None, "writes go to it again"
 
 
+def test_an_owner_judged_unreachable_for_a_moment_stands_in_when_a_target_hangs_later(
+    cluster: GatewayHarness,
+) -> None:
+    """
+    A request routed while owner a was judged unreachable (a slow answer on a loaded machine),
+    then b hangs: by b's deadline a answers probes again, and the request asks it instead of
+    failing with one of two (what bench/chaos.py saw as 503s).
+    """
+    for method, body in (("PUT", b"m"), ("GET", None)):
+        cluster.health.failed("a", "no answer within 0.5s", timed_out=True)
+        assert not cluster.health.reachable("a")
+        cluster.network.pause("b.test")
+        elapsed, (status, answer) = cluster.timed(method, "/kv/warm3" if method == "GET" else "/kv/moment", body)
+        assert status == 200, (method, answer)
+        assert elapsed <= MIN_TIMEOUT + 0.05, "no longer than b's deadline"
+        assert cluster.health.reachable("a"), "its probe answered meanwhile"
+        cluster.network.resume("b.test")
+        cluster.probe_time()
+        assert cluster.health.reachable("b")
+
+
 def test_a_node_cut_off_from_the_gateway_alone_is_routed_around_while_it_stays_registered(
     cluster: GatewayHarness,
 ) -> None:

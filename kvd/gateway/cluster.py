@@ -74,7 +74,11 @@ class ClusterView:
         spares = [node_id for node_id in fallbacks if self.usable(node_id, reachable)]
         missing = len(owners) - len(live)
         skipped = [node_id for node_id in owners + fallbacks if not self.usable(node_id, reachable)]
-        return Route(owners, live + spares[:missing], spares[missing:], skipped)
+        # The owners skipped now come last among the spares: a request outlives the moment it
+        # was routed, and an owner judged unreachable for a moment (a slow answer on a loaded
+        # machine) may be back when a target fails; if it is not, asking it fails at once.
+        last_resort = [node_id for node_id in owners if node_id in skipped]
+        return Route(owners, live + spares[:missing], spares[missing:] + last_resort, skipped)
 
     def ranges_short_of(self, needed: int, reachable: Callable[[str], bool]) -> int:
         """
@@ -110,7 +114,8 @@ class Route:
     owners: list[str]
     #: Reachable owners, then as many reachable fallbacks as there are unreachable owners.
     targets: list[str]
-    #: The other reachable members in ring order: replacements for targets that fail.
+    #: The other reachable members in ring order, then the owners skipped: replacements for
+    #: targets that fail (and, for reads, the nodes a hedge asks).
     spares: list[str]
     #: Members not asked at all, as they cannot be reached.
     skipped: list[str]

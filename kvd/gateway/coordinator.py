@@ -19,13 +19,14 @@ few are left the answer is a 503 at once, without waiting on anyone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from attrs import define
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from kvd.gateway.cluster import Cluster, Route
+from kvd.gateway.cluster import Cluster, ClusterView, Route
 from kvd.gateway.nodes import NodeClients, Written
 from kvd.gateway.quorum import Gathered, Receipt, gather
 from kvd.store import Entry
@@ -121,7 +122,14 @@ class Coordinator:
                 return WriteOutcome(version, any(live), receipt)
 
             d = gather(
-                ask, route.targets, route.spares, needed, taken, errors=self._skipped(route), standing_in=route.hints()
+                ask,
+                route.targets,
+                route.spares,
+                needed,
+                taken,
+                errors=self._skipped(route),
+                standing_in=route.hints(),
+                usable=self._usable(view),
             )
             return d.addCallback(answer)
 
@@ -169,7 +177,8 @@ class Coordinator:
             return all(w.held == version for w in gathered.answers.values())
 
         skipped = self._skipped(route)
-        return gather(ask, route.targets, route.spares, needed, taken, errors=skipped).addCallback(answer)
+        d = gather(ask, route.targets, route.spares, needed, taken, errors=skipped, usable=self._usable(view))
+        return d.addCallback(answer)
 
     def read(self, key: str) -> Deferred[Entry | None]:
         """
@@ -202,8 +211,21 @@ class Coordinator:
 
         first = candidates[:needed]
         hedge = (self.nodes.health.clock, self.nodes.health.hedge_delay(first))
-        d = gather(ask, first, candidates[needed:], needed, hedge=hedge, errors=self._skipped(route))
+        d = gather(
+            ask,
+            first,
+            candidates[needed:],
+            needed,
+            hedge=hedge,
+            errors=self._skipped(route),
+            usable=self._usable(view),
+        )
         return d.addCallback(answer)
+
+    def _usable(self, view: ClusterView) -> Callable[[str], bool]:
+        """Whether quorum traffic may go to a member now (a request outlives its routing)."""
+        reachable = self.nodes.health.reachable
+        return lambda node_id: view.usable(node_id, reachable)
 
     @staticmethod
     def _skipped(route: Route) -> list[str]:

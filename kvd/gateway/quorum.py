@@ -94,6 +94,7 @@ class _Gathering(Generic[T]):
     pending: int = 0
     launching: bool = True
     hedge: tuple[IReactorTime, float] | None = None
+    usable: Callable[[str], bool] = _always
     _hedging: IDelayedCall | None = None
 
     def schedule_hedge(self) -> None:
@@ -104,8 +105,18 @@ class _Gathering(Generic[T]):
     def _hedged(self) -> None:
         self._hedging = None
         if self.spares and not self.done.called:
-            self.launch(self.spares.pop(0))
+            # A hedge is a bet on a node that can answer: one judged unreachable just now is
+            # left among the spares (it may be back by the time a target fails), not spent.
+            spare = next((node_id for node_id in self.spares if self.usable(node_id)), None)
+            if spare is not None:
+                self.spares.remove(spare)
+                self.launch(spare)
             self.schedule_hedge()
+
+    def _next_spare(self) -> str:
+        spare = next((node_id for node_id in self.spares if self.usable(node_id)), self.spares[0])
+        self.spares.remove(spare)
+        return spare
 
     def launch(self, node_id: str) -> None:
         self.pending += 1
@@ -124,7 +135,7 @@ class _Gathering(Generic[T]):
         self.result.errors.append(f"{node_id}: {failure.getErrorMessage()}")
         if self.spares:
             # Even once the quorum is reached: a write still wants N copies (hinted handoff).
-            spare = self.spares.pop(0)
+            spare = self._next_spare()
             self.result.standing_in[spare] = self.result.standing_in.pop(node_id, node_id)
             self.launch(spare)
         self.settle()
@@ -148,15 +159,18 @@ def gather(
     hedge: tuple[IReactorTime, float] | None = None,
     errors: Sequence[str] = (),
     standing_in: dict[str, str] | None = None,
+    usable: Callable[[str], bool] = _always,
 ) -> Deferred[Gathered[T]]:
     """
     Ask every node of C{first}; replace each that fails by the next of C{spares}, and with
-    C{hedge} (clock, delay) also ask the next spare each time the delay passes. Fires once
+    C{hedge} (clock, delay) also ask the next spare each time the delay passes. Spares that
+    C{usable} says no to (judged unreachable) are passed over while others are left, and a
+    hedge never asks one. Fires once
     C{needed} answers are accepted, or once nobody is left to wait for (the caller checks
     with L{Gathered.require}, which names C{errors} too: the nodes skipped beforehand);
     never fails. An answer that is not accepted still answers: it is no reason to ask a spare.
     """
-    gathering: _Gathering[T] = _Gathering(ask, list(spares), needed, accept, hedge=hedge)
+    gathering: _Gathering[T] = _Gathering(ask, list(spares), needed, accept, hedge=hedge, usable=usable)
     gathering.result.errors.extend(errors)
     gathering.result.standing_in.update(standing_in or {})
     for node_id in first:

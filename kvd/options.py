@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 ROLES = ("node", "registry", "gateway", "dev")
+#: The --listen kinds whose socket --workers processes can share.
+SHAREABLE = ("tcp", "tcp6", "ssl")
 ALL = frozenset(ROLES)
 N = TypeVar("N", int, float)
 
@@ -306,6 +308,14 @@ OPTIONS: tuple[Option, ...] = (
         flag=True,
     ),
     Option(
+        "workers",
+        _roles("gateway"),
+        "processes serving the one --listen port (tcp: or ssl:): this one, which also follows the registries "
+        "and runs repair, and N-1 workers it starts, restarts and stops (see docs/deploy.md).",
+        default=1,
+        parse=_numbers("--workers", int, 1),
+    ),
+    Option(
         "no-hot-keys",
         _roles("gateway"),
         "do not count key requests for /cluster/hot (it then lists none); for measuring what counting costs.",
@@ -360,6 +370,7 @@ class GatewayConfig(Config):
     max_value_bytes: int
     client_token_file: str | None
     no_hot_keys: bool = False
+    workers: int = 1
 
 
 @frozen(kw_only=True)
@@ -418,6 +429,10 @@ def config_for(role: str | None, values: Mapping[str, Any], given: Collection[st
                 raise usage.UsageError(f"--{quorum} {settings[name]} is more than --replicas {settings['replicas']}")
     if role == "gateway" and bool(settings["registry"]) == bool(settings["static_nodes"]):
         raise usage.UsageError("--role gateway needs either --registry URL or --node ID=URL (not both)")
+    if role == "gateway" and settings["workers"] > 1 and settings["listen"].partition(":")[0] not in SHAREABLE:
+        raise usage.UsageError(
+            f"--workers {settings['workers']} needs a tcp: or ssl: --listen, not {settings['listen']!r}"
+        )
     return CONFIGS[role](**settings)
 
 

@@ -27,10 +27,17 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IAddress, IListeningPort, IReactorCore, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProcessTransport,
+    IReactorCore,
+    IStreamServerEndpoint,
+)
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LoggingFile
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.resource import IResource
@@ -58,8 +65,9 @@ from kvd.transport import DEFAULT_TIMEOUT, KeepAlivePool, Peers
 from kvd.validate import Invalid, base_url
 from kvd.versions import HybridClock
 from kvd.web import BoundedSite
+from kvd.workers import LISTEN_FD, Supervisor, WorkerProtocol, worker_argv
 
-__all__ = ["assemble", "dev", "fail", "gateway", "node", "registry"]
+__all__ = ["assemble", "dev", "fail", "gateway", "node", "registry", "worker_services"]
 
 _log = Logger()
 
@@ -316,10 +324,9 @@ def registry_metrics(members: Registry) -> Metrics:
 
 
 def gateway_metrics(
-    cluster: Cluster, repairer: Repairer, skew: ClockSkew | None = None, health: Health | None = None
+    cluster: Cluster, repairer: Repairer | None, skew: ClockSkew | None = None, health: Health | None = None
 ) -> Metrics:
     metrics = Metrics()
-    progress = repairer.progress
     if health is not None:
         reachable = health.reachable
 
@@ -342,8 +349,11 @@ def gateway_metrics(
                 skew.largest,
             )
         )
+    metrics.gauges(("kvd_ring_members", "Nodes on the gateway's ring.", lambda: len(cluster.members)))
+    if repairer is None:  # a --workers gateway's worker: repair runs in the main process
+        return metrics
+    progress = repairer.progress
     metrics.gauges(
-        ("kvd_ring_members", "Nodes on the gateway's ring.", lambda: len(cluster.members)),
         ("kvd_repair_backlog", "Keys the last repair sweep still had to send.", lambda: progress.keys_to_send),
         ("kvd_repair_sent", "Keys repair sweeps have sent to their owners.", lambda: progress.sent),
         ("kvd_repair_dropped", "Keys dropped from nodes that no longer own them.", lambda: progress.dropped),
@@ -432,20 +442,48 @@ def registry(reactor: Any, config: RegistryConfig) -> list[service.Service]:
 
 def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
     """A gateway's services; with several --registry it follows every one and takes the union."""
+    return _gateway(reactor, config)[0]
+
+
+def worker_services(
+    reactor: Any, config: GatewayConfig, index: int, fd: int, family: socket.AddressFamily
+) -> tuple[list[service.Service], Callable[[dict[str, NodeInfo]], None]]:
+    """
+    Worker C{index} of a C{--workers} gateway: serving on the listening socket C{fd} it was
+    given, following no registry and sweeping nothing; and what to call with each membership.
+    """
+    return _gateway(reactor, config, _Adopted(index, fd, family))
+
+
+@frozen
+class _Adopted:
+    """A worker's listening socket, opened by the main process."""
+
+    index: int
+    fd: int
+    family: socket.AddressFamily
+
+
+def _gateway(
+    reactor: Any, config: GatewayConfig, worker: _Adopted | None = None
+) -> tuple[list[service.Service], Callable[[dict[str, NodeInfo]], None]]:
     creds = credentials(config, config.client_token_file)
     cluster = Cluster(vnodes=config.vnodes, replicas=config.replicas)
     client = HTTPClientService(reactor, config.timeout, creds, config.max_value_bytes)
     # A gateway never times out of reach the last nodes its quorums need.
     health = Health(reactor, config.timeout, keep_at_least=max(config.write_quorum, config.read_quorum))
     services: list[service.Service] = [client, HealthService(health)]
+    workers = WorkersService(reactor, config) if worker is None and config.workers > 1 else None
 
     def follow(members: dict[str, NodeInfo]) -> None:
         cluster.update(members)
         health.keep(members)  # a member that left is no longer probed
+        if workers is not None:  # only the main process follows registries: its workers hear it from it
+            workers.supervisor.forward(members)
 
     if config.static_nodes:
         cluster.update({node_id: NodeInfo(node_id, url) for node_id, url in config.static_nodes.items()})
-    else:
+    elif worker is None:
         watcher: Watcher | Union
         if len(config.registry) == 1:
             watcher = Watcher(RegistryClient(client.peers, config.registry[0]), reactor, follow)
@@ -459,23 +497,120 @@ def gateway(reactor: Any, config: GatewayConfig) -> list[service.Service]:
     nodes = NodeClients(client.peers, skew.observe, health)
     coordinator = Coordinator(cluster, nodes, clock, config.write_quorum, config.read_quorum)
     repairer = Repairer(cluster, nodes, reactor.seconds, config.tombstone_grace)
-    sweeps = TimerService(config.repair_interval, lambda: Deferred.fromCoroutine(repairer.sweep()))
-    sweeps.clock = reactor
-    services.append(sweeps)
+    if worker is None:  # repair sweeps run once, in the main process
+        sweeps = TimerService(config.repair_interval, lambda: Deferred.fromCoroutine(repairer.sweep()))
+        sweeps.clock = reactor
+        services.append(sweeps)
     proposer = Proposer(cluster, nodes, clock, reactor, config.write_quorum)
+    metrics = gateway_metrics(cluster, None if worker else repairer, skew, health)
+    if config.workers > 1:
+        index = 0 if worker is None else worker.index
+        metrics.gauges(
+            (
+                "kvd_gateway_worker",
+                "Which process of a --workers gateway answered: 0 the main one, 1 up a worker.",
+                lambda: index,
+            ),
+            ("kvd_gateway_pid", "The process id of the gateway process that answered.", os.getpid),
+        )
     api = GatewayAPI(
         cluster,
         coordinator,
         config.max_value_bytes,
-        gateway_metrics(cluster, repairer, skew, health),
+        metrics,
         creds.auth,
-        repairer,
+        None if worker else repairer,
         proposer,
         None if config.no_hot_keys else HotKeys(reactor),
         clock=reactor,
     )
-    services.append(_listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics))
-    return services
+    if worker is None:
+        listener = _listener(reactor, config, config.listen, api.resource(), config.max_value_bytes, api.metrics)
+        services.append(listener)
+        if workers is not None:
+            workers.listener = listener
+            services.append(workers)
+    else:
+        services.append(_adopted_listener(reactor, config, worker, api.resource(), api.metrics))
+    return services, follow
+
+
+class WorkersService(service.Service):
+    """
+    A --workers gateway's workers: started once its port listens (they are given that socket),
+    stopped at shutdown.
+    """
+
+    def __init__(self, reactor: Any, config: GatewayConfig) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.supervisor = Supervisor(config.workers - 1, self._spawn, reactor)
+        self.listener: ListenService | None = None
+        self._socket: tuple[int, socket.AddressFamily] | None = None
+
+    def _spawn(self, protocol: WorkerProtocol, index: int) -> IProcessTransport:
+        assert self._socket is not None
+        fd, family = self._socket
+        argv = worker_argv(self.config, index, family)
+        return self.reactor.spawnProcess(  # type: ignore[no-any-return]
+            protocol, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: fd}
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        assert self.listener is not None and self.listener.port is not None
+        port = self.listener.port
+        family = socket.AF_INET6 if isinstance(port.getHost(), IPv6Address) else socket.AF_INET
+        self._socket = (port.fileno(), family)  # type: ignore[attr-defined]
+        self.supervisor.start()
+        _log.info("started {count} workers", count=self.supervisor.count)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.supervisor.stop()
+
+
+class AdoptedListenService(service.Service):
+    """A worker's share of the main process's listening socket."""
+
+    def __init__(self, reactor: Any, adopted: _Adopted, factory: Any) -> None:
+        self.reactor = reactor
+        self.adopted = adopted
+        self.factory = factory
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        try:
+            self.port = self.reactor.adoptStreamPort(self.adopted.fd, self.adopted.family, self.factory)
+        except Exception as e:
+            fail(f"worker {self.adopted.index} cannot adopt the listening socket (fd {self.adopted.fd}): {e}")
+        # The main process holds the socket too; this process's copy is the adopted port's own now.
+        os.close(self.adopted.fd)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is None:
+            return None
+        return self.port.stopListening()
+
+
+def _adopted_listener(
+    reactor: Any, config: GatewayConfig, worker: _Adopted, resource: IResource, metrics: Metrics
+) -> AdoptedListenService:
+    factory: Any = BoundedSite(
+        resource,
+        max_body=config.max_value_bytes,
+        access_log=config.access_log,
+        metrics=None if config.no_metrics else metrics,
+    )
+    if config.listen.partition(":")[0] == "ssl":
+        endpoint = serverFromString(reactor, config.listen)
+        context = getattr(endpoint, "_sslContextFactory", None)
+        if context is None:
+            fail(f"worker {worker.index} cannot find the TLS settings of --listen {config.listen!r}")
+        factory = TLSMemoryBIOFactory(context, False, factory)
+    return AdoptedListenService(reactor, worker, factory)
 
 
 def dev_configs(config: DevConfig) -> tuple[RegistryConfig, list[NodeConfig], GatewayConfig]:

@@ -30,9 +30,8 @@ from attrs import asdict, define, field
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorTime
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from kvd.membership import NodeInfo, parse_members
@@ -86,20 +85,49 @@ def parse_membership_line(line: bytes) -> dict[str, NodeInfo]:
     return parse_members(message["members"])
 
 
-class MembershipReader(LineReceiver):
+class MembershipReader(Protocol):
     """
-    A worker's stdin: each line a membership, handed to C{on_change}; a line that is not one is
-    logged and ignored. C{on_eof} is called when the main process closes the pipe (or dies).
+    A worker's stdin: each line a membership, handed to C{on_change}; a line that is not one
+    (or is longer than C{max_length}) is logged and ignored. C{on_eof} is called when the main
+    process closes the pipe (or dies).
     """
 
-    delimiter = b"\n"
-    MAX_LENGTH = MAX_LINE
-
-    def __init__(self, on_change: Callable[[dict[str, NodeInfo]], None], on_eof: Callable[[], None]) -> None:
+    def __init__(
+        self, on_change: Callable[[dict[str, NodeInfo]], None], on_eof: Callable[[], None], max_length: int = MAX_LINE
+    ) -> None:
         self.on_change = on_change
         self.on_eof = on_eof
+        self.max_length = max_length
+        self._parts: list[bytes] = []
+        self._size = 0
+        #: Dropping the rest of an overlong line, up to its end.
+        self._skipping = False
 
-    def lineReceived(self, line: bytes) -> None:
+    def dataReceived(self, data: bytes) -> None:
+        *lines, last = data.split(b"\n")
+        if lines:
+            lines[0] = b"".join([*self._parts, lines[0]])
+            self._parts, self._size = [], 0
+        for line in lines:
+            if self._skipping:
+                self._skipping = False
+            elif len(line) > self.max_length:
+                self._too_long()
+            else:
+                self._line(line)
+        if last:
+            self._parts.append(last)
+            self._size += len(last)
+            if self._size > self.max_length:
+                self._parts, self._size = [], 0
+                if not self._skipping:
+                    self._too_long()
+                self._skipping = True
+
+    def _too_long(self) -> None:
+        _log.warn("ignoring a membership line of more than {limit} bytes", limit=self.max_length)
+
+    def _line(self, line: bytes) -> None:
         try:
             members = parse_membership_line(line)
         except ValueError as e:
@@ -107,11 +135,7 @@ class MembershipReader(LineReceiver):
             return
         self.on_change(members)
 
-    def lineLengthExceeded(self, line: bytes) -> None:
-        _log.warn("ignoring a membership line of more than {limit} bytes", limit=self.MAX_LENGTH)
-        self.clearLineBuffer()
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.on_eof()
 
 

@@ -6,15 +6,23 @@ process transports: no processes, no sockets.
 from __future__ import annotations
 
 import json
+import os
+import socket
+from typing import Any
 
+import attrs
 import pytest
+from treq.testing import StubTreq
+from twisted.application.internet import TimerService
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from kvd.membership import NodeInfo
 from kvd.options import GatewayConfig
-from kvd.tap import Options
+from kvd.roles import AdoptedListenService, WatcherService, WorkersService, worker_services
+from kvd.tap import Options, makeService
 from kvd.workers import (
     FIRST_RESTART_DELAY,
     HEALTHY_SECONDS,
@@ -264,3 +272,90 @@ def test_a_worker_gets_exactly_the_main_process_config() -> None:
     text = config_to_json(config)
     assert json.loads(text)["workers"] == 3
     assert config_from_json(text) == config
+
+
+# --- the service trees of the main process and of a worker ---------------------------------------
+
+
+class ProcessReactor(MemoryReactorClock):
+    """A memory reactor whose listening ports have an fd and which records the processes it spawns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[list[str], dict[int, object], FakeProcess]] = []
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        listening = super().listenTCP(port, factory, backlog, interface)
+        listening.fileno = lambda: 99
+        return listening
+
+    def spawnProcess(self, protocol: Any, executable: str, args: Any, env: Any = None, **kw: Any) -> FakeProcess:
+        process = FakeProcess(protocol, 2000 + len(self.spawned))
+        protocol.makeConnection(process)
+        self.spawned.append((list(args), kw["childFDs"], process))
+        return process
+
+
+def cluster_of(site: Any) -> dict[str, Any]:
+    stub = StubTreq(site.resource)
+    answer = successResultOf_(stub.get("http://gw/cluster"))
+    return successResultOf_(answer.json())  # type: ignore[no-any-return]
+
+
+def successResultOf_(d: Any) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def test_the_main_process_starts_workers_on_its_socket_and_forwards_what_the_registry_says() -> None:
+    reactor = ProcessReactor()
+    top = makeService(
+        gateway_options("--workers", "3", "--listen", "tcp:8000:interface=127.0.0.1"),
+        reactor,  # type: ignore[arg-type]
+    )
+    top.privilegedStartService()
+    top.startService()
+    try:
+        assert len(reactor.spawned) == 2
+        for number, (argv, fds, _) in enumerate(reactor.spawned, 1):
+            assert argv[1:4] == ["-m", "kvd.workers", str(number)]
+            assert fds == {0: "w", 1: "r", 2: "r", 3: 99}  # the listening socket is the worker's fd 3
+            assert config_from_json(argv[5]).workers == 3
+        (watcher,) = [s.watcher for s in top if isinstance(s, WatcherService)]
+        assert [s for s in top if isinstance(s, TimerService)]  # the repair sweeps
+        watcher.on_change(MEMBERS)
+        assert [p.written for _, _, p in reactor.spawned] == [[membership_line(MEMBERS)]] * 2
+    finally:
+        top.stopService()
+    assert [p.signals for _, _, p in reactor.spawned] == [["TERM"], ["TERM"]]
+
+
+def test_a_worker_follows_no_registry_runs_no_repair_and_takes_membership_from_its_pipe() -> None:
+    reactor = MemoryReactorClock()
+    config = gateway_options("--workers", "3").config
+    assert isinstance(config, GatewayConfig)
+    services, follow = worker_services(reactor, config, 2, 7, socket.AF_INET)
+    assert not [s for s in services if isinstance(s, (WatcherService, TimerService, WorkersService))]
+    read, write = os.pipe()
+    os.close(write)
+    try:
+        (listener,) = [s for s in services if isinstance(s, AdoptedListenService)]
+        listener.adopted = attrs.evolve(listener.adopted, fd=read)
+        listener.privilegedStartService()
+        assert [(fd, family) for fd, family, _ in reactor.adoptedPorts] == [(read, socket.AF_INET)]
+        with pytest.raises(OSError):
+            os.fstat(read)  # closed: the adopted port has its own copy
+    finally:
+        try:
+            os.close(read)
+        except OSError:
+            pass
+    site = reactor.adoptedPorts[0][2]
+    assert cluster_of(site)["nodes"] == []
+    follow(MEMBERS)
+    assert sorted(n["id"] for n in cluster_of(site)["nodes"]) == ["a", "b"]
+    assert cluster_of(site)["repair"] is None

@@ -605,6 +605,8 @@ def _adopted_listener(
         metrics=None if config.no_metrics else metrics,
     )
     if config.listen.partition(":")[0] == "ssl":
+        # The main process's ssl: endpoint, parsed again for its certificate options: Twisted keeps
+        # them on the endpoint (no public accessor); the worker wraps its Site in TLS with them.
         endpoint = serverFromString(reactor, config.listen)
         context = getattr(endpoint, "_sslContextFactory", None)
         if context is None:

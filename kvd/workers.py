@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorTime
 from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from kvd.membership import NodeInfo, parse_members
@@ -159,6 +159,8 @@ def worker_argv(config: GatewayConfig, index: int, family: int) -> list[str]:
 
 # --- the main process's side ---------------------------------------------------------------------
 
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+
 
 class WorkerProtocol(ProcessProtocol):
     """One worker as the main process sees it: its output goes to the main's log, its end to the supervisor."""
@@ -173,7 +175,10 @@ class WorkerProtocol(ProcessProtocol):
         self._partial[childFD] = lines.pop()[-64 * 1024 :]
         for line in lines:
             if line.strip():
-                _log.info("worker {index}: {line}", index=self.index, line=line.decode("utf-8", "replace"))
+                text = line.decode("utf-8", "replace")
+                # The worker's own level ("[namespace#warn] ..."), so warnings stay warnings.
+                level = _LEVELS.get(text.partition("]")[0].rpartition("#")[2], LogLevel.info)
+                _log.emit(level, "worker {index}: {line}", index=self.index, line=text)
 
     def processEnded(self, reason: Failure) -> None:
         self._ended(self, reason)

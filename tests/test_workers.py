@@ -230,10 +230,16 @@ def test_a_workers_output_lines_are_logged_whole() -> None:
         protocol.childDataReceived(2, b"first li")
         protocol.childDataReceived(2, b"ne\nsecond\n")
         protocol.childDataReceived(1, b"out\n")
+        protocol.childDataReceived(2, b"[kvd.gateway.health#warn] node a unreachable\n")
     finally:
         globalLogPublisher.removeObserver(events.append)
-    lines = [(e["index"], e["line"]) for e in events if "line" in e]
-    assert lines == [(3, "first line"), (3, "second"), (3, "out")]
+    lines = [(e["index"], e["line"], e["log_level"].name) for e in events if "line" in e]  # type: ignore[attr-defined]
+    assert lines == [
+        (3, "first line", "info"),
+        (3, "second", "info"),
+        (3, "out", "info"),
+        (3, "[kvd.gateway.health#warn] node a unreachable", "warn"),
+    ]
 
 
 # --- the option and the config a worker is given ------------------------------------------------

@@ -73,15 +73,33 @@ def wait_for_workers(gateway: Kvd, count: int) -> None:
         raise RuntimeError(f"{gateway.name}: only {len(seen)} of {count} processes answering")
 
 
-def measure(gateway: Kvd, lua: Path, args: argparse.Namespace) -> tuple[WrkResult, float]:
-    """One wrk run: its result and the gateway's CPU microseconds per request (all its processes)."""
+def internal_requests(node: Kvd) -> float:
+    """The /internal/ requests (replication batches, reads, digests) C{node} has answered."""
+    assert node.port is not None
+    body = http_request(node.port, "GET", "/metrics").body.decode()
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in body.splitlines()
+        if line.startswith("kvd_http_requests_total{") and 'route="/internal/*"' in line
+    )
+
+
+def measure(gateway: Kvd, node: Kvd, lua: Path, args: argparse.Namespace) -> tuple[WrkResult, float, float]:
+    """
+    One wrk run: its result, the gateway's CPU microseconds per request (all its processes), and
+    the requests C{node} answered for the gateway per client request (fewer: larger batches).
+    """
     pids = gateway_pids(gateway)
     before = {pid: cpu_seconds(pid) for pid in pids}
+    internal = internal_requests(node)
     result = run_wrk(gateway.url, lua, args.duration, threads=args.threads, connections=args.connections)
     used = sum(cpu_seconds(pid) - before[pid] for pid in pids)
+    internal = internal_requests(node) - internal
     if sorted(gateway_pids(gateway)) != sorted(pids):
         print(f"    warning: {gateway.name}'s processes changed during the run")
-    return result, used / result.requests * 1e6 if result.requests else float("nan")
+    if not result.requests:
+        return result, float("nan"), float("nan")
+    return result, used / result.requests * 1e6, internal / result.requests
 
 
 def main() -> None:
@@ -107,8 +125,7 @@ def main() -> None:
         put_lua = write_lua(workdir, "put.lua", PUT_LUA, n=args.keys, prefix="key", size=args.value_size)
         with bench_processes(workdir) as processes:
             registry = processes.registry().start()
-            for node_id in ("a", "b", "c"):
-                processes.node(node_id, None, "--registry", registry.url).start()
+            nodes = [processes.node(node_id, None, "--registry", registry.url).start() for node_id in ("a", "b", "c")]
             gateways = {
                 count: processes.gateway(
                     "--registry", registry.url, "--workers", str(count), name=f"gateway-{count}w"
@@ -126,11 +143,11 @@ def main() -> None:
                 print(f"round {round_number}" + (f" (machine {busy:.0f}% busy before it)" if busy is not None else ""))
                 for count in counts:
                     for method, lua in (("PUT", put_lua), ("GET", get_lua)):
-                        result, cpu_us = measure(gateways[count], lua, args)
+                        result, cpu_us, internal = measure(gateways[count], nodes[0], lua, args)
                         figures.setdefault((count, method), []).append((result.rps, cpu_us, result.p99_ms))
                         print(
                             f"  --workers {count}  {method}  {result.rps:8.0f} req/s   p99 {result.p99_ms:7.2f} ms"
-                            f"   gateway CPU {cpu_us:6.0f} us/request"
+                            f"   gateway CPU {cpu_us:6.0f} us/request   node a: {internal:.2f} requests per request"
                         )
 
     print(f"\nmedians of {args.rounds} rounds, wrk -t{args.threads} -c{args.connections}, {args.duration:.0f} s each")

@@ -11,18 +11,23 @@ connection is closed, since the rest of the body is not read.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web import resource as web_resource
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
+from twisted.web.server import version as server_version
 
 from kvd import paths
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
 from kvd.metrics import Metrics, now
+from kvd.transport import send_eagerly
 
 _log = Logger()
 
@@ -37,6 +42,18 @@ DEFAULT_IDLE_TIMEOUT = 60
 
 def json_body(obj: object) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(", ", ": ")).encode("utf-8", "surrogatepass")
+
+
+_date: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The Date header's value for now, formatted once a second rather than once an answer."""
+    global _date
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, datetimeToString(second))
+    return _date[1]
 
 
 def _raw_response(status: int, reason: bytes, obj: object) -> bytes:
@@ -62,6 +79,24 @@ class BoundedChannel(HTTPChannel):
 
     site: BoundedSite
     _refused = False
+    _host: Any = None
+    _peer: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        send_eagerly(transport)
+        super().makeConnection(transport)
+
+    # twisted.web asks for both with every request (getHost is a getsockname): once a connection.
+
+    def getHost(self) -> Any:
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self) -> Any:
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     def refuse(self) -> None:
         """Answer 413 at once, read nothing more and close the connection."""
@@ -134,6 +169,26 @@ class BoundedRequest(Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self.started = now()
         super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        # twisted.web.server.Request.process, with the Date header formatted once a second.
+        self.site = self.channel.site
+        self.setHeader(b"Server", server_version)
+        self.setHeader(b"Date", http_date())
+        self.prepath = []
+        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            found = self.site.getResourceFor(self)
+            if web_resource._IEncodingResource.providedBy(found):
+                encoder = found.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(found)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def write(self, data: bytes) -> None:
         if self.keep_alive_10 and not self.startedWriting:

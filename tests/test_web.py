@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 
+from kvd import web
 from kvd.web import BoundedSite
 
 
@@ -82,3 +84,33 @@ def test_an_http_1_0_client_that_does_not_ask_is_closed_after_its_answer() -> No
     protocol.dataReceived(b"PUT /kv/k HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc")  # type: ignore[attr-defined]
     assert transport.value().startswith(b"HTTP/1.0 200 ")
     assert transport.disconnecting
+
+
+def test_the_socket_address_is_asked_once_a_connection_not_once_a_request() -> None:
+    protocol, transport = connect(10)
+    asked: list[str] = []
+    host = transport.getHost
+
+    def counted() -> object:
+        asked.append("getHost")
+        return host()
+
+    transport.getHost = counted  # type: ignore[method-assign]
+    for _ in range(3):
+        protocol.dataReceived(b"PUT /kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")  # type: ignore[attr-defined]
+    assert transport.value().count(b"HTTP/1.1 200 ") == 3
+    assert len(asked) == 1
+
+
+def test_the_date_header_is_formatted_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    formatted: list[int] = []
+    monkeypatch.setattr(web, "datetimeToString", lambda second: formatted.append(second) or b"D%d" % second)
+    monkeypatch.setattr(web.time, "time", lambda: 1000.25)
+    protocol, transport = connect(10)
+    for _ in range(2):
+        protocol.dataReceived(b"PUT /kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")  # type: ignore[attr-defined]
+    monkeypatch.setattr(web.time, "time", lambda: 1001.5)
+    protocol.dataReceived(b"PUT /kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")  # type: ignore[attr-defined]
+    answer = transport.value()
+    assert answer.count(b"Date: D1000\r\n") == 2 and answer.count(b"Date: D1001\r\n") == 1, answer
+    assert formatted == [1000, 1001]

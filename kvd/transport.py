@@ -12,7 +12,6 @@ treq took 3 to 7 times its CPU per call, a bare C{Agent} 2 to 3.6 times.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +25,7 @@ from twisted.internet.interfaces import ITransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from kvd.codec import wire_loads
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
 
 #: The default cap on a peer's answer: what an internal answer carrying one value of the
@@ -69,7 +69,7 @@ class Answer:
     body: bytes
 
     def json(self) -> Any:
-        return json.loads(self.body)
+        return wire_loads(self.body)
 
 
 @frozen

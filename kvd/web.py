@@ -10,7 +10,6 @@ connection is closed, since the rest of the body is not read.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -25,6 +24,7 @@ from twisted.web.server import Request, Site
 from twisted.web.server import version as server_version
 
 from kvd import paths
+from kvd.codec import answer_json
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
 from kvd.metrics import Metrics, now
 from kvd.transport import send_eagerly
@@ -40,8 +40,7 @@ DEFAULT_MAX_IMPORT_BYTES = 16 * 1024**3
 DEFAULT_IDLE_TIMEOUT = 60
 
 
-def json_body(obj: object) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": ")).encode("utf-8", "surrogatepass")
+json_body = answer_json
 
 
 _date: tuple[int, bytes] = (0, b"")

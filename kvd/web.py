@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource as web_resource
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http import Request as HTTPRequest
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from twisted.web.server import version as server_version
@@ -80,6 +81,9 @@ class BoundedChannel(HTTPChannel):
     _refused = False
     _host: Any = None
     _peer: Any = None
+    #: An answer's status line and headers, held until its first body bytes (or its end) so
+    #: that both leave in one write: one send, as the transport sends each write at once.
+    _head = b""
 
     def makeConnection(self, transport: Any) -> None:
         send_eagerly(transport)
@@ -128,6 +132,44 @@ class BoundedChannel(HTTPChannel):
             )
         )
         self.loseConnection()
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self._flush_head()
+        self._head = b"".join(head)
+
+    def _flush_head(self) -> None:
+        if self._head:
+            head, self._head = self._head, b""
+            if self.transport is not None:
+                self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        if self._head:
+            data, self._head = self._head + data, b""
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        if self._head:
+            self.write(b"".join(iovec))
+        else:
+            super().writeSequence(iovec)
+
+    def requestDone(self, request: Any) -> None:
+        self._flush_head()  # an answer without a body ends here
+        super().requestDone(request)
+
+    def loseConnection(self) -> None:
+        self._flush_head()
+        super().loseConnection()
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         # Twisted closes every HTTP/1.0 connection; one that asks to be kept (ab -k, old

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from kvd import web
 from kvd.web import BoundedSite
@@ -114,3 +117,52 @@ def test_the_date_header_is_formatted_once_a_second(monkeypatch: pytest.MonkeyPa
     answer = transport.value()
     assert answer.count(b"Date: D1000\r\n") == 2 and answer.count(b"Date: D1001\r\n") == 1, answer
     assert formatted == [1000, 1001]
+
+
+class Writes(StringTransport):
+    """A transport that records each write (a writeSequence is one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+    def writeSequence(self, seq: Any) -> None:
+        self.write(b"".join(seq))
+
+
+class Answers(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        if request.path == b"/empty":
+            request.setResponseCode(204)
+            return b""
+        if request.path == b"/chunked":
+            request.write(b"part")
+            request.finish()
+            return NOT_DONE_YET  # type: ignore[no-any-return]
+        request.setHeader(b"content-length", b"4")
+        return b"body"
+
+
+def test_an_answer_s_head_and_body_reach_the_transport_in_one_write() -> None:
+    protocol = BoundedSite(Answers()).buildProtocol(None)
+    transport = Writes()
+    protocol.makeConnection(transport)
+    pipelined = b"".join(
+        b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % path for path in (b"one", b"empty", b"chunked", b"two")
+    )
+    protocol.dataReceived(pipelined)  # type: ignore[attr-defined]
+    whole = transport.value()
+    assert whole.count(b"HTTP/1.1 ") == 4, whole
+    one, empty = transport.writes[0], transport.writes[1]
+    assert one.startswith(b"HTTP/1.1 200 ") and one.endswith(b"\r\n\r\nbody"), one
+    assert empty.startswith(b"HTTP/1.1 204 ") and empty.endswith(b"\r\n\r\n"), empty
+    assert transport.writes[2].startswith(b"HTTP/1.1 200 ") and transport.writes[2].endswith(b"4\r\npart\r\n")
+    assert transport.writes[3] == b"0\r\n\r\n"  # the chunked answer's end
+    assert transport.writes[4].startswith(b"HTTP/1.1 200 ") and transport.writes[4].endswith(b"body")
+    assert len(transport.writes) == 5

@@ -73,7 +73,7 @@ from kvd.store import BUCKETS, BadBatch, Entry, Store, StoreError
 from kvd.ttl import BadTTL, expired, expires, parse_ttl
 from kvd.validate import Invalid, number
 from kvd.versions import is_version
-from kvd.web import json_body
+from kvd.web import BoundedRequest, json_body
 
 _log = Logger()
 #: The most keys one listing page may ask for.
@@ -467,7 +467,10 @@ class _FrontDoor(Resource):
         if not isinstance(result, Deferred):
             return result
         result.addCallback(_write_and_finish, request)
-        request.notifyFinish().addErrback(lambda _: result.cancel())
+        if isinstance(request, BoundedRequest):
+            request.cancel_on_loss(result)  # what notifyFinish does, without a Deferred a request
+        else:
+            request.notifyFinish().addErrback(lambda _: result.cancel())
         return NOT_DONE_YET
 
 

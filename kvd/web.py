@@ -14,6 +14,7 @@ import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource as web_resource
@@ -206,6 +207,18 @@ class BoundedRequest(Request):
     started = 0.0
     #: An HTTP/1.0 client asked for its connection to be kept.
     keep_alive_10 = False
+
+    _pending: Deferred[Any] | None = None
+
+    def cancel_on_loss(self, answer: Deferred[Any]) -> None:
+        """Cancel C{answer} if the connection is lost before it has fired."""
+        self._pending = answer
+
+    def connectionLost(self, reason: Failure) -> None:
+        pending, self._pending = self._pending, None
+        super().connectionLost(reason)
+        if pending is not None and not pending.called:
+            pending.cancel()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self.started = now()

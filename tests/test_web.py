@@ -166,3 +166,33 @@ def test_an_answer_s_head_and_body_reach_the_transport_in_one_write() -> None:
     assert transport.writes[3] == b"0\r\n\r\n"  # the chunked answer's end
     assert transport.writes[4].startswith(b"HTTP/1.1 200 ") and transport.writes[4].endswith(b"body")
     assert len(transport.writes) == 5
+
+
+def test_a_fast_route_s_pending_answer_is_cancelled_when_its_client_goes() -> None:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    from kvd.auth import Auth
+    from kvd.resources import Routes
+
+    pending: list[Deferred[bytes]] = []
+
+    class Slow:
+        routes = Routes()
+
+        @routes.path("/slow", "GET", fast=True)
+        def slow(self, request: Any) -> Deferred[bytes]:
+            d: Deferred[bytes] = Deferred()
+            pending.append(d)
+            return d
+
+    protocol = BoundedSite(Slow.routes.resource(Slow(), Auth())).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[attr-defined]
+    protocol.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[attr-defined]
+    assert len(pending) == 1 and not pending[0].called
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert pending[0].called, "the client went: its quorum is not waited for"
+    assert transport.value() == b""

@@ -171,7 +171,7 @@ class _Eager:
 
     def write(self: Any, data: bytes) -> None:
         if not self._tempDataLen and not self.dataBuffer and not self.TLS and self.connected and type(data) is bytes:
-            if not data or self._writeDisconnected:
+            if not data or self._writeDisconnected or self._aborting:
                 return
             try:
                 sent = self.socket.send(data)

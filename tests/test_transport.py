@@ -398,3 +398,10 @@ def test_only_plain_tcp_transports_are_made_eager() -> None:
     transport = StringTransport()
     send_eagerly(transport)
     assert type(transport) is StringTransport
+
+
+def test_an_aborted_connection_sends_nothing_more() -> None:
+    transport, socket, calls = _eager(room=1 << 20)
+    transport._aborting = True
+    transport.write(b"late")
+    assert socket.sent == [] and calls == []

@@ -34,6 +34,7 @@ from werkzeug.routing import BaseConverter
 from kvd import paths, ui
 from kvd.auth import Auth
 from kvd.changes import MAX_KEYS, ChangeIndex
+from kvd.codec import wire_json, wire_loads
 from kvd.gateway.batch import Batch, BatchRunner
 from kvd.gateway.cas import Proposer
 from kvd.gateway.cluster import Cluster
@@ -72,7 +73,7 @@ from kvd.store import BUCKETS, BadBatch, Entry, Store, StoreError
 from kvd.ttl import BadTTL, expired, expires, parse_ttl
 from kvd.validate import Invalid, number
 from kvd.versions import is_version
-from kvd.web import json_body
+from kvd.web import BoundedRequest, json_body
 
 _log = Logger()
 #: The most keys one listing page may ask for.
@@ -117,21 +118,33 @@ def _json(request: IRequest, obj: object, status: int = 200) -> bytes:
     return body
 
 
+def _wire(request: IRequest, obj: object) -> bytes:
+    """A 200 answer of the internal API, in its compact JSON (see L{kvd.codec})."""
+    body = wire_json(obj)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def json_request(request: IRequest, what: str) -> Any:
-    """The request body, parsed as JSON; C{what} says what it should be, in the error."""
+def json_request(request: IRequest, what: str, wire: bool = False) -> Any:
+    """
+    The request body, parsed as JSON; C{what} says what it should be, in the error. With
+    C{wire}, the body is from another kvd process (see L{kvd.codec}).
+    """
     try:
-        return json.loads(request.content.read())
+        raw = request.content.read()
+        return wire_loads(raw) if wire else json.loads(raw)
     except (ValueError, RecursionError):  # nesting deep enough to exhaust the parser, too
         raise ClientError(f"the body must be JSON: {what}") from None
 
 
-def _batch(request: IRequest, name: str) -> list[Any]:
+def _batch(request: IRequest, name: str, wire: bool = False) -> list[Any]:
     """The list under C{name} of a JSON request body."""
-    body = json_request(request, f'{{"{name}": [...]}}')
+    body = json_request(request, f'{{"{name}": [...]}}', wire)
     items = body.get(name) if isinstance(body, dict) else None
     if not isinstance(items, list):
         raise ClientError(f'the body must be {{"{name}": [...]}}')
@@ -454,7 +467,10 @@ class _FrontDoor(Resource):
         if not isinstance(result, Deferred):
             return result
         result.addCallback(_write_and_finish, request)
-        request.notifyFinish().addErrback(lambda _: result.cancel())
+        if isinstance(request, BoundedRequest):
+            request.cancel_on_loss(result)  # what notifyFinish does, without a Deferred a request
+        else:
+            request.notifyFinish().addErrback(lambda _: result.cancel())
         return NOT_DONE_YET
 
 
@@ -599,10 +615,10 @@ class NodeAPI:
         Apply [key, value or null, version] items; answer once all are durable, with which
         were live before and the version each holds after (a newer one it kept, or the item's).
         """
-        done = await self.store.apply_batch(_batch(request, "items"))
+        done = await self.store.apply_batch(_batch(request, "items", wire=True))
         # What each key holds now, and this node's clock: a coordinator moves past both.
         body = {"success": True, "applied": done.applied, "live": done.live, "versions": done.held}
-        return _json(request, {**body, "now": int(self.store.clock.now() * 1000)})
+        return _wire(request, {**body, "now": int(self.store.clock.now() * 1000)})
 
     @routes.path("/internal/read", "POST", fast=True)
     def internal_read(self, request: IRequest) -> bytes:
@@ -611,7 +627,7 @@ class NodeAPI:
         With C{max_chars}, entries stop once their values pass it (one at least) and the
         keys not looked at are listed in C{more}, to be asked for again.
         """
-        body = json_request(request, '{"keys": [...]}')
+        body = json_request(request, '{"keys": [...]}', wire=True)
         keys = body.get("keys") if isinstance(body, dict) else None
         budget = body.get("max_chars", BATCH_VALUE_BUDGET) if isinstance(body, dict) else None
         if not isinstance(keys, list) or type(budget) is not int:
@@ -619,12 +635,12 @@ class NodeAPI:
         found: dict[str, list[str | None]] = {}
         for done, key in enumerate(keys):
             if budget < 0:
-                return _json(request, {"success": True, "entries": found, "more": keys[done:]})
+                return _wire(request, {"success": True, "entries": found, "more": keys[done:]})
             entry = self.store.entry(check_key(key))
             if entry is not None:
                 found[key] = list(entry)
                 budget -= len(entry[0] or "")
-        return _json(request, {"success": True, "entries": found})
+        return _wire(request, {"success": True, "entries": found})
 
     @routes.path("/internal/list", "POST", fast=True)
     def internal_list(self, request: IRequest) -> bytes:

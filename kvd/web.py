@@ -10,19 +10,26 @@ connection is closed, since the rest of the body is not read.
 
 from __future__ import annotations
 
-import json
+import time
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web import resource as web_resource
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http import Request as HTTPRequest
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
+from twisted.web.server import version as server_version
 
 from kvd import paths
+from kvd.codec import answer_json
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
 from kvd.metrics import Metrics, now
+from kvd.transport import send_eagerly
 
 _log = Logger()
 
@@ -35,8 +42,19 @@ DEFAULT_MAX_IMPORT_BYTES = 16 * 1024**3
 DEFAULT_IDLE_TIMEOUT = 60
 
 
-def json_body(obj: object) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": ")).encode("utf-8", "surrogatepass")
+json_body = answer_json
+
+
+_date: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The Date header's value for now, formatted once a second rather than once an answer."""
+    global _date
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, datetimeToString(second))
+    return _date[1]
 
 
 def _raw_response(status: int, reason: bytes, obj: object) -> bytes:
@@ -62,6 +80,27 @@ class BoundedChannel(HTTPChannel):
 
     site: BoundedSite
     _refused = False
+    _host: Any = None
+    _peer: Any = None
+    #: An answer's status line and headers, held until its first body bytes (or its end) so
+    #: that both leave in one write: one send, as the transport sends each write at once.
+    _head = b""
+
+    def makeConnection(self, transport: Any) -> None:
+        send_eagerly(transport)
+        super().makeConnection(transport)
+
+    # twisted.web asks for both with every request (getHost is a getsockname): once a connection.
+
+    def getHost(self) -> Any:
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self) -> Any:
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     def refuse(self) -> None:
         """Answer 413 at once, read nothing more and close the connection."""
@@ -94,6 +133,44 @@ class BoundedChannel(HTTPChannel):
             )
         )
         self.loseConnection()
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self._flush_head()
+        self._head = b"".join(head)
+
+    def _flush_head(self) -> None:
+        if self._head:
+            head, self._head = self._head, b""
+            if self.transport is not None:
+                self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        if self._head:
+            data, self._head = self._head + data, b""
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        if self._head:
+            self.write(b"".join(iovec))
+        else:
+            super().writeSequence(iovec)
+
+    def requestDone(self, request: Any) -> None:
+        self._flush_head()  # an answer without a body ends here
+        super().requestDone(request)
+
+    def loseConnection(self) -> None:
+        self._flush_head()
+        super().loseConnection()
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         # Twisted closes every HTTP/1.0 connection; one that asks to be kept (ab -k, old
@@ -131,9 +208,41 @@ class BoundedRequest(Request):
     #: An HTTP/1.0 client asked for its connection to be kept.
     keep_alive_10 = False
 
+    _pending: Deferred[Any] | None = None
+
+    def cancel_on_loss(self, answer: Deferred[Any]) -> None:
+        """Cancel C{answer} if the connection is lost before it has fired."""
+        self._pending = answer
+
+    def connectionLost(self, reason: Failure) -> None:
+        pending, self._pending = self._pending, None
+        super().connectionLost(reason)
+        if pending is not None and not pending.called:
+            pending.cancel()
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self.started = now()
         super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        # twisted.web.server.Request.process, with the Date header formatted once a second.
+        self.site = self.channel.site
+        self.setHeader(b"Server", server_version)
+        self.setHeader(b"Date", http_date())
+        self.prepath = []
+        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            found = self.site.getResourceFor(self)
+            if web_resource._IEncodingResource.providedBy(found):
+                encoder = found.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(found)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def write(self, data: bytes) -> None:
         if self.keep_alive_10 and not self.startedWriting:

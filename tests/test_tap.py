@@ -256,3 +256,21 @@ def test_more_bad_options_are_one_line(capsys: pytest.CaptureFixture[str], argv:
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_once_running_start_up_objects_leave_the_collector_and_the_young_generation_is_collected_less_often() -> None:
+    import gc
+
+    from kvd.tap import GC_YOUNG_THRESHOLD
+
+    reactor = MemoryReactorClock()
+    makeService(parse("--role=registry", "--listen=tcp:0"), reactor=reactor)
+    threshold = gc.get_threshold()
+    try:
+        assert gc.get_threshold() == threshold, "nothing changes before the reactor runs"
+        reactor.run()  # MemoryReactor: runs the callWhenRunning hooks
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, threshold[1], threshold[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

@@ -336,3 +336,72 @@ def test_https_origins_connect_through_the_tls_policy() -> None:
     peers.call("GET", "https://node.example:8443/kv/k").addBoth(results.append)
     assert Policy.asked == [(b"node.example", 8443)]
     assert failed_with(results, PeerUnreachable)
+
+
+class _Socket:
+    """What an eager transport sends through: takes at most C{room} bytes a call (None: refuses with EAGAIN)."""
+
+    def __init__(self, room: int | None) -> None:
+        self.room = room
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        if self.room is None:
+            raise BlockingIOError(11, "EAGAIN")
+        taken = bytes(data[: self.room])
+        self.sent.append(taken)
+        return len(taken)
+
+
+def _eager(room: int | None) -> tuple[Any, _Socket, list[str]]:
+    """A plain TCP server transport made eager, over a fake socket; C{calls} records writability registrations."""
+    from twisted.internet import tcp
+
+    from kvd.transport import send_eagerly
+
+    transport: Any = object.__new__(tcp.Server)
+    socket = _Socket(room)
+    calls: list[str] = []
+    transport.socket, transport.connected, transport.producer, transport.disconnecting = socket, True, None, False
+    transport._tempDataBuffer, transport._tempDataLen = [], 0
+    transport.startWriting = lambda: calls.append("startWriting")
+    send_eagerly(transport)
+    assert type(transport) is not tcp.Server
+    return transport, socket, calls
+
+
+def test_an_eager_transport_sends_a_write_at_once_without_registering_for_writability() -> None:
+    transport, socket, calls = _eager(room=1 << 20)
+    transport.writeSequence([b"HTTP/1.1 200 OK\r\n", b"\r\n", b"body"])
+    transport.write(b"more")
+    assert socket.sent == [b"HTTP/1.1 200 OK\r\n\r\nbody", b"more"]
+    assert calls == [] and transport._tempDataLen == 0
+
+
+def test_what_an_eager_send_leaves_over_is_buffered_in_order_for_the_reactor() -> None:
+    transport, socket, calls = _eager(room=3)
+    transport.write(b"abcdef")
+    transport.write(b"gh")  # something waits already: this goes behind it, not straight out
+    assert socket.sent == [b"abc"]
+    assert transport._tempDataBuffer == [b"def", b"gh"] and calls == ["startWriting", "startWriting"]
+
+
+def test_a_full_socket_leaves_the_whole_write_to_the_reactor() -> None:
+    transport, socket, calls = _eager(room=None)
+    transport.write(b"abc")
+    assert transport._tempDataBuffer == [b"abc"] and calls == ["startWriting"]
+
+
+def test_only_plain_tcp_transports_are_made_eager() -> None:
+    from kvd.transport import send_eagerly
+
+    transport = StringTransport()
+    send_eagerly(transport)
+    assert type(transport) is StringTransport
+
+
+def test_an_aborted_connection_sends_nothing_more() -> None:
+    transport, socket, calls = _eager(room=1 << 20)
+    transport._aborting = True
+    transport.write(b"late")
+    assert socket.sent == [] and calls == []

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
+from kvd import web
 from kvd.web import BoundedSite
 
 
@@ -82,3 +87,112 @@ def test_an_http_1_0_client_that_does_not_ask_is_closed_after_its_answer() -> No
     protocol.dataReceived(b"PUT /kv/k HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc")  # type: ignore[attr-defined]
     assert transport.value().startswith(b"HTTP/1.0 200 ")
     assert transport.disconnecting
+
+
+def test_the_socket_address_is_asked_once_a_connection_not_once_a_request() -> None:
+    protocol, transport = connect(10)
+    asked: list[str] = []
+    host = transport.getHost
+
+    def counted() -> object:
+        asked.append("getHost")
+        return host()
+
+    transport.getHost = counted  # type: ignore[method-assign]
+    for _ in range(3):
+        protocol.dataReceived(b"PUT /kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")  # type: ignore[attr-defined]
+    assert transport.value().count(b"HTTP/1.1 200 ") == 3
+    assert len(asked) == 1
+
+
+def test_the_date_header_is_formatted_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    formatted: list[int] = []
+    monkeypatch.setattr(web, "datetimeToString", lambda second: formatted.append(second) or b"D%d" % second)
+    monkeypatch.setattr(web.time, "time", lambda: 1000.25)
+    protocol, transport = connect(10)
+    for _ in range(2):
+        protocol.dataReceived(b"PUT /kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")  # type: ignore[attr-defined]
+    monkeypatch.setattr(web.time, "time", lambda: 1001.5)
+    protocol.dataReceived(b"PUT /kv/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")  # type: ignore[attr-defined]
+    answer = transport.value()
+    assert answer.count(b"Date: D1000\r\n") == 2 and answer.count(b"Date: D1001\r\n") == 1, answer
+    assert formatted == [1000, 1001]
+
+
+class Writes(StringTransport):
+    """A transport that records each write (a writeSequence is one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+    def writeSequence(self, seq: Any) -> None:
+        self.write(b"".join(seq))
+
+
+class Answers(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        if request.path == b"/empty":
+            request.setResponseCode(204)
+            return b""
+        if request.path == b"/chunked":
+            request.write(b"part")
+            request.finish()
+            return NOT_DONE_YET  # type: ignore[no-any-return]
+        request.setHeader(b"content-length", b"4")
+        return b"body"
+
+
+def test_an_answer_s_head_and_body_reach_the_transport_in_one_write() -> None:
+    protocol = BoundedSite(Answers()).buildProtocol(None)
+    transport = Writes()
+    protocol.makeConnection(transport)
+    pipelined = b"".join(
+        b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % path for path in (b"one", b"empty", b"chunked", b"two")
+    )
+    protocol.dataReceived(pipelined)  # type: ignore[attr-defined]
+    whole = transport.value()
+    assert whole.count(b"HTTP/1.1 ") == 4, whole
+    one, empty = transport.writes[0], transport.writes[1]
+    assert one.startswith(b"HTTP/1.1 200 ") and one.endswith(b"\r\n\r\nbody"), one
+    assert empty.startswith(b"HTTP/1.1 204 ") and empty.endswith(b"\r\n\r\n"), empty
+    assert transport.writes[2].startswith(b"HTTP/1.1 200 ") and transport.writes[2].endswith(b"4\r\npart\r\n")
+    assert transport.writes[3] == b"0\r\n\r\n"  # the chunked answer's end
+    assert transport.writes[4].startswith(b"HTTP/1.1 200 ") and transport.writes[4].endswith(b"body")
+    assert len(transport.writes) == 5
+
+
+def test_a_fast_route_s_pending_answer_is_cancelled_when_its_client_goes() -> None:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    from kvd.auth import Auth
+    from kvd.resources import Routes
+
+    pending: list[Deferred[bytes]] = []
+
+    class Slow:
+        routes = Routes()
+
+        @routes.path("/slow", "GET", fast=True)
+        def slow(self, request: Any) -> Deferred[bytes]:
+            d: Deferred[bytes] = Deferred()
+            pending.append(d)
+            return d
+
+    protocol = BoundedSite(Slow.routes.resource(Slow(), Auth())).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[attr-defined]
+    protocol.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[attr-defined]
+    assert len(pending) == 1 and not pending[0].called
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert pending[0].called, "the client went: its quorum is not waited for"
+    assert transport.value() == b""

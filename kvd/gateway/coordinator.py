@@ -91,18 +91,17 @@ class Coordinator:
         expires = None if ttl is None else self.clock.now() + ttl
         timed_out: list[str] = []
 
+        def failed(node_id: str, failure: Any) -> None:
+            if failure.check(PeerTimeout):
+                timed_out.append(node_id)  # it may have taken the write all the same
+
         def attempt(rounds: int) -> Deferred[WriteOutcome]:
             version = self.clock.next()
             if expires is not None:
                 version = with_expiry(version, expires)
 
             def ask(node_id: str) -> Deferred[Written]:
-                def failed(failure: Any) -> Any:
-                    if failure.check(PeerTimeout):
-                        timed_out.append(node_id)  # it may have taken the write all the same
-                    return failure
-
-                return self.nodes(view.members[node_id]).apply_key(key, value, version).addErrback(failed)
+                return self.nodes(view.members[node_id]).apply_key(key, value, version)
 
             def taken(written: Written) -> bool:
                 return written.held == version
@@ -130,6 +129,7 @@ class Coordinator:
                 errors=self._skipped(route),
                 standing_in=route.hints(),
                 usable=self._usable(view),
+                on_failure=failed,
             )
             return d.addCallback(answer)
 

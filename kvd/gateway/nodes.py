@@ -22,7 +22,6 @@ memory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -30,6 +29,7 @@ from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
+from kvd.codec import wire_json
 from kvd.gateway.health import Health
 from kvd.internal import RepairReport
 from kvd.keys import BATCH_VALUE_BUDGET
@@ -78,8 +78,7 @@ class ChangePage:
     positions: list[int] = field(factory=list)
 
 
-def _encode(body: object) -> bytes:
-    return json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
+_encode = wire_json
 
 
 def _value_size(item: Item) -> int:

@@ -95,6 +95,7 @@ class _Gathering(Generic[T]):
     launching: bool = True
     hedge: tuple[IReactorTime, float] | None = None
     usable: Callable[[str], bool] = _always
+    on_failure: Callable[[str, Failure], object] | None = None
     _hedging: IDelayedCall | None = None
 
     def schedule_hedge(self) -> None:
@@ -132,6 +133,8 @@ class _Gathering(Generic[T]):
 
     def _failed(self, failure: Failure, node_id: str) -> None:
         self.pending -= 1
+        if self.on_failure is not None:
+            self.on_failure(node_id, failure)
         self.result.errors.append(f"{node_id}: {failure.getErrorMessage()}")
         if self.spares:
             # Even once the quorum is reached: a write still wants N copies (hinted handoff).
@@ -160,6 +163,7 @@ def gather(
     errors: Sequence[str] = (),
     standing_in: dict[str, str] | None = None,
     usable: Callable[[str], bool] = _always,
+    on_failure: Callable[[str, Failure], object] | None = None,
 ) -> Deferred[Gathered[T]]:
     """
     Ask every node of C{first}; replace each that fails by the next of C{spares}, and with
@@ -169,8 +173,12 @@ def gather(
     C{needed} answers are accepted, or once nobody is left to wait for (the caller checks
     with L{Gathered.require}, which names C{errors} too: the nodes skipped beforehand);
     never fails. An answer that is not accepted still answers: it is no reason to ask a spare.
+    C{on_failure} is told (node id, failure) of every replica that fails, even after the
+    quorum is reached.
     """
-    gathering: _Gathering[T] = _Gathering(ask, list(spares), needed, accept, hedge=hedge, usable=usable)
+    gathering: _Gathering[T] = _Gathering(
+        ask, list(spares), needed, accept, hedge=hedge, usable=usable, on_failure=on_failure
+    )
     gathering.result.errors.extend(errors)
     gathering.result.standing_in.update(standing_in or {})
     for node_id in first:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
@@ -39,6 +39,8 @@ FILE_TMP = "paxos.jsonl.tmp"
 COMPACT_MIN_BYTES = 1024 * 1024
 
 _log = Logger()
+
+T = TypeVar("T")
 
 
 def committed_in(store: Store) -> Callable[[str, str], bool]:
@@ -230,25 +232,56 @@ class Acceptor:
         Promise C{ballot} unless a ballot as high or higher was promised; fires once the
         promise is durable, with the accepted proposal not yet committed here, if any.
         """
-        promised = self._promised(key)
-        if ballot <= promised:
-            return succeed(Promise(False, promised, self._pending(key)))
-        state = self._states.setdefault(key, _State())
-        state.promised = ballot
-        pending = self._pending(key)
-        return self._append(_record(key, state)).addCallback(lambda _: Promise(True, ballot, pending))
+        return self.prepare_batch([(key, ballot)]).addCallback(lambda promises: promises[0])
 
     def accept(self, key: str, proposal: Proposal) -> Deferred[tuple[bool, str]]:
         """
         Accept C{proposal} unless a higher ballot than its own was promised; fires once the
         acceptance is durable with (accepted, the ballot promised).
         """
-        promised = self._promised(key)
-        if proposal.ballot < promised:
-            return succeed((False, promised))
-        state = self._states.setdefault(key, _State())
-        state.promised, state.accepted = proposal.ballot, proposal
-        return self._append(_record(key, state)).addCallback(lambda _: (True, proposal.ballot))
+        return self.accept_batch([(key, proposal)]).addCallback(lambda answers: answers[0])
+
+    def prepare_batch(self, items: list[tuple[str, str]]) -> Deferred[list[Promise]]:
+        """
+        L{prepare} each (key, ballot) in turn; fires once all the promises made are durable
+        (one write for the batch), with each one's answer.
+        """
+        promises: list[Promise] = []
+        records: list[bytes] = []
+        for key, ballot in items:
+            promised = self._promised(key)
+            if ballot <= promised:
+                promises.append(Promise(False, promised, self._pending(key)))
+                continue
+            state = self._states.setdefault(key, _State())
+            state.promised = ballot
+            promises.append(Promise(True, ballot, self._pending(key)))
+            records.append(_record(key, state))
+        return self._answer(records, promises)
+
+    def accept_batch(self, items: list[tuple[str, Proposal]]) -> Deferred[list[tuple[bool, str]]]:
+        """
+        L{accept} each (key, proposal) in turn; fires once all the acceptances are durable
+        (one write for the batch), with each one's (accepted, the ballot promised).
+        """
+        answers: list[tuple[bool, str]] = []
+        records: list[bytes] = []
+        for key, proposal in items:
+            promised = self._promised(key)
+            if proposal.ballot < promised:
+                answers.append((False, promised))
+                continue
+            state = self._states.setdefault(key, _State())
+            state.promised, state.accepted = proposal.ballot, proposal
+            answers.append((True, proposal.ballot))
+            records.append(_record(key, state))
+        return self._answer(records, answers)
+
+    def _answer(self, records: list[bytes], answers: list[T]) -> Deferred[list[T]]:
+        """C{answers}, once C{records} are durable (at once when there are none: a refusal promises nothing)."""
+        if not records:
+            return succeed(answers)
+        return self._append(b"".join(records)).addCallback(lambda _: answers)
 
     # Durability.
 

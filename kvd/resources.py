@@ -558,40 +558,46 @@ class NodeAPI:
 
     @routes.path("/internal/prepare", "POST", fast=True)
     async def internal_prepare(self, request: IRequest) -> bytes:
-        """Paxos prepare of {key, ballot}: the promise (once durable), the accepted proposal and the entry held."""
-        body = json_request(request, '{"key": K, "ballot": B}')
-        if not (isinstance(body, dict) and isinstance(body.get("ballot"), str)):
-            raise ClientError('the body must be {"key": K, "ballot": B}')
-        key = check_key(body.get("key"))
-        promise = await self._acceptor().prepare(key, body["ballot"])
-        entry = self.store.entry(key)
-        return _json(
-            request,
-            {
-                "success": True,
-                "promised": promise.promised,
-                "ballot": promise.ballot,
-                "accepted": None if promise.accepted is None else promise.accepted.to_json(),
-                "entry": None if entry is None else list(entry),
-            },
-        )
+        """
+        Paxos prepare of [key, ballot] items, one durable write for them all: per item
+        [promised, the ballot promised, the accepted proposal or null, the entry held or null].
+        """
+        items = _batch(request, "items")
+        asked: list[tuple[str, str]] = []
+        for item in items:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], str)):
+                raise ClientError("each item must be [key, ballot]")
+            asked.append((check_key(item[0]), item[1]))
+        promises = await self._acceptor().prepare_batch(asked)
+        answers = []
+        for (key, _), promise in zip(asked, promises, strict=True):
+            entry = self.store.entry(key)
+            accepted = None if promise.accepted is None else promise.accepted.to_json()
+            answers.append([promise.promised, promise.ballot, accepted, None if entry is None else list(entry)])
+        return _json(request, {"success": True, "answers": answers})
 
     @routes.path("/internal/accept", "POST", fast=True)
     async def internal_accept(self, request: IRequest) -> bytes:
-        """Paxos accept of {key, ballot, value, version}: whether it was accepted (once durable)."""
-        body = json_request(request, '{"key": K, "ballot": B, "value": V, "version": VERSION}')
-        if not (
-            isinstance(body, dict)
-            and isinstance(body.get("ballot"), str)
-            and (body.get("value") is None or isinstance(body.get("value"), str))
-            and is_version(body.get("version"))
-        ):
-            raise ClientError('the body must be {"key": K, "ballot": B, "value": V or null, "version": VERSION}')
-        if body["value"] is not None:
-            check_value(body["value"])
-        key = check_key(body.get("key"))
-        accepted, ballot = await self._acceptor().accept(key, Proposal(body["ballot"], body["value"], body["version"]))
-        return _json(request, {"success": True, "accepted": accepted, "ballot": ballot})
+        """
+        Paxos accept of [key, ballot, value or null, version] items, one durable write for
+        them all: per item [accepted, the ballot promised].
+        """
+        items = _batch(request, "items")
+        asked: list[tuple[str, Proposal]] = []
+        for item in items:
+            if not (
+                isinstance(item, list)
+                and len(item) == 4
+                and isinstance(item[1], str)
+                and (item[2] is None or isinstance(item[2], str))
+                and is_version(item[3])
+            ):
+                raise ClientError("each item must be [key, ballot, value or null, version]")
+            if item[2] is not None:
+                check_value(item[2])
+            asked.append((check_key(item[0]), Proposal(item[1], item[2], item[3])))
+        answers = await self._acceptor().accept_batch(asked)
+        return _json(request, {"success": True, "answers": [list(answer) for answer in answers]})
 
     @routes.path("/internal/apply", "POST", fast=True)
     async def internal_apply(self, request: IRequest) -> bytes:

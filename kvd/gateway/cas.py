@@ -29,10 +29,10 @@ from twisted.logger import Logger
 
 from kvd.gateway.cluster import Cluster, ClusterView
 from kvd.gateway.coordinator import WriteOutcome
-from kvd.gateway.nodes import NodeClients, Written
+from kvd.gateway.nodes import NodeClients, PromiseAnswer, Written
 from kvd.gateway.quorum import Gathered, Receipt, gather
 from kvd.keys import Precondition, Unavailable
-from kvd.paxos import Promise, Proposal
+from kvd.paxos import Proposal
 from kvd.versions import HybridClock
 
 _log = Logger()
@@ -42,8 +42,6 @@ MAX_ROUNDS = 12
 #: The random pause before a round that lost to another proposer: up to this many seconds,
 #: doubling with each lost round.
 BACKOFF = 0.005
-
-PromiseAnswer = tuple[Promise, "tuple[str | None, str] | None"]
 
 
 class Contended(Unavailable):
@@ -77,6 +75,9 @@ class Proposer:
         owners, _ = view.placement(key)
         majority = len(owners) // 2 + 1
         lost = 0
+        #: The versions this write proposed, and whether the key was live before each: one of
+        #: them found chosen by a later round (another proposer finished it) is this write's success.
+        mine: dict[str, bool] = {}
         for _round in range(MAX_ROUNDS):
             ballot = self.clock.next()
             promises = await self._prepare(view, owners, key, ballot, majority)
@@ -103,18 +104,26 @@ class Proposer:
                 _log.info("finishing an unfinished write of {key!r} ({version})", key=key, version=left.version)
                 self.recovered += 1
                 if await self._propose(view, owners, key, Proposal(ballot, left.value, left.version), majority):
-                    await self._commit(view, owners, key, left.value, left.version)
+                    receipt = await self._commit(view, owners, key, left.value, left.version)
+                    if left.version in mine:
+                        return WriteOutcome(left.version, mine[left.version], receipt)
                 else:
                     lost += 1
                     await self._pause(lost)
                 continue
+            if newest_version in mine:
+                # This write's own proposal was chosen (finished by another proposer): it took effect.
+                receipt = await self._commit(view, owners, key, value, newest_version)
+                return WriteOutcome(newest_version, mine[newest_version], receipt)
             precondition.check(*(newest if newest is not None else (None, None)))
+            live = newest is not None and newest[0] is not None
+            mine[ballot] = live
             if not await self._propose(view, owners, key, Proposal(ballot, value, ballot), majority):
                 lost += 1
                 await self._pause(lost)
                 continue
             receipt = await self._commit(view, owners, key, value, ballot)
-            return WriteOutcome(ballot, newest is not None and newest[0] is not None, receipt)
+            return WriteOutcome(ballot, live, receipt)
         raise Contended(f"conditional write of {key!r}: other writers kept winning; try again")
 
     def _observe(self, versions: list[str]) -> None:

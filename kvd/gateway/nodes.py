@@ -6,11 +6,12 @@ on the calling side; the node's side is in L{kvd.resources.NodeAPI}.
 Every answer is checked before it is believed: a node answering something that is not the
 expected JSON is a L{PeerError} naming it, never an exception deeper in the gateway.
 
-Quorum traffic is batched per node (L{NodeClient.apply_key}, L{NodeClient.read_key}): while
-one request of a kind is in flight to a node, the items for it queue and go together in the
-next. A batch is cut at L{MAX_BATCH} items or once its values pass L{BATCH_VALUE_BUDGET}
-characters, and a node cuts its read answers the same way, so the size of an internal
-message follows from the value limit (see L{kvd.keys.internal_message_limit}).
+Quorum traffic is batched per node (L{NodeClient.apply_key}, L{NodeClient.read_key}, and
+Paxos's L{NodeClient.prepare} and L{NodeClient.accept}): while one request of a kind is in
+flight to a node, the items for it queue and go together in the next. A batch is cut at
+L{MAX_BATCH} items or once its values pass L{BATCH_VALUE_BUDGET} characters, and a node
+cuts its read answers the same way, so the size of an internal message follows from the
+value limit (see L{kvd.keys.internal_message_limit}).
 
 The quorum paths report to the gateway's failure detector (L{kvd.gateway.health.Health}):
 each batch has the node's learned deadline, its latency or its loss is recorded, and a node
@@ -50,6 +51,9 @@ MAX_QUEUED_CHARS = 4 * BATCH_VALUE_BUDGET
 #: An item of an apply batch: key, value (None: a tombstone) and version.
 Item = tuple[str, "str | None", str]
 
+#: A node's answer to a prepare: its promise (or refusal), and the entry its store holds.
+PromiseAnswer = tuple[Promise, "Entry | None"]
+
 
 @frozen
 class Written:
@@ -84,6 +88,10 @@ def _encode(body: object) -> bytes:
 
 def _value_size(item: Item) -> int:
     return len(item[1] or "")
+
+
+def _proposal_size(item: tuple[str, Proposal]) -> int:
+    return len(item[1].value or "")
 
 
 def _fitting(items: list[T], size: Callable[[T], int]) -> int:
@@ -139,6 +147,8 @@ class NodeClient:
     _cork: Cork = field(factory=Cork)
     _applies: _Queue = field(factory=_Queue)
     _reads: _Queue = field(factory=_Queue)
+    _prepares: _Queue = field(factory=_Queue)
+    _accepts: _Queue = field(factory=_Queue)
 
     @property
     def id(self) -> str:
@@ -279,13 +289,18 @@ class NodeClient:
         """Tell the node what the last repair sweep moved for it (its GET /node shows it)."""
         return self._call("progress", report.to_json(), lambda body: None)
 
-    # Paxos for conditional writes (see kvd.gateway.cas): one key a request.
+    # Paxos for conditional writes (see kvd.gateway.cas): whole batches, for the queues below.
 
-    def prepare(self, key: str, ballot: str) -> Deferred[tuple[Promise, tuple[str | None, str] | None]]:
-        """The node's promise (or refusal) of C{ballot} for C{key}, and the entry its store holds."""
+    def prepare_batch(
+        self, items: list[tuple[str, str]], timeout: float | None = None
+    ) -> Deferred[list[PromiseAnswer]]:
+        """
+        The node's promise (or refusal) of each (key, ballot), and the entry its store holds
+        for the key, in one request.
+        """
 
-        def parse(body: Any) -> tuple[Promise, tuple[str | None, str] | None]:
-            promised, ballot, accepted, entry = body["promised"], body["ballot"], body["accepted"], body["entry"]
+        def answer(item: Any) -> PromiseAnswer:
+            promised, ballot, accepted, entry = item
             if not (isinstance(promised, bool) and isinstance(ballot, str)):
                 raise ValueError("promised")
             proposal = None
@@ -302,19 +317,33 @@ class NodeClient:
                 found = (value, version)
             return Promise(promised, ballot, proposal), found
 
-        return self._call("prepare", {"key": key, "ballot": ballot}, parse)
+        def parse(body: Any) -> list[PromiseAnswer]:
+            answers = body["answers"]
+            if not (isinstance(answers, list) and len(answers) == len(items)):
+                raise ValueError("answers")
+            return [answer(item) for item in answers]
 
-    def accept(self, key: str, proposal: Proposal) -> Deferred[tuple[bool, str]]:
-        """Whether the node accepted the proposal, and the ballot it has promised."""
+        return self._call("prepare", {"items": [list(item) for item in items]}, parse, timeout)
 
-        def parse(body: Any) -> tuple[bool, str]:
-            accepted, ballot = body["accepted"], body["ballot"]
+    def accept_batch(
+        self, items: list[tuple[str, Proposal]], timeout: float | None = None
+    ) -> Deferred[list[tuple[bool, str]]]:
+        """Whether the node accepted each (key, proposal), and the ballot it has promised, in one request."""
+
+        def answer(item: Any) -> tuple[bool, str]:
+            accepted, ballot = item
             if not (isinstance(accepted, bool) and isinstance(ballot, str)):
                 raise ValueError("accepted")
             return accepted, ballot
 
-        body = {"key": key, "ballot": proposal.ballot, "value": proposal.value, "version": proposal.version}
-        return self._call("accept", body, parse)
+        def parse(body: Any) -> list[tuple[bool, str]]:
+            answers = body["answers"]
+            if not (isinstance(answers, list) and len(answers) == len(items)):
+                raise ValueError("answers")
+            return [answer(item) for item in answers]
+
+        body = [[key, p.ballot, p.value, p.version] for key, p in items]
+        return self._call("accept", {"items": body}, parse, timeout)
 
     def changes(
         self,
@@ -363,6 +392,14 @@ class NodeClient:
         """Fires with what the node made of the write, once durable there."""
         return self._enqueue(self._applies, (key, value, version), len(value or ""), self._send_applies)
 
+    def prepare(self, key: str, ballot: str) -> Deferred[PromiseAnswer]:
+        """The node's promise (or refusal) of C{ballot} for C{key}, and the entry its store holds, once durable."""
+        return self._enqueue(self._prepares, (key, ballot), 0, self._send_prepares)
+
+    def accept(self, key: str, proposal: Proposal) -> Deferred[tuple[bool, str]]:
+        """Whether the node accepted the proposal (durably), and the ballot it has promised."""
+        return self._enqueue(self._accepts, (key, proposal), len(proposal.value or ""), self._send_accepts)
+
     def read_key(self, key: str) -> Deferred[Entry | None]:
         return self._enqueue(self._reads, key, 0, self._send_reads)
 
@@ -392,6 +429,10 @@ class NodeClient:
             self._send_applies()
         if not self._reads.busy:
             self._send_reads()
+        if not self._prepares.busy:
+            self._send_prepares()
+        if not self._accepts.busy:
+            self._send_accepts()
 
     def _take(self, queue: _Queue, size: Callable[[Any], int]) -> list[tuple[Any, Deferred[Any]]]:
         if not self.reachable:
@@ -439,6 +480,22 @@ class NodeClient:
             d = self._timed(lambda timeout: self.read(keys, timeout))
             d.addCallbacks(self._deliver_entries, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
             d.addBoth(lambda _: self._send_reads())
+
+    def _send_prepares(self) -> None:
+        batch = self._take(self._prepares, lambda item: 0)
+        if batch:
+            items = [item for item, _ in batch]
+            d = self._timed(lambda timeout: self.prepare_batch(items, timeout))
+            d.addCallbacks(self._deliver, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
+            d.addBoth(lambda _: self._send_prepares())
+
+    def _send_accepts(self) -> None:
+        batch = self._take(self._accepts, _proposal_size)
+        if batch:
+            items = [item for item, _ in batch]
+            d = self._timed(lambda timeout: self.accept_batch(items, timeout))
+            d.addCallbacks(self._deliver, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
+            d.addBoth(lambda _: self._send_accepts())
 
     @staticmethod
     def _deliver(outcomes: Iterable[Any], batch: list[tuple[Any, Deferred[Any]]]) -> None:

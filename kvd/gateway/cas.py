@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import TypeVar
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
@@ -36,6 +37,8 @@ from kvd.paxos import Proposal
 from kvd.versions import HybridClock
 
 _log = Logger()
+
+T = TypeVar("T")
 
 #: Rounds a conditional write tries before it answers 503.
 MAX_ROUNDS = 12
@@ -135,13 +138,27 @@ class Proposer:
         delay = self.random() * BACKOFF * (2 ** min(lost, 6))
         await deferLater(self.scheduler, delay, lambda: None)
 
+    def _gather(
+        self, ask: Callable[[str], Deferred[T]], owners: list[str], majority: int, accept: Callable[[T], bool]
+    ) -> Deferred[Gathered[T]]:
+        """
+        Ask a majority of the owners (those the failure detector deems reachable first); ask
+        another in place of one that fails, and also once the usual worst latency of those
+        asked has passed without a majority, as reads hedge. Any majority will do for Paxos,
+        and the owners not asked cost nothing.
+        """
+        health = self.nodes.health
+        ordered = sorted(owners, key=lambda node_id: not health.reachable(node_id))
+        first, spares = ordered[:majority], ordered[majority:]
+        return gather(ask, first, spares, majority, accept, hedge=(health.clock, health.hedge_delay(first)))
+
     def _prepare(
         self, view: ClusterView, owners: list[str], key: str, ballot: str, majority: int
     ) -> Deferred[Gathered[PromiseAnswer]]:
         def ask(node_id: str) -> Deferred[PromiseAnswer]:
             return self.nodes(view.members[node_id]).prepare(key, ballot)
 
-        return gather(ask, owners, [], majority, lambda answer: answer[0].promised)
+        return self._gather(ask, owners, majority, lambda answer: answer[0].promised)
 
     async def _propose(self, view: ClusterView, owners: list[str], key: str, proposal: Proposal, majority: int) -> bool:
         """Whether a majority of owners accepted C{proposal}."""
@@ -149,7 +166,7 @@ class Proposer:
         def ask(node_id: str) -> Deferred[tuple[bool, str]]:
             return self.nodes(view.members[node_id]).accept(key, proposal)
 
-        gathered = await gather(ask, owners, [], majority, lambda answer: answer[0])
+        gathered = await self._gather(ask, owners, majority, lambda answer: answer[0])
         if gathered.accepted >= majority:
             return True
         if len(gathered.answers) < majority:

@@ -246,36 +246,46 @@ class Acceptor:
         L{prepare} each (key, ballot) in turn; fires once all the promises made are durable
         (one write for the batch), with each one's answer.
         """
-        promises: list[Promise] = []
         records: list[bytes] = []
-        for key, ballot in items:
-            promised = self._promised(key)
-            if ballot <= promised:
-                promises.append(Promise(False, promised, self._pending(key)))
-                continue
-            state = self._states.setdefault(key, _State())
-            state.promised = ballot
-            promises.append(Promise(True, ballot, self._pending(key)))
-            records.append(_record(key, state))
-        return self._answer(records, promises)
+        return self._answer(records, [self._prepare(key, ballot, records) for key, ballot in items])
 
     def accept_batch(self, items: list[tuple[str, Proposal]]) -> Deferred[list[tuple[bool, str]]]:
         """
         L{accept} each (key, proposal) in turn; fires once all the acceptances are durable
         (one write for the batch), with each one's (accepted, the ballot promised).
         """
-        answers: list[tuple[bool, str]] = []
         records: list[bytes] = []
-        for key, proposal in items:
-            promised = self._promised(key)
-            if proposal.ballot < promised:
-                answers.append((False, promised))
-                continue
-            state = self._states.setdefault(key, _State())
-            state.promised, state.accepted = proposal.ballot, proposal
-            answers.append((True, proposal.ballot))
-            records.append(_record(key, state))
+        return self._answer(records, [self._accept(key, proposal, records) for key, proposal in items])
+
+    def batch(self, items: list[tuple[str, str | Proposal]]) -> Deferred[list[Promise | tuple[bool, str]]]:
+        """
+        Prepares (key, ballot) and accepts (key, proposal) mixed, each in turn; fires once
+        all the changes are durable (one write for the batch), with each one's answer.
+        """
+        records: list[bytes] = []
+        answers: list[Promise | tuple[bool, str]] = [
+            self._prepare(key, asked, records) if isinstance(asked, str) else self._accept(key, asked, records)
+            for key, asked in items
+        ]
         return self._answer(records, answers)
+
+    def _prepare(self, key: str, ballot: str, records: list[bytes]) -> Promise:
+        promised = self._promised(key)
+        if ballot <= promised:
+            return Promise(False, promised, self._pending(key))
+        state = self._states.setdefault(key, _State())
+        state.promised = ballot
+        records.append(_record(key, state))
+        return Promise(True, ballot, self._pending(key))
+
+    def _accept(self, key: str, proposal: Proposal, records: list[bytes]) -> tuple[bool, str]:
+        promised = self._promised(key)
+        if proposal.ballot < promised:
+            return False, promised
+        state = self._states.setdefault(key, _State())
+        state.promised, state.accepted = proposal.ballot, proposal
+        records.append(_record(key, state))
+        return True, proposal.ballot
 
     def _answer(self, records: list[bytes], answers: list[T]) -> Deferred[list[T]]:
         """C{answers}, once C{records} are durable (at once when there are none: a refusal promises nothing)."""

@@ -20,7 +20,7 @@ from urllib.parse import unquote_to_bytes
 
 from attrs import define, field
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -65,7 +65,7 @@ from kvd.keys import (
     value_json,
 )
 from kvd.metrics import CONTENT_TYPE, Metrics
-from kvd.paxos import Acceptor, Proposal
+from kvd.paxos import Acceptor, Promise, Proposal
 from kvd.registry import STATUSES as MEMBER_STATUSES
 from kvd.registry import InvalidRegistration, Registry, StaleIncarnation, Status
 from kvd.store import BUCKETS, BadBatch, Entry, Store, StoreError
@@ -556,48 +556,67 @@ class NodeAPI:
             raise Unavailable("this node takes no part in conditional writes")
         return self.acceptor
 
-    @routes.path("/internal/prepare", "POST", fast=True)
-    async def internal_prepare(self, request: IRequest) -> bytes:
+    @routes.path("/internal/paxos", "POST", fast=True)
+    async def internal_paxos(self, request: IRequest) -> bytes:
         """
-        Paxos prepare of [key, ballot] items, one durable write for them all: per item
-        [promised, the ballot promised, the accepted proposal or null, the entry held or null].
-        """
-        items = _batch(request, "items")
-        asked: list[tuple[str, str]] = []
-        for item in items:
-            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], str)):
-                raise ClientError("each item must be [key, ballot]")
-            asked.append((check_key(item[0]), item[1]))
-        promises = await self._acceptor().prepare_batch(asked)
-        answers = []
-        for (key, _), promise in zip(asked, promises, strict=True):
-            entry = self.store.entry(key)
-            accepted = None if promise.accepted is None else promise.accepted.to_json()
-            answers.append([promise.promised, promise.ballot, accepted, None if entry is None else list(entry)])
-        return _json(request, {"success": True, "answers": answers})
-
-    @routes.path("/internal/accept", "POST", fast=True)
-    async def internal_accept(self, request: IRequest) -> bytes:
-        """
-        Paxos accept of [key, ballot, value or null, version] items, one durable write for
-        them all: per item [accepted, the ballot promised].
+        A batch of conditional-write traffic, answered once all of it is durable, per item in
+        order: ["p", key, ballot] (prepare: [promised, the ballot promised, the accepted
+        proposal or null, the entry held or null]), ["a", key, ballot, value or null, version]
+        (accept: [accepted, the ballot promised]) and ["c", key, value or null, version]
+        (commit, a replicated write: [live before, the version held]). The acceptor's
+        changes are one write of paxos.jsonl, the commits one group of the store's journal.
         """
         items = _batch(request, "items")
-        asked: list[tuple[str, Proposal]] = []
+        asked: list[tuple[str, str | Proposal]] = []
+        commits: list[list[Any]] = []
+        kinds: list[str] = []
         for item in items:
-            if not (
-                isinstance(item, list)
-                and len(item) == 4
-                and isinstance(item[1], str)
-                and (item[2] is None or isinstance(item[2], str))
-                and is_version(item[3])
+            kind = item[0] if isinstance(item, list) and item else None
+            if kind == "p" and len(item) == 3 and isinstance(item[2], str):
+                asked.append((check_key(item[1]), item[2]))
+            elif (
+                kind == "a"
+                and len(item) == 5
+                and isinstance(item[2], str)
+                and (item[3] is None or isinstance(item[3], str))
+                and is_version(item[4])
             ):
-                raise ClientError("each item must be [key, ballot, value or null, version]")
-            if item[2] is not None:
-                check_value(item[2])
-            asked.append((check_key(item[0]), Proposal(item[1], item[2], item[3])))
-        answers = await self._acceptor().accept_batch(asked)
-        return _json(request, {"success": True, "answers": [list(answer) for answer in answers]})
+                if item[3] is not None:
+                    check_value(item[3])
+                asked.append((check_key(item[1]), Proposal(item[2], item[3], item[4])))
+            elif kind == "c" and len(item) == 4:
+                commits.append(item[1:])
+            else:
+                raise ClientError(
+                    'each item must be ["p", key, ballot], ["a", key, ballot, value, version]'
+                    ' or ["c", key, value, version]'
+                )
+            kinds.append(kind)
+        acceptor = self._acceptor()
+        # The store raises BadBatch before it changes anything; the two writes go on together.
+        applied = self.store.apply_batch(commits) if commits else succeed(None)
+        proposed = acceptor.batch(asked) if asked else succeed([])
+        try:
+            paxos = await proposed
+        finally:
+            done = await applied
+        answers: list[Any] = []
+        promises, commit = iter(paxos), 0
+        for kind in kinds:
+            if kind == "c":
+                assert done is not None
+                answers.append([done.live[commit], done.held[commit]])
+                commit += 1
+                continue
+            answer = next(promises)
+            if isinstance(answer, Promise):
+                key = asked[len(answers) - commit][0]
+                entry = self.store.entry(key)
+                accepted = None if answer.accepted is None else answer.accepted.to_json()
+                answers.append([answer.promised, answer.ballot, accepted, None if entry is None else list(entry)])
+            else:
+                answers.append(list(answer))
+        return _json(request, {"success": True, "answers": answers, "now": int(self.store.clock.now() * 1000)})
 
     @routes.path("/internal/apply", "POST", fast=True)
     async def internal_apply(self, request: IRequest) -> bytes:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 
-from kvd.gateway.nodes import MAX_BATCH, MAX_QUEUED, NodeClient, split
+from kvd.gateway.nodes import MAX_BATCH, MAX_QUEUED, NodeClient, Written, split
 from kvd.gateway.quorum import QuorumFailed, gather
 from kvd.keys import BATCH_VALUE_BUDGET
 from kvd.membership import NodeInfo
@@ -137,7 +137,7 @@ def test_a_quorum_that_cannot_be_reached_says_how_many_answered() -> None:
     assert (caught.value.answered, caught.value.needed) == (1, 2)
 
 
-def test_concurrent_prepares_and_accepts_to_one_node_go_together_and_are_answered_per_key() -> None:
+def test_conditional_writes_share_one_queue_per_node_and_are_answered_per_item() -> None:
     pending: Deferred[Answer] = Deferred()
     calls: list[tuple[str, Any]] = []
 
@@ -145,28 +145,37 @@ def test_concurrent_prepares_and_accepts_to_one_node_go_together_and_are_answere
         calls.append((url.rsplit("/", 1)[1], json.loads(body or b"null")))
         if len(calls) == 1:
             return pending
-        if calls[-1][0] == "prepare":
-            return succeed(ok({"answers": [[True, "b2", None, ["v", "0001"]], [False, "b9", ["b8", "x", "b8"], None]]}))
-        answers = [[True, "b2"], [False, "b9"]]
-        return succeed(ok({"answers": answers[-len(calls[-1][1]["items"]) :]}))
+        answers = [
+            [True, "b2", None, ["v", "0001"]],
+            [False, "b9", ["b8", "x", "b8"], None],
+            [False, "b9"],
+            [True, "v3"],
+        ]
+        return succeed(ok({"answers": answers}))
 
     peers = CannedPeers()
     peers.call = call  # type: ignore[method-assign]
     nodes = NodeClient(NODE, peers)  # type: ignore[arg-type]
     first = nodes.prepare("a", "b1")
-    second, third = nodes.prepare("b", "b2"), nodes.prepare("c", "b3")
+    queued = [
+        nodes.prepare("b", "b2"),
+        nodes.prepare("c", "b3"),
+        nodes.accept("c", Proposal("b2", None, "b2")),
+        nodes.commit_key("d", "4", "v3"),
+    ]
     assert len(calls) == 1, "the others wait for the first request"
     pending.callback(ok({"answers": [[True, "b1", None, None]]}))
     assert result_of(first) == (Promise(True, "b1", None), None)
-    assert result_of(second) == (Promise(True, "b2", None), ("v", "0001"))
-    assert result_of(third) == (Promise(False, "b9", Proposal("b8", "x", "b8")), None)
-    assert calls[1] == ("prepare", {"items": [["b", "b2"], ["c", "b3"]]})
-    accepted = [nodes.accept(key, Proposal("b2", value, "b2")) for key, value in (("b", "2"), ("c", None))]
-    assert [result_of(d) for d in accepted] == [(False, "b9"), (False, "b9")]
-    assert calls[2:] == [
-        ("accept", {"items": [["b", "b2", "2", "b2"]]}),
-        ("accept", {"items": [["c", "b2", None, "b2"]]}),
+    assert [result_of(d) for d in queued] == [
+        (Promise(True, "b2", None), ("v", "0001")),
+        (Promise(False, "b9", Proposal("b8", "x", "b8")), None),
+        (False, "b9"),
+        Written(True, "v3"),
     ]
+    assert calls[1] == (
+        "paxos",
+        {"items": [["p", "b", "b2"], ["p", "c", "b3"], ["a", "c", "b2", None, "b2"], ["c", "d", "4", "v3"]]},
+    )
 
 
 @pytest.mark.parametrize(
@@ -177,6 +186,7 @@ def test_concurrent_prepares_and_accepts_to_one_node_go_together_and_are_answere
         {"answers": [["yes", "b1", None, None]]},
         {"answers": [[True, "b1", ["b1", 3, "b1"], None]]},
         {"answers": [[True, "b1", None, ["v", 7]]]},
+        {"answers": [[True, "b1"]]},  # an accept's answer to a prepare
         {"answers": "nope"},
         {"promised": True, "ballot": "b1", "accepted": None, "entry": None},  # the old single-key answer
     ],
@@ -187,9 +197,11 @@ def test_a_prepare_answer_that_is_not_the_expected_json_is_a_peer_error(body: ob
 
 
 @pytest.mark.parametrize("body", [{"answers": []}, {"answers": [[1, "b1"]]}, {"accepted": True, "ballot": "b1"}])
-def test_an_accept_answer_that_is_not_the_expected_json_is_a_peer_error(body: object) -> None:
+def test_accept_and_commit_answers_that_are_not_the_expected_json_are_peer_errors(body: object) -> None:
     nodes, _ = client(ok(body))
     assert isinstance(failure_of(nodes.accept("k", Proposal("b1", "v", "b1"))), PeerError)
+    nodes, _ = client(ok(body))
+    assert isinstance(failure_of(nodes.commit_key("k", "v", "b1")), PeerError)
 
 
 def test_a_node_that_stops_answering_fills_no_unbounded_paxos_queue() -> None:

@@ -194,28 +194,42 @@ def test_a_batch_with_a_bad_item_is_a_400_and_applies_nothing(client: StubTreq, 
     assert (status, body) == (200, {"success": True, "dropped": 1})
 
 
-def test_internal_prepare_and_accept_take_many_keys_and_answer_each(store: Store) -> None:
+def test_internal_paxos_takes_prepares_accepts_and_commits_together_and_answers_each(store: Store) -> None:
     acceptor = Acceptor.open(store.directory, committed_in(store))
     client = StubTreq(NodeAPI("a", store, acceptor=acceptor).resource())
     b1, b2 = "018f00000000000000.gw1", "018f00000000000001.gw2"
     call(client, "PUT", "/kv/held", b"v")
     held = store.entry("held")
     assert held is not None
-    items = [["held", b2], ["new", b2], ["held", b1]]
-    status, body, _ = call(client, "POST", "/internal/prepare", json.dumps({"items": items}).encode())
+    items = [
+        ["p", "held", b2],
+        ["p", "new", b2],
+        ["p", "held", b1],
+        ["a", "new", b1, "old", b1],
+        ["a", "new", b2, "x", b2],
+    ]
+    items.append(["c", "new", "x", b2])
+    status, body, _ = call(client, "POST", "/internal/paxos", json.dumps({"items": items}).encode())
     assert status == 200
-    assert body["answers"] == [[True, b2, None, list(held)], [True, b2, None, None], [False, b2, None, list(held)]]
-    items = [["new", b1, "old", b1], ["new", b2, "x", b2]]
-    status, body, _ = call(client, "POST", "/internal/accept", json.dumps({"items": items}).encode())
-    assert (status, body["answers"]) == (200, [[False, b2], [True, b2]])
+    assert body["answers"] == [
+        [True, b2, None, list(held)],
+        [True, b2, None, ["x", b2]],  # the entry is read once the whole batch is durable
+        [False, b2, None, list(held)],
+        [False, b2],
+        [True, b2],
+        [False, b2],
+    ]
     assert acceptor.state("new") == (b2, Proposal(b2, "x", b2))
-    for path, bad in [
-        ("/internal/prepare", {"items": [["k"]]}),
-        ("/internal/prepare", {"key": "k", "ballot": b1}),
-        ("/internal/prepare", {"items": [["", b1]]}),
-        ("/internal/accept", {"items": [["k", b1, 3, b1]]}),
-        ("/internal/accept", {"items": [["k", b1, "v", "not a version"]]}),
+    assert store.entry("new") == ("x", b2)
+    for bad in [
+        {"items": [["p", "k"]]},
+        {"key": "k", "ballot": b1},
+        {"items": [["p", "", b1]]},
+        {"items": [["a", "k", b1, 3, b1]]},
+        {"items": [["a", "k", b1, "v", "not a version"]]},
+        {"items": [["x", "k", b1]]},
+        {"items": [["p", "k", b1], ["c", "k", "v", "not a version"]]},
     ]:
-        assert call(client, "POST", path, json.dumps(bad).encode())[0] == 400, bad
-    assert acceptor.state("k") == ("", None), "a bad batch changes nothing"
+        assert call(client, "POST", "/internal/paxos", json.dumps(bad).encode())[0] == 400, bad
+    assert acceptor.state("k") == ("", None) and store.entry("k") is None, "a bad batch changes nothing"
     acceptor.close()

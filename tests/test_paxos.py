@@ -176,3 +176,16 @@ def test_a_crash_before_a_batch_is_durable_loses_the_whole_batch_and_nothing_was
     again.close()
     last = Acceptor.open(str(tmp_path), never)
     assert last.state("k") == (B3, Proposal(B3, "w", B3)) and last.state("j") == (B3, None)
+
+
+def test_prepares_and_accepts_mixed_in_one_batch_are_one_write_taken_in_order(tmp_path: Path) -> None:
+    runner = Held()
+    acceptor = Acceptor.open(str(tmp_path), never, run=runner)
+    answers = acceptor.batch([("k", B1), ("k", Proposal(B1, "v", B1)), ("k", B2), ("k", Proposal(B1, "late", B1))])
+    assert len(runner.jobs) == 1 and not answers.called
+    runner.release()
+    first, accepted, second, refused = result(answers)
+    assert first.promised and accepted == (True, B1) and refused == (False, B2)
+    assert second.promised and second.accepted == Proposal(B1, "v", B1)
+    acceptor.close()
+    assert Acceptor.open(str(tmp_path), never).state("k") == (B2, Proposal(B1, "v", B1))

@@ -179,7 +179,7 @@ class Proposer:
         needed = min(len(owners), max(self.write_quorum, len(owners) // 2 + 1))
 
         def ask(node_id: str) -> Deferred[Written]:
-            return self.nodes(view.members[node_id]).apply_key(key, value, version)
+            return self.nodes(view.members[node_id]).commit_key(key, value, version)
 
         gathered = await gather(ask, owners, [], needed, lambda written: written.held >= version)
         receipt = gathered.receipt()

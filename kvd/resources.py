@@ -865,10 +865,12 @@ class GatewayAPI:
         if self.watches is None and self.clock is not None:
             self.watches = Watches(self.cluster, self.coordinator, self.clock)
 
-    def _conditional(self, key: str, value: str | None, precondition: Precondition) -> Deferred[WriteOutcome]:
+    def _conditional(
+        self, key: str, value: str | None, precondition: Precondition, ttl: float | None = None
+    ) -> Deferred[WriteOutcome]:
         if self.proposer is None:
             raise Unavailable("this gateway takes no conditional writes")
-        return Deferred.fromCoroutine(self.proposer.write(key, value, precondition))
+        return Deferred.fromCoroutine(self.proposer.write(key, value, precondition, ttl))
 
     @routes.key(paths.KV, "GET", fast=True)
     def get(self, request: IRequest, key: str) -> Deferred[bytes]:
@@ -912,15 +914,13 @@ class GatewayAPI:
             self.hot.record(key)
         precondition = _precondition(request)
         ttl = _ttl_arg(request)
-        if precondition is not None and ttl is not None:
-            raise ClientError("a conditional write cannot take ttl yet: write it, then set its ttl unconditionally")
         value = parse_value(request.content.read(), self.max_value_bytes, _content_type(request))
 
         def render(written: WriteOutcome) -> bytes:
             return _entry_answer(request, key, value, written.version, extra=_receipt(written.receipt))
 
         if precondition is not None:
-            return self._conditional(key, value, precondition).addCallback(render)
+            return self._conditional(key, value, precondition, ttl).addCallback(render)
         return self.coordinator.write(key, value, ttl).addCallback(render)
 
     @routes.key(paths.KV, "DELETE", fast=True)

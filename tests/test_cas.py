@@ -141,6 +141,32 @@ def test_if_match_writes_only_over_the_named_version(cas: CasCluster) -> None:
     )
 
 
+def test_a_conditional_write_takes_ttl_and_an_expired_entry_counts_as_absent(cas: CasCluster) -> None:
+    status, body = cas.call("PUT", "gw1", "k?ttl=10", b"lease", if_none_match="*")
+    assert status == 200 and body["expires"] == cas.clock.seconds() + 10
+    version = body["version"]
+    assert cas.call("PUT", "gw2", "k?ttl=10", b"other", if_none_match="*") == (
+        412,
+        {"success": False, "key": "k", "version": version, "error": "If-None-Match: * failed: the key exists"},
+    )
+    for node_id in NODES:
+        assert cas.stores[node_id].entry("k") == ("lease", version), "every owner holds the expiry in the version"
+    cas.clock.advance(9.5)
+    status, renewed = cas.call("PUT", "gw2", "k?ttl=10", b"lease", if_match=f'"{version}"')
+    assert status == 200 and renewed["expires"] == cas.clock.seconds() + 10, "renewed before it expired"
+    cas.clock.advance(10)
+    assert cas.call("GET", "gw1", "k")[0] == 404
+    assert cas.call("PUT", "gw1", "k", b"x", if_match=f'"{renewed["version"]}"') == (
+        412,
+        {"success": False, "key": "k", "version": None, "error": "If-Match failed: the key does not exist"},
+    )
+    status, taken = cas.call("PUT", "gw1", "k", b"mine", if_none_match="*")
+    assert status == 200 and "expires" not in taken, "expired counts as absent; no ttl: permanent"
+    cas.clock.advance(100)
+    assert cas.call("GET", "gw2", "k")[1]["value"] == "mine"
+    assert cas.call("PUT", "gw1", "k?ttl=0", b"v", if_match="*")[0] == 400
+
+
 def test_bad_precondition_headers_are_400(cas: CasCluster) -> None:
     assert cas.call("DELETE", "gw1", "k", if_none_match="*")[0] == 400
     assert cas.call("PUT", "gw1", "k", b"v", if_none_match='"x"')[0] == 400

@@ -34,6 +34,7 @@ from kvd.gateway.nodes import NodeClients, PromiseAnswer, Written
 from kvd.gateway.quorum import Gathered, Receipt, gather
 from kvd.keys import Precondition, Unavailable
 from kvd.paxos import Proposal
+from kvd.ttl import expired, with_expiry
 from kvd.versions import HybridClock
 
 _log = Logger()
@@ -65,10 +66,14 @@ class Proposer:
     conflicts: int = 0
     recovered: int = 0
 
-    async def write(self, key: str, value: str | None, precondition: Precondition) -> WriteOutcome:
+    async def write(
+        self, key: str, value: str | None, precondition: Precondition, ttl: float | None = None
+    ) -> WriteOutcome:
         """
         Write C{value} (None: delete) if C{precondition} holds of the key's current entry;
         fires with the new version, whether the key was live before, and the commit's receipt.
+        With C{ttl}, the new version carries the expiry C{ttl} seconds from now (L{kvd.ttl}),
+        as a plain write's does.
 
         @raise PreconditionFailed: with the current version, when it does not hold.
         @raise QuorumFailed: when fewer than a majority of owners answer, or the commit misses W.
@@ -78,6 +83,7 @@ class Proposer:
         owners, _ = view.placement(key)
         majority = len(owners) // 2 + 1
         lost = 0
+        expires = None if ttl is None else self.clock.now() + ttl
         #: The versions this write proposed, and whether the key was live before each: one of
         #: them found chosen by a later round (another proposer finished it) is this write's success.
         mine: dict[str, bool] = {}
@@ -99,6 +105,8 @@ class Proposer:
                 self._observe(versions)
                 continue
             newest = max((e for _, e in granted.values() if e is not None), key=lambda e: e[1], default=None)
+            if newest is not None and newest[0] is not None and expired(newest[1], self.clock.now()):
+                newest = (None, newest[1])  # expired by this gateway's clock: absent, as a read here says
             newest_version = "" if newest is None else newest[1]
             unfinished = [p.accepted for p, _ in granted.values() if p.accepted is not None]
             unfinished = [a for a in unfinished if a.version > newest_version]
@@ -120,13 +128,14 @@ class Proposer:
                 return WriteOutcome(newest_version, mine[newest_version], receipt)
             precondition.check(*(newest if newest is not None else (None, None)))
             live = newest is not None and newest[0] is not None
-            mine[ballot] = live
-            if not await self._propose(view, owners, key, Proposal(ballot, value, ballot), majority):
+            version = with_expiry(ballot, expires)
+            mine[version] = live
+            if not await self._propose(view, owners, key, Proposal(ballot, value, version), majority):
                 lost += 1
                 await self._pause(lost)
                 continue
-            receipt = await self._commit(view, owners, key, value, ballot)
-            return WriteOutcome(ballot, live, receipt)
+            receipt = await self._commit(view, owners, key, value, version)
+            return WriteOutcome(version, live, receipt)
         raise Contended(f"conditional write of {key!r}: other writers kept winning; try again")
 
     def _observe(self, versions: list[str]) -> None:

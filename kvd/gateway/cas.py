@@ -11,6 +11,10 @@ again. Otherwise the precondition is checked against the newest current entry, a
 entry, whose version is the ballot itself, is I{proposed} to the owners; once a majority
 accepted, it is I{committed}: written to the owners as a replicated write, answered after W.
 
+Prepares and accepts go to a majority of the owners (another in place of one that fails or
+is slow: L{Proposer._gather}); the commit goes to every owner. All three travel in one
+batched C{/internal/paxos} request per node (L{kvd.gateway.nodes.NodeClient.prepare}).
+
 Fallbacks take no part: with fewer than a majority of owners answering, a conditional write
 is a 503. A round that loses to a higher ballot goes again after a short random pause, at
 most L{MAX_ROUNDS} times.

@@ -30,13 +30,16 @@ CAS_LUA = PUT_LUA.replace(
 )
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """A process's (user, system) CPU seconds so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    return sum(sum(cpu_times(pid)) for pid in pids)
 
 
 def main() -> None:
@@ -64,16 +67,24 @@ def main() -> None:
             assert gateway.port is not None
             preload(gateway.port, items)
             pids = [p.pid for p in started]
+            roles = {"gateway": [gateway.pid], "nodes": [p.pid for p in started[1:4]]}
             results = {}
             for name, lua in (("plain PUT", plain_lua), ("If-Match PUT", cas_lua)):
                 before = cpu_seconds(pids)
+                split = {role: [cpu_times(pid) for pid in members] for role, members in roles.items()}
                 result = run_wrk(gateway.url, lua, args.duration, connections=args.connections)
                 cpu = cpu_seconds(pids) - before
                 results[name] = result
+                per = 1e6 / max(1, result.requests)
                 print(
                     f"{name:13} {result.rps:9.0f} req/s   p99 {result.p99_ms:7.2f} ms   "
-                    f"CPU {1e6 * cpu / max(1, result.requests):7.0f} us/request (all processes)"
+                    f"CPU {per * cpu:7.0f} us/request (all processes)"
                 )
+                for role, members in roles.items():
+                    now = [cpu_times(pid) for pid in members]
+                    user = sum(after[0] - was[0] for after, was in zip(now, split[role], strict=True))
+                    system = sum(after[1] - was[1] for after, was in zip(now, split[role], strict=True))
+                    print(f"{'':13}   {role:8} user {per * user:6.0f} us  system {per * system:6.0f} us  per request")
     ratio = results["If-Match PUT"].rps / results["plain PUT"].rps
     print(f"conditional / plain {ratio:.2f}   target >= {TARGET}   {met(ratio, TARGET)}")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
@@ -39,6 +39,8 @@ FILE_TMP = "paxos.jsonl.tmp"
 COMPACT_MIN_BYTES = 1024 * 1024
 
 _log = Logger()
+
+T = TypeVar("T")
 
 
 def committed_in(store: Store) -> Callable[[str, str], bool]:
@@ -230,25 +232,66 @@ class Acceptor:
         Promise C{ballot} unless a ballot as high or higher was promised; fires once the
         promise is durable, with the accepted proposal not yet committed here, if any.
         """
-        promised = self._promised(key)
-        if ballot <= promised:
-            return succeed(Promise(False, promised, self._pending(key)))
-        state = self._states.setdefault(key, _State())
-        state.promised = ballot
-        pending = self._pending(key)
-        return self._append(_record(key, state)).addCallback(lambda _: Promise(True, ballot, pending))
+        return self.prepare_batch([(key, ballot)]).addCallback(lambda promises: promises[0])
 
     def accept(self, key: str, proposal: Proposal) -> Deferred[tuple[bool, str]]:
         """
         Accept C{proposal} unless a higher ballot than its own was promised; fires once the
         acceptance is durable with (accepted, the ballot promised).
         """
+        return self.accept_batch([(key, proposal)]).addCallback(lambda answers: answers[0])
+
+    def prepare_batch(self, items: list[tuple[str, str]]) -> Deferred[list[Promise]]:
+        """
+        L{prepare} each (key, ballot) in turn; fires once all the promises made are durable
+        (one write for the batch), with each one's answer.
+        """
+        records: list[bytes] = []
+        return self._answer(records, [self._prepare(key, ballot, records) for key, ballot in items])
+
+    def accept_batch(self, items: list[tuple[str, Proposal]]) -> Deferred[list[tuple[bool, str]]]:
+        """
+        L{accept} each (key, proposal) in turn; fires once all the acceptances are durable
+        (one write for the batch), with each one's (accepted, the ballot promised).
+        """
+        records: list[bytes] = []
+        return self._answer(records, [self._accept(key, proposal, records) for key, proposal in items])
+
+    def batch(self, items: list[tuple[str, str | Proposal]]) -> Deferred[list[Promise | tuple[bool, str]]]:
+        """
+        Prepares (key, ballot) and accepts (key, proposal) mixed, each in turn; fires once
+        all the changes are durable (one write for the batch), with each one's answer.
+        """
+        records: list[bytes] = []
+        answers: list[Promise | tuple[bool, str]] = [
+            self._prepare(key, asked, records) if isinstance(asked, str) else self._accept(key, asked, records)
+            for key, asked in items
+        ]
+        return self._answer(records, answers)
+
+    def _prepare(self, key: str, ballot: str, records: list[bytes]) -> Promise:
+        promised = self._promised(key)
+        if ballot <= promised:
+            return Promise(False, promised, self._pending(key))
+        state = self._states.setdefault(key, _State())
+        state.promised = ballot
+        records.append(_record(key, state))
+        return Promise(True, ballot, self._pending(key))
+
+    def _accept(self, key: str, proposal: Proposal, records: list[bytes]) -> tuple[bool, str]:
         promised = self._promised(key)
         if proposal.ballot < promised:
-            return succeed((False, promised))
+            return False, promised
         state = self._states.setdefault(key, _State())
         state.promised, state.accepted = proposal.ballot, proposal
-        return self._append(_record(key, state)).addCallback(lambda _: (True, proposal.ballot))
+        records.append(_record(key, state))
+        return True, proposal.ballot
+
+    def _answer(self, records: list[bytes], answers: list[T]) -> Deferred[list[T]]:
+        """C{answers}, once C{records} are durable (at once when there are none: a refusal promises nothing)."""
+        if not records:
+            return succeed(answers)
+        return self._append(b"".join(records)).addCallback(lambda _: answers)
 
     # Durability.
 

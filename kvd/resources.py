@@ -20,7 +20,7 @@ from urllib.parse import unquote_to_bytes
 
 from attrs import define, field
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -66,7 +66,7 @@ from kvd.keys import (
     value_json,
 )
 from kvd.metrics import CONTENT_TYPE, Metrics
-from kvd.paxos import Acceptor, Proposal
+from kvd.paxos import Acceptor, Promise, Proposal
 from kvd.registry import STATUSES as MEMBER_STATUSES
 from kvd.registry import InvalidRegistration, Registry, StaleIncarnation, Status
 from kvd.store import BUCKETS, BadBatch, Entry, Store, StoreError
@@ -572,42 +572,67 @@ class NodeAPI:
             raise Unavailable("this node takes no part in conditional writes")
         return self.acceptor
 
-    @routes.path("/internal/prepare", "POST", fast=True)
-    async def internal_prepare(self, request: IRequest) -> bytes:
-        """Paxos prepare of {key, ballot}: the promise (once durable), the accepted proposal and the entry held."""
-        body = json_request(request, '{"key": K, "ballot": B}')
-        if not (isinstance(body, dict) and isinstance(body.get("ballot"), str)):
-            raise ClientError('the body must be {"key": K, "ballot": B}')
-        key = check_key(body.get("key"))
-        promise = await self._acceptor().prepare(key, body["ballot"])
-        entry = self.store.entry(key)
-        return _json(
-            request,
-            {
-                "success": True,
-                "promised": promise.promised,
-                "ballot": promise.ballot,
-                "accepted": None if promise.accepted is None else promise.accepted.to_json(),
-                "entry": None if entry is None else list(entry),
-            },
-        )
-
-    @routes.path("/internal/accept", "POST", fast=True)
-    async def internal_accept(self, request: IRequest) -> bytes:
-        """Paxos accept of {key, ballot, value, version}: whether it was accepted (once durable)."""
-        body = json_request(request, '{"key": K, "ballot": B, "value": V, "version": VERSION}')
-        if not (
-            isinstance(body, dict)
-            and isinstance(body.get("ballot"), str)
-            and (body.get("value") is None or isinstance(body.get("value"), str))
-            and is_version(body.get("version"))
-        ):
-            raise ClientError('the body must be {"key": K, "ballot": B, "value": V or null, "version": VERSION}')
-        if body["value"] is not None:
-            check_value(body["value"])
-        key = check_key(body.get("key"))
-        accepted, ballot = await self._acceptor().accept(key, Proposal(body["ballot"], body["value"], body["version"]))
-        return _json(request, {"success": True, "accepted": accepted, "ballot": ballot})
+    @routes.path("/internal/paxos", "POST", fast=True)
+    async def internal_paxos(self, request: IRequest) -> bytes:
+        """
+        A batch of conditional-write traffic, answered once all of it is durable, per item in
+        order: ["p", key, ballot] (prepare: [promised, the ballot promised, the accepted
+        proposal or null, the entry held or null]), ["a", key, ballot, value or null, version]
+        (accept: [accepted, the ballot promised]) and ["c", key, value or null, version]
+        (commit, a replicated write: [live before, the version held]). The acceptor's
+        changes are one write of paxos.jsonl, the commits one group of the store's journal.
+        """
+        items = _batch(request, "items")
+        asked: list[tuple[str, str | Proposal]] = []
+        commits: list[list[Any]] = []
+        kinds: list[str] = []
+        for item in items:
+            kind = item[0] if isinstance(item, list) and item else None
+            if kind == "p" and len(item) == 3 and isinstance(item[2], str):
+                asked.append((check_key(item[1]), item[2]))
+            elif (
+                kind == "a"
+                and len(item) == 5
+                and isinstance(item[2], str)
+                and (item[3] is None or isinstance(item[3], str))
+                and is_version(item[4])
+            ):
+                if item[3] is not None:
+                    check_value(item[3])
+                asked.append((check_key(item[1]), Proposal(item[2], item[3], item[4])))
+            elif kind == "c" and len(item) == 4:
+                commits.append(item[1:])
+            else:
+                raise ClientError(
+                    'each item must be ["p", key, ballot], ["a", key, ballot, value, version]'
+                    ' or ["c", key, value, version]'
+                )
+            kinds.append(kind)
+        acceptor = self._acceptor()
+        # The store raises BadBatch before it changes anything; the two writes go on together.
+        applied = self.store.apply_batch(commits) if commits else succeed(None)
+        proposed = acceptor.batch(asked) if asked else succeed([])
+        try:
+            paxos = await proposed
+        finally:
+            done = await applied
+        answers: list[Any] = []
+        promises, commit = iter(paxos), 0
+        for kind in kinds:
+            if kind == "c":
+                assert done is not None
+                answers.append([done.live[commit], done.held[commit]])
+                commit += 1
+                continue
+            answer = next(promises)
+            if isinstance(answer, Promise):
+                key = asked[len(answers) - commit][0]
+                entry = self.store.entry(key)
+                accepted = None if answer.accepted is None else answer.accepted.to_json()
+                answers.append([answer.promised, answer.ballot, accepted, None if entry is None else list(entry)])
+            else:
+                answers.append(list(answer))
+        return _json(request, {"success": True, "answers": answers, "now": int(self.store.clock.now() * 1000)})
 
     @routes.path("/internal/apply", "POST", fast=True)
     async def internal_apply(self, request: IRequest) -> bytes:
@@ -856,10 +881,12 @@ class GatewayAPI:
         if self.watches is None and self.clock is not None:
             self.watches = Watches(self.cluster, self.coordinator, self.clock)
 
-    def _conditional(self, key: str, value: str | None, precondition: Precondition) -> Deferred[WriteOutcome]:
+    def _conditional(
+        self, key: str, value: str | None, precondition: Precondition, ttl: float | None = None
+    ) -> Deferred[WriteOutcome]:
         if self.proposer is None:
             raise Unavailable("this gateway takes no conditional writes")
-        return Deferred.fromCoroutine(self.proposer.write(key, value, precondition))
+        return Deferred.fromCoroutine(self.proposer.write(key, value, precondition, ttl))
 
     @routes.key(paths.KV, "GET", fast=True)
     def get(self, request: IRequest, key: str) -> Deferred[bytes]:
@@ -903,15 +930,13 @@ class GatewayAPI:
             self.hot.record(key)
         precondition = _precondition(request)
         ttl = _ttl_arg(request)
-        if precondition is not None and ttl is not None:
-            raise ClientError("a conditional write cannot take ttl yet: write it, then set its ttl unconditionally")
         value = parse_value(request.content.read(), self.max_value_bytes, _content_type(request))
 
         def render(written: WriteOutcome) -> bytes:
             return _entry_answer(request, key, value, written.version, extra=_receipt(written.receipt))
 
         if precondition is not None:
-            return self._conditional(key, value, precondition).addCallback(render)
+            return self._conditional(key, value, precondition, ttl).addCallback(render)
         return self.coordinator.write(key, value, ttl).addCallback(render)
 
     @routes.key(paths.KV, "DELETE", fast=True)

@@ -141,6 +141,32 @@ def test_if_match_writes_only_over_the_named_version(cas: CasCluster) -> None:
     )
 
 
+def test_a_conditional_write_takes_ttl_and_an_expired_entry_counts_as_absent(cas: CasCluster) -> None:
+    status, body = cas.call("PUT", "gw1", "k?ttl=10", b"lease", if_none_match="*")
+    assert status == 200 and body["expires"] == cas.clock.seconds() + 10
+    version = body["version"]
+    assert cas.call("PUT", "gw2", "k?ttl=10", b"other", if_none_match="*") == (
+        412,
+        {"success": False, "key": "k", "version": version, "error": "If-None-Match: * failed: the key exists"},
+    )
+    for node_id in NODES:
+        assert cas.stores[node_id].entry("k") == ("lease", version), "every owner holds the expiry in the version"
+    cas.clock.advance(9.5)
+    status, renewed = cas.call("PUT", "gw2", "k?ttl=10", b"lease", if_match=f'"{version}"')
+    assert status == 200 and renewed["expires"] == cas.clock.seconds() + 10, "renewed before it expired"
+    cas.clock.advance(10)
+    assert cas.call("GET", "gw1", "k")[0] == 404
+    assert cas.call("PUT", "gw1", "k", b"x", if_match=f'"{renewed["version"]}"') == (
+        412,
+        {"success": False, "key": "k", "version": None, "error": "If-Match failed: the key does not exist"},
+    )
+    status, taken = cas.call("PUT", "gw1", "k", b"mine", if_none_match="*")
+    assert status == 200 and "expires" not in taken, "expired counts as absent; no ttl: permanent"
+    cas.clock.advance(100)
+    assert cas.call("GET", "gw2", "k")[1]["value"] == "mine"
+    assert cas.call("PUT", "gw1", "k?ttl=0", b"v", if_match="*")[0] == 400
+
+
 def test_bad_precondition_headers_are_400(cas: CasCluster) -> None:
     assert cas.call("DELETE", "gw1", "k", if_none_match="*")[0] == 400
     assert cas.call("PUT", "gw1", "k", b"v", if_none_match='"x"')[0] == 400
@@ -181,6 +207,19 @@ def test_a_paused_owner_does_not_stop_conditional_writes(cas: CasCluster) -> Non
     assert cas.call("PUT", "gw2", "k", b"two", if_none_match="*")[0] == 412
 
 
+def test_a_round_asks_a_majority_of_the_owners_and_another_in_place_of_a_slow_one(cas: CasCluster) -> None:
+    assert cas.call("PUT", "gw1", "k", b"v", if_none_match="*")[0] == 200
+    asked = [n for n in NODES if cas.acceptors[n].state("k") != ("", None)]
+    assert len(asked) == 2, "prepare and accept go to a majority only"
+    assert all(cas.stores[n].entry("k") == ("v", cas.acceptors[asked[0]].state("k")[0]) for n in NODES), (
+        "the commit goes to every owner"
+    )
+    cas.network.pause(f"{asked[0]}.test")
+    assert cas.call("PUT", "gw1", "k", b"w", if_match="*")[0] == 200
+    (spare,) = set(NODES) - set(asked)
+    assert cas.acceptors[spare].state("k")[1] is not None, "the owner not asked first stood in for the paused one"
+
+
 def _crash_after_accept(cas: CasCluster, on: tuple[str, ...], key: str, value: str) -> str:
     """A proposer that prepared at every owner, then had one accept land on C{on} and died."""
     ballot = HybridClock(cas.clock.seconds, "gw-crashed").next()
@@ -218,8 +257,11 @@ def test_a_read_after_a_majority_accepted_sees_the_value_once_a_proposer_finishe
 def test_acceptors_forget_committed_proposals_when_compacting(cas: CasCluster) -> None:
     acceptor = cas.acceptors["a"]
     acceptor.compact_min_bytes = 0
-    for i in range(5):
-        cas.call("PUT", "gw1", f"k{i}", b"v", if_none_match="*")
+    # A round asks a majority of the owners, the first ones in placement order: keys whose first two include a.
+    view = cas.proposers["gw1"].cluster.view()
+    keys = [key for key in (f"k{i}" for i in range(100)) if "a" in view.placement(key)[0][:2]][:5]
+    for key in keys:
+        cas.call("PUT", "gw1", key, b"v", if_none_match="*")
     assert len(acceptor) <= 1
     assert acceptor.floor != ""
 

@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 
-from kvd.gateway.nodes import MAX_BATCH, NodeClient, split
+from kvd.gateway.nodes import MAX_BATCH, MAX_QUEUED, NodeClient, Written, split
 from kvd.gateway.quorum import QuorumFailed, gather
 from kvd.keys import BATCH_VALUE_BUDGET
 from kvd.membership import NodeInfo
+from kvd.paxos import Promise, Proposal
 from kvd.transport import Answer, PeerError, PeerUnreachable
 
 NODE = NodeInfo("n1", "http://n1.test")
@@ -134,3 +135,79 @@ def test_a_quorum_that_cannot_be_reached_says_how_many_answered() -> None:
     with pytest.raises(QuorumFailed) as caught:
         gathered.require("write", 2)
     assert (caught.value.answered, caught.value.needed) == (1, 2)
+
+
+def test_conditional_writes_share_one_queue_per_node_and_are_answered_per_item() -> None:
+    pending: Deferred[Answer] = Deferred()
+    calls: list[tuple[str, Any]] = []
+
+    def call(method: str, url: str, body: bytes | None = None, **_: Any) -> Deferred[Answer]:
+        calls.append((url.rsplit("/", 1)[1], json.loads(body or b"null")))
+        if len(calls) == 1:
+            return pending
+        answers = [
+            [True, "b2", None, ["v", "0001"]],
+            [False, "b9", ["b8", "x", "b8"], None],
+            [False, "b9"],
+            [True, "v3"],
+        ]
+        return succeed(ok({"answers": answers}))
+
+    peers = CannedPeers()
+    peers.call = call  # type: ignore[method-assign]
+    nodes = NodeClient(NODE, peers)  # type: ignore[arg-type]
+    first = nodes.prepare("a", "b1")
+    queued = [
+        nodes.prepare("b", "b2"),
+        nodes.prepare("c", "b3"),
+        nodes.accept("c", Proposal("b2", None, "b2")),
+        nodes.commit_key("d", "4", "v3"),
+    ]
+    assert len(calls) == 1, "the others wait for the first request"
+    pending.callback(ok({"answers": [[True, "b1", None, None]]}))
+    assert result_of(first) == (Promise(True, "b1", None), None)
+    assert [result_of(d) for d in queued] == [
+        (Promise(True, "b2", None), ("v", "0001")),
+        (Promise(False, "b9", Proposal("b8", "x", "b8")), None),
+        (False, "b9"),
+        Written(True, "v3"),
+    ]
+    assert calls[1] == (
+        "paxos",
+        {"items": [["p", "b", "b2"], ["p", "c", "b3"], ["a", "c", "b2", None, "b2"], ["c", "d", "4", "v3"]]},
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"answers": []},  # fewer answers than items
+        {"answers": [[True, "b1", None, None], [True, "b1", None, None]]},
+        {"answers": [["yes", "b1", None, None]]},
+        {"answers": [[True, "b1", ["b1", 3, "b1"], None]]},
+        {"answers": [[True, "b1", None, ["v", 7]]]},
+        {"answers": [[True, "b1"]]},  # an accept's answer to a prepare
+        {"answers": "nope"},
+        {"promised": True, "ballot": "b1", "accepted": None, "entry": None},  # the old single-key answer
+    ],
+)
+def test_a_prepare_answer_that_is_not_the_expected_json_is_a_peer_error(body: object) -> None:
+    nodes, _ = client(ok(body))
+    assert isinstance(failure_of(nodes.prepare("k", "b1")), PeerError)
+
+
+@pytest.mark.parametrize("body", [{"answers": []}, {"answers": [[1, "b1"]]}, {"accepted": True, "ballot": "b1"}])
+def test_accept_and_commit_answers_that_are_not_the_expected_json_are_peer_errors(body: object) -> None:
+    nodes, _ = client(ok(body))
+    assert isinstance(failure_of(nodes.accept("k", Proposal("b1", "v", "b1"))), PeerError)
+    nodes, _ = client(ok(body))
+    assert isinstance(failure_of(nodes.commit_key("k", "v", "b1")), PeerError)
+
+
+def test_a_node_that_stops_answering_fills_no_unbounded_paxos_queue() -> None:
+    never: Deferred[Answer] = Deferred()
+    peers = CannedPeers()
+    peers.call = lambda *a, **k: never  # type: ignore[method-assign]
+    nodes = NodeClient(NODE, peers)  # type: ignore[arg-type]
+    queued = [nodes.prepare(f"k{i}", "b1") for i in range(MAX_QUEUED + 2)]
+    assert isinstance(failure_of(queued[-1]), PeerError), "past MAX_QUEUED an item fails at once"

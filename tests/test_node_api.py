@@ -12,6 +12,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
+from kvd.paxos import Acceptor, Proposal, committed_in
 from kvd.resources import NodeAPI
 from kvd.store import Store
 from kvd.versions import HybridClock
@@ -191,3 +192,44 @@ def test_a_batch_with_a_bad_item_is_a_400_and_applies_nothing(client: StubTreq, 
     assert (status, body["applied"], body["live"], body["versions"]) == (200, 1, [False], [good[2]])
     status, body, _ = call(client, "POST", "/internal/drop", json.dumps({"items": [good[::2]]}).encode())
     assert (status, body) == (200, {"success": True, "dropped": 1})
+
+
+def test_internal_paxos_takes_prepares_accepts_and_commits_together_and_answers_each(store: Store) -> None:
+    acceptor = Acceptor.open(store.directory, committed_in(store))
+    client = StubTreq(NodeAPI("a", store, acceptor=acceptor).resource())
+    b1, b2 = "018f00000000000000.gw1", "018f00000000000001.gw2"
+    call(client, "PUT", "/kv/held", b"v")
+    held = store.entry("held")
+    assert held is not None
+    items = [
+        ["p", "held", b2],
+        ["p", "new", b2],
+        ["p", "held", b1],
+        ["a", "new", b1, "old", b1],
+        ["a", "new", b2, "x", b2],
+    ]
+    items.append(["c", "new", "x", b2])
+    status, body, _ = call(client, "POST", "/internal/paxos", json.dumps({"items": items}).encode())
+    assert status == 200
+    assert body["answers"] == [
+        [True, b2, None, list(held)],
+        [True, b2, None, ["x", b2]],  # the entry is read once the whole batch is durable
+        [False, b2, None, list(held)],
+        [False, b2],
+        [True, b2],
+        [False, b2],
+    ]
+    assert acceptor.state("new") == (b2, Proposal(b2, "x", b2))
+    assert store.entry("new") == ("x", b2)
+    for bad in [
+        {"items": [["p", "k"]]},
+        {"key": "k", "ballot": b1},
+        {"items": [["p", "", b1]]},
+        {"items": [["a", "k", b1, 3, b1]]},
+        {"items": [["a", "k", b1, "v", "not a version"]]},
+        {"items": [["x", "k", b1]]},
+        {"items": [["p", "k", b1], ["c", "k", "v", "not a version"]]},
+    ]:
+        assert call(client, "POST", "/internal/paxos", json.dumps(bad).encode())[0] == 400, bad
+    assert acceptor.state("k") == ("", None) and store.entry("k") is None, "a bad batch changes nothing"
+    acceptor.close()

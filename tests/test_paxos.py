@@ -128,3 +128,64 @@ def test_compaction_forgets_committed_keys_and_keeps_their_promises_as_a_floor(t
     again = Acceptor.open(str(tmp_path), never)
     assert (again.floor, again.state("open")) == (B2, (B1, Proposal(B1, "w", B1)))
     assert len(again) == 1
+
+
+def test_a_batch_of_promises_and_acceptances_is_one_write_answered_only_once_durable(tmp_path: Path) -> None:
+    runner = Held()
+    acceptor = Acceptor.open(str(tmp_path), never, run=runner)
+    promises = acceptor.prepare_batch([(f"k{i}", B2) for i in range(50)] + [("k0", B1)])
+    assert len(runner.jobs) == 1 and not promises.called, "one write for the whole batch, not yet answered"
+    runner.release()
+    answers = result(promises)
+    assert [p.promised for p in answers] == [True] * 50 + [False]
+    assert answers[-1].ballot == B2, "a later item of the batch sees what an earlier one promised"
+    accepted = acceptor.accept_batch(
+        [(f"k{i}", Proposal(B2, f"v{i}", B2)) for i in range(50)] + [("k1", Proposal(B1, "x", B1))]
+    )
+    assert len(runner.jobs) == 1 and not accepted.called
+    runner.release()
+    assert result(accepted) == [(True, B2)] * 50 + [(False, B2)]
+    assert not runner.jobs, "two batches, two writes"
+    assert len((tmp_path / FILE).read_bytes().splitlines()) == 100
+
+
+def test_a_batch_only_of_refusals_answers_at_once_and_writes_nothing(tmp_path: Path) -> None:
+    runner = Held()
+    acceptor = Acceptor.open(str(tmp_path), never, run=runner)
+    first = acceptor.prepare_batch([("k", B2)])
+    refused = acceptor.prepare_batch([("k", B1), ("k", B2)])
+    assert [p.promised for p in result(refused)] == [False, False], "refusing needs nothing durable"
+    assert len(runner.jobs) == 1 and not first.called
+    runner.release()
+    assert result(first)[0].promised
+
+
+def test_a_crash_before_a_batch_is_durable_loses_the_whole_batch_and_nothing_was_answered(tmp_path: Path) -> None:
+    result(Acceptor.open(str(tmp_path), never).prepare_batch([("k", B1)]))
+    runner = Held()
+    acceptor = Acceptor.open(str(tmp_path), never, run=runner)
+    promises = acceptor.prepare_batch([("k", B2), ("j", B2)])
+    accepted = acceptor.accept_batch([("k", Proposal(B2, "v", B2))])
+    assert not promises.called and not accepted.called
+    # The process dies here: the jobs never run. What recovers is what was durable.
+    again = Acceptor.open(str(tmp_path), never)
+    assert again.state("k") == (B1, None) and again.state("j") == ("", None)
+    # A batch that was answered recovers whole.
+    assert all(p.promised for p in result(again.prepare_batch([("k", B3), ("j", B3)])))
+    assert result(again.accept_batch([("k", Proposal(B3, "w", B3))])) == [(True, B3)]
+    again.close()
+    last = Acceptor.open(str(tmp_path), never)
+    assert last.state("k") == (B3, Proposal(B3, "w", B3)) and last.state("j") == (B3, None)
+
+
+def test_prepares_and_accepts_mixed_in_one_batch_are_one_write_taken_in_order(tmp_path: Path) -> None:
+    runner = Held()
+    acceptor = Acceptor.open(str(tmp_path), never, run=runner)
+    answers = acceptor.batch([("k", B1), ("k", Proposal(B1, "v", B1)), ("k", B2), ("k", Proposal(B1, "late", B1))])
+    assert len(runner.jobs) == 1 and not answers.called
+    runner.release()
+    first, accepted, second, refused = result(answers)
+    assert first.promised and accepted == (True, B1) and refused == (False, B2)
+    assert second.promised and second.accepted == Proposal(B1, "v", B1)
+    acceptor.close()
+    assert Acceptor.open(str(tmp_path), never).state("k") == (B2, Proposal(B1, "v", B1))

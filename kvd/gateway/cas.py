@@ -11,6 +11,10 @@ again. Otherwise the precondition is checked against the newest current entry, a
 entry, whose version is the ballot itself, is I{proposed} to the owners; once a majority
 accepted, it is I{committed}: written to the owners as a replicated write, answered after W.
 
+Prepares and accepts go to a majority of the owners (another in place of one that fails or
+is slow: L{Proposer._gather}); the commit goes to every owner. All three travel in one
+batched C{/internal/paxos} request per node (L{kvd.gateway.nodes.NodeClient.prepare}).
+
 Fallbacks take no part: with fewer than a majority of owners answering, a conditional write
 is a 503. A round that loses to a higher ballot goes again after a short random pause, at
 most L{MAX_ROUNDS} times.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import TypeVar
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
@@ -29,21 +34,22 @@ from twisted.logger import Logger
 
 from kvd.gateway.cluster import Cluster, ClusterView
 from kvd.gateway.coordinator import WriteOutcome
-from kvd.gateway.nodes import NodeClients, Written
+from kvd.gateway.nodes import NodeClients, PromiseAnswer, Written
 from kvd.gateway.quorum import Gathered, Receipt, gather
 from kvd.keys import Precondition, Unavailable
-from kvd.paxos import Promise, Proposal
+from kvd.paxos import Proposal
+from kvd.ttl import expired, with_expiry
 from kvd.versions import HybridClock
 
 _log = Logger()
+
+T = TypeVar("T")
 
 #: Rounds a conditional write tries before it answers 503.
 MAX_ROUNDS = 12
 #: The random pause before a round that lost to another proposer: up to this many seconds,
 #: doubling with each lost round.
 BACKOFF = 0.005
-
-PromiseAnswer = tuple[Promise, "tuple[str | None, str] | None"]
 
 
 class Contended(Unavailable):
@@ -64,10 +70,14 @@ class Proposer:
     conflicts: int = 0
     recovered: int = 0
 
-    async def write(self, key: str, value: str | None, precondition: Precondition) -> WriteOutcome:
+    async def write(
+        self, key: str, value: str | None, precondition: Precondition, ttl: float | None = None
+    ) -> WriteOutcome:
         """
         Write C{value} (None: delete) if C{precondition} holds of the key's current entry;
         fires with the new version, whether the key was live before, and the commit's receipt.
+        With C{ttl}, the new version carries the expiry C{ttl} seconds from now (L{kvd.ttl}),
+        as a plain write's does.
 
         @raise PreconditionFailed: with the current version, when it does not hold.
         @raise QuorumFailed: when fewer than a majority of owners answer, or the commit misses W.
@@ -77,6 +87,10 @@ class Proposer:
         owners, _ = view.placement(key)
         majority = len(owners) // 2 + 1
         lost = 0
+        expires = None if ttl is None else self.clock.now() + ttl
+        #: The versions this write proposed, and whether the key was live before each: one of
+        #: them found chosen by a later round (another proposer finished it) is this write's success.
+        mine: dict[str, bool] = {}
         for _round in range(MAX_ROUNDS):
             ballot = self.clock.next()
             promises = await self._prepare(view, owners, key, ballot, majority)
@@ -95,6 +109,8 @@ class Proposer:
                 self._observe(versions)
                 continue
             newest = max((e for _, e in granted.values() if e is not None), key=lambda e: e[1], default=None)
+            if newest is not None and newest[0] is not None and expired(newest[1], self.clock.now()):
+                newest = (None, newest[1])  # expired by this gateway's clock: absent, as a read here says
             newest_version = "" if newest is None else newest[1]
             unfinished = [p.accepted for p, _ in granted.values() if p.accepted is not None]
             unfinished = [a for a in unfinished if a.version > newest_version]
@@ -103,18 +119,27 @@ class Proposer:
                 _log.info("finishing an unfinished write of {key!r} ({version})", key=key, version=left.version)
                 self.recovered += 1
                 if await self._propose(view, owners, key, Proposal(ballot, left.value, left.version), majority):
-                    await self._commit(view, owners, key, left.value, left.version)
+                    receipt = await self._commit(view, owners, key, left.value, left.version)
+                    if left.version in mine:
+                        return WriteOutcome(left.version, mine[left.version], receipt)
                 else:
                     lost += 1
                     await self._pause(lost)
                 continue
+            if newest_version in mine:
+                # This write's own proposal was chosen (finished by another proposer): it took effect.
+                receipt = await self._commit(view, owners, key, value, newest_version)
+                return WriteOutcome(newest_version, mine[newest_version], receipt)
             precondition.check(*(newest if newest is not None else (None, None)))
-            if not await self._propose(view, owners, key, Proposal(ballot, value, ballot), majority):
+            live = newest is not None and newest[0] is not None
+            version = with_expiry(ballot, expires)
+            mine[version] = live
+            if not await self._propose(view, owners, key, Proposal(ballot, value, version), majority):
                 lost += 1
                 await self._pause(lost)
                 continue
-            receipt = await self._commit(view, owners, key, value, ballot)
-            return WriteOutcome(ballot, newest is not None and newest[0] is not None, receipt)
+            receipt = await self._commit(view, owners, key, value, version)
+            return WriteOutcome(version, live, receipt)
         raise Contended(f"conditional write of {key!r}: other writers kept winning; try again")
 
     def _observe(self, versions: list[str]) -> None:
@@ -126,13 +151,27 @@ class Proposer:
         delay = self.random() * BACKOFF * (2 ** min(lost, 6))
         await deferLater(self.scheduler, delay, lambda: None)
 
+    def _gather(
+        self, ask: Callable[[str], Deferred[T]], owners: list[str], majority: int, accept: Callable[[T], bool]
+    ) -> Deferred[Gathered[T]]:
+        """
+        Ask a majority of the owners (those the failure detector deems reachable first); ask
+        another in place of one that fails, and also once the usual worst latency of those
+        asked has passed without a majority, as reads hedge. Any majority will do for Paxos,
+        and the owners not asked cost nothing.
+        """
+        health = self.nodes.health
+        ordered = sorted(owners, key=lambda node_id: not health.reachable(node_id))
+        first, spares = ordered[:majority], ordered[majority:]
+        return gather(ask, first, spares, majority, accept, hedge=(health.clock, health.hedge_delay(first)))
+
     def _prepare(
         self, view: ClusterView, owners: list[str], key: str, ballot: str, majority: int
     ) -> Deferred[Gathered[PromiseAnswer]]:
         def ask(node_id: str) -> Deferred[PromiseAnswer]:
             return self.nodes(view.members[node_id]).prepare(key, ballot)
 
-        return gather(ask, owners, [], majority, lambda answer: answer[0].promised)
+        return self._gather(ask, owners, majority, lambda answer: answer[0].promised)
 
     async def _propose(self, view: ClusterView, owners: list[str], key: str, proposal: Proposal, majority: int) -> bool:
         """Whether a majority of owners accepted C{proposal}."""
@@ -140,7 +179,7 @@ class Proposer:
         def ask(node_id: str) -> Deferred[tuple[bool, str]]:
             return self.nodes(view.members[node_id]).accept(key, proposal)
 
-        gathered = await gather(ask, owners, [], majority, lambda answer: answer[0])
+        gathered = await self._gather(ask, owners, majority, lambda answer: answer[0])
         if gathered.accepted >= majority:
             return True
         if len(gathered.answers) < majority:
@@ -153,7 +192,7 @@ class Proposer:
         needed = min(len(owners), max(self.write_quorum, len(owners) // 2 + 1))
 
         def ask(node_id: str) -> Deferred[Written]:
-            return self.nodes(view.members[node_id]).apply_key(key, value, version)
+            return self.nodes(view.members[node_id]).commit_key(key, value, version)
 
         gathered = await gather(ask, owners, [], needed, lambda written: written.held >= version)
         receipt = gathered.receipt()

@@ -6,11 +6,13 @@ on the calling side; the node's side is in L{kvd.resources.NodeAPI}.
 Every answer is checked before it is believed: a node answering something that is not the
 expected JSON is a L{PeerError} naming it, never an exception deeper in the gateway.
 
-Quorum traffic is batched per node (L{NodeClient.apply_key}, L{NodeClient.read_key}): while
-one request of a kind is in flight to a node, the items for it queue and go together in the
-next. A batch is cut at L{MAX_BATCH} items or once its values pass L{BATCH_VALUE_BUDGET}
-characters, and a node cuts its read answers the same way, so the size of an internal
-message follows from the value limit (see L{kvd.keys.internal_message_limit}).
+Quorum traffic is batched per node (L{NodeClient.apply_key}, L{NodeClient.read_key}, and
+for conditional writes L{NodeClient.prepare}, L{NodeClient.accept} and L{NodeClient.commit_key},
+which share one queue): while one request of a kind is in flight to a node, the items for it
+queue and go together in the next. A batch is cut at
+L{MAX_BATCH} items or once its values pass L{BATCH_VALUE_BUDGET} characters, and a node
+cuts its read answers the same way, so the size of an internal message follows from the
+value limit (see L{kvd.keys.internal_message_limit}).
 
 The quorum paths report to the gateway's failure detector (L{kvd.gateway.health.Health}):
 each batch has the node's learned deadline, its latency or its loss is recorded, and a node
@@ -50,6 +52,13 @@ MAX_QUEUED_CHARS = 4 * BATCH_VALUE_BUDGET
 #: An item of an apply batch: key, value (None: a tombstone) and version.
 Item = tuple[str, "str | None", str]
 
+#: A node's answer to a prepare: its promise (or refusal), and the entry its store holds.
+PromiseAnswer = tuple[Promise, "Entry | None"]
+
+#: An item of a conditional writes' batch: ("p", key, ballot), ("a", key, ballot, value,
+#: version) or ("c", key, value, version).
+PaxosItem = tuple[Any, ...]
+
 
 @frozen
 class Written:
@@ -83,6 +92,11 @@ _encode = wire_json
 
 def _value_size(item: Item) -> int:
     return len(item[1] or "")
+
+
+def _paxos_size(item: PaxosItem) -> int:
+    value = item[3] if item[0] == "a" else item[2] if item[0] == "c" else None
+    return len(value) if isinstance(value, str) else 0
 
 
 def _fitting(items: list[T], size: Callable[[T], int]) -> int:
@@ -138,6 +152,7 @@ class NodeClient:
     _cork: Cork = field(factory=Cork)
     _applies: _Queue = field(factory=_Queue)
     _reads: _Queue = field(factory=_Queue)
+    _paxos: _Queue = field(factory=_Queue)
 
     @property
     def id(self) -> str:
@@ -278,42 +293,55 @@ class NodeClient:
         """Tell the node what the last repair sweep moved for it (its GET /node shows it)."""
         return self._call("progress", report.to_json(), lambda body: None)
 
-    # Paxos for conditional writes (see kvd.gateway.cas): one key a request.
+    # Conditional writes (see kvd.gateway.cas): a whole batch, for the queue below.
 
-    def prepare(self, key: str, ballot: str) -> Deferred[tuple[Promise, tuple[str | None, str] | None]]:
-        """The node's promise (or refusal) of C{ballot} for C{key}, and the entry its store holds."""
+    def paxos(self, items: list[PaxosItem], timeout: float | None = None) -> Deferred[list[Any]]:
+        """
+        One C{/internal/paxos} request: each item a prepare C{("p", key, ballot)}, an accept
+        C{("a", key, ballot, value, version)} or a commit C{("c", key, value, version)};
+        fires with a L{PromiseAnswer}, an (accepted, ballot promised) or a L{Written} each.
+        """
 
-        def parse(body: Any) -> tuple[Promise, tuple[str | None, str] | None]:
-            promised, ballot, accepted, entry = body["promised"], body["ballot"], body["accepted"], body["entry"]
-            if not (isinstance(promised, bool) and isinstance(ballot, str)):
-                raise ValueError("promised")
-            proposal = None
-            if accepted is not None:
-                a_ballot, value, version = accepted
-                if not all(isinstance(x, str) for x in (a_ballot, version)) or not isinstance(value, (str, type(None))):
+        def answer(item: PaxosItem, body: Any) -> Any:
+            kind = item[0]
+            if kind == "p":
+                promised, ballot, accepted, entry = body
+                if not (isinstance(promised, bool) and isinstance(ballot, str)):
+                    raise ValueError("promised")
+                proposal = None
+                if accepted is not None:
+                    a_ballot, value, version = accepted
+                    if not all(isinstance(x, str) for x in (a_ballot, version)) or not isinstance(
+                        value, (str, type(None))
+                    ):
+                        raise ValueError("accepted")
+                    proposal = Proposal(a_ballot, value, version)
+                found = None
+                if entry is not None:
+                    value, version = entry
+                    if not (isinstance(version, str) and (value is None or isinstance(value, str))):
+                        raise ValueError("entry")
+                    found = (value, version)
+                return Promise(promised, ballot, proposal), found
+            first, second = body
+            if kind == "a":
+                if not (isinstance(first, bool) and isinstance(second, str)):
                     raise ValueError("accepted")
-                proposal = Proposal(a_ballot, value, version)
-            found = None
-            if entry is not None:
-                value, version = entry
-                if not (isinstance(version, str) and (value is None or isinstance(value, str))):
-                    raise ValueError("entry")
-                found = (value, version)
-            return Promise(promised, ballot, proposal), found
+                return first, second
+            if not (isinstance(first, bool) and isinstance(second, str)):
+                raise ValueError("written")
+            return Written(first, second)
 
-        return self._call("prepare", {"key": key, "ballot": ballot}, parse)
+        def parse(body: Any) -> list[Any]:
+            answers = body["answers"]
+            if not (isinstance(answers, list) and len(answers) == len(items)):
+                raise ValueError("answers")
+            now = body.get("now")
+            if type(now) is int and self.on_clock is not None:
+                self.on_clock(self.node.id, now / 1000)
+            return [answer(item, got) for item, got in zip(items, answers, strict=True)]
 
-    def accept(self, key: str, proposal: Proposal) -> Deferred[tuple[bool, str]]:
-        """Whether the node accepted the proposal, and the ballot it has promised."""
-
-        def parse(body: Any) -> tuple[bool, str]:
-            accepted, ballot = body["accepted"], body["ballot"]
-            if not (isinstance(accepted, bool) and isinstance(ballot, str)):
-                raise ValueError("accepted")
-            return accepted, ballot
-
-        body = {"key": key, "ballot": proposal.ballot, "value": proposal.value, "version": proposal.version}
-        return self._call("accept", body, parse)
+        return self._call("paxos", {"items": [list(item) for item in items]}, parse, timeout)
 
     def changes(
         self,
@@ -362,6 +390,19 @@ class NodeClient:
         """Fires with what the node made of the write, once durable there."""
         return self._enqueue(self._applies, (key, value, version), len(value or ""), self._send_applies)
 
+    def prepare(self, key: str, ballot: str) -> Deferred[PromiseAnswer]:
+        """The node's promise (or refusal) of C{ballot} for C{key}, and the entry its store holds, once durable."""
+        return self._enqueue(self._paxos, ("p", key, ballot), 0, self._send_paxos)
+
+    def accept(self, key: str, proposal: Proposal) -> Deferred[tuple[bool, str]]:
+        """Whether the node accepted the proposal (durably), and the ballot it has promised."""
+        item = ("a", key, proposal.ballot, proposal.value, proposal.version)
+        return self._enqueue(self._paxos, item, len(proposal.value or ""), self._send_paxos)
+
+    def commit_key(self, key: str, value: str | None, version: str) -> Deferred[Written]:
+        """A conditional write's chosen entry, written as L{apply_key} does, in the conditional writes' queue."""
+        return self._enqueue(self._paxos, ("c", key, value, version), len(value or ""), self._send_paxos)
+
     def read_key(self, key: str) -> Deferred[Entry | None]:
         return self._enqueue(self._reads, key, 0, self._send_reads)
 
@@ -391,6 +432,8 @@ class NodeClient:
             self._send_applies()
         if not self._reads.busy:
             self._send_reads()
+        if not self._paxos.busy:
+            self._send_paxos()
 
     def _take(self, queue: _Queue, size: Callable[[Any], int]) -> list[tuple[Any, Deferred[Any]]]:
         if not self.reachable:
@@ -438,6 +481,14 @@ class NodeClient:
             d = self._timed(lambda timeout: self.read(keys, timeout))
             d.addCallbacks(self._deliver_entries, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
             d.addBoth(lambda _: self._send_reads())
+
+    def _send_paxos(self) -> None:
+        batch = self._take(self._paxos, _paxos_size)
+        if batch:
+            items = [item for item, _ in batch]
+            d = self._timed(lambda timeout: self.paxos(items, timeout))
+            d.addCallbacks(self._deliver, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
+            d.addBoth(lambda _: self._send_paxos())
 
     @staticmethod
     def _deliver(outcomes: Iterable[Any], batch: list[tuple[Any, Deferred[Any]]]) -> None:

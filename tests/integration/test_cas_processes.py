@@ -83,3 +83,21 @@ def test_twenty_clients_adding_through_two_gateways_while_a_node_is_killed_count
     for port in ports:
         status, body = request(port, "GET", "/kv/counter")
         assert status == 200 and json.loads(body["value"])["n"] == CLIENTS * ADDS
+
+
+def test_a_conditional_write_with_a_two_second_ttl_expires_on_every_replica(processes: Processes) -> None:
+    """If-None-Match: * with ?ttl=2 takes a lease: held until it expires everywhere, then free to take again."""
+    registry, nodes, gateway = start_cluster(processes, "--replicas", "3", "--write-quorum", "2")
+    status, body = request(gateway.port, "PUT", "/kv/lease?ttl=2", b"holder-1", headers={"If-None-Match": "*"})
+    assert status == 200 and body["expires"] > time.time(), body
+    taken = request(gateway.port, "PUT", "/kv/lease?ttl=2", b"holder-2", headers={"If-None-Match": "*"})
+    assert taken[0] == 412 and taken[1]["version"] == body["version"]
+    eventually(
+        lambda: all(request(n.port, "GET", "/kv/lease")[1].get("version") == body["version"] for n in nodes),
+        what="every replica holds the lease with its expiry",
+    )
+    time.sleep(max(0.0, body["expires"] - time.time()) + 0.3)
+    assert request(gateway.port, "GET", "/kv/lease")[0] == 404
+    assert [request(n.port, "GET", "/kv/lease")[0] for n in nodes] == [404, 404, 404]
+    status, again = request(gateway.port, "PUT", "/kv/lease", b"holder-2", headers={"If-None-Match": "*"})
+    assert status == 200 and "expires" not in again, "an expired lease counts as absent"

@@ -365,6 +365,7 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
             clock=HybridClock(reactor.seconds, config.node_id),
             run=storage.run,
             fsync=config.fsync == "always",
+            later=reactor.callLater,
         )
         incarnation = next_incarnation(config.data_dir)
         acceptor = Acceptor.open(config.data_dir, committed_in(store), run=storage.run, fsync=config.fsync == "always")

@@ -834,3 +834,20 @@ def test_abandon_cancels_a_journal_write_not_yet_started(tmp_path: Path, opened:
     assert not runner.jobs
     store = reopen(opened, store)
     assert store.get("lost") is None
+
+
+def test_a_snapshot_written_in_many_slices_recovers_every_key(
+    tmp_path: Path, opened: list[Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kvd.journal.SNAPSHOT_SLICE", 3)
+    monkeypatch.setattr("kvd.journal.SNAPSHOT_PAUSE", 0)
+    store = open_store(opened, tmp_path)
+    expected = {f"k{i}": f"v{i}" for i in range(10)}
+    for key, value in expected.items():
+        store.put(key, value)
+    store.delete("k4")
+    del expected["k4"]
+    assert fired(store.compact())
+    assert len(snapshot_data(tmp_path)) == 10, "tombstones too"
+    store = reopen(opened, store)
+    assert dict(store.items()) == expected

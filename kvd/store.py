@@ -298,6 +298,8 @@ class Store:
     #: Schedules the journal write at the end of the turn, and the overlay's folding; without
     #: it (tools, most tests) a write starts at once and the overlay is folded in one go.
     _later: Later | None = None
+    #: Runs journal writes, if not C{_run}: at a node, one long-lived thread.
+    _write: Runner[Any] | None = None
     #: The journal write scheduled for the end of this turn, if any.
     _scheduled: IDelayedCall | None = None
     #: Writes waiting for the next journal write, and those in the one under way.
@@ -336,6 +338,7 @@ class Store:
         fsync: bool = True,
         compact_min_bytes: int = COMPACT_MIN_BYTES,
         later: Later | None = None,
+        write: Runner[Any] | None = None,
     ) -> Store:
         """
         Take the data dir (creating it if needed), recover its state and make it writable.
@@ -343,6 +346,8 @@ class Store:
         @param clock: versions local writes; at a node, C{HybridClock(reactor.seconds, node_id)}.
         @param later: at a node, C{reactor.callLater}: journal writes then start at the end
             of a reactor turn, not at its first write, so more writes share each fsync.
+        @param write: runs journal writes (else C{run} does); snapshots and the rest go to
+            C{run}, so a journal write never waits behind a snapshot.
         @raise StoreError: with a one-line message, having changed no file, when the dir
             cannot be created or locked or its contents are corrupt.
         """
@@ -385,6 +390,7 @@ class Store:
             snapshot_bytes=found.snapshot_bytes,
             compact_min_bytes=compact_min_bytes,
             later=later,
+            write=write,
         )
 
     # Reads: memory only.
@@ -733,7 +739,7 @@ class Store:
             return time.perf_counter() - started
 
         self._writing = True
-        self._run(write).addBoth(self._flushed, len(data))
+        (self._write or self._run)(write).addBoth(self._flushed, len(data))
 
     def _flushed(self, result: object, size: int) -> None:
         self._writing = False

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import gc
 import os
+import queue
 import re
 import secrets
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -38,6 +40,7 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LoggingFile
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.resource import IResource
@@ -140,6 +143,45 @@ def advertised_url(address: IAddress, tls: bool) -> str | None:
     return f"{'https' if tls else 'http'}://{host}:{address.port}"
 
 
+class JournalThread:
+    """
+    One long-lived thread for a store's journal writes: a queue to it, C{callFromThread}
+    back. A round trip costs about 25 us of CPU here against 45 us for a thread pool's job
+    (C{deferToThreadPool}), and a node makes one per group commit.
+    """
+
+    def __init__(self, reactor: Any, name: str) -> None:
+        self._reactor = reactor
+        self._name = name
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Deferred[Any]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, f: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._jobs.put((f, d))
+        return d
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            f, d = job
+            try:
+                result = f()
+            except BaseException:
+                self._reactor.callFromThread(d.errback, Failure())
+            else:
+                self._reactor.callFromThread(d.callback, result)
+
+
 class StoreService(service.Service):
     """
     Owns a node's store and the threads its file I/O runs on. At stop it lets every pending
@@ -150,6 +192,7 @@ class StoreService(service.Service):
     def __init__(self, reactor: Any, name: str) -> None:
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=2, name=name)
+        self.journal = JournalThread(reactor, f"{name}-journal")
         self.store: Store | None = None
 
     def run(self, f: Any) -> Deferred[Any]:
@@ -158,16 +201,18 @@ class StoreService(service.Service):
     def startService(self) -> None:
         super().startService()
         self.pool.start()
+        self.journal.start()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         if self.store is None:
-            self.pool.stop()
+            self._stop_threads(None)
             return succeed(None)
         return self.store.close().addBoth(self._stop_threads)
 
     def _stop_threads(self, result: object) -> object:
         self.pool.stop()
+        self.journal.stop()
         return result
 
 
@@ -375,6 +420,9 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
             clock=HybridClock(reactor.seconds, config.node_id),
             run=storage.run,
             fsync=config.fsync == "always",
+            later=reactor.callLater,
+            write=storage.journal,
+            fork=True,
         )
         incarnation = next_incarnation(config.data_dir)
         acceptor = Acceptor.open(config.data_dir, committed_in(store), run=storage.run, fsync=config.fsync == "always")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import socket
 from pathlib import Path
 from typing import Any
@@ -9,8 +10,9 @@ from typing import Any
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+from twisted.python.failure import Failure
 
-from kvd.roles import HeartbeatService, HTTPClientService, advertised_url
+from kvd.roles import HeartbeatService, HTTPClientService, JournalThread, advertised_url
 from kvd.tap import Options, makeService
 
 
@@ -166,3 +168,36 @@ def test_a_port_in_use_is_one_line_at_privileged_start(tmp_path: Path, capsys: p
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot listen on tcp:8500:interface=127.0.0.1" in err, err
+
+
+class _ThreadCalls:
+    """A reactor's callFromThread only: calls made from other threads are queued for the test to run."""
+
+    def __init__(self) -> None:
+        self.calls: queue.SimpleQueue[tuple[Any, tuple[Any, ...]]] = queue.SimpleQueue()
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.calls.put((f, args))
+
+    def run_next(self) -> None:
+        f, args = self.calls.get(timeout=10)
+        f(*args)
+
+
+def test_the_journal_thread_runs_jobs_in_order_and_hands_results_and_errors_back_through_the_reactor() -> None:
+    reactor = _ThreadCalls()
+    journal = JournalThread(reactor, "test-journal")
+    journal.start()
+    try:
+        ran: list[int] = []
+        results: list[object] = []
+        journal(lambda: ran.append(1) or "one").addBoth(results.append)
+        journal(lambda: 1 // 0).addBoth(results.append)
+        assert results == [], "results come back only through the reactor"
+        reactor.run_next()
+        assert ran == [1] and results == ["one"]
+        reactor.run_next()
+        assert isinstance(results[1], Failure) and results[1].check(ZeroDivisionError)
+    finally:
+        journal.stop()
+    assert journal._thread is None

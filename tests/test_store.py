@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -12,11 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from kvd.digests import Digests
 from kvd.incarnation import next_incarnation
-from kvd.journal import SNAPSHOT, SNAPSHOT_TMP, journal_name, pack
+from kvd.journal import SNAPSHOT, SNAPSHOT_TMP, journal_name, pack, write_snapshot, write_snapshot_in_child
 from kvd.store import (
     BadBatch,
     CorruptStore,
@@ -680,3 +682,193 @@ def test_any_history_of_batches_reopened_equals_a_model(
         for s in stores:
             if not s._closed:
                 s.abandon()
+
+
+# Compaction without a copy: the dict is frozen for the snapshot's thread, changes overlaid.
+
+
+def snapshot_data(directory: Path) -> dict[str, str]:
+    loaded = json.loads((directory / SNAPSHOT).read_bytes())
+    return dict(loaded["data"])
+
+
+def test_reads_and_writes_during_a_compaction_see_every_change_and_the_snapshot_holds_the_switch(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    """
+    While the snapshot's thread is busy, writes, deletes, drops, TTL expiry, listing, the
+    digests and the live count give the answers a store without compaction would; the
+    snapshot holds exactly the state at the switch; the reopened store holds every change.
+    """
+    runner, now = ManualRunner(), [1000.0]
+    store = open_store(opened, tmp_path, run=runner, clock=HybridClock(lambda: now[0], "n1"))
+    for i in range(10):
+        store.put(f"k{i}", f"v{i}")
+    store.put("ttl", "soon", ttl=5)
+    runner.run_all()
+    at_switch = dict(store._data)
+    compacted = store.compact()
+    runner.run_one()  # the new journal is made; the snapshot job is queued, not run
+    assert len(runner.jobs) == 1 and not fired(compacted)
+
+    store.put("k0", "changed")
+    store.put("new", "fresh")
+    deleted = store.delete("k1")
+    assert deleted is not None
+    dropped = store.drop("k2", store.entry("k2")[1])  # type: ignore[index]
+    assert dropped is not None
+    store.put("k3", "again")
+    store.drop("k3", store.entry("k3")[1])  # type: ignore[index]
+    now[0] += 5
+    expired = store.expire()
+    # Journal writes go ahead while the snapshot job waits.
+    snapshot_job = runner.jobs.pop(0)
+    runner.run_all()
+    assert fired(expired) and fired(deleted) and fired(dropped)
+
+    expected_live = {f"k{i}": f"v{i}" for i in range(4, 10)} | {"k0": "changed", "new": "fresh"}
+    assert dict(store.items()) == expected_live
+    assert store.get("k0") == "changed" and store.get("k1") is None and store.get("k2") is None
+    assert store.entry("k2") is None and store.entry("k1") is not None and store.entry("ttl") is not None
+    assert store.get("ttl") is None and store.entry("ttl")[0] is None  # type: ignore[index]
+    assert len(store) == len(expected_live)
+    assert "k2" not in store and "new" in store
+    listed = store.listing(prefix="k", values=True)
+    assert [key for key, _, _ in listed.entries] == ["k0", "k1"] + [f"k{i}" for i in range(4, 10)]
+    assert listed.entries[0][1] == "changed" and listed.entries[1][1] is None
+    assert store.digests() == Digests.of(dict(store._data)).values()
+
+    # The frozen dict is untouched: the snapshot is the state at the switch.
+    runner.jobs.insert(0, snapshot_job)
+    runner.run_all()
+    assert fired(compacted)
+    assert snapshot_data(tmp_path) == at_switch
+    assert isinstance(store._data, dict), "the overlay is folded back once the snapshot is durable"
+    assert dict(store.items()) == expected_live and "k2" not in store._data and "k3" not in store._data
+    store = reopen(opened, store)
+    assert dict(store.items()) == expected_live
+    assert store.entry("k2") is None and store.entry("k1") is not None and store.entry("ttl")[0] is None  # type: ignore[index]
+
+
+def test_a_journal_write_that_fails_during_a_compaction_undoes_its_changes_in_the_overlay(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    runner = ManualRunner()
+    store = open_store(opened, tmp_path, run=runner)
+    store.put("kept", "old")
+    runner.run_all()
+    store.compact()
+    runner.run_one()
+    snapshot_job = runner.jobs.pop(0)
+    store.put("kept", "new")
+    store.put("added", "x")
+    write_job = runner.jobs.pop(0)
+    write_job[1].errback(Failure(OSError("disk full")))
+    assert dict(store.items()) == {"kept": "old"}
+    runner.jobs.insert(0, snapshot_job)
+    runner.run_all()
+    assert dict(store.items()) == {"kept": "old"} and isinstance(store._data, dict)
+
+
+def test_the_overlay_is_folded_a_slice_a_turn_and_the_compaction_ends_after(
+    tmp_path: Path, opened: list[Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kvd.store.FOLD_SLICE", 3)
+    runner, reactor = ManualRunner(), Clock()
+    store = open_store(opened, tmp_path, run=runner, later=reactor.callLater)
+    store.put("base", "1")
+    reactor.advance(0)
+    runner.run_all()
+    compacted = store.compact()
+    runner.run_one()
+    snapshot_job = runner.jobs.pop(0)
+    for i in range(10):
+        store.put(f"k{i}", str(i))
+    reactor.advance(0)
+    runner.run_all()
+    runner.jobs.insert(0, snapshot_job)
+    runner.run_one()
+    expected = {"base": "1"} | {f"k{i}": str(i) for i in range(10)}
+    turns = 0
+    while not fired(compacted):
+        assert dict(store.items()) == expected, "reads are right at every step of the folding"
+        assert len(reactor.calls) == 1
+        reactor.calls.pop(0).func()  # one reactor turn (Clock.advance would run them all)
+        turns += 1
+    assert turns == 3, "10 changes, 3 a turn: one slice at once, then one each turn"
+    assert isinstance(store._data, dict) and dict(store.items()) == expected
+
+
+# Group commit at the end of the reactor turn.
+
+
+def test_writes_of_one_turn_share_one_journal_write_started_at_the_end_of_the_turn(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    runner, reactor = ManualRunner(), Clock()
+    store = open_store(opened, tmp_path, run=runner, later=reactor.callLater)
+    writes = [store.put(f"k{i}", "v") for i in range(5)]
+    assert not runner.jobs, "no journal write starts before the turn ends"
+    reactor.advance(0)
+    assert len(runner.jobs) == 1, "one write + fsync for every write of the turn"
+    assert not any(fired(d) for d in writes), "no write is acknowledged before it is durable"
+    more = store.put("later", "v")
+    reactor.advance(0)
+    assert len(runner.jobs) == 1, "the next write waits for the one in flight"
+    runner.run_one()
+    assert all(fired(d) for d in writes) and not fired(more)
+    assert not runner.jobs
+    reactor.advance(0)
+    runner.run_one()
+    assert fired(more)
+    store = reopen(opened, store)
+    assert dict(store.items()) == {**{f"k{i}": "v" for i in range(5)}, "later": "v"}
+
+
+def test_abandon_cancels_a_journal_write_not_yet_started(tmp_path: Path, opened: list[Store]) -> None:
+    runner, reactor = ManualRunner(), Clock()
+    store = open_store(opened, tmp_path, run=runner, later=reactor.callLater)
+    store.put("lost", "v")
+    store.abandon()
+    reactor.advance(0)
+    assert not runner.jobs
+    store = reopen(opened, store)
+    assert store.get("lost") is None
+
+
+def test_a_snapshot_written_in_many_slices_recovers_every_key(
+    tmp_path: Path, opened: list[Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kvd.journal.SNAPSHOT_SLICE", 3)
+    monkeypatch.setattr("kvd.journal.SNAPSHOT_PAUSE", 0)
+    store = open_store(opened, tmp_path)
+    expected = {f"k{i}": f"v{i}" for i in range(10)}
+    for key, value in expected.items():
+        store.put(key, value)
+    store.delete("k4")
+    del expected["k4"]
+    assert fired(store.compact())
+    assert len(snapshot_data(tmp_path)) == 10, "tombstones too"
+    store = reopen(opened, store)
+    assert dict(store.items()) == expected
+
+
+def test_a_snapshot_written_by_a_forked_child_is_the_one_a_thread_writes(tmp_path: Path) -> None:
+    items = [(f"k{i}", pack(f"v{i}", encode(1, i + 1, "n1"))) for i in range(2500)] + [("gone", encode(2, 1, "n1"))]
+    (tmp_path / "thread").mkdir()
+    (tmp_path / "child").mkdir()
+    size = write_snapshot(str(tmp_path / "thread"), 3, items, pause=False)
+    assert write_snapshot_in_child(str(tmp_path / "child"), 3, dict(items).items()) == size
+    assert (tmp_path / "child" / SNAPSHOT).read_bytes() == (tmp_path / "thread" / SNAPSHOT).read_bytes()
+    assert not (tmp_path / "child" / SNAPSHOT_TMP).exists()
+
+
+def test_a_forked_snapshot_that_fails_raises_and_leaves_the_old_one(tmp_path: Path, opened: list[Store]) -> None:
+    with pytest.raises(StoreError):
+        write_snapshot_in_child(str(tmp_path / "missing"), 1, [("k", "v")])
+    store = open_store(opened, tmp_path, fork=True)
+    store.put("a", "1")
+    assert fired(store.compact())
+    assert store.generation == 1 and snapshot_data(tmp_path) == {"a": store._data["a"]}
+    store = reopen(opened, store)
+    assert dict(store.items()) == {"a": "1"}

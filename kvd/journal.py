@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ctypes
 import fcntl
 import json
 import os
 import re
-import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
@@ -225,7 +223,7 @@ def lock(directory: str) -> int:
 # Snapshots.
 
 
-def _snapshot_chunks(generation: int, items: Iterable[tuple[str, str]], pause: bool) -> Iterator[bytes]:
+def _snapshot_chunks(generation: int, items: Iterable[tuple[str, str]]) -> Iterator[bytes]:
     yield b'{"kvd":%d,"generation":%d,"data":{' % (FORMAT, generation)
     it, first = iter(items), True
     while True:
@@ -236,7 +234,7 @@ def _snapshot_chunks(generation: int, items: Iterable[tuple[str, str]], pause: b
             yield b","
         first = False
         yield json.dumps(piece, ensure_ascii=False)[1:-1].encode()
-        if pause and len(piece) == SNAPSHOT_SLICE:  # more may follow (a small snapshot never waits)
+        if len(piece) == SNAPSHOT_SLICE:  # more may follow (a small snapshot never waits)
             time.sleep(SNAPSHOT_PAUSE)
     yield b"}}\n"
 
@@ -246,12 +244,10 @@ def write_snapshot(
     generation: int,
     items: Iterable[tuple[str, str]],
     step: Callable[[str], None] = lambda name: None,
-    *,
-    pause: bool = True,
 ) -> int:
     """
     Make C{items} (key, packed entry) the snapshot of C{generation}, atomically, and return
-    its size in bytes. With C{pause}, wait L{SNAPSHOT_PAUSE} after each slice.
+    its size in bytes.
 
     C{items} may be a dict's items view, read here on another thread, as long as nobody
     changes that dict meanwhile (L{kvd.store} freezes it for the snapshot's time).
@@ -262,7 +258,7 @@ def write_snapshot(
     tmp = os.path.join(directory, SNAPSHOT_TMP)
     size = 0
     with open(tmp, "wb") as f:
-        for chunk in _snapshot_chunks(generation, items, pause):
+        for chunk in _snapshot_chunks(generation, items):
             f.write(chunk)
             size += len(chunk)
         step("written")
@@ -274,50 +270,6 @@ def write_snapshot(
     fsync_dir(directory)
     step("dir-synced")
     return size
-
-
-def write_snapshot_in_child(
-    directory: str,
-    generation: int,
-    items: Iterable[tuple[str, str]],
-    step: Callable[[str], None] = lambda name: None,
-) -> int:
-    """
-    L{write_snapshot}, done by a forked child process, while the caller (a thread) waits
-    for it; the same files in the same order, so a crash at any point recovers the same.
-
-    The child has the parent's memory as of the fork (copy on write): C{items} must come
-    from a dict nobody changes meanwhile, as for L{write_snapshot}. Serialising in another
-    process leaves the parent's GIL to its reactor: a thread doing it holds the GIL for
-    much of its time, and on a loaded machine the reactor waits for it for tens of ms.
-    The child touches nothing but the snapshot's files and leaves with C{os._exit}; it is
-    killed if the parent dies (a node killed, then restarted, must find no one renaming
-    snapshot files behind it, nor holding a copy of its lock).
-    """
-    parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child)
-        code = 1
-        try:
-            _die_with_parent(parent)
-            write_snapshot(directory, generation, items, step, pause=False)  # no GIL to share
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
-        raise StoreError(f"the process writing the snapshot of {directory} failed (status {status})")
-    return os.path.getsize(os.path.join(directory, SNAPSHOT))
-
-
-def _die_with_parent(parent: int) -> None:  # pragma: no cover (runs in the child)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # died before that took effect
-        os._exit(1)
 
 
 # Recovery.

@@ -422,7 +422,6 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
             fsync=config.fsync == "always",
             later=reactor.callLater,
             write=storage.journal,
-            fork=True,
         )
         incarnation = next_incarnation(config.data_dir)
         acceptor = Acceptor.open(config.data_dir, committed_in(store), run=storage.run, fsync=config.fsync == "always")

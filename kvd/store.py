@@ -72,7 +72,6 @@ from kvd.journal import (
     version_of,
     write_all,
     write_snapshot,
-    write_snapshot_in_child,
 )
 from kvd.keys import BATCH_VALUE_BUDGET, BadKey, BadValue, check_key, check_value
 from kvd.ttl import MARK, expired, expiry_ms, with_expiry
@@ -301,9 +300,6 @@ class Store:
     _later: Later | None = None
     #: Runs journal writes, if not C{_run}: at a node, one long-lived thread.
     _write: Runner[Any] | None = None
-    #: Whether snapshots are serialised by a forked child (L{write_snapshot_in_child}), as
-    #: at a node, rather than on the thread C{_run} gives.
-    _fork: bool = False
     #: The journal write scheduled for the end of this turn, if any.
     _scheduled: IDelayedCall | None = None
     #: Writes waiting for the next journal write, and those in the one under way.
@@ -343,7 +339,6 @@ class Store:
         compact_min_bytes: int = COMPACT_MIN_BYTES,
         later: Later | None = None,
         write: Runner[Any] | None = None,
-        fork: bool = False,
     ) -> Store:
         """
         Take the data dir (creating it if needed), recover its state and make it writable.
@@ -353,8 +348,6 @@ class Store:
             of a reactor turn, not at its first write, so more writes share each fsync.
         @param write: runs journal writes (else C{run} does); snapshots and the rest go to
             C{run}, so a journal write never waits behind a snapshot.
-        @param fork: serialise snapshots in a forked child (the thread from C{run} waits for
-            it), so the snapshot never holds this process's GIL.
         @raise StoreError: with a one-line message, having changed no file, when the dir
             cannot be created or locked or its contents are corrupt.
         """
@@ -398,7 +391,6 @@ class Store:
             compact_min_bytes=compact_min_bytes,
             later=later,
             write=write,
-            fork=fork,
         )
 
     # Reads: memory only.
@@ -822,12 +814,10 @@ class Store:
             frozen = self._data
             assert isinstance(frozen, dict), "a compaction starts only once the last overlay is folded"
             self._data = _Overlay(frozen)
-            older, fork = range(self._generation, generation), self._fork
+            older = range(self._generation, generation)
 
             def snapshot() -> int:
-                size = (write_snapshot_in_child if fork else write_snapshot)(
-                    directory, generation, frozen.items(), self._step
-                )
+                size = write_snapshot(directory, generation, frozen.items(), self._step)
                 # Durable: the journals before it are not needed. Removed here, not on the
                 # reactor: unlinking a journal as large as the snapshot takes a while.
                 for number in older:

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from kvd.digests import Digests
 from kvd.incarnation import next_incarnation
-from kvd.journal import SNAPSHOT, SNAPSHOT_TMP, journal_name, pack, write_snapshot, write_snapshot_in_child
+from kvd.journal import SNAPSHOT, SNAPSHOT_TMP, journal_name, pack
 from kvd.store import (
     BadBatch,
     CorruptStore,
@@ -851,24 +851,3 @@ def test_a_snapshot_written_in_many_slices_recovers_every_key(
     assert len(snapshot_data(tmp_path)) == 10, "tombstones too"
     store = reopen(opened, store)
     assert dict(store.items()) == expected
-
-
-def test_a_snapshot_written_by_a_forked_child_is_the_one_a_thread_writes(tmp_path: Path) -> None:
-    items = [(f"k{i}", pack(f"v{i}", encode(1, i + 1, "n1"))) for i in range(2500)] + [("gone", encode(2, 1, "n1"))]
-    (tmp_path / "thread").mkdir()
-    (tmp_path / "child").mkdir()
-    size = write_snapshot(str(tmp_path / "thread"), 3, items, pause=False)
-    assert write_snapshot_in_child(str(tmp_path / "child"), 3, dict(items).items()) == size
-    assert (tmp_path / "child" / SNAPSHOT).read_bytes() == (tmp_path / "thread" / SNAPSHOT).read_bytes()
-    assert not (tmp_path / "child" / SNAPSHOT_TMP).exists()
-
-
-def test_a_forked_snapshot_that_fails_raises_and_leaves_the_old_one(tmp_path: Path, opened: list[Store]) -> None:
-    with pytest.raises(StoreError):
-        write_snapshot_in_child(str(tmp_path / "missing"), 1, [("k", "v")])
-    store = open_store(opened, tmp_path, fork=True)
-    store.put("a", "1")
-    assert fired(store.compact())
-    assert store.generation == 1 and snapshot_data(tmp_path) == {"a": store._data["a"]}
-    store = reopen(opened, store)
-    assert dict(store.items()) == {"a": "1"}

@@ -34,7 +34,7 @@ from werkzeug.routing import BaseConverter
 from kvd import paths, ui
 from kvd.auth import Auth
 from kvd.changes import MAX_KEYS, ChangeIndex
-from kvd.gateway.batch import Batch, BatchRunner
+from kvd.gateway.batch import ANSWER_BUDGET, Batch, BatchRunner
 from kvd.gateway.cas import Proposer
 from kvd.gateway.cluster import Cluster
 from kvd.gateway.coordinator import Coordinator, WriteOutcome
@@ -945,7 +945,8 @@ class GatewayAPI:
         """Many keys' reads, writes and deletes in one round trip (see L{kvd.gateway.batch})."""
         batch = Batch.parse(json_request(request, "a batch"), self.max_value_bytes)
         coordinator = self.coordinator
-        results = await BatchRunner(coordinator, coordinator.nodes, self._now).run(batch)
+        budget = max(ANSWER_BUDGET, self.max_value_bytes)
+        results = await BatchRunner(coordinator, coordinator.nodes, self._now, budget).run(batch)
         return _json(request, {"success": True, "results": results})
 
     @routes.path("/export", "GET")

@@ -62,6 +62,7 @@ from kvd.keys import (
     parse_precondition,
     parse_value,
     raw_value,
+    typed_json,
     value_json,
 )
 from kvd.metrics import CONTENT_TYPE, Metrics
@@ -166,7 +167,7 @@ def _entry_answer(
     the version) or, with C{raw}, the bytes.
     """
     if not raw:
-        body = {"success": True, "key": key, **value_json(value), "version": version}
+        body = {"success": True, "key": key, **typed_json(value), "version": version}
         return _versioned(request, {**body, **extra} if extra else body)
     data, content_type = raw_value(value)
     request.setResponseCode(200)

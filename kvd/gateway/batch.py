@@ -33,7 +33,17 @@ from twisted.python.failure import Failure
 
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import NodeClients
-from kvd.keys import ClientError, NotFound, Unavailable, ValueTooLarge, check_key, text_value, value_json, value_size
+from kvd.keys import (
+    ClientError,
+    NotFound,
+    Unavailable,
+    ValueTooLarge,
+    check_key,
+    text_value,
+    typed_json,
+    value_json,
+    value_size,
+)
 from kvd.store import Entry
 from kvd.ttl import expired, expires
 
@@ -154,7 +164,7 @@ class BatchRunner:
         if spent[0] and spent[0] + size > self.answer_budget:
             raise AnswerTooLarge(OVER_BUDGET)
         spent[0] += size
-        return _versioned({"status": 200, "success": True, "key": key, **value_json(entry[0]), "version": entry[1]})
+        return _versioned({"status": 200, "success": True, "key": key, **typed_json(entry[0]), "version": entry[1]})
 
     @staticmethod
     def _written(written: tuple[str, bool], key: str, value: str) -> dict[str, Any]:

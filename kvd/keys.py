@@ -196,7 +196,7 @@ def text_value(value: object, what: str) -> str:
         return value
     if isinstance(value, dict) and set(value) <= {"value", "encoding", "content_type"}:
         payload, encoding, content_type = value.get("value"), value.get("encoding"), value.get("content_type", "")
-        if isinstance(payload, str) and encoding is None and isinstance(content_type, str) and "value" in value:
+        if isinstance(payload, str) and "encoding" not in value and isinstance(content_type, str) and content_type:
             # Text with its content type, as a JSON answer gives a typed text value.
             text_value(payload, what)
             given = content_type_of(content_type.encode("latin-1", "replace")) if content_type else ""

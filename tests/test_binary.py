@@ -284,3 +284,15 @@ def test_gateway_json_answers_of_typed_values_say_their_content_type_and_plain_t
     assert harness.gateway("POST", "/batch", json.dumps(put).encode())[0] == 200
     _, doc2 = harness.gateway("GET", "/kv/doc2")
     assert (doc2["value"], doc2["content_type"]) == ("[1]", "application/json")
+
+
+def test_a_json_text_value_object_needs_its_content_type() -> None:
+    from kvd.keys import BadValue, text_value
+
+    assert raw_value(text_value({"value": "{}", "content_type": "application/json"}, "k")) == (
+        b"{}",
+        "application/json",
+    )
+    for bad in ({"value": ""}, {"value": "x", "content_type": ""}, {"value": 1, "content_type": "a/b"}):
+        with pytest.raises(BadValue):
+            text_value(bad, "k")

@@ -61,9 +61,18 @@ class Entry:
     value: str
     version: str
     expires: float | None = None
+    #: C{"base64"} when C{value} is bytes in base64 (a value that is not UTF-8 text).
+    encoding: str | None = None
+    #: The content type stored with a typed value (bytes, or text PUT with a Content-Type).
+    content_type: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"key": self.key, "value": self.value, "version": self.version}
+        body: dict[str, Any] = {"key": self.key, "value": self.value}
+        if self.encoding is not None:
+            body["encoding"] = self.encoding
+        if self.content_type is not None:
+            body["content_type"] = self.content_type
+        body["version"] = self.version
         if self.expires is not None:
             body["expires"] = self.expires
         return body
@@ -286,12 +295,14 @@ def _entry(body: Mapping[str, Any], key: str) -> Entry:
     value, version = body.get("value"), body.get("version")
     if not isinstance(value, str):
         raise ServerError(f"get {key!r}: the answer has no value", 200, body)
-    expires = body.get("expires")
+    expires, encoding, content_type = body.get("expires"), body.get("encoding"), body.get("content_type")
     return Entry(
         str(body.get("key", key)),
         value,
         version if isinstance(version, str) else "",
         float(expires) if isinstance(expires, (int, float)) else None,
+        encoding if isinstance(encoding, str) else None,
+        content_type if isinstance(content_type, str) else None,
     )
 
 

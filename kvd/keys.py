@@ -185,7 +185,8 @@ def check_value(value: str) -> str:
 def text_value(value: object, what: str) -> str:
     """
     A value a client sent in JSON: a string of text, or C{{"value": B64, "encoding": "base64"}}
-    for bytes (C{"content_type"} optional).
+    for bytes (C{"content_type"} optional), or C{{"value": TEXT, "content_type": T}} for text
+    stored with a content type (as JSON answers carry each).
 
     @raise BadValue: otherwise.
     """
@@ -195,6 +196,12 @@ def text_value(value: object, what: str) -> str:
         return value
     if isinstance(value, dict) and set(value) <= {"value", "encoding", "content_type"}:
         payload, encoding, content_type = value.get("value"), value.get("encoding"), value.get("content_type", "")
+        if isinstance(payload, str) and "encoding" not in value and isinstance(content_type, str) and content_type:
+            # Text with its content type, as a JSON answer gives a typed text value.
+            text_value(payload, what)
+            given = content_type_of(content_type.encode("latin-1", "replace")) if content_type else ""
+            raw_text = payload.encode("utf-8")
+            return parse_value(raw_text, len(raw_text), given.encode() or None)
         if isinstance(payload, str) and encoding == "base64" and isinstance(content_type, str):
             try:
                 raw = base64.b64decode(payload, validate=True)
@@ -223,6 +230,18 @@ def value_json(value: str) -> dict[str, str]:
     if kind == "b":
         return {"value": payload, "encoding": "base64"}
     return {"value": payload}
+
+
+def typed_json(value: str) -> dict[str, str]:
+    """
+    L{value_json}, plus C{"content_type"} for a typed value (bytes, or text stored with a
+    content type): the one C{?raw=true} serves. Plain text carries none, so its answers are
+    as they were. For single-key answers (GET, PUT, a batch's gets).
+    """
+    body = value_json(value)
+    if value[:1] == TYPED:
+        body["content_type"] = raw_value(value)[1]
+    return body
 
 
 def raw_value(value: str) -> tuple[bytes, str]:

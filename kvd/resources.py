@@ -35,7 +35,7 @@ from kvd import paths, ui
 from kvd.auth import Auth
 from kvd.changes import MAX_KEYS, ChangeIndex
 from kvd.codec import wire_json, wire_loads
-from kvd.gateway.batch import Batch, BatchRunner
+from kvd.gateway.batch import ANSWER_BUDGET, Batch, BatchRunner
 from kvd.gateway.cas import Proposer
 from kvd.gateway.cluster import Cluster
 from kvd.gateway.coordinator import Coordinator, WriteOutcome
@@ -63,6 +63,7 @@ from kvd.keys import (
     parse_precondition,
     parse_value,
     raw_value,
+    typed_json,
     value_json,
 )
 from kvd.metrics import CONTENT_TYPE, Metrics
@@ -179,7 +180,7 @@ def _entry_answer(
     the version) or, with C{raw}, the bytes.
     """
     if not raw:
-        body = {"success": True, "key": key, **value_json(value), "version": version}
+        body = {"success": True, "key": key, **typed_json(value), "version": version}
         return _versioned(request, {**body, **extra} if extra else body)
     data, content_type = raw_value(value)
     request.setResponseCode(200)
@@ -986,7 +987,8 @@ class GatewayAPI:
         """Many keys' reads, writes and deletes in one round trip (see L{kvd.gateway.batch})."""
         batch = Batch.parse(json_request(request, "a batch"), self.max_value_bytes)
         coordinator = self.coordinator
-        results = await BatchRunner(coordinator, coordinator.nodes, self._now).run(batch)
+        budget = max(ANSWER_BUDGET, self.max_value_bytes)
+        results = await BatchRunner(coordinator, coordinator.nodes, self._now, budget).run(batch)
         return _json(request, {"success": True, "results": results})
 
     @routes.path("/export", "GET")

@@ -127,8 +127,9 @@ def test_node_answers_base64_json_and_raw_bytes_with_the_content_type_given(stor
         "success": True,
         "key": "img",
         **value_json(store.get("img") or ""),
+        "content_type": "image/png",
         "version": answer["version"],
-    }
+    }, "the JSON answer also says the content type ?raw serves"
     request(client, "PUT", "/kv/bin", b"\xff")
     status, body, headers = request(client, "GET", "/kv/bin?raw=1")
     assert body == b"\xff" and headers.getRawHeaders(b"content-type") == [b"application/octet-stream"]
@@ -251,3 +252,47 @@ def test_bytes_survive_an_export_and_an_import(three: Harness) -> None:
     status, answer = h.gateway("POST", "/import", json.dumps(line).encode() + b"\n")
     assert status == 200 and answer["imported"] == 1, answer
     assert base64.b64decode(h.gateway("GET", "/kv/bin")[1]["value"]) == BLOB
+
+
+def test_gateway_json_answers_of_typed_values_say_their_content_type_and_plain_text_does_not(
+    three: Harness,
+) -> None:
+    harness = three
+
+    def put(key: str, value: bytes, content_type: bytes) -> int:
+        results: list[Any] = []
+        headers = b"Content-Type: %s\r\n" % content_type
+        call = harness.client.call("PUT", f"http://gateway.test/kv/{key}", value, headers=headers)
+        ensureDeferred(call).addBoth(results.append)
+        harness.settle()
+        return int(results[0].status)
+
+    assert put("img", BLOB, b"image/png") == 200
+    assert harness.gateway("PUT", "/kv/bin", b"\xff")[0] == 200
+    assert put("doc", b"{}", b"application/json") == 200
+    assert harness.gateway("PUT", "/kv/text", b"plain")[0] == 200
+    answers = {key: harness.gateway("GET", f"/kv/{key}")[1] for key in ("img", "bin", "doc", "text")}
+    assert answers["img"]["content_type"] == "image/png" and answers["img"]["encoding"] == "base64"
+    assert answers["bin"]["content_type"] == "application/octet-stream"
+    assert answers["doc"]["content_type"] == "application/json" and answers["doc"]["value"] == "{}"
+    assert "content_type" not in answers["text"] and "encoding" not in answers["text"]
+    _, answer = harness.gateway("POST", "/batch", json.dumps({"get": ["img", "text"]}).encode())
+    assert answer["results"]["img"]["content_type"] == "image/png"
+    assert "content_type" not in answer["results"]["text"]
+    # A batch put takes text with its content type, as a JSON answer gives it.
+    put = {"put": {"doc2": {"value": "[1]", "content_type": "application/json"}}}
+    assert harness.gateway("POST", "/batch", json.dumps(put).encode())[0] == 200
+    _, doc2 = harness.gateway("GET", "/kv/doc2")
+    assert (doc2["value"], doc2["content_type"]) == ("[1]", "application/json")
+
+
+def test_a_json_text_value_object_needs_its_content_type() -> None:
+    from kvd.keys import BadValue, text_value
+
+    assert raw_value(text_value({"value": "{}", "content_type": "application/json"}, "k")) == (
+        b"{}",
+        "application/json",
+    )
+    for bad in ({"value": ""}, {"value": "x", "content_type": ""}, {"value": 1, "content_type": "a/b"}):
+        with pytest.raises(BadValue):
+            text_value(bad, "k")

@@ -201,3 +201,13 @@ def test_ndjson_lines_are_read_whatever_the_chunks() -> None:
 
 def test_batch_item_is_ok_below_300() -> None:
     assert BatchItem("k", 200, {}).ok and not BatchItem("k", 404, {}).ok
+
+
+def test_an_entry_keeps_the_encoding_and_content_type_of_a_typed_value_through_an_export_line() -> None:
+    line = b'{"key": "img", "value": "AP8=", "encoding": "base64", "content_type": "image/png", "version": "v1"}\n'
+    (entry,) = list(_lines([line]))
+    assert (entry.value, entry.encoding, entry.content_type) == ("AP8=", "base64", "image/png")
+    assert entry_line(entry) == line, "written back exactly as read, so kvd import restores the type"
+    (plain,) = list(_lines([b'{"key": "t", "value": "hi", "version": "v1"}\n']))
+    assert plain.encoding is None and plain.content_type is None
+    assert entry_line(plain) == b'{"key": "t", "value": "hi", "version": "v1"}\n'

@@ -329,6 +329,41 @@ def test_a_batch_over_its_bounds_is_a_413(harness: Harness) -> None:
     assert status == 200
 
 
+def test_a_batch_answers_values_up_to_its_budget_and_each_get_over_it_is_its_own_413(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget is the larger of ANSWER_BUDGET and the value limit (1 MiB here): 6 x 300 KiB do not fit."""
+    import kvd.resources
+
+    monkeypatch.setattr(kvd.resources, "ANSWER_BUDGET", 1)
+    three_nodes(harness)
+    values = {f"big{i}": chr(ord("a") + i) * (300 * 1024) for i in range(6)}
+    for key, value in values.items():
+        assert harness.gateway("PUT", f"/kv/{key}", value.encode())[0] == 200
+    status, body = batch(harness, {"get": [*values, "missing"], "put": {"small": "s"}})
+    assert status == 200 and body["success"] is True
+    results = body["results"]
+    answered = {k: r for k, r in results.items() if k in values and r["status"] == 200}
+    over = {k: r for k, r in results.items() if r["status"] == 413}
+    assert answered and over and set(answered) | set(over) == set(values), results
+    assert sum(len(r["value"]) for r in answered.values()) <= 1024 * 1024
+    assert all(
+        r == {"status": 413, "success": False, "key": k, "error": "answer too large: ask for fewer keys"}
+        for k, r in over.items()
+    )
+    assert all(answered[k]["value"] == values[k] for k in answered)
+    assert results["missing"]["status"] == 404 and results["small"]["status"] == 200
+    # Asking again for what came back 413 gets more of it each time: the first value always fits.
+    got, rounds = dict.fromkeys(answered), 0
+    while len(got) < len(values):
+        rounds += 1
+        assert rounds <= len(values)
+        _, again = batch(harness, {"get": [k for k in values if k not in got]})
+        fresh = {k: r["value"] for k, r in again["results"].items() if r["status"] == 200}
+        assert fresh and all(fresh[k] == values[k] for k in fresh)
+        got.update(fresh)
+
+
 def test_listing_and_batches_need_the_client_token_when_one_is_set() -> None:
     from kvd.auth import Auth, bearer
 

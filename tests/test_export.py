@@ -265,3 +265,17 @@ def test_a_paused_consumer_holds_the_export_to_the_page_it_has() -> None:
     done.addErrback(failures.append)
     assert pages.asked == [None, "k1"] and failures and "ExportStopped" in str(failures[0].type)
     assert exporter.exported == 2
+
+
+def test_an_import_line_keeps_the_content_type_of_bytes_and_of_typed_text() -> None:
+    from kvd.keys import raw_value
+
+    version = "0000000f4240000000.gw"
+    line = {"key": "img", "value": "AP8=", "encoding": "base64", "content_type": "image/png", "version": version}
+    _, value, _ = parse_line(json.dumps(line).encode(), 100)
+    assert raw_value(value) == (b"\x00\xff", "image/png")
+    line = {"key": "doc", "value": "{}", "content_type": "application/json", "version": version}
+    _, value, _ = parse_line(json.dumps(line).encode(), 100)
+    assert raw_value(value) == (b"{}", "application/json")
+    with pytest.raises(ClientError):
+        parse_line(json.dumps({**line, "content_type": 3}).encode(), 100)

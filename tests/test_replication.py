@@ -286,3 +286,29 @@ def test_an_unexpected_error_in_a_sweep_is_logged_and_the_next_sweep_still_runs(
     assert results == [None], "sweep() itself never fails: a failure would stop its TimerService"
     assert "unexpectedly" in (repairer.progress.last_error or "")
     assert not repairer._running
+
+
+def test_a_sweep_lists_a_few_ranges_at_a_time_so_its_memory_does_not_follow_the_key_count(
+    simulation: Simulation,
+) -> None:
+    """A node back after missing every write: the sweep lists its stale ranges in steps, not all at once."""
+    simulation.begin(3)
+    simulation.crash("n2")
+    for i in range(300):
+        simulation.write(f"k{i}", f"v{i}")
+    simulation.start("n2")
+    simulation.h.advance(1)
+    listed: list[int] = []
+
+    class Counting(Repairer):
+        async def _listings(self, clients: Any, buckets: list[int]) -> Any:
+            listed.append(len(buckets))
+            return await super()._listings(clients, buckets)
+
+    h = simulation.h
+    h.repairer = Counting(h.cluster, NodeClients(h.peers), h.clock.seconds, ranges_per_sweep=256, ranges_per_step=8)
+    simulation.sweep()
+    assert len(listed) > 1 and max(listed) <= 8, listed
+    assert len(simulation.h.stores["n2"]) == 300, "every step's keys reached n2 in the one sweep"
+    simulation.quiesce()
+    simulation.check()

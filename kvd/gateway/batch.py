@@ -8,6 +8,14 @@ refused (nothing done) when it is malformed: not that shape, a bad key, a key na
 C{{"value": BASE64, "encoding": "base64"}} (bytes, C{"content_type"} optional) (400), more than L{MAX_KEYS} keys
 or a value over the value limit (413).
 
+The answer is bounded: the values the gets read add up to at most L{ANSWER_BUDGET} bytes
+(or one largest value, if that is more). A get whose value would go over it is answered
+C{"status": 413, "error": "answer too large: ask for fewer keys"}, and its value is let go
+as it arrives, so the gateway never holds more than the budget (plus what is in flight from
+the nodes) for one batch. Which gets those are follows the order the values arrive in, not
+the order of the body; the first value always fits, so asking again for the keys answered
+413 always makes progress.
+
 Every key's read or write is started through the coordinator at once with the node clients
 corked (L{kvd.gateway.nodes.Cork}), so the quorum traffic of the whole batch leaves as one
 internal request per node and kind (cut only by the usual batch bounds), not one per key.
@@ -25,7 +33,17 @@ from twisted.python.failure import Failure
 
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import NodeClients
-from kvd.keys import ClientError, NotFound, Unavailable, ValueTooLarge, check_key, text_value, value_json, value_size
+from kvd.keys import (
+    ClientError,
+    NotFound,
+    Unavailable,
+    ValueTooLarge,
+    check_key,
+    text_value,
+    typed_json,
+    value_json,
+    value_size,
+)
 from kvd.store import Entry
 from kvd.ttl import expired, expires
 
@@ -33,6 +51,16 @@ _log = Logger()
 
 #: The most keys one batch may name, in all.
 MAX_KEYS = 1000
+
+#: Bytes of values the gets of one batch answer with, at most (see the module's docstring).
+ANSWER_BUDGET = 16 * 1024 * 1024
+
+#: What a get over the answer budget answers.
+OVER_BUDGET = "answer too large: ask for fewer keys"
+
+
+class AnswerTooLarge(ClientError):
+    """A get in a batch whose value would take the answer over its budget (a 413 of its own)."""
 
 
 @define
@@ -79,6 +107,8 @@ def _status(failure: Failure) -> int:
     error = failure.value
     if isinstance(error, NotFound):
         return 404
+    if isinstance(error, AnswerTooLarge):
+        return 413
     if isinstance(error, ClientError):
         return 400
     if isinstance(error, Unavailable):
@@ -99,15 +129,19 @@ class BatchRunner:
     coordinator: Coordinator
     nodes: NodeClients
     now: Callable[[], float]
+    #: Bytes of values a batch's gets may answer with; one value always fits, whatever its size.
+    answer_budget: int = ANSWER_BUDGET
 
     def run(self, batch: Batch) -> Deferred[dict[str, dict[str, Any]]]:
         """Every key's answer, keyed by key; never fails (each key's error is in its answer)."""
         started: list[tuple[str, Deferred[dict[str, Any]]]] = []
         coordinator = self.coordinator
+        #: Bytes of values answered so far.
+        spent = [0]
         self.nodes.cork()
         try:
             for key in batch.get:
-                started.append((key, maybeDeferred(coordinator.read, key).addCallback(self._read, key)))
+                started.append((key, maybeDeferred(coordinator.read, key).addCallback(self._read, key, spent)))
             for key, value in batch.put.items():
                 written = maybeDeferred(coordinator.write, key, value)
                 started.append((key, written.addCallback(self._written, key, value)))
@@ -123,10 +157,14 @@ class BatchRunner:
 
         return DeferredList([d for _, d in started]).addCallback(collected)
 
-    def _read(self, entry: Entry | None, key: str) -> dict[str, Any]:
+    def _read(self, entry: Entry | None, key: str, spent: list[int]) -> dict[str, Any]:
         if entry is None or entry[0] is None or expired(entry[1], self.now()):
             raise NotFound("no such key")
-        return _versioned({"status": 200, "success": True, "key": key, **value_json(entry[0]), "version": entry[1]})
+        size = value_size(entry[0])
+        if spent[0] and spent[0] + size > self.answer_budget:
+            raise AnswerTooLarge(OVER_BUDGET)
+        spent[0] += size
+        return _versioned({"status": 200, "success": True, "key": key, **typed_json(entry[0]), "version": entry[1]})
 
     @staticmethod
     def _written(written: tuple[str, bool], key: str, value: str) -> dict[str, Any]:

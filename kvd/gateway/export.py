@@ -194,8 +194,8 @@ def parse_line(raw: bytes, max_value_bytes: int) -> tuple[str, str, str]:
         raise ClientError('not {"key": K, "value": V, "version": VERSION}')
     key, version = check_key(body.get("key")), body.get("version")
     given = body.get("value")
-    if "encoding" in body:
-        given = {"value": given, "encoding": body["encoding"]}
+    if "encoding" in body or "content_type" in body:
+        given = {k: body[k] for k in ("value", "encoding", "content_type") if k in body}
     value = text_value(given, repr(key))
     if value_size(value) > max_value_bytes:
         raise ValueTooLarge(f"the value is over the limit of {max_value_bytes} bytes")

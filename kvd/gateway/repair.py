@@ -32,6 +32,12 @@ _log = Logger()
 
 T = TypeVar("T")
 
+#: Key ranges listed and reconciled together within a sweep: a sweep holds every node's
+#: (key, version) listing of this many ranges at a time, not of all it found changed, so
+#: while a node's keys change (an import, a write-heavy load: every range's digest moves
+#: between sweeps) the gateway's memory is 1/32 of a listing of every key, not all of it.
+RANGES_PER_STEP = 8
+
 
 @define
 class RepairProgress:
@@ -78,9 +84,10 @@ def _chunks(items: list[T]) -> list[list[T]]:
 class Repairer:
     """
     Call L{sweep} periodically (a TimerService in the gateway). Each sweep handles at most
-    C{ranges_per_sweep} key ranges whose digests changed, which throttles the traffic; a
-    range is remembered as reconciled only when every step for it succeeded, so a sweep
-    cut short by a crash or an error is simply done again.
+    C{ranges_per_sweep} key ranges whose digests changed, which throttles the traffic,
+    C{ranges_per_step} at a time, which bounds the memory; a range is remembered as
+    reconciled only when every step for it succeeded, so a sweep cut short by a crash or
+    an error is simply done again.
     """
 
     cluster: Cluster
@@ -88,6 +95,7 @@ class Repairer:
     now: Callable[[], float]
     tombstone_grace: float = 3600.0
     ranges_per_sweep: int = BUCKETS
+    ranges_per_step: int = RANGES_PER_STEP
     progress: RepairProgress = field(factory=RepairProgress)
     #: Seconds between full passes over every range, changed or not: they find tombstones
     #: whose grace has run out, and anything a digest collision could hide.
@@ -138,18 +146,22 @@ class Repairer:
         if not stale:
             return
         self.progress.ranges_checked += len(stale)
-        listings, tombstones = await self._listings(clients, stale)
+        self.progress.keys_to_send = 0
         tallies = {node_id: _Tally() for node_id in clients}
         try:
-            await self._reconcile(view, clients, listings, tombstones, tallies)
-        except PeerError as e:
-            for tally in tallies.values():
-                tally.last_error = str(e)
-            raise
-        else:
-            for node_id in clients:
-                for b in stale:
-                    self._reconciled[(node_id, b)] = digests[node_id][b]
+            for first in range(0, len(stale), self.ranges_per_step):
+                step = stale[first : first + self.ranges_per_step]
+                listings, tombstones = await self._listings(clients, step)
+                try:
+                    await self._reconcile(view, clients, listings, tombstones, tallies)
+                except PeerError as e:
+                    for tally in tallies.values():
+                        tally.last_error = str(e)
+                    raise
+                del listings, tombstones
+                for node_id in clients:
+                    for b in step:
+                        self._reconciled[(node_id, b)] = digests[node_id][b]
         finally:
             for node_id, tally in tallies.items():
                 try:
@@ -205,7 +217,7 @@ class Repairer:
                 # Every replica has the tombstone and it is old enough: it has done its work.
                 for owner in owners:
                     collect.setdefault(owner, []).append((key, top))
-        self.progress.keys_to_send = sum(len(v) for v in pushes.values())
+        self.progress.keys_to_send += sum(len(v) for v in pushes.values())
         for wanted in pushes.values():
             for key in wanted:
                 tallies[sources[key]].keys_to_send += 1

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kvd.testing.processes import Kvd, Processes, free_port, request
+from kvd.testing.processes import Kvd, Processes, free_port, http_request, request
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,6 +57,25 @@ def test_a_2_second_ttl_is_live_before_and_absent_after_on_every_replica(process
     while [request(node.port, "GET", "/node")[1]["keys"] for node in nodes] != [1, 1, 1]:
         assert time.monotonic() < deadline, "each node turns its expired entry into a tombstone within a second or so"
         time.sleep(0.2)
+
+
+def test_a_batch_of_big_values_answers_up_to_its_budget_and_413_for_each_get_over_it(processes: Processes) -> None:
+    """24 values of 1 MiB are over the 16 MiB answer budget: the answer stays within it, the rest are 413s."""
+    nodes, gateway = static_cluster(processes)
+    values = {f"big-{i:02d}": (f"{i:02d}" * (512 * 1024)) for i in range(24)}
+    for key, value in values.items():
+        assert request(gateway.port, "PUT", f"/kv/{key}", value.encode(), timeout=30)[0] == 200
+    answer = http_request(gateway.port, "POST", "/batch", json.dumps({"get": list(values)}).encode(), timeout=60)
+    assert answer.status == 200
+    assert len(answer.body) < 17 * 1024 * 1024, "the answer is bounded by the budget, not by what was asked"
+    results = answer.json()["results"]
+    answered = [k for k, r in results.items() if r["status"] == 200]
+    over = [k for k, r in results.items() if r["status"] == 413]
+    assert len(answered) == 16 and len(over) == 8, "16 values of 1 MiB make the budget exactly"
+    assert all(results[k]["value"] == values[k] for k in answered)
+    assert all(results[k]["error"] == "answer too large: ask for fewer keys" for k in over)
+    status, body = request(gateway.port, "POST", "/batch", json.dumps({"get": over}).encode(), timeout=60)
+    assert status == 200 and all(r["status"] == 200 for r in body["results"].values()), "the rest fit in a second ask"
 
 
 def test_an_expiry_survives_a_node_restart(processes: Processes) -> None:

@@ -18,20 +18,15 @@ import pytest
 
 from kvd.testing.processes import Kvd, Processes, free_port, http_request, request, wait_for_members
 
+from .test_cluster_processes import eventually as _eventually
+
 pytestmark = pytest.mark.timeout(180)
 WORKER_PATTERN = re.compile(rb"-m\0kvd\.workers\0")
 
 
 def eventually(check: Callable[[], bool], seconds: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not hold within {seconds}s")
+    """The shared helper, with a longer default: a worker takes about 2 s to start."""
+    _eventually(check, seconds, what)
 
 
 def workers_of(pid: int) -> set[int]:

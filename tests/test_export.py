@@ -279,3 +279,15 @@ def test_an_import_line_keeps_the_content_type_of_bytes_and_of_typed_text() -> N
     assert raw_value(value) == (b"{}", "application/json")
     with pytest.raises(ClientError):
         parse_line(json.dumps({**line, "content_type": 3}).encode(), 100)
+
+
+def test_an_export_line_carries_the_content_type_so_export_then_import_keeps_it() -> None:
+    from kvd.gateway.export import line
+    from kvd.keys import typed_value
+
+    version = "0000000f4240000000.gw"
+    for stored in (typed_value(b"\x89PNG", "image/png"), typed_value("<b>", "text/html"), "plain"):
+        exported = line("k", stored, version)
+        assert parse_line(exported.rstrip(b"\n"), 100) == ("k", stored, version), exported
+    assert json.loads(line("k", typed_value(b"\x00", "image/png"), version))["content_type"] == "image/png"
+    assert "content_type" not in json.loads(line("k", "plain", version)), "plain text lines are as they were"

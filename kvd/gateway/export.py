@@ -42,7 +42,7 @@ from zope.interface import implementer
 
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.listing import Lister
-from kvd.keys import ClientError, Unavailable, ValueTooLarge, check_key, text_value, value_json, value_size
+from kvd.keys import ClientError, Unavailable, ValueTooLarge, check_key, text_value, typed_json, value_size
 from kvd.ttl import MARK, expired, expiry_ms
 from kvd.versions import encode, is_version, milliseconds
 
@@ -101,8 +101,11 @@ class Cut:
 
 
 def line(key: str, value: str, version: str) -> bytes:
-    """One export line: a value as JSON answers carry it (bytes as base64 with C{"encoding"})."""
-    body = {"key": key, **value_json(value), "version": version}
+    """
+    One export line: a value as JSON answers carry it (bytes as base64 with C{"encoding"}), with
+    its C{"content_type"} when it has one, so an import restores the type.
+    """
+    body = {"key": key, **typed_json(value), "version": version}
     return json.dumps(body, ensure_ascii=False).encode() + b"\n"
 
 

@@ -364,6 +364,24 @@ def test_a_batch_answers_values_up_to_its_budget_and_each_get_over_it_is_its_own
         got.update(fresh)
 
 
+def test_a_batch_answer_budget_counts_values_as_the_answer_carries_them_escapes_included(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A control character is 6 bytes of JSON: 4 x 100 KiB of them do not fit in 1 MiB of answer."""
+    import kvd.resources
+
+    monkeypatch.setattr(kvd.resources, "ANSWER_BUDGET", 1)
+    three_nodes(harness)
+    keys = [f"ctl{i}" for i in range(4)]
+    for key in keys:
+        assert harness.gateway("PUT", f"/kv/{key}", b"\x01" * (100 * 1024))[0] == 200
+    status, body = batch(harness, {"get": keys})
+    assert status == 200
+    statuses = sorted(r["status"] for r in body["results"].values())
+    assert statuses.count(200) == 1 and statuses.count(413) == 3, statuses
+    assert len(json.dumps(body)) <= 1024 * 1024 + 1024
+
+
 def test_listing_and_batches_need_the_client_token_when_one_is_set() -> None:
     from kvd.auth import Auth, bearer
 

@@ -23,6 +23,7 @@ internal request per node and kind (cut only by the usual batch bounds), not one
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -160,11 +161,17 @@ class BatchRunner:
     def _read(self, entry: Entry | None, key: str, spent: list[int]) -> dict[str, Any]:
         if entry is None or entry[0] is None or expired(entry[1], self.now()):
             raise NotFound("no such key")
-        size = value_size(entry[0])
+        carried = typed_json(entry[0])
+        # What the answer will carry: the JSON string, escapes and base64 included (ASCII-only
+        # encoding gives at least the UTF-8 length); the raw length first, as a cheap lower
+        # bound that refuses a value over the budget without encoding it.
+        if spent[0] and spent[0] + len(carried["value"]) > self.answer_budget:
+            raise AnswerTooLarge(OVER_BUDGET)
+        size = len(json.dumps(carried["value"]))
         if spent[0] and spent[0] + size > self.answer_budget:
             raise AnswerTooLarge(OVER_BUDGET)
         spent[0] += size
-        return _versioned({"status": 200, "success": True, "key": key, **typed_json(entry[0]), "version": entry[1]})
+        return _versioned({"status": 200, "success": True, "key": key, **carried, "version": entry[1]})
 
     @staticmethod
     def _written(written: tuple[str, bool], key: str, value: str) -> dict[str, Any]:

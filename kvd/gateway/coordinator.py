@@ -116,6 +116,8 @@ class Coordinator:
                         key=key,
                     )
                     return attempt(rounds + 1)
+                for owner in route.owners:  # an owner asked as a spare holds the write for itself
+                    gathered.standing_in.pop(owner, None)
                 receipt = gathered.receipt(uncertain=bool(timed_out))
                 gathered.require("write", needed, receipt)
                 return WriteOutcome(version, any(live), receipt)

@@ -199,7 +199,7 @@ def text_value(value: object, what: str) -> str:
         if isinstance(payload, str) and "encoding" not in value and isinstance(content_type, str) and content_type:
             # Text with its content type, as a JSON answer gives a typed text value.
             text_value(payload, what)
-            given = content_type_of(content_type.encode("latin-1", "replace")) if content_type else ""
+            given = content_type_of(content_type.encode("utf-8"))  # not ASCII: refused, not mangled
             raw_text = payload.encode("utf-8")
             return parse_value(raw_text, len(raw_text), given.encode() or None)
         if isinstance(payload, str) and encoding == "base64" and isinstance(content_type, str):
@@ -207,7 +207,7 @@ def text_value(value: object, what: str) -> str:
                 raw = base64.b64decode(payload, validate=True)
             except (binascii.Error, ValueError):
                 raise BadValue(f"the value of {what} is not valid base64") from None
-            given = content_type_of(content_type.encode("latin-1", "replace")) if content_type else ""
+            given = content_type_of(content_type.encode("utf-8")) if content_type else ""
             return parse_value(raw, len(raw), given.encode() or None)
     raise BadValue(f'the value of {what} must be a string or {{"value": BASE64, "encoding": "base64"}}')
 

@@ -293,6 +293,12 @@ def test_a_json_text_value_object_needs_its_content_type() -> None:
         b"{}",
         "application/json",
     )
-    for bad in ({"value": ""}, {"value": "x", "content_type": ""}, {"value": 1, "content_type": "a/b"}):
+    for bad in (
+        {"value": ""},
+        {"value": "x", "content_type": ""},
+        {"value": 1, "content_type": "a/b"},
+        {"value": "x", "content_type": "text/\u20ac"},  # not ASCII: refused, not stored as "text/?"
+        {"value": "AA==", "encoding": "base64", "content_type": "image/\u20ac"},
+    ):
         with pytest.raises(BadValue):
             text_value(bad, "k")

@@ -162,12 +162,13 @@ class BatchRunner:
         if entry is None or entry[0] is None or expired(entry[1], self.now()):
             raise NotFound("no such key")
         carried = typed_json(entry[0])
-        # What the answer will carry: the JSON string, escapes and base64 included (ASCII-only
-        # encoding gives at least the UTF-8 length); the raw length first, as a cheap lower
-        # bound that refuses a value over the budget without encoding it.
+        # What the answer will carry: the JSON string's contents, escapes and base64 included
+        # (ASCII-only encoding gives at least the UTF-8 length; its two quotes not counted, so
+        # plain text counts its length); the raw length first, as a cheap lower bound that
+        # refuses a value over the budget without encoding it.
         if spent[0] and spent[0] + len(carried["value"]) > self.answer_budget:
             raise AnswerTooLarge(OVER_BUDGET)
-        size = len(json.dumps(carried["value"]))
+        size = len(json.dumps(carried["value"])) - 2
         if spent[0] and spent[0] + size > self.answer_budget:
             raise AnswerTooLarge(OVER_BUDGET)
         spent[0] += size

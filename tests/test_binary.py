@@ -144,15 +144,6 @@ def test_node_answers_base64_json_and_raw_bytes_with_the_content_type_given(stor
 
 
 @pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path)
-    try:
-        yield h
-    finally:
-        h.close()
-
-
-@pytest.fixture
 def three(harness: Harness) -> Harness:
     """The harness with nodes a, b and c up and seen by the gateway."""
     harness.watcher.start()

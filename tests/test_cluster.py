@@ -5,11 +5,9 @@ through the production transport and real Klein resources over an in-memory netw
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
@@ -20,15 +18,6 @@ from kvd.registry import Registry
 from kvd.registry_client import RegistryClient
 from kvd.resources import RegistryAPI
 from kvd.testing.cluster import TTL, Hang, Harness
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path)
-    try:
-        yield h
-    finally:
-        h.close()
 
 
 def test_nodes_register_at_start_and_the_gateway_sees_them(harness: Harness) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,15 +20,6 @@ from kvd.membership import NodeInfo
 from kvd.resources import GatewayAPI
 from kvd.ring import POINT_SPACE, Ring
 from kvd.testing.cluster import Hang, Harness
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path)
-    try:
-        yield h
-    finally:
-        h.close()
 
 
 def start(harness: Harness, ids: str) -> None:

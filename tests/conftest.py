@@ -1,0 +1,20 @@
+"""Fixtures the unit suites share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvd.testing.cluster import Harness
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    """A registry and a gateway on one Clock and in-memory network; the test starts its nodes."""
+    h = Harness(tmp_path)
+    try:
+        yield h
+    finally:
+        h.close()

@@ -178,6 +178,12 @@ def test_gateway_carries_bytes_through_replication_listing_batch_and_repair(thre
     assert status == 200
     assert answer["results"]["b2"]["encoding"] == "base64" and answer["results"]["b2"]["value"] == "AP8="
     assert base64.b64decode(answer["results"]["blob"]["value"]) == BLOB
+    # A batch put answers as the single-key PUT does, content type included.
+    assert answer["results"]["b2"]["content_type"] == harness.gateway("GET", "/kv/b2")[1]["content_type"]
+    typed = {"put": {"t2": {"value": "<p/>", "content_type": "text/html"}}}
+    status, answer = harness.gateway("POST", "/batch", json.dumps(typed).encode())
+    assert status == 200 and answer["results"]["t2"]["content_type"] == "text/html"
+    assert answer["results"]["t2"]["value"] == "<p/>" and "encoding" not in answer["results"]["t2"]
     # A replica that lost the value gets the same bytes back from read repair.
     harness.stores["a"].drop_batch([["blob", harness.stores["a"].entry("blob")[1]]])  # type: ignore[index]
     harness.gateway("GET", "/kv/blob")

@@ -42,7 +42,6 @@ from kvd.keys import (
     check_key,
     text_value,
     typed_json,
-    value_json,
     value_size,
 )
 from kvd.store import Entry
@@ -176,7 +175,7 @@ class BatchRunner:
 
     @staticmethod
     def _written(written: tuple[str, bool], key: str, value: str) -> dict[str, Any]:
-        return {"status": 200, "success": True, "key": key, **value_json(value), "version": written[0]}
+        return {"status": 200, "success": True, "key": key, **typed_json(value), "version": written[0]}
 
     @staticmethod
     def _deleted(written: tuple[str, bool], key: str) -> dict[str, Any]:

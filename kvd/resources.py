@@ -1158,14 +1158,18 @@ class GatewayAPI:
         return body
 
     @routes.path("/cluster/plan", "GET")
-    def plan(self, request: IRequest) -> bytes:
-        """A dry run of C{?join=ID[:WEIGHT]} or C{?remove=ID}: what would move where; nothing changes."""
-        ring = self.cluster.ring
+    async def plan(self, request: IRequest) -> bytes:
+        """
+        A dry run of C{?join=ID[:WEIGHT]} or C{?remove=ID}: what would move where; nothing
+        changes. It builds a second ring, so it runs where the cluster builds rings (a thread).
+        """
+        ring, replicas = self.cluster.ring, self.cluster.replicas
         try:
             change = parse_change(_text_arg(request, b"join"), _text_arg(request, b"remove"), ring.nodes)
         except Invalid as e:
             raise ClientError(str(e)) from None
-        return _json(request, {"success": True, **plan(ring, change, self.cluster.replicas).to_json()})
+        moves = await self.cluster.run(lambda: plan(ring, change, replicas).to_json())
+        return _json(request, {"success": True, **moves})
 
     @routes.path("/cluster/hot", "GET")
     def hot_keys(self, request: IRequest) -> bytes:

@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NoReturn
 
 from attrs import frozen
@@ -34,6 +35,7 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IProcessTransport,
     IReactorCore,
+    IReactorThreads,
     IStreamServerEndpoint,
 )
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
@@ -63,7 +65,7 @@ from kvd.paxos import Acceptor, committed_in
 from kvd.registry import Registry
 from kvd.registry_client import RegistryClient
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
-from kvd.store import Store, StoreError, next_incarnation
+from kvd.store import Runner, Store, StoreError, next_incarnation, synchronous
 from kvd.transport import DEFAULT_TIMEOUT, KeepAlivePool, Peers
 from kvd.validate import Invalid, base_url
 from kvd.versions import HybridClock
@@ -515,7 +517,11 @@ def _gateway(
     reactor: Any, config: GatewayConfig, worker: _Adopted | None = None
 ) -> tuple[list[service.Service], Callable[[dict[str, NodeInfo]], None]]:
     creds = credentials(config, config.client_token_file)
-    cluster = Cluster(vnodes=config.vnodes, replicas=config.replicas)
+    # Rings are built on the reactor's threads: 0.5 s at 100 nodes would stall every request.
+    run: Runner[Any] = synchronous
+    if IReactorThreads.providedBy(reactor):
+        run = partial(deferToThreadPool, reactor, reactor.getThreadPool())
+    cluster = Cluster(vnodes=config.vnodes, replicas=config.replicas, run=run)
     client = HTTPClientService(reactor, config.timeout, creds, config.max_value_bytes)
     # A gateway never times out of reach the last nodes its quorums need.
     health = Health(reactor, config.timeout, keep_at_least=max(config.write_quorum, config.read_quorum))
@@ -578,7 +584,7 @@ def _gateway(
             workers.listener = listener
             services.append(workers)
     else:
-        services.append(_adopted_listener(reactor, config, worker, api.resource(), api.metrics))
+        services.append(_adopted_listener(reactor, config, worker, api.resource(), api.metrics, cluster.ready))
     return services, follow
 
 
@@ -618,16 +624,33 @@ class WorkersService(service.Service):
 
 
 class AdoptedListenService(service.Service):
-    """A worker's share of the main process's listening socket."""
+    """
+    A worker's share of the main process's listening socket. It starts taking connections
+    once C{ready} fires (the worker has its first membership in use): until then the other
+    processes take them all, so a worker just started answers no request with "no nodes".
+    """
 
-    def __init__(self, reactor: Any, adopted: _Adopted, factory: Any) -> None:
+    def __init__(self, reactor: Any, adopted: _Adopted, factory: Any, ready: Callable[[], Deferred[None]]) -> None:
         self.reactor = reactor
         self.adopted = adopted
         self.factory = factory
+        self.ready = ready
         self.port: IListeningPort | None = None
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+    def startService(self) -> None:
+        super().startService()
+        self.ready().addCallback(lambda _: self._adopt()).addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        # The main process starts a worker that ended again (with backoff); one that stayed
+        # up without serving would never be replaced.
+        _log.failure("worker {index} could not start serving; stopping", failure, index=self.adopted.index)
+        self.reactor.stop()
+
+    def _adopt(self) -> None:
+        if not self.running:
+            os.close(self.adopted.fd)
+            return
         try:
             self.port = self.reactor.adoptStreamPort(self.adopted.fd, self.adopted.family, self.factory)
         except Exception as e:
@@ -643,7 +666,12 @@ class AdoptedListenService(service.Service):
 
 
 def _adopted_listener(
-    reactor: Any, config: GatewayConfig, worker: _Adopted, resource: IResource, metrics: Metrics
+    reactor: Any,
+    config: GatewayConfig,
+    worker: _Adopted,
+    resource: IResource,
+    metrics: Metrics,
+    ready: Callable[[], Deferred[None]],
 ) -> AdoptedListenService:
     factory: Any = BoundedSite(
         resource,
@@ -659,7 +687,7 @@ def _adopted_listener(
         if context is None:
             fail(f"worker {worker.index} cannot find the TLS settings of --listen {config.listen!r}")
         factory = TLSMemoryBIOFactory(context, False, factory)
-    return AdoptedListenService(reactor, worker, factory)
+    return AdoptedListenService(reactor, worker, factory, ready)
 
 
 def dev_configs(config: DevConfig) -> tuple[RegistryConfig, list[NodeConfig], GatewayConfig]:

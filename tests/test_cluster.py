@@ -5,13 +5,15 @@ through the production transport and real Klein resources over an in-memory netw
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 
+from kvd.gateway import Cluster
 from kvd.incarnation import next_incarnation, raise_incarnation
 from kvd.membership import CARRY_SECONDS, Heartbeat, NodeInfo, Union, parse_members, union
 from kvd.registry import Registry
@@ -391,3 +393,83 @@ def test_a_raised_incarnation_is_kept_in_the_data_dir_and_never_lowered(tmp_path
     assert raise_incarnation(str(tmp_path), 4) == 4
     assert raise_incarnation(str(tmp_path), 2) == 4
     assert next_incarnation(str(tmp_path)) == 5, "the next start counts on from the raised one"
+
+
+# --- rings built off the reactor ---------------------------------------------------------------
+
+
+class HeldBuilds:
+    """A runner that holds each ring build until the test lets it finish (as a thread would)."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.held.append((f, d))
+        return d
+
+    def finish(self) -> None:
+        f, d = self.held.pop(0)
+        d.callback(f())
+
+
+def members(*ids: str, down: tuple[str, ...] = ()) -> dict[str, NodeInfo]:
+    return {i: NodeInfo(i, f"http://{i}.test", status="down" if i in down else "up") for i in ids}
+
+
+def test_while_a_ring_is_built_the_gateway_routes_with_the_last_complete_view() -> None:
+    builds = HeldBuilds()
+    cluster = Cluster(vnodes=16, replicas=3, run=builds)
+    ready = cluster.ready()
+    cluster.update(members("a", "b", "c"))
+    assert cluster.view().members == {} and len(builds.held) == 1  # nothing routed half-built
+    assert not ready.called  # a --workers worker takes no connection yet
+    builds.finish()
+    assert ready.called and cluster.ready().called
+    before = cluster.view()
+    assert set(before.members) == {"a", "b", "c"} and set(before.ring.nodes) == {"a", "b", "c"}
+    cluster.update(members("b", "c", "d"))  # a removed, d joined
+    # Until the new ring is ready, members and ring are the old ones together: every id the
+    # ring places is a member the gateway can reach.
+    assert cluster.view() is before and set(before.owners("k")) <= set(before.members)
+    builds.finish()
+    after = cluster.view()
+    assert set(after.members) == {"b", "c", "d"} and set(after.ring.nodes) == {"b", "c", "d"}
+
+
+def test_changes_arriving_during_a_build_cost_one_more_build_with_the_newest() -> None:
+    builds = HeldBuilds()
+    cluster = Cluster(vnodes=16, replicas=3, run=builds)
+    cluster.update(members("a", "b"))
+    for joined in ("c", "d", "e"):
+        cluster.update(members("a", "b", joined))
+    cluster.update(members("a", "b", "e", down=("a",)))
+    assert len(builds.held) == 1
+    builds.finish()
+    assert set(cluster.view().members) == {"a", "b"} and len(builds.held) == 1
+    builds.finish()
+    assert not builds.held
+    view = cluster.view()
+    assert set(view.ring.nodes) == {"a", "b", "e"} and view.down == {"a"}
+
+
+def test_a_change_of_status_alone_builds_no_ring_and_applies_at_once() -> None:
+    builds = HeldBuilds()
+    cluster = Cluster(vnodes=16, replicas=3, run=builds)
+    cluster.update(members("a", "b", "c"))
+    builds.finish()
+    ring = cluster.ring
+    cluster.update(members("a", "b", "c", down=("b",)))
+    assert not builds.held and cluster.ring is ring and cluster.view().down == {"b"}
+
+
+def test_a_failed_build_is_done_on_the_spot_so_membership_is_never_lost() -> None:
+    def failing(f: Callable[[], Any]) -> Deferred[Any]:
+        return fail(RuntimeError("no threads left"))
+
+    cluster = Cluster(vnodes=16, replicas=3, run=failing)
+    with capturedLogs() as events:
+        cluster.update(members("a", "b", "c"))
+    assert set(cluster.view().ring.nodes) == {"a", "b", "c"}
+    assert any("building the ring failed" in formatEvent(e) for e in events)

@@ -352,6 +352,10 @@ def test_a_worker_follows_no_registry_runs_no_repair_and_takes_membership_from_i
         (listener,) = [s for s in services if isinstance(s, AdoptedListenService)]
         listener.adopted = attrs.evolve(listener.adopted, fd=read)
         listener.privilegedStartService()
+        listener.startService()
+        # No connections taken before the worker knows the membership: they would all be 503s.
+        assert reactor.adoptedPorts == []
+        follow(MEMBERS)
         assert [(fd, family) for fd, family, _ in reactor.adoptedPorts] == [(read, socket.AF_INET)]
         with pytest.raises(OSError):
             os.fstat(read)  # closed: the adopted port has its own copy
@@ -361,7 +365,5 @@ def test_a_worker_follows_no_registry_runs_no_repair_and_takes_membership_from_i
         except OSError:
             pass
     site = reactor.adoptedPorts[0][2]
-    assert cluster_of(site)["nodes"] == []
-    follow(MEMBERS)
     assert sorted(n["id"] for n in cluster_of(site)["nodes"]) == ["a", "b"]
     assert cluster_of(site)["repair"] is None

@@ -6,18 +6,29 @@ rebuilt when ids or weights change. The ring holds every member, up or down (a m
 lease ran out is "down", not gone), so keys move only when a member joins or is removed;
 L{Cluster.down} says which members the registry reports down. Work that spans many keys (a repair sweep) takes one
 L{ClusterView}, so a membership change halfway through cannot mix two placements.
+
+Building a ring takes time in proportion to its points (about 0.05 s at 10 nodes, 0.5 s at
+100 and 5 s at 1,000 with the default vnodes), so given a L{Runner} (a thread, in a gateway)
+the cluster builds it there: the view the gateway routes with stays the last complete one
+(old membership and old ring together) until the new ring is ready, and a membership that
+arrives meanwhile is taken once that build is done, so a burst of changes costs one more
+build, not one each.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from kvd.keys import Unavailable
 from kvd.membership import NodeInfo
 from kvd.ring import DEFAULT_VNODES, Ring, node_points
+from kvd.store import Runner, synchronous
 
 _log = Logger()
 
@@ -134,24 +145,66 @@ class Cluster:
     vnodes: int = DEFAULT_VNODES
     replicas: int = DEFAULT_REPLICAS
     members: dict[str, NodeInfo] = field(factory=dict)
+    #: Where rings are built (and other work in proportion to the ring, such as a plan's dry
+    #: run): at once by default; a gateway gives a thread, so the reactor never waits for one.
+    run: Runner[Any] = synchronous
     ring: Ring = field(init=False)
     #: The members the registry reports down: still members, still on the ring.
     down: frozenset[str] = field(init=False, default=frozenset())
     _view: ClusterView = field(init=False)
+    #: While a ring is being built: the newest membership that came in, taken once it is done.
+    _waiting: dict[str, NodeInfo] | None = field(init=False, default=None)
+    _building: bool = field(init=False, default=False)
+    #: Waiting for the first membership given to L{update} to be in use; None once it is.
+    _ready: list[Deferred[None]] | None = field(init=False, factory=list)
 
     def __attrs_post_init__(self) -> None:
-        self.ring = Ring({}, vnodes=self.vnodes)
-        self.update(self.members, quiet=True)
+        given, self.ring = self.members, Ring({}, vnodes=self.vnodes)
+        self._adopt(self.ring, {}, quiet=True, given=False)
+        if given:
+            self.update(given, quiet=True)
 
     def update(self, members: Mapping[str, NodeInfo], quiet: bool = False) -> None:
         """
         Take a new membership, members up and down alike; the ring is rebuilt only when ids or
-        weights changed (never for a change of status).
+        weights changed (never for a change of status). With a ring to build, the membership
+        is taken once its ring is ready (see the module's docstring).
         """
+        members = dict(members)
+        if self._building:
+            self._waiting = members
+            return
         weights = {m.id: m.weight for m in members.values()}
-        if weights != dict(self.ring.nodes):
-            self.ring = Ring(weights, vnodes=self.vnodes)
-        self.members = dict(members)
+        if weights == dict(self.ring.nodes):
+            self._adopt(self.ring, members, quiet)
+            return
+        self._building = True
+        vnodes = self.vnodes
+        self.run(lambda: Ring(weights, vnodes=vnodes)).addBoth(self._built, members, quiet)
+
+    def _built(self, result: object, members: dict[str, NodeInfo], quiet: bool) -> None:
+        self._building = False
+        if isinstance(result, Failure):
+            _log.failure("building the ring failed; building it here instead", result)
+            result = Ring({m.id: m.weight for m in members.values()}, vnodes=self.vnodes)
+        assert isinstance(result, Ring)
+        self._adopt(result, members, quiet)
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            self.update(waiting, quiet)
+
+    def ready(self) -> Deferred[None]:
+        """Fires once the first membership given to L{update} is in use (its ring built)."""
+        if self._ready is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._ready.append(d)
+        return d
+
+    def _adopt(self, ring: Ring, members: dict[str, NodeInfo], quiet: bool, given: bool = True) -> None:
+        """Route with C{ring} and C{members} (the membership it was built for) from now on."""
+        self.ring = ring
+        self.members = members
         self.down = frozenset(m.id for m in members.values() if not m.up)
         self._view = ClusterView(
             self.members, self.ring, min(self.replicas, len(self.members)) or self.replicas, self.down
@@ -161,6 +214,10 @@ class Cluster:
                 "cluster membership: {nodes}",
                 nodes=", ".join(f"{m.id}={m.url}{'' if m.up else ' (down)'}" for m in self.sorted()) or "none",
             )
+        if given and self._ready is not None:
+            waiting, self._ready = self._ready, None
+            for d in waiting:
+                d.callback(None)
 
     def view(self) -> ClusterView:
         """The membership as it is now; it does not change when the cluster does."""

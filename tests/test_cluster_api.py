@@ -100,6 +100,33 @@ def test_the_gateway_treats_an_expired_entry_as_absent_even_when_a_node_clock_la
     assert version
 
 
+def test_a_node_whose_clock_runs_ahead_does_not_make_a_live_key_flap(harness: Harness) -> None:
+    """
+    A node an hour fast turns a key with ten minutes to live into a tombstone of the same
+    version; the gateway, which judges expiry by its own clock, keeps answering the value
+    whichever replicas answer, in reads and listings, until the expiry by its own clock.
+    """
+    three_nodes(harness)
+    version = harness.gateway("PUT", "/kv/k?ttl=600", b"v")[1]["version"]
+    fast = harness.stores["c"]
+    fast.clock.now = lambda: harness.clock.seconds() + 3600
+    expired: list[int] = []
+    fast.expire().addCallback(expired.append)
+    harness.settle()
+    assert expired == [1]
+    assert fast.entry("k") == (None, version)
+    for down in ("a", "b"):  # each read then has c's tombstone beside one value
+        harness.crash_node(down)
+        for _ in range(4):
+            status, body = harness.gateway("GET", "/kv/k")
+            assert (status, body.get("value")) == (200, "v"), down
+        assert [item["key"] for item in harness.gateway("GET", "/kv?values=true")[1]["items"]] == ["k"]
+        harness.start_node(down)
+        harness.advance(5)  # probed and reachable again
+    harness.clock.advance(600)
+    assert harness.gateway("GET", "/kv/k")[0] == 404
+
+
 def test_a_put_without_ttl_makes_an_expiring_key_permanent(harness: Harness) -> None:
     three_nodes(harness)
     harness.gateway("PUT", "/kv/k?ttl=5", b"v1")

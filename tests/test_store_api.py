@@ -274,7 +274,9 @@ def test_paging_through_merged_answers_lists_each_newest_live_key_once_in_order(
     newest: dict[str, tuple[str | None, int]] = {}
     for node in nodes:
         for key, entry in node.items():
-            if key not in newest or entry[1] > newest[key][1]:
+            # Newest version wins; at one version (one write), a value beats a tombstone: the
+            # tombstone a node made of it when it expired by that node's (fast) clock.
+            if key not in newest or (entry[1], entry[0] is not None) > (newest[key][1], newest[key][0] is not None):
                 newest[key] = entry
     expected = sorted(k for k, (value, _) in newest.items() if value is not None)
     listed: list[str] = []

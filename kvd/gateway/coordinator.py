@@ -204,7 +204,10 @@ class Coordinator:
             known = [entry for entry in answers.values() if entry is not None]
             if not known:
                 return None
-            newest = max(known, key=lambda entry: entry[1])
+            # At one version, a value beats the tombstone a replica made of it when it expired by
+            # that replica's clock (a fast one): expiry is judged once, by this gateway's clock,
+            # whichever replicas answered, so reads do not flap between 200 and 404.
+            newest = max(known, key=lambda entry: (entry[1], entry[0] is not None))
             self.clock.observe(newest[1])
             for node_id, entry in answers.items():
                 if node_id in owners and (entry is None or entry[1] < newest[1]):

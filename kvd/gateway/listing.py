@@ -50,7 +50,9 @@ def merge(answers: list[Listed], limit: int, now: float) -> Page:
             if bound is not None and key > bound:
                 break
             held = newest.get(key)
-            if held is None or version > held[1]:
+            # At one version, a value beats the tombstone a node made of it when it expired by
+            # that node's clock: this gateway's clock judges expiry (below), whichever answered.
+            if held is None or version > held[1] or (version == held[1] and held[0] is None):
                 newest[key] = (value, version)
     items: list[tuple[str, str, str]] = []
     for key in sorted(newest):

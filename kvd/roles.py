@@ -545,8 +545,9 @@ def _gateway(
             for registry_url in config.registry:
                 watcher.follow(RegistryClient(client.peers, registry_url), reactor)
         services.append(WatcherService(watcher))
-    clock = HybridClock(reactor.seconds, f"gw-{secrets.token_hex(4)}")
     skew = ClockSkew(reactor.seconds)
+    # Versions and TTLs are reckoned by the nodes' clocks when this one is far off theirs.
+    clock = HybridClock(skew.cluster_now, f"gw-{secrets.token_hex(4)}")
     nodes = NodeClients(client.peers, skew.observe, health)
     coordinator = Coordinator(cluster, nodes, clock, config.write_quorum, config.read_quorum)
     repairer = Repairer(cluster, nodes, reactor.seconds, config.tombstone_grace)

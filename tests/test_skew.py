@@ -17,6 +17,7 @@ from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import NodeClients
 from kvd.gateway.skew import ClockSkew
 from kvd.testing.cluster import Harness
+from kvd.ttl import expires
 from kvd.versions import HybridClock
 
 
@@ -80,3 +81,29 @@ def test_a_skewed_gateways_write_after_a_normal_one_wins_too(harness: Harness) -
     settled(harness, harness.coordinator.write("k", "first"))
     version, _ = settled(harness, other.write("k", "second"))
     assert settled(harness, harness.coordinator.read("k")) == ("second", version)
+
+
+@pytest.mark.parametrize("offset", [3600.0, -3600.0])
+def test_a_skewed_gateway_reckons_ttls_by_its_nodes_clocks_once_it_has_heard_them(
+    harness: Harness, offset: float
+) -> None:
+    now = lambda: harness.clock.seconds() + offset  # noqa: E731
+    skew = ClockSkew(now)
+    gateway = Coordinator(harness.cluster, NodeClients(harness.peers, skew.observe), HybridClock(skew.cluster_now, "g"))
+    settled(harness, gateway.write("warm", "up"))  # its nodes' answers carry their clocks
+    assert abs(skew.cluster_now() - harness.clock.seconds()) < 0.01
+    version, _ = settled(harness, gateway.write("lease", "held", ttl=600))
+    assert expires(version) == pytest.approx(harness.clock.seconds() + 600, abs=0.01)
+    harness.clock.advance(599)
+    assert settled(harness, harness.coordinator.read("lease")) == ("held", version)
+
+
+def test_a_gateway_within_a_second_of_its_nodes_keeps_its_own_clock() -> None:
+    wall = [1000.0]
+    skew = ClockSkew(lambda: wall[0])
+    for node_id, node_now in (("a", 999.5), ("b", 999.4), ("c", 1000.3)):
+        skew.observe(node_id, node_now)
+    assert skew.cluster_now() == 1000.0
+    skew.observe("a", 1002.0)
+    skew.observe("b", 1002.5)  # two of three are 2 s ahead of it now: the median moves it
+    assert skew.cluster_now() == pytest.approx(1002.0)

@@ -2,7 +2,8 @@
 Real processes: gateways whose clocks are an hour off (``faketime``, Debian package
 faketime). A write acknowledged after another write to the same key was acknowledged wins
 over it, and a delete likewise, whichever gateway's clock is ahead: 0 lost, 0 undone, read
-through every gateway. The skewed gateway exports the skew and logs it once.
+through every gateway. The skewed gateway exports the skew and logs it once, and reckons
+TTLs by its nodes' clocks.
 
 Skipped with the reason where libfaketime is not installed or does not move this Python's clock.
 """
@@ -10,6 +11,7 @@ Skipped with the reason where libfaketime is not installed or does not move this
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -82,6 +84,12 @@ def test_writes_and_deletes_after_a_skewed_gateways_writes_win(processes: Proces
             expected[f"{prefix}{i}"] = None
     lost, undone = check([normal, skewed], expected)
     assert (lost[:5], undone[:5]) == ([], []), "0 lost, 0 undone"
+    # Having heard its nodes, the skewed gateway reckons TTLs by their clocks: ten minutes from
+    # now by the nodes' reckoning, neither already expired nor an hour longer.
+    status, body = request(skewed.port, "PUT", "/kv/lease?ttl=600", b"held")
+    assert status == 200 and abs(body["expires"] - (time.time() + 600)) < 60, body
+    assert request(normal.port, "GET", "/kv/lease")[1].get("value") == "held"
+    assert request(skewed.port, "GET", "/kv/lease")[1].get("value") == "held"
     assert abs(skew_metric(skewed) - sign * HOUR) < 120, skew_metric(skewed)
     assert abs(skew_metric(normal)) < 60
     lines = [line for line in skewed.log.read_text().splitlines() if "clock is" in line and "off node" in line]

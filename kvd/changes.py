@@ -174,3 +174,16 @@ class ChangeIndex:
 
 #: What L{kvd.store.Store} calls on every change: (key, whether the key is still there).
 OnChange = Callable[[str, bool], None]
+
+
+def unchanged(entry: tuple[str | None, str] | None, version: str) -> bool:
+    """
+    Whether a watch of C{version} ("": absent) goes on waiting while C{entry} is held: the
+    same version; or absent both ways, including a tombstone of C{version} itself, so that
+    watching with the version a DELETE answered waits for the next write. (The tombstone a
+    node makes of an expired entry keeps that entry's version, which carries its expiry: it
+    does not count as that version, as the key is gone.)
+    """
+    if entry is None or entry[0] is None:
+        return version == "" or (entry is not None and entry[1] == version and "~" not in version)
+    return entry[1] == version

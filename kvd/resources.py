@@ -33,7 +33,7 @@ from werkzeug.routing import BaseConverter
 
 from kvd import paths, ui
 from kvd.auth import Auth
-from kvd.changes import MAX_KEYS, ChangeIndex
+from kvd.changes import MAX_KEYS, ChangeIndex, unchanged
 from kvd.codec import wire_json, wire_loads
 from kvd.gateway.batch import ANSWER_BUDGET, Batch, BatchRunner
 from kvd.gateway.cas import Proposer
@@ -519,18 +519,13 @@ class NodeAPI:
             raise NotFound("no such key")
         return _entry_answer(request, key, entry[0], entry[1], raw)
 
-    def _state(self, key: str) -> str:
-        """The key's version here; "" when absent or deleted (what a watch's C{version=} compares with)."""
-        entry = self.store.entry(key)
-        return "" if entry is None or entry[0] is None else entry[1]
-
     async def _watch(self, request: IRequest, key: str) -> bytes:
         """GET with C{wait}: answer once the key's version here is not C{version}, or when the wait is over."""
         wait, version = _watch_args(request)
         clock = self.clock
         if clock is not None:
             deadline = clock.seconds() + wait
-            while self._state(key) == version and clock.seconds() < deadline:
+            while unchanged(self.store.entry(key), version) and clock.seconds() < deadline:
                 waiting = self.changes.wait_for_key(key)
                 waiting.addTimeout(deadline - clock.seconds(), clock)
                 try:

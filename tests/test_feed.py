@@ -269,6 +269,31 @@ def test_a_watch_on_an_absent_key_wakes_when_it_appears_and_one_on_a_live_key_at
     assert deleted and deleted[0][0] == 404
 
 
+def test_a_watch_with_the_version_a_delete_answered_waits_for_the_next_write(simulation: Simulation) -> None:
+    """The version a DELETE answers is the key's while it is absent: watching it is no busy loop."""
+    simulation.begin(3)
+    h = simulation.h
+    simulation.write("gone", "v1")
+    status, deleted = h.gateway("DELETE", "/kv/gone")
+    assert status == 200
+    waiting = pending(h, f"/kv/gone?wait=60&version={deleted['version']}")
+    status, body = h.call("PUT", "http://n1.test/kv/mine", b"v1")
+    h.call("DELETE", "http://n1.test/kv/mine")
+    tombstone = h.stores["n1"].entry("mine")
+    assert tombstone is not None and tombstone[0] is None
+    on_node: list[Any] = []
+    ensureDeferred(h._call("GET", f"http://n1.test/kv/mine?wait=60&version={tombstone[1]}", None)).addBoth(
+        on_node.append
+    )
+    h.settle()
+    h.advance(5)
+    assert (waiting, on_node) == ([], [])
+    simulation.write("gone", "back")
+    h.call("PUT", "http://n1.test/kv/mine", b"back")
+    assert waiting and (waiting[0][0], waiting[0][1]["value"]) == (200, "back")
+    assert on_node and on_node[0][1]["value"] == "back"
+
+
 def test_a_watch_answers_the_current_value_after_its_wait(simulation: Simulation) -> None:
     simulation.begin(3)
     simulation.write("k", "v1")

@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from kvd.changes import unchanged
 from kvd.gateway.cluster import Cluster, NoNodes
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import ChangePage, Item, NodeClients
@@ -182,11 +183,6 @@ class Feed:
         return pages
 
 
-def _state(entry: Entry | None) -> str:
-    """A key's version as a watch compares it: "" when absent or deleted."""
-    return "" if entry is None or entry[0] is None else entry[1]
-
-
 def _news(version: str, value: str | None, held: str) -> bool:
     """Whether a replica holding C{held} (C{value} None: a tombstone) differs from the watched C{version}."""
     return value is not None if version == "" else held > version
@@ -244,7 +240,7 @@ class Watches:
             # Follow every node first, then read: a write after the read is seen by a follower.
             await self._followed()
             entry = await self.coordinator.read(key)
-            if _state(entry) != version or wait <= 0:
+            if not unchanged(entry, version) or wait <= 0:
                 return entry
             waiter.woken.addTimeout(wait, self.clock)
             try:

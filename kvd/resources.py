@@ -44,7 +44,7 @@ from kvd.gateway.feed import Feed, Watches
 from kvd.gateway.hot import HotKeys
 from kvd.gateway.listing import Lister
 from kvd.gateway.plan import parse_change, plan
-from kvd.gateway.quorum import QuorumFailed, Receipt
+from kvd.gateway.quorum import QuorumFailed
 from kvd.gateway.repair import Repairer
 from kvd.internal import RepairReport
 from kvd.keys import (
@@ -240,11 +240,6 @@ def _watch_args(request: IRequest) -> tuple[float, str]:
     return wait, _text(request.args.get(b"version", [b""])[0])
 
 
-def _receipt(receipt: Receipt) -> dict[str, Any]:
-    """A write answer's receipt: which replicas made it durable, which fallbacks hold it for whom."""
-    return {"replicas": receipt.replicas, "hinted": receipt.hinted}
-
-
 def render_error(request: IRequest, failure: Failure, key: str | None = None) -> bytes:
     """The error table at work: a failure becomes a status and a JSON body."""
     error = failure.value
@@ -273,7 +268,7 @@ def render_error(request: IRequest, failure: Failure, key: str | None = None) ->
     if isinstance(error, QuorumFailed):
         body["answered"], body["needed"] = error.answered, error.needed
         if error.receipt is not None:
-            body.update(_receipt(error.receipt))
+            body.update(error.receipt.to_json())
             body["partial"] = error.receipt.partial
     if isinstance(error, StaleIncarnation):
         body["incarnation"] = error.current  # what a restored node must move past
@@ -929,7 +924,7 @@ class GatewayAPI:
         value = parse_value(request.content.read(), self.max_value_bytes, _content_type(request))
 
         def render(written: WriteOutcome) -> bytes:
-            return _entry_answer(request, key, value, written.version, extra=_receipt(written.receipt))
+            return _entry_answer(request, key, value, written.version, extra=written.receipt.to_json())
 
         if precondition is not None:
             return self._conditional(key, value, precondition, ttl).addCallback(render)
@@ -944,7 +939,7 @@ class GatewayAPI:
             if not written.live:
                 raise NotFound("no such key")
             body = {"success": True, "key": key, "version": written.version}
-            return _versioned(request, {**body, **_receipt(written.receipt)})
+            return _versioned(request, {**body, **written.receipt.to_json()})
 
         precondition = _precondition(request, delete=True)
         if precondition is not None:

@@ -296,10 +296,13 @@ def test_a_batch_answers_each_key_as_if_alone(harness: Harness) -> None:
     }
     assert results["missing"]["status"] == 404 and results["missing"]["success"] is False
     assert results["new"]["status"] == 200 and results["new"]["value"] == "n"
+    # A write's result carries its receipt, as the single-key answer does.
+    assert len(results["new"]["replicas"]) >= 2 and set(results["new"]["replicas"]) <= {"a", "b", "c"}
+    assert results["new"]["hinted"] == {}
     assert results["old2"]["status"] == 404 and results["gone"]["status"] == 404
     assert harness.gateway("GET", "/kv/new")[1]["value"] == "n"
     status, body = batch(harness, {"delete": ["new"]})
-    assert body["results"]["new"]["status"] == 200
+    assert body["results"]["new"]["status"] == 200 and len(body["results"]["new"]["replicas"]) >= 2
     assert harness.gateway("GET", "/kv/new")[0] == 404
 
 
@@ -324,6 +327,14 @@ def test_a_batch_with_a_replica_too_few_gives_each_key_its_503(harness: Harness)
     status, body = batch(harness, {"put": {"x": "1"}, "get": ["y"]})
     assert status == 200
     assert body["results"]["x"]["status"] == 503 and body["results"]["y"]["status"] == 503
+    single = harness.gateway("PUT", "/kv/x", b"1")
+    assert single[0] == 503
+    x = body["results"]["x"]
+    # Each key's 503 says what the single-key one does: who answered, who took it, whether it may appear.
+    assert (x["answered"], x["needed"], x["partial"], x["replicas"]) == (1, 2, True, ["a"])
+    assert {k: x[k] for k in ("answered", "needed", "partial", "replicas", "hinted")} == {
+        k: single[1][k] for k in ("answered", "needed", "partial", "replicas", "hinted")
+    }
 
 
 @pytest.mark.parametrize(

@@ -32,8 +32,9 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kvd.gateway.coordinator import Coordinator
+from kvd.gateway.coordinator import Coordinator, WriteOutcome
 from kvd.gateway.nodes import NodeClients
+from kvd.gateway.quorum import QuorumFailed
 from kvd.keys import (
     ClientError,
     NotFound,
@@ -174,15 +175,15 @@ class BatchRunner:
         return _versioned({"status": 200, "success": True, "key": key, **carried, "version": entry[1]})
 
     @staticmethod
-    def _written(written: tuple[str, bool], key: str, value: str) -> dict[str, Any]:
-        return {"status": 200, "success": True, "key": key, **typed_json(value), "version": written[0]}
+    def _written(written: WriteOutcome, key: str, value: str) -> dict[str, Any]:
+        body = {"status": 200, "success": True, "key": key, **typed_json(value), "version": written.version}
+        return {**body, **written.receipt.to_json()}
 
     @staticmethod
-    def _deleted(written: tuple[str, bool], key: str) -> dict[str, Any]:
-        version, was_live = written
-        if not was_live:
+    def _deleted(written: WriteOutcome, key: str) -> dict[str, Any]:
+        if not written.live:
             raise NotFound("no such key")
-        return {"status": 200, "success": True, "key": key, "version": version}
+        return {"status": 200, "success": True, "key": key, "version": written.version, **written.receipt.to_json()}
 
     @staticmethod
     def _failed(failure: Failure, key: str) -> dict[str, Any]:
@@ -192,4 +193,11 @@ class BatchRunner:
             error = "internal error; see the server log"
         else:
             error = str(failure.value)
-        return {"status": status, "success": False, "key": key, "error": error}
+        body: dict[str, Any] = {"status": status, "success": False, "key": key, "error": error}
+        quorum = failure.value
+        if isinstance(quorum, QuorumFailed):
+            # As the single-key answer: how many answered, and a write's receipt.
+            body["answered"], body["needed"] = quorum.answered, quorum.needed
+            if quorum.receipt is not None:
+                body.update(quorum.receipt.to_json(), partial=quorum.receipt.partial)
+        return body

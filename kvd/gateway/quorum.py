@@ -10,7 +10,7 @@ the quorum is reached is not waited for.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
@@ -49,6 +49,10 @@ class Receipt:
     hinted: dict[str, str]
     #: Whether the write may still become visible: some replica took it, or did not answer in time.
     partial: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """A write answer's receipt: which replicas made it durable, which fallbacks hold it for whom."""
+        return {"replicas": self.replicas, "hinted": self.hinted}
 
 
 @define

@@ -20,7 +20,7 @@ from kvd.gateway.cluster import ClusterView
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.health import FIRST_PROBE_INTERVAL, MAX_PROBE_INTERVAL, MIN_TIMEOUT, Health
 from kvd.gateway.nodes import MAX_QUEUED, NodeClient, NodeClients
-from kvd.gateway.quorum import gather
+from kvd.gateway.quorum import QuorumFailed, gather
 from kvd.membership import NodeInfo
 from kvd.resources import GatewayAPI
 from kvd.ring import Ring, node_points
@@ -122,6 +122,18 @@ def test_a_hedged_gather_asks_the_next_candidate_after_the_delay_and_answers_wit
     assert done.called
     assert done.result.answers == {"a": "A", "c": "C"}
     assert not clock.getDelayedCalls(), "no hedge left scheduled once answered"
+
+
+def test_a_quorum_failure_names_each_node_once_with_its_latest_reason() -> None:
+    """An owner skipped at routing, then asked as a last resort, is one line of the error."""
+    answers = {"a": fail(ConnectionRefusedError("refused")), "b": fail(TimeoutError("no answer within 2s"))}
+    done = gather(lambda n: answers[n], ["a"], ["b"], 2, errors=["b: unreachable from this gateway"])
+    gathered = done.result
+    assert sorted(error.split(":")[0] for error in gathered.errors) == ["a", "b"]
+    assert "b: no answer within 2s" in gathered.errors
+    with pytest.raises(QuorumFailed) as failed:
+        gathered.require("write", 2)
+    assert str(failed.value).count("b:") == 1
 
 
 # The per-node queue.

@@ -139,7 +139,11 @@ class _Gathering(Generic[T]):
         self.pending -= 1
         if self.on_failure is not None:
             self.on_failure(node_id, failure)
-        self.result.errors.append(f"{node_id}: {failure.getErrorMessage()}")
+        # One reason a node: an owner skipped at routing and then asked as a last resort
+        # failed for the reason its own failure gives now.
+        errors, prefix = self.result.errors, f"{node_id}: "
+        errors[:] = [error for error in errors if not error.startswith(prefix)]
+        errors.append(prefix + failure.getErrorMessage())
         if self.spares:
             # Even once the quorum is reached: a write still wants N copies (hinted handoff).
             spare = self._next_spare()

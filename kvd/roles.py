@@ -550,13 +550,14 @@ def _gateway(
     clock = HybridClock(skew.cluster_now, f"gw-{secrets.token_hex(4)}")
     nodes = NodeClients(client.peers, skew.observe, health)
     coordinator = Coordinator(cluster, nodes, clock, config.write_quorum, config.read_quorum)
-    repairer = Repairer(cluster, nodes, reactor.seconds, config.tombstone_grace)
+    repairer: Repairer | None = None
     if worker is None:  # repair sweeps run once, in the main process
-        sweeps = TimerService(config.repair_interval, lambda: Deferred.fromCoroutine(repairer.sweep()))
+        repairer = sweeping = Repairer(cluster, nodes, reactor.seconds, config.tombstone_grace)
+        sweeps = TimerService(config.repair_interval, lambda: Deferred.fromCoroutine(sweeping.sweep()))
         sweeps.clock = reactor
         services.append(sweeps)
     proposer = Proposer(cluster, nodes, clock, reactor, config.write_quorum)
-    metrics = gateway_metrics(cluster, None if worker else repairer, skew, health)
+    metrics = gateway_metrics(cluster, repairer, skew, health)
     if config.workers > 1:
         index = 0 if worker is None else worker.index
         metrics.gauges(
@@ -573,7 +574,7 @@ def _gateway(
         config.max_value_bytes,
         metrics,
         creds.auth,
-        None if worker else repairer,
+        repairer,
         proposer,
         None if config.no_hot_keys else HotKeys(reactor),
         clock=reactor,

@@ -7,6 +7,8 @@ a. A node's cost of one listing page of 100 keys, from a node holding --big-keys
    - "node": a real node process (its data dir written as a snapshot beforehand) answering
      POST /internal/list over one keep-alive connection: the node's whole cost of a page,
      the figure the target is for;
+   - "cluster": GET /kv through a gateway in front of three node processes, each holding
+     every key (N=3): the page as a client gets it;
    - "store": Store.listing plus the JSON of its answer, in-process: the part that depends
      on the number of keys, with nothing around it.
 b. Batch of 100 GETs vs 100 single GETs over one keep-alive connection, through a gateway in
@@ -109,6 +111,54 @@ def listing(args: argparse.Namespace) -> None:
     )
 
 
+def cluster_listing(args: argparse.Namespace) -> None:
+    """
+    The page as a client gets it: GET /kv through a gateway in front of three node processes
+    (N=3, so each holds every key), a cluster of --big-keys keys against one of --small-keys,
+    both running at once and asked in turn.
+    """
+    rng = random.Random(12)
+    sizes = (args.small_keys, args.big_keys)
+    names = {keys: [f"user/{i:08d}" for i in range(keys)] for keys in sizes}
+    times: dict[int, list[float]] = {keys: [] for keys in sizes}
+    with tempfile.TemporaryDirectory(prefix="kvd-bench-api-") as tmp, bench_processes(Path(tmp)) as processes:
+        connections = {}
+        for keys in sizes:
+            nodes = []
+            for n in "abc":
+                write_data_dir(Path(tmp), f"{n}{keys}", names[keys])
+                nodes.append(processes.node(f"{n}{keys}").start())
+            port = free_port()
+            processes.kvd(
+                f"gateway{keys}",
+                *("--role", "gateway", "--listen", f"tcp:{port}:interface=127.0.0.1"),
+                *[f"--node={n}=http://127.0.0.1:{node.port}" for n, node in zip("abc", nodes, strict=True)],
+                port=port,
+            ).start()
+            connections[keys] = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            for number in range(args.pages // 4 + 100):
+                for keys in sizes:
+                    after = names[keys][rng.randrange(keys - PAGE - 1)]  # a full page follows
+                    started = time.perf_counter()
+                    connections[keys].request("GET", f"/kv?prefix=user/&limit={PAGE}&after={after}")
+                    response = connections[keys].getresponse()
+                    answer = json.loads(response.read())
+                    if number >= 100:  # the first hundred warm up
+                        times[keys].append(time.perf_counter() - started)
+                    assert response.status == 200 and len(answer["keys"]) == PAGE, answer
+        finally:
+            for connection in connections.values():
+                connection.close()
+    small, big = (statistics.median(times[keys]) for keys in sizes)
+    ratio = small / big
+    print(
+        f"cluster: GET /kv page of {PAGE} keys through a gateway {big * 1e6:7.1f} us from {args.big_keys} keys,"
+        f" {small * 1e6:7.1f} us from {args.small_keys}: {ratio:.2f}   target >= {PAGE_TARGET}"
+        f"   {met(ratio, PAGE_TARGET)}"
+    )
+
+
 def store_listing(args: argparse.Namespace) -> None:
     rng = random.Random(10)
     with tempfile.TemporaryDirectory(prefix="kvd-bench-api-") as tmp:
@@ -185,6 +235,7 @@ def main() -> None:
     report_quiet()
     if args.only != "batch":
         listing(args)
+        cluster_listing(args)
         store_listing(args)
     if args.only != "listing":
         batches(args)

@@ -228,6 +228,19 @@ def _node_state(c: Context, url: str) -> dict[str, Any] | None:
         return None
 
 
+def _node_figures(c: Context, node: dict[str, Any]) -> dict[str, Any] | None:
+    """
+    A node's key count and repair report (as C{keys} and C{rebalance}, like its GET /node), or
+    None if it did not answer: from the gateway's /cluster, which asks every node itself, or
+    from the node's own GET /node when the gateway's /cluster does not carry them.
+    """
+    if "keys" not in node:
+        return _node_state(c, str(node.get("url")))
+    if not isinstance(node["keys"], int):
+        return None
+    return {"keys": node["keys"], "rebalance": node.get("repair")}
+
+
 def _ring_shares(described: dict[str, Any]) -> dict[str, float]:
     """Each node's share of the ring, from the ring the gateway builds (ids, weights and vnodes fix it)."""
     try:
@@ -243,15 +256,16 @@ def cluster(c: Context) -> None:
     """
     A table of every node: up or down, keys held, its repair progress and ring share.
 
-    Keys and repair progress come from each node's own GET /node (so the nodes' URLs must be
-    reachable from here); a node that does not answer within 2 s is shown down. The ring
-    share is computed here from the gateway's members, weights and vnodes.
+    Keys and repair progress are the gateway's figures from each node's own GET /node (from
+    an older gateway without them, each node is asked from here, within 2 s); a node that did
+    not answer is shown down. The ring share is computed here from the gateway's members,
+    weights and vnodes.
     """
     described = c.client.cluster()
     share = _ring_shares(described)
     rows = []
     for node in described.get("nodes", []):
-        state = _node_state(c, str(node.get("url")))
+        state = _node_figures(c, node)
         rebalance = (state or {}).get("rebalance") or {}
         rows.append(
             {
@@ -357,7 +371,7 @@ def _progress(c: Context, in_bytes: bool) -> Progress:
 def _estimated_keys(c: Context) -> int | None:
     """About how many keys an export will give: the keys the nodes hold, over the replicas."""
     described = c.client.cluster()
-    counts = [(_node_state(c, str(n.get("url"))) or {}).get("keys") for n in described.get("nodes", [])]
+    counts = [(_node_figures(c, n) or {}).get("keys") for n in described.get("nodes", [])]
     known = [k for k in counts if isinstance(k, int)]
     replicas = min(int(described.get("replicas") or 1), max(len(counts), 1))
     return sum(known) // replicas if known else None

@@ -209,6 +209,27 @@ def test_the_command_lists_exports_and_imports(fake: tuple[FakeGateway, str], tm
     assert len(gateway.data) == 1200
 
 
+def test_kvd_cluster_takes_each_nodes_figures_from_the_gateway(fake: tuple[FakeGateway, str]) -> None:
+    """Only the gateway need be reachable: the nodes' URLs here refuse, yet a and b show their figures."""
+    gateway, url = fake
+    report = {"keys_to_send": 5, "sent": 4, "dropped": 0, "last_error": None}
+    gateway.nodes = [
+        {"id": "a", "url": "http://127.0.0.1:9", "weight": 1, "keys": 42, "requests": 7, "repair": report},
+        {"id": "b", "url": "http://127.0.0.1:9", "weight": 1, "keys": 0, "requests": 1, "repair": None},
+        {"id": "c", "url": "http://127.0.0.1:9", "weight": 1, "keys": None, "requests": 0, "repair": None},
+    ]
+    listed = run("--url", url, "--json", "cluster")
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["id"]: r for r in json.loads(listed.stdout)["nodes"]}
+    assert [(rows[n]["status"], rows[n]["keys"], rows[n]["repair"]) for n in "abc"] == [
+        ("up", 42, report),
+        ("up", 0, None),
+        ("down", None, None),
+    ]
+    table = run("--url", url, "cluster")
+    assert table.returncode == 0 and b"4/5" in table.stdout and b"42" in table.stdout
+
+
 def test_the_command_sends_ttl_conditions_and_the_token(tmp_path: Path) -> None:
     gateway = FakeGateway(token="s3cret")
     token = tmp_path / "token"

@@ -884,7 +884,7 @@ class GatewayAPI:
             self.feed = Feed(self.cluster, self.coordinator.nodes)
         if self.watches is None and self.clock is not None:
             self.watches = Watches(self.cluster, self.coordinator, self.clock)
-        if self.figures is None:
+        if self.figures is None and self.coordinator is not None:
             nodes = self.coordinator.nodes
             self.figures = NodeFigures(nodes, nodes.peers.reactor)
 

@@ -14,7 +14,8 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import click
 from rich.console import Console
@@ -76,16 +77,37 @@ def _read_token(path: str | None) -> str | None:
     return token
 
 
+def _check_url(url: str) -> None:
+    """A usage error (one line, exit 2) unless C{url} is an http:// or https:// URL with a host."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        fail(f"--url {url!r} (or $KVD_URL) is not a gateway URL such as http://127.0.0.1:8000", 2)
+
+
+def _named(command: str | None, message: str) -> str:
+    """C{message} naming the subcommand the user ran, when the failed request's own name does not."""
+    if command is None or message.startswith(command) or (command == "ls" and message.startswith("list ")):
+        return message
+    what, colon, rest = message.partition(": ")
+    if colon and rest.startswith("cannot reach "):  # which of its requests found the gateway away says little
+        return f"{command}: {rest}"
+    return f"{command}: {message}"
+
+
 class _Group(click.Group):
-    """Turns every kvd error into one line on stderr and an exit status."""
+    """Turns every kvd error into one line on stderr, naming the subcommand, and an exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ConnectionFailed as e:
-            fail(str(e), 3)
+            fail(_named(ctx.invoked_subcommand, str(e)), 3)
         except KvdError as e:
-            fail(str(e), 1)
+            fail(_named(ctx.invoked_subcommand, str(e)), 1)
         except OSError as e:
             fail(f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": "), 1)
         except BrokenPipeError:  # a pager or `head` went away: not a failure
@@ -109,6 +131,7 @@ def main(
     ctx: click.Context, url: str, token_file: str | None, ca_cert: str | None, as_json: bool, timeout: float
 ) -> None:
     """Talk to a kvd cluster through its gateway."""
+    _check_url(url)
     ctx.obj = Context(url, _read_token(token_file), ca_cert, as_json, timeout)
     ctx.call_on_close(ctx.obj.client.close)
 
@@ -205,6 +228,19 @@ def _node_state(c: Context, url: str) -> dict[str, Any] | None:
         return None
 
 
+def _node_figures(c: Context, node: dict[str, Any]) -> dict[str, Any] | None:
+    """
+    A node's key count and repair report (as C{keys} and C{rebalance}, like its GET /node), or
+    None if it did not answer: from the gateway's /cluster, which asks every node itself, or
+    from the node's own GET /node when the gateway's /cluster does not carry them.
+    """
+    if "keys" not in node:
+        return _node_state(c, str(node.get("url")))
+    if not isinstance(node["keys"], int):
+        return None
+    return {"keys": node["keys"], "rebalance": node.get("repair")}
+
+
 def _ring_shares(described: dict[str, Any]) -> dict[str, float]:
     """Each node's share of the ring, from the ring the gateway builds (ids, weights and vnodes fix it)."""
     try:
@@ -220,15 +256,16 @@ def cluster(c: Context) -> None:
     """
     A table of every node: up or down, keys held, its repair progress and ring share.
 
-    Keys and repair progress come from each node's own GET /node (so the nodes' URLs must be
-    reachable from here); a node that does not answer within 2 s is shown down. The ring
-    share is computed here from the gateway's members, weights and vnodes.
+    Keys and repair progress are the gateway's figures from each node's own GET /node (from
+    an older gateway without them, each node is asked from here, within 2 s); a node that did
+    not answer is shown down. The ring share is computed here from the gateway's members,
+    weights and vnodes.
     """
     described = c.client.cluster()
     share = _ring_shares(described)
     rows = []
     for node in described.get("nodes", []):
-        state = _node_state(c, str(node.get("url")))
+        state = _node_figures(c, node)
         rebalance = (state or {}).get("rebalance") or {}
         rows.append(
             {
@@ -334,7 +371,7 @@ def _progress(c: Context, in_bytes: bool) -> Progress:
 def _estimated_keys(c: Context) -> int | None:
     """About how many keys an export will give: the keys the nodes hold, over the replicas."""
     described = c.client.cluster()
-    counts = [(_node_state(c, str(n.get("url"))) or {}).get("keys") for n in described.get("nodes", [])]
+    counts = [(_node_figures(c, n) or {}).get("keys") for n in described.get("nodes", [])]
     known = [k for k in counts if isinstance(k, int)]
     replicas = min(int(described.get("replicas") or 1), max(len(counts), 1))
     return sum(known) // replicas if known else None
@@ -363,22 +400,26 @@ def export(c: Context, file: str, at: str | None) -> None:
         c.emit({"exported": count, "file": file}, lambda: c.err.print(f"exported {count} keys to {file}"))
 
 
-def _file_lines(path: str, progress: Progress, task: Any) -> Iterator[bytes]:
-    with open(path, "rb") as f:
+def _file_lines(f: IO[bytes], progress: Progress, task: Any) -> Iterator[bytes]:
+    with f:
         for line in f:
             progress.advance(task, len(line))
             yield line
 
 
 @main.command(name="import")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=click.Path())
 @pass_context
 def import_(c: Context, file: str) -> None:
     """Write every entry of FILE (as export writes it) with its own version; newer data is kept."""
-    size = os.path.getsize(file)
+    try:  # not click's path check: a file that cannot be read is exit status 1, as for export
+        f = open(file, "rb")  # noqa: SIM115 - closed by _file_lines
+        size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        fail(f"import: cannot read {file}: {e.strerror or e}", 1)
     with _progress(c, in_bytes=True) as progress:
         task = progress.add_task("import", total=size)
-        body = c.client.import_lines(_file_lines(file, progress, task))
+        body = c.client.import_lines(_file_lines(f, progress, task))
     summary = {k: v for k, v in body.items() if k != "success"}
     c.emit(summary, lambda: c.err.print(f"imported {file}: " + ", ".join(f"{k} {v}" for k, v in summary.items())))
 

@@ -41,6 +41,7 @@ from kvd.gateway.cluster import Cluster
 from kvd.gateway.coordinator import Coordinator, WriteOutcome
 from kvd.gateway.export import Cut, Exporter, ExportStopped, Importer, Valve
 from kvd.gateway.feed import Feed, Watches
+from kvd.gateway.figures import NodeFigures
 from kvd.gateway.hot import HotKeys
 from kvd.gateway.listing import Lister
 from kvd.gateway.plan import parse_change, plan
@@ -863,6 +864,8 @@ class GatewayAPI:
     clock: IReactorTime | None = None
     feed: Feed = field(default=None)
     watches: Watches | None = None
+    #: The nodes' own figures for /cluster; made on the node clients' transport unless given.
+    figures: NodeFigures = field(default=None)
 
     routes = Routes()
 
@@ -871,6 +874,9 @@ class GatewayAPI:
             self.feed = Feed(self.cluster, self.coordinator.nodes)
         if self.watches is None and self.clock is not None:
             self.watches = Watches(self.cluster, self.coordinator, self.clock)
+        if self.figures is None and self.coordinator is not None:
+            nodes = self.coordinator.nodes
+            self.figures = NodeFigures(nodes, nodes.peers.reactor)
 
     def _conditional(
         self, key: str, value: str | None, precondition: Precondition, ttl: float | None = None
@@ -1039,13 +1045,22 @@ class GatewayAPI:
         return _json(request, body, 503 if done.unavailable else 400)
 
     @routes.path("/cluster", "GET")
-    def describe(self, request: IRequest) -> bytes:
+    async def describe(self, request: IRequest) -> bytes:
+        """
+        Every member as the registry and this gateway's failure detector see it, with its key
+        count and repair report from its own C{/node} (kept a few seconds; see
+        L{kvd.gateway.figures}) and how many requests this gateway has sent it.
+        """
         health = self.coordinator.nodes.health
+        figures = await self.figures.of(self.cluster.view())
         return _json(
             request,
             {
                 "success": True,
-                "nodes": [{**m.to_json(), **health.to_json(m.id)} for m in self.cluster.sorted()],
+                "nodes": [
+                    {**m.to_json(), **health.to_json(m.id), **self.figures.to_json(m.id, figures)}
+                    for m in self.cluster.sorted()
+                ],
                 "replicas": self.cluster.replicas,
                 "vnodes": self.cluster.vnodes,
                 "write_quorum": self.coordinator.write_quorum,

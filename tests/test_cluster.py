@@ -32,7 +32,17 @@ def test_nodes_register_at_start_and_the_gateway_sees_them(harness: Harness) -> 
     assert body == {
         "success": True,
         "nodes": [
-            {"id": n, "url": f"http://{n}.test", "weight": 1, "status": "up", "reachable": True, "timeout": 2.0}
+            {
+                "id": n,
+                "url": f"http://{n}.test",
+                "weight": 1,
+                "status": "up",
+                "reachable": True,
+                "timeout": 2.0,
+                "keys": 0,  # from its own GET /node
+                "requests": 1,  # that GET /node: nothing else was sent to it yet
+                "repair": None,  # no sweep has reported to it
+            }
             for n in ("a", "b", "c")
         ],
         "replicas": 3,

@@ -19,6 +19,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
+from kvd.gateway import figures
 from kvd.membership import NodeInfo
 from kvd.options import GatewayConfig
 from kvd.roles import AdoptedListenService, WatcherService, WorkersService, worker_services
@@ -302,9 +303,12 @@ class ProcessReactor(MemoryReactorClock):
         return process
 
 
-def cluster_of(site: Any) -> dict[str, Any]:
+def cluster_of(site: Any, reactor: MemoryReactorClock) -> dict[str, Any]:
     stub = StubTreq(site.resource)
-    answer = successResultOf_(stub.get("http://gw/cluster"))
+    asked = stub.get("http://gw/cluster")
+    reactor.advance(figures.TIMEOUT)  # /cluster asks each node's GET /node, which nothing answers here
+    stub.flush()
+    answer = successResultOf_(asked)
     return successResultOf_(answer.json())  # type: ignore[no-any-return]
 
 
@@ -365,5 +369,5 @@ def test_a_worker_follows_no_registry_runs_no_repair_and_takes_membership_from_i
         except OSError:
             pass
     site = reactor.adoptedPorts[0][2]
-    assert sorted(n["id"] for n in cluster_of(site)["nodes"]) == ["a", "b"]
-    assert cluster_of(site)["repair"] is None
+    assert sorted(n["id"] for n in cluster_of(site, reactor)["nodes"]) == ["a", "b"]
+    assert cluster_of(site, reactor)["repair"] is None

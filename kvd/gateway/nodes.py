@@ -150,6 +150,8 @@ class NodeClient:
     on_clock: Callable[[str, float], None] | None = None
     health: Health | None = None
     _cork: Cork = field(factory=Cork)
+    #: Requests sent, by node id: shared by a gateway's clients (see L{NodeClients.sent}).
+    sent: dict[str, int] = field(factory=dict)
     _applies: _Queue = field(factory=_Queue)
     _reads: _Queue = field(factory=_Queue)
     _paxos: _Queue = field(factory=_Queue)
@@ -158,12 +160,17 @@ class NodeClient:
     def id(self) -> str:
         return self.node.id
 
+    def counted(self) -> Peers:
+        """The transport, for one more request to the node: counted in L{sent}."""
+        self.sent[self.node.id] = self.sent.get(self.node.id, 0) + 1
+        return self.peers
+
     def _call(self, path: str, body: object, parse: Callable[[Any], T], timeout: float | None = None) -> Deferred[T]:
-        d = self.peers.call("POST", f"{self.node.url}/internal/{path}", _encode(body), timeout=timeout)
+        d = self.counted().call("POST", f"{self.node.url}/internal/{path}", _encode(body), timeout=timeout)
         return d.addCallback(self._checked, path, parse)
 
     def _get(self, path: str, parse: Callable[[Any], T]) -> Deferred[T]:
-        d = self.peers.call("GET", f"{self.node.url}/internal/{path}")
+        d = self.counted().call("GET", f"{self.node.url}/internal/{path}")
         return d.addCallback(self._checked, path, parse)
 
     def _checked(self, answer: Answer, path: str, parse: Callable[[Any], T]) -> T:
@@ -376,7 +383,7 @@ class NodeClient:
             return ChangePage(epoch, position, items, more, positions)
 
         request = {"since": None if since is None else list(since), "prefix": prefix, "limit": limit}
-        d = self.peers.call(
+        d = self.counted().call(
             "POST",
             f"{self.node.url}/internal/changes",
             _encode({**request, "wait": wait, "values": values}),
@@ -521,6 +528,8 @@ class NodeClients:
     )
     _clients: dict[str, NodeClient] = field(factory=dict)
     _cork: Cork = field(factory=Cork)
+    #: How many requests this gateway has sent each node, by id (C{/cluster} shows it).
+    sent: dict[str, int] = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self.health.probe = self.probe
@@ -528,7 +537,9 @@ class NodeClients:
     def __call__(self, node: NodeInfo) -> NodeClient:
         client = self._clients.get(node.id)
         if client is None or client.node != node:
-            client = self._clients[node.id] = NodeClient(node, self.peers, self.on_clock, self.health, self._cork)
+            client = self._clients[node.id] = NodeClient(
+                node, self.peers, self.on_clock, self.health, self._cork, self.sent
+            )
         return client
 
     def probe(self, node_id: str, timeout: float) -> Deferred[bool]:
@@ -536,7 +547,7 @@ class NodeClients:
         client = self._clients.get(node_id)
         if client is None:
             return fail(PeerError(node_id, "not a member"))
-        d = self.peers.call("GET", f"{client.node.url}/healthz", timeout=timeout)
+        d = client.counted().call("GET", f"{client.node.url}/healthz", timeout=timeout)
         return d.addCallback(lambda answer: answer.status == 200)
 
     def cork(self) -> None:

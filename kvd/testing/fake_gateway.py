@@ -43,6 +43,8 @@ class FakeGateway:
         self.fail_writes: int | None = None
         #: Writes that go in behind a conditional writer's back: key -> how many are left.
         self.interfere: dict[str, int] = {}
+        #: What /cluster lists (a gateway before the per-node figures: no keys, requests or repair).
+        self.nodes: list[dict[str, object]] = [{"id": "a", "url": "http://127.0.0.1:9", "weight": 1}]
         self.lock = threading.Lock()
 
     def _version(self) -> str:
@@ -94,8 +96,7 @@ class FakeGateway:
                     imported += 1
             return _json(200, {"success": True, "imported": imported})
         if path == "/cluster":
-            nodes = [{"id": "a", "url": "http://127.0.0.1:9", "weight": 1}]
-            return _json(200, {"success": True, "nodes": nodes, "replicas": 1, "vnodes": 8, "repair": None})
+            return _json(200, {"success": True, "nodes": self.nodes, "replicas": 1, "vnodes": 8, "repair": None})
         if path.startswith("/cluster/owners/"):
             return _json(200, {"success": True, "key": unquote(path[16:]), "nodes": ["a"]})
         if path == "/cluster/plan":

@@ -6,6 +6,7 @@ replica's version (a key holding markup shows as text), and a screenshot of it i
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,62 @@ def test_a_key_lookup_shows_its_owners_and_each_replicas_version(browser: Any, c
     assert [row[0] for row in shown["rows"]] == owners
     for row in shown["rows"]:
         assert row[3:] == ["owner", written["version"], "live"], row
+
+
+NODE_FIGURES = (
+    "return Array.from(document.querySelectorAll('#nodes tr[data-node]'))"
+    ".map(r => [r.dataset.node, r.cells[2].textContent, r.cells[4].textContent, r.cells[5].textContent])"
+)
+
+
+def own_figures(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    """Each node's own GET /node answer, by its id."""
+    answers = []
+    for node in cluster.nodes:
+        assert node.port is not None
+        status, body = request(node.port, "GET", "/node")
+        assert status == 200, body
+        answers.append(body)
+    return {body["id"]: body for body in answers}
+
+
+def test_the_nodes_table_shows_each_nodes_key_count_repair_report_and_request_rate(
+    browser: Any, cluster: Cluster
+) -> None:
+    """
+    The keys, repair and requests/s columns come from /cluster (the page may ask nothing
+    else: its CSP is connect-src 'self'): keys and repair as each node's GET /node says,
+    requests/s differenced from the counter of requests the gateway sent the node.
+    """
+    port = cluster.gateway.port
+    assert port is not None
+    for i in range(25):
+        assert request(port, "PUT", f"/kv/counted{i}", b"v")[0] == 200
+    open_dashboard(browser, cluster)
+
+    def as_each_node_says() -> Any:
+        rows = read(browser, NODE_FIGURES)
+        own = own_figures(cluster)
+        expected = {}
+        for node_id, body in own.items():
+            report = body.get("rebalance")
+            repair = "\u2014" if report is None else f"{report['sent']:,} / {report['keys_to_send']:,} sent"
+            expected[node_id] = [f"{body['keys']:,}", repair]
+        shown = {row[0]: row[1:3] for row in rows}
+        return rows if shown == expected and all(body["keys"] >= 25 for body in own.values()) else None
+
+    rows = wait_until(
+        browser, "showing each node's key count and repair report as its GET /node says", as_each_node_says
+    )
+    assert sorted(row[0] for row in rows) == sorted(NODE_IDS)
+
+    def rated() -> Any:
+        request(port, "GET", "/kv/counted1")  # traffic to the nodes, so the rates have something to count
+        rows = read(browser, NODE_FIGURES)
+        return rows if all(re.fullmatch(r"[0-9][0-9,]*(\.[0-9])?", row[3]) for row in rows) else None
+
+    rows = wait_until(browser, "showing each node's request rate as a number", rated)
+    assert any(float(row[3].replace(",", "")) > 0 for row in rows), rows
 
 
 def look_up(browser: Any, key: str) -> None:

@@ -7,6 +7,7 @@ real cluster cannot be made to give on demand).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -116,6 +117,37 @@ def test_every_failure_is_one_line_on_stderr_and_a_nonzero_status(cluster: Clust
     assert unavailable.returncode == 1 and unavailable.stderr.count(b"\n") == 1
 
 
+def test_a_gateway_that_cannot_be_reached_is_named_with_the_command_run(tmp_path: Path) -> None:
+    """export asks /cluster first (for its progress bar): the one line names export, not that request."""
+    refused = run("--url", f"http://127.0.0.1:{free_port()}", "export", str(tmp_path / "f"))
+    assert refused.returncode == 3 and refused.stderr.count(b"\n") == 1
+    assert refused.stderr.startswith(b"kvd: export: cannot reach http://127.0.0.1:"), refused.stderr
+
+
+def test_a_file_import_cannot_read_is_exit_status_1_naming_it(tmp_path: Path) -> None:
+    """As docs/cli.md says: a local file that cannot be read is status 1 (not click's usage error, 2)."""
+    url = f"http://127.0.0.1:{free_port()}"  # never asked: the file is read first
+    for path in (tmp_path / "nonexistent", tmp_path):
+        failed = run("--url", url, "import", str(path))
+        assert failed.returncode == 1 and failed.stdout == b""
+        assert failed.stderr == f"kvd: import: cannot read {path}: ".encode() + failed.stderr.split(b": ")[-1]
+        assert failed.stderr.count(b"\n") == 1 and b"Usage" not in failed.stderr
+
+
+@pytest.mark.parametrize("url", ["notaurl", "ftp://host", "http://", "http://host:99999", "http://[::1"])
+def test_a_bad_url_is_one_line_and_a_usage_error(url: str) -> None:
+    """No urllib3 warning wall: the URL is checked before any request, exit status 2 as for usage errors."""
+    for given in (("--url", url), ()):
+        bad = subprocess.run(
+            [KVD, *given, "get", "a"], capture_output=True, timeout=30, env={**os.environ, "KVD_URL": url}
+        )
+        assert bad.returncode == 2 and bad.stdout == b""
+        assert (
+            bad.stderr
+            == f"kvd: --url {url!r} (or $KVD_URL) is not a gateway URL such as http://127.0.0.1:8000\n".encode()
+        )
+
+
 @pytest.mark.parametrize(
     "command", ["get", "put", "delete", "ls", "watch", "owners", "cluster", "export", "import", "plan", "hot"]
 )
@@ -175,6 +207,27 @@ def test_the_command_lists_exports_and_imports(fake: tuple[FakeGateway, str], tm
     imported = run("--url", url, "import", str(backup))
     assert imported.returncode == 0 and b"imported 1200" in imported.stderr
     assert len(gateway.data) == 1200
+
+
+def test_kvd_cluster_takes_each_nodes_figures_from_the_gateway(fake: tuple[FakeGateway, str]) -> None:
+    """Only the gateway need be reachable: the nodes' URLs here refuse, yet a and b show their figures."""
+    gateway, url = fake
+    report = {"keys_to_send": 5, "sent": 4, "dropped": 0, "last_error": None}
+    gateway.nodes = [
+        {"id": "a", "url": "http://127.0.0.1:9", "weight": 1, "keys": 42, "requests": 7, "repair": report},
+        {"id": "b", "url": "http://127.0.0.1:9", "weight": 1, "keys": 0, "requests": 1, "repair": None},
+        {"id": "c", "url": "http://127.0.0.1:9", "weight": 1, "keys": None, "requests": 0, "repair": None},
+    ]
+    listed = run("--url", url, "--json", "cluster")
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["id"]: r for r in json.loads(listed.stdout)["nodes"]}
+    assert [(rows[n]["status"], rows[n]["keys"], rows[n]["repair"]) for n in "abc"] == [
+        ("up", 42, report),
+        ("up", 0, None),
+        ("down", None, None),
+    ]
+    table = run("--url", url, "cluster")
+    assert table.returncode == 0 and b"4/5" in table.stdout and b"42" in table.stdout
 
 
 def test_the_command_sends_ttl_conditions_and_the_token(tmp_path: Path) -> None:

@@ -424,7 +424,13 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
             write=storage.journal,
         )
         incarnation = next_incarnation(config.data_dir)
-        acceptor = Acceptor.open(config.data_dir, committed_in(store), run=storage.run, fsync=config.fsync == "always")
+        acceptor = Acceptor.open(
+            config.data_dir,
+            committed_in(store),
+            run=storage.run,
+            fsync=config.fsync == "always",
+            unsettled=store.unsettled,
+        )
     except StoreError as e:
         fail(str(e))
     except OSError as e:

@@ -556,6 +556,23 @@ def _gateway(
         services.append(sweeps)
     proposer = Proposer(cluster, nodes, clock, reactor, config.write_quorum)
     metrics = gateway_metrics(cluster, None if worker else repairer, skew, health)
+    metrics.gauges(
+        (
+            "kvd_cas_rounds_lost",
+            "Conditional-write rounds lost to another ballot since start.",
+            lambda: proposer.conflicts,
+        ),
+        (
+            "kvd_cas_recovered",
+            "Unfinished conditional writes finished by this gateway since start.",
+            lambda: proposer.recovered,
+        ),
+        (
+            "kvd_cas_asked",
+            "Prepares and accepts sent by this gateway since start (hedges included).",
+            lambda: proposer.asked,
+        ),
+    )
     if config.workers > 1:
         index = 0 if worker is None else worker.index
         metrics.gauges(

@@ -4,7 +4,8 @@ prepare, accept, commit) against plain PUT (one replicated write) through the sa
 in the same run, at 32 connections, with CPU per request of all the cluster's processes.
 
 Target (issue 10): conditional / plain >= 0.4 (Cassandra's LWT is about 0.25). Each
-conditional PUT names ``If-Match: *`` on a preloaded key and the keys cycle, so the figure is
+conditional PUT names ``If-Match: *`` on a preloaded key and the keys cycle, each wrk thread
+on keys of its own, so the figure is
 the cost of a round with no contention (contended rounds back off and retry: the gateway's
 ``kvd_cas_rounds_lost`` counts them, printed per measurement with the prepares and accepts
 asked and the internal requests the nodes took, per request).
@@ -29,14 +30,35 @@ from pathlib import Path
 from checkout import ensure_kvd_importable
 from report import machine, met, report_quiet
 from servers import bench_processes, preload, wait_for_members
-from wrk import PUT_LUA, run_wrk, write_lua
+from wrk import run_wrk, write_lua
 
 TARGET = 0.4
 
-CAS_LUA = PUT_LUA.replace(
-    'return wrk.format("PUT", "/kv/{prefix}" .. i, nil, body)',
-    'return wrk.format("PUT", "/kv/{prefix}" .. i, {{["If-Match"] = "*"}}, body)',
-)
+#: PUT /kv/<prefix><i> with a fixed body, each wrk thread on keys of its own (thread t of
+#: T takes t, t + T, t + 2T, ...): with one counter per thread starting at random, as
+#: bench/wrk.py's PUT_LUA, two threads drift into each other's keys now and then, and their
+#: conditional writes then contend (a lost round, a pause, finishing the other's write).
+OWN_KEYS_LUA = """\
+local n = {n}
+local step = {threads}
+local i = 0
+local body = string.rep("v", {size})
+local threads = 0
+setup = function(thread)
+  thread:set("id", threads)
+  threads = threads + 1
+end
+init = function(args)
+  i = id or 0
+end
+request = function()
+  i = (i + step) % n
+  return wrk.format("PUT", "/kv/{prefix}" .. i, {headers}, body)
+end
+"""
+THREADS = 2
+PUT_LUA = OWN_KEYS_LUA.replace("{headers}", "nil")
+CAS_LUA = OWN_KEYS_LUA.replace("{headers}", '{{["If-Match"] = "*"}}')
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
@@ -82,8 +104,10 @@ def main() -> None:
     cpu: dict[str, list[float]] = {"plain PUT": [], "If-Match PUT": []}
     with tempfile.TemporaryDirectory(prefix="kvd-bench-cas-") as tmp:
         workdir = Path(tmp)
-        plain_lua = write_lua(workdir, "put.lua", PUT_LUA, n=args.keys, prefix="key", size=100)
-        cas_lua = write_lua(workdir, "cas.lua", CAS_LUA, n=args.keys, prefix="key", size=100)
+        # A multiple of the threads, so that no two threads share a key.
+        keys = {"n": args.keys - args.keys % THREADS, "prefix": "key", "size": 100, "threads": THREADS}
+        plain_lua = write_lua(workdir, "put.lua", PUT_LUA, **keys)
+        cas_lua = write_lua(workdir, "cas.lua", CAS_LUA, **keys)
         with bench_processes(workdir) as processes:
             registry = processes.registry().start()
             started = [registry]
@@ -102,7 +126,7 @@ def main() -> None:
                     before = cpu_seconds(pids)
                     split = {role: [cpu_times(pid) for pid in members] for role, members in roles.items()}
                     counted = [scrape(p.url) for p in started[1:5]]
-                    result = run_wrk(gateway.url, lua, args.duration, connections=args.connections)
+                    result = run_wrk(gateway.url, lua, args.duration, threads=THREADS, connections=args.connections)
                     used = cpu_seconds(pids) - before
                     results[name] = result
                     per = 1e6 / max(1, result.requests)

@@ -39,8 +39,13 @@ from kvd.versions import is_version
 
 FILE = "paxos.jsonl"
 FILE_TMP = "paxos.jsonl.tmp"
-#: The file is compacted once it is this big and twice what its live entries take.
-COMPACT_MIN_BYTES = 1024 * 1024
+#: The file is compacted once it is this big and twice what its live entries take (as the
+#: store's journal: each compaction holds the acceptor's writes for a rewrite and two fsyncs).
+COMPACT_MIN_BYTES = 4 * 1024 * 1024
+#: Given a clock, compaction forgets a key only once its promise is this many seconds old:
+#: folded into the floor, a promise made just now would refuse the rounds under way whose
+#: ballots were minted a moment before it (each a lost round, a pause and a retry).
+KEEP_RECENT = 2.0
 
 _log = Logger()
 
@@ -178,6 +183,9 @@ class Acceptor:
     _writing: bool = False
     _failed: StoreError | None = None
     unsettled: Callable[[], Collection[str]] = _nothing_unsettled
+    #: The node's clock (seconds): compaction then keeps keys promised in the last
+    #: L{KEEP_RECENT} seconds by their ballots' clocks. Without it, it forgets them too.
+    now: Callable[[], float] | None = None
 
     @classmethod
     def open(
@@ -189,6 +197,7 @@ class Acceptor:
         fsync: bool = True,
         compact_min_bytes: int = COMPACT_MIN_BYTES,
         unsettled: Callable[[], Collection[str]] = _nothing_unsettled,
+        now: Callable[[], float] | None = None,
     ) -> Acceptor:
         """
         Recover the acceptor's state from C{directory} (the node's data dir, already locked by its store).
@@ -217,6 +226,7 @@ class Acceptor:
             good,
             compact_min_bytes,
             unsettled=unsettled,
+            now=now,
         )
 
     @property
@@ -312,9 +322,14 @@ class Acceptor:
         floor = self.floor
         kept: list[bytes] = []
         unsettled = self.unsettled()
+        # Ballots are versions: 12 hex digits of milliseconds first, so this prefix is
+        # above every ballot minted over KEEP_RECENT seconds ago, below every later one.
+        recent = None if self.now is None else f"{max(0, int((self.now() - KEEP_RECENT) * 1000)):012x}"
         for key, state in list(self._states.items()):
             accepted = state.accepted
-            if accepted is None or (key not in unsettled and self.committed(key, accepted.version)):
+            if recent is not None and state.promised >= recent:
+                kept.append(_record(key, state))
+            elif accepted is None or (key not in unsettled and self.committed(key, accepted.version)):
                 floor = max(floor, state.promised)
                 del self._states[key]
             else:

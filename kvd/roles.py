@@ -435,6 +435,7 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
             run=storage.paxos,
             fsync=config.fsync == "always",
             unsettled=store.unsettled,
+            now=reactor.seconds,
         )
     except StoreError as e:
         fail(str(e))

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from kvd.journal import CorruptStore
 from kvd.paxos import FILE, Acceptor, Proposal, committed_in
 from kvd.store import Store
-from kvd.versions import HybridClock
+from kvd.versions import HybridClock, encode, milliseconds
 
 B1, B2, B3 = "018f00000000000000.gw1", "018f00000000000001.gw2", "018f00000000000002.gw1"
 
@@ -152,6 +152,22 @@ def test_compaction_keeps_a_proposal_whose_commit_is_only_in_the_stores_memory(t
     assert acceptor.state("k") == ("", None) and acceptor.floor == B3
     acceptor.close()
     store.abandon()
+
+
+def test_compaction_leaves_keys_promised_in_the_last_seconds_out_of_the_floor(tmp_path: Path) -> None:
+    old = encode(milliseconds(B1) - 10_000, 0, "gw1")  # ten seconds before B1 and B2
+    committed = {old, B2}
+    now = milliseconds(B2) / 1000 + 1.0  # B2 was promised a second ago
+    acceptor = Acceptor.open(str(tmp_path), lambda key, version: version in committed, now=lambda: now)
+    result(acceptor.accept("old", Proposal(old, "v", old)))
+    result(acceptor.accept("recent", Proposal(B2, "w", B2)))
+    acceptor.compact_min_bytes = 0
+    result(acceptor.prepare("new", B3))  # the write that compacts
+    assert acceptor.state("old") == ("", None) and acceptor.floor == old, "long committed: forgotten, in the floor"
+    assert acceptor.state("recent") == (B2, Proposal(B2, "w", B2)), "promised a second ago: kept"
+    # A round whose ballot was minted just before B2's (under way at another node, say) is not refused.
+    assert result(acceptor.prepare("other", B1)).promised
+    acceptor.close()
 
 
 def test_a_batch_of_promises_and_acceptances_is_one_write_answered_only_once_durable(tmp_path: Path) -> None:

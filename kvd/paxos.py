@@ -4,8 +4,8 @@ the proposal (ballot, value, version) it accepted last. See docs/consistency.md.
 
 A promise or an acceptance is durable before it is answered: each change is a JSON line in
 C{paxos.jsonl} in the node's data dir, and changes made while one write + fsync is under way
-go out together in the next (group commit, on the same thread runner as the store). Memory
-changes at once; an answer waits for the write that holds it.
+go out together in the next (group commit; at a node on a thread of its own, beside the
+store's). Memory changes at once; an answer waits for the write that holds it.
 
 The file is compacted when it grows: a key whose accepted proposal is committed I{durably}
 in the node's store (or that has none) needs no entry any more; what it promised is folded
@@ -14,7 +14,8 @@ As ballots are clock-based, the floor costs a proposer at most one more round. T
 memory holds a commit before its journal record is durable, so a key the store still has
 a record queued or being written for (L{Store.unsettled}) keeps its entry: otherwise a crash
 after the compacted file is durable and before that record lost both the proposal and the
-commit.
+commit. Given the node's clock, keys promised in the last L{KEEP_RECENT} seconds stay too,
+out of the floor: the rounds under way have ballots minted just before the newest promise.
 
 A node with no conditional-write traffic never opens the file. Start-up reads it: a torn
 last line (a crash mid-write) is dropped; any other damage stops start-up with one line.

@@ -4,8 +4,8 @@ the proposal (ballot, value, version) it accepted last. See docs/consistency.md.
 
 A promise or an acceptance is durable before it is answered: each change is a JSON line in
 C{paxos.jsonl} in the node's data dir, and changes made while one write + fsync is under way
-go out together in the next (group commit; at a node on a thread of its own, beside the
-store's). Memory changes at once; an answer waits for the write that holds it.
+go out together in the next (group commit; at a node on the store's journal thread).
+Memory changes at once; an answer waits for the write that holds it.
 
 The file is compacted when it grows: a key whose accepted proposal is committed I{durably}
 in the node's store (or that has none) needs no entry any more; what it promised is folded

@@ -4,13 +4,18 @@ the proposal (ballot, value, version) it accepted last. See docs/consistency.md.
 
 A promise or an acceptance is durable before it is answered: each change is a JSON line in
 C{paxos.jsonl} in the node's data dir, and changes made while one write + fsync is under way
-go out together in the next (group commit, on the same thread runner as the store). Memory
-changes at once; an answer waits for the write that holds it.
+go out together in the next (group commit; at a node on the store's journal thread).
+Memory changes at once; an answer waits for the write that holds it.
 
-The file is compacted when it grows: a key whose accepted proposal is committed in the
-node's store (or that has none) needs no entry any more; what it promised is folded into
-one I{floor}, a ballot below which nothing is promised or accepted again, for any key. As
-ballots are clock-based, the floor costs a proposer at most one more round.
+The file is compacted when it grows: a key whose accepted proposal is committed I{durably}
+in the node's store (or that has none) needs no entry any more; what it promised is folded
+into one I{floor}, a ballot below which nothing is promised or accepted again, for any key.
+As ballots are clock-based, the floor costs a proposer at most one more round. The store's
+memory holds a commit before its journal record is durable, so a key the store still has
+a record queued or being written for (L{Store.unsettled}) keeps its entry: otherwise a crash
+after the compacted file is durable and before that record lost both the proposal and the
+commit. Given the node's clock, keys promised in the last L{KEEP_RECENT} seconds stay too,
+out of the floor: the rounds under way have ballots minted just before the newest promise.
 
 A node with no conditional-write traffic never opens the file. Start-up reads it: a torn
 last line (a crash mid-write) is dropped; any other damage stops start-up with one line.
@@ -18,9 +23,8 @@ last line (a crash mid-write) is dropped; any other damage stops start-up with o
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from attrs import define, field, frozen
@@ -28,6 +32,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kvd.codec import wire_json, wire_loads
 from kvd.journal import CorruptStore, StoreError, fsync_dir, open_append, write_all
 from kvd.keys import check_key
 from kvd.store import Runner, Store, synchronous
@@ -35,8 +40,13 @@ from kvd.versions import is_version
 
 FILE = "paxos.jsonl"
 FILE_TMP = "paxos.jsonl.tmp"
-#: The file is compacted once it is this big and twice what its live entries take.
-COMPACT_MIN_BYTES = 1024 * 1024
+#: The file is compacted once it is this big and twice what its live entries take (as the
+#: store's journal: each compaction holds the acceptor's writes for a rewrite and two fsyncs).
+COMPACT_MIN_BYTES = 4 * 1024 * 1024
+#: Given a clock, compaction forgets a key only once its promise is this many seconds old:
+#: folded into the floor, a promise made just now would refuse the rounds under way whose
+#: ballots were minted a moment before it (each a lost round, a pause and a retry).
+KEEP_RECENT = 2.0
 
 _log = Logger()
 
@@ -84,19 +94,23 @@ class _State:
 
 
 def _record(key: str, state: _State) -> bytes:
-    line: dict[str, Any] = {"k": key, "p": state.promised}
-    if state.accepted is not None:
-        line["a"] = state.accepted.to_json()
-    return json.dumps(line, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
+    accepted = state.accepted
+    if accepted is None:
+        return wire_json({"k": key, "p": state.promised}) + b"\n"
+    return wire_json({"k": key, "p": state.promised, "a": [accepted.ballot, accepted.value, accepted.version]}) + b"\n"
+
+
+def _nothing_unsettled() -> Collection[str]:
+    return ()
 
 
 def _floor_record(floor: str) -> bytes:
-    return json.dumps({"floor": floor}).encode() + b"\n"
+    return wire_json({"floor": floor}) + b"\n"
 
 
 def _parse(line: bytes) -> tuple[str, _State] | str:
     """A line's (key, state), or the floor it sets; ValueError when it is neither."""
-    obj = json.loads(line)
+    obj = wire_loads(line)
     if not isinstance(obj, dict):
         raise ValueError("not an object")
     if "floor" in obj:
@@ -152,6 +166,8 @@ class Acceptor:
 
     @ivar committed: whether the node's store holds this version of this key or a newer one,
         i.e. whether an accepted proposal is committed here.
+    @ivar unsettled: the keys whose latest change in the store is not durable yet (in
+        memory only): compaction keeps their entries, whatever C{committed} says.
     """
 
     directory: str
@@ -167,6 +183,10 @@ class Acceptor:
     _compact_next: bool = False
     _writing: bool = False
     _failed: StoreError | None = None
+    unsettled: Callable[[], Collection[str]] = _nothing_unsettled
+    #: The node's clock (seconds): compaction then keeps keys promised in the last
+    #: L{KEEP_RECENT} seconds by their ballots' clocks. Without it, it forgets them too.
+    now: Callable[[], float] | None = None
 
     @classmethod
     def open(
@@ -177,9 +197,12 @@ class Acceptor:
         run: Runner[Any] = synchronous,
         fsync: bool = True,
         compact_min_bytes: int = COMPACT_MIN_BYTES,
+        unsettled: Callable[[], Collection[str]] = _nothing_unsettled,
+        now: Callable[[], float] | None = None,
     ) -> Acceptor:
         """
         Recover the acceptor's state from C{directory} (the node's data dir, already locked by its store).
+        At a node, C{committed} is L{committed_in} its store and C{unsettled} the store's L{Store.unsettled}.
 
         @raise StoreError: with a one-line message when the file is corrupt or unreadable.
         """
@@ -203,6 +226,8 @@ class Acceptor:
             fsync,
             good,
             compact_min_bytes,
+            unsettled=unsettled,
+            now=now,
         )
 
     @property
@@ -232,30 +257,16 @@ class Acceptor:
         Promise C{ballot} unless a ballot as high or higher was promised; fires once the
         promise is durable, with the accepted proposal not yet committed here, if any.
         """
-        return self.prepare_batch([(key, ballot)]).addCallback(lambda promises: promises[0])
+        records: list[bytes] = []
+        return self._answer(records, self._prepare(key, ballot, records))
 
     def accept(self, key: str, proposal: Proposal) -> Deferred[tuple[bool, str]]:
         """
         Accept C{proposal} unless a higher ballot than its own was promised; fires once the
         acceptance is durable with (accepted, the ballot promised).
         """
-        return self.accept_batch([(key, proposal)]).addCallback(lambda answers: answers[0])
-
-    def prepare_batch(self, items: list[tuple[str, str]]) -> Deferred[list[Promise]]:
-        """
-        L{prepare} each (key, ballot) in turn; fires once all the promises made are durable
-        (one write for the batch), with each one's answer.
-        """
         records: list[bytes] = []
-        return self._answer(records, [self._prepare(key, ballot, records) for key, ballot in items])
-
-    def accept_batch(self, items: list[tuple[str, Proposal]]) -> Deferred[list[tuple[bool, str]]]:
-        """
-        L{accept} each (key, proposal) in turn; fires once all the acceptances are durable
-        (one write for the batch), with each one's (accepted, the ballot promised).
-        """
-        records: list[bytes] = []
-        return self._answer(records, [self._accept(key, proposal, records) for key, proposal in items])
+        return self._answer(records, self._accept(key, proposal, records))
 
     def batch(self, items: list[tuple[str, str | Proposal]]) -> Deferred[list[Promise | tuple[bool, str]]]:
         """
@@ -287,7 +298,7 @@ class Acceptor:
         records.append(_record(key, state))
         return True, proposal.ballot
 
-    def _answer(self, records: list[bytes], answers: list[T]) -> Deferred[list[T]]:
+    def _answer(self, records: list[bytes], answers: T) -> Deferred[T]:
         """C{answers}, once C{records} are durable (at once when there are none: a refusal promises nothing)."""
         if not records:
             return succeed(answers)
@@ -305,11 +316,21 @@ class Acceptor:
         return d
 
     def _live_records(self) -> bytes:
-        """The file's contents as compaction leaves them; forgets what is committed (changes memory)."""
+        """
+        The file's contents as compaction leaves them; forgets what is durably committed
+        (changes memory). A commit the store holds only in memory so far does not count.
+        """
         floor = self.floor
         kept: list[bytes] = []
+        unsettled = self.unsettled()
+        # Ballots are versions: 12 hex digits of milliseconds first, so this prefix is
+        # above every ballot minted over KEEP_RECENT seconds ago, below every later one.
+        recent = None if self.now is None else f"{max(0, int((self.now() - KEEP_RECENT) * 1000)):012x}"
         for key, state in list(self._states.items()):
-            if state.accepted is None or self.committed(key, state.accepted.version):
+            accepted = state.accepted
+            if recent is not None and state.promised >= recent:
+                kept.append(_record(key, state))
+            elif accepted is None or (key not in unsettled and self.committed(key, accepted.version)):
                 floor = max(floor, state.promised)
                 del self._states[key]
             else:

@@ -71,7 +71,7 @@ from kvd.metrics import CONTENT_TYPE, Metrics
 from kvd.paxos import Acceptor, Promise, Proposal
 from kvd.registry import STATUSES as MEMBER_STATUSES
 from kvd.registry import InvalidRegistration, Registry, StaleIncarnation, Status
-from kvd.store import BUCKETS, BadBatch, Entry, Store, StoreError
+from kvd.store import BUCKETS, Applied, BadBatch, Entry, Store, StoreError
 from kvd.ttl import BadTTL, expired, expires, parse_ttl
 from kvd.validate import Invalid, number
 from kvd.versions import is_version
@@ -565,7 +565,7 @@ class NodeAPI:
         return self.acceptor
 
     @routes.path("/internal/paxos", "POST", fast=True)
-    async def internal_paxos(self, request: IRequest) -> bytes:
+    def internal_paxos(self, request: IRequest) -> Deferred[bytes]:
         """
         A batch of conditional-write traffic, answered once all of it is durable, per item in
         order: ["p", key, ballot] (prepare: [promised, the ballot promised, the accepted
@@ -573,20 +573,21 @@ class NodeAPI:
         (accept: [accepted, the ballot promised]) and ["c", key, value or null, version]
         (commit, a replicated write: [live before, the version held]). The acceptor's
         changes are one write of paxos.jsonl, the commits one group of the store's journal.
+        Plain callbacks rather than a coroutine: this is every conditional write's hot path.
         """
-        items = _batch(request, "items")
+        items = _batch(request, "items", wire=True)
         asked: list[tuple[str, str | Proposal]] = []
         commits: list[list[Any]] = []
         kinds: list[str] = []
         for item in items:
-            kind = item[0] if isinstance(item, list) and item else None
-            if kind == "p" and len(item) == 3 and isinstance(item[2], str):
+            kind = item[0] if type(item) is list and item else None
+            if kind == "p" and len(item) == 3 and type(item[2]) is str:
                 asked.append((check_key(item[1]), item[2]))
             elif (
                 kind == "a"
                 and len(item) == 5
-                and isinstance(item[2], str)
-                and (item[3] is None or isinstance(item[3], str))
+                and type(item[2]) is str
+                and (item[3] is None or type(item[3]) is str)
                 and is_version(item[4])
             ):
                 if item[3] is not None:
@@ -602,29 +603,48 @@ class NodeAPI:
             kinds.append(kind)
         acceptor = self._acceptor()
         # The store raises BadBatch before it changes anything; the two writes go on together.
-        applied = self.store.apply_batch(commits) if commits else succeed(None)
+        applied = self.store.apply_batch(commits) if commits else None
         proposed = acceptor.batch(asked) if asked else succeed([])
-        try:
-            paxos = await proposed
-        finally:
-            done = await applied
-        answers: list[Any] = []
-        promises, commit = iter(paxos), 0
-        for kind in kinds:
-            if kind == "c":
-                assert done is not None
-                answers.append([done.live[commit], done.held[commit]])
-                commit += 1
-                continue
-            answer = next(promises)
-            if isinstance(answer, Promise):
-                key = asked[len(answers) - commit][0]
-                entry = self.store.entry(key)
-                accepted = None if answer.accepted is None else answer.accepted.to_json()
-                answers.append([answer.promised, answer.ballot, accepted, None if entry is None else list(entry)])
-            else:
-                answers.append(list(answer))
-        return _json(request, {"success": True, "answers": answers, "now": int(self.store.clock.now() * 1000)})
+        store = self.store
+
+        def answer(paxos: list[Promise | tuple[bool, str]], done: Applied | None) -> bytes:
+            answers: list[Any] = []
+            promises, keys = iter(paxos), iter(asked)
+            commit = 0
+            for kind in kinds:
+                if kind == "c":
+                    assert done is not None
+                    answers.append([done.live[commit], done.held[commit]])
+                    commit += 1
+                    continue
+                got, key = next(promises), next(keys)[0]
+                if type(got) is Promise:
+                    entry = store.entry(key)
+                    accepted = got.accepted
+                    answers.append(
+                        [
+                            got.promised,
+                            got.ballot,
+                            None if accepted is None else [accepted.ballot, accepted.value, accepted.version],
+                            None if entry is None else list(entry),
+                        ]
+                    )
+                else:
+                    answers.append(got)
+            return _wire(request, {"success": True, "answers": answers, "now": int(store.clock.now() * 1000)})
+
+        if applied is None:
+            return proposed.addCallback(answer, None)
+        commits_done = applied
+
+        def both(paxos: list[Promise | tuple[bool, str]]) -> Deferred[bytes]:
+            return commits_done.addCallback(lambda done: answer(paxos, done))
+
+        def failed(failure: Failure) -> Deferred[Any]:
+            # The commits' own outcome first (their failure, if any, is the one told).
+            return commits_done.addCallback(lambda _: failure)
+
+        return proposed.addCallbacks(both, failed)
 
     @routes.path("/internal/apply", "POST", fast=True)
     async def internal_apply(self, request: IRequest) -> bytes:

@@ -59,7 +59,7 @@ class CasCluster:
 
     def start_node(self, node_id: str) -> None:
         store = Store.open(f"{self.directory}/{node_id}", clock=HybridClock(self.clock.seconds, node_id))
-        acceptor = Acceptor.open(store.directory, committed_in(store))
+        acceptor = Acceptor.open(store.directory, committed_in(store), unsettled=store.unsettled)
         self.stores[node_id], self.acceptors[node_id] = store, acceptor
         self.network.down.discard(f"{node_id}.test")
         self.network.serve(f"{node_id}.test", NodeAPI(node_id, store, acceptor=acceptor).resource())

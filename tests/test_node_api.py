@@ -194,6 +194,32 @@ def test_a_batch_with_a_bad_item_is_a_400_and_applies_nothing(client: StubTreq, 
     assert (status, body) == (200, {"success": True, "dropped": 1})
 
 
+def test_internal_paxos_is_bounded_as_internal_apply_is(store: Store) -> None:
+    """A body over the internal message limit is a 413 JSON answer, the same for both routes, before it is read."""
+    from twisted.internet.testing import StringTransport
+
+    from kvd.keys import internal_message_limit
+    from kvd.web import BoundedSite
+
+    acceptor = Acceptor.open(store.directory, committed_in(store))
+    site = BoundedSite(NodeAPI("a", store, acceptor=acceptor).resource(), max_body=1000)
+    limit = internal_message_limit(1000)
+    for path in (b"/internal/apply", b"/internal/paxos"):
+        for size, expected in ((limit + 1, b"HTTP/1.1 413 "), (limit, b""), (2, b"HTTP/1.1 400 ")):
+            protocol, transport = site.buildProtocol(None), StringTransport()
+            protocol.makeConnection(transport)
+            head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path, size)
+            protocol.dataReceived(head + (b"{}" if size == 2 else b""))
+            answer = transport.value()
+            if not expected:
+                assert answer == b"", "at the limit: the body is waited for, not refused"
+                continue
+            assert answer.startswith(expected), (path, size, answer[:80])
+            assert b'"success": false' in answer
+    assert acceptor.state("k") == ("", None)
+    acceptor.close()
+
+
 def test_internal_paxos_takes_prepares_accepts_and_commits_together_and_answers_each(store: Store) -> None:
     acceptor = Acceptor.open(store.directory, committed_in(store))
     client = StubTreq(NodeAPI("a", store, acceptor=acceptor).resource())

@@ -11,7 +11,9 @@ import pytest
 from twisted.internet.defer import Deferred
 
 from kvd.journal import CorruptStore
-from kvd.paxos import FILE, Acceptor, Proposal
+from kvd.paxos import FILE, Acceptor, Proposal, committed_in
+from kvd.store import Store
+from kvd.versions import HybridClock, encode, milliseconds
 
 B1, B2, B3 = "018f00000000000000.gw1", "018f00000000000001.gw2", "018f00000000000002.gw1"
 
@@ -130,16 +132,54 @@ def test_compaction_forgets_committed_keys_and_keeps_their_promises_as_a_floor(t
     assert len(again) == 1
 
 
+def test_compaction_keeps_a_proposal_whose_commit_is_only_in_the_stores_memory(tmp_path: Path) -> None:
+    journal = Held()
+    store = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"), write=journal)
+    acceptor = Acceptor.open(str(tmp_path), committed_in(store), unsettled=store.unsettled)
+    result(acceptor.accept("k", Proposal(B1, "v", B1)))
+    committing = store.apply_batch([["k", "v", B1]])
+    assert store.entry("k") == ("v", B1) and not committing.called, "in memory; its journal write is under way"
+    acceptor.compact_min_bytes = 0
+    result(acceptor.prepare("other", B2))  # the write that compacts, durable now
+    assert acceptor.state("k") == (B1, Proposal(B1, "v", B1)), "its commit is not durable: the proposal stays"
+    # Were the node to die here, before the store's journal write, the proposal is on disk.
+    assert Acceptor.open(str(tmp_path), never).state("k") == (B1, Proposal(B1, "v", B1))
+    # Once the commit is durable, the next compaction forgets the key.
+    journal.release()
+    assert committing.called and not store.unsettled()
+    acceptor.compact_min_bytes = 0
+    result(acceptor.prepare("more", B3))
+    assert acceptor.state("k") == ("", None) and acceptor.floor == B3
+    acceptor.close()
+    store.abandon()
+
+
+def test_compaction_leaves_keys_promised_in_the_last_seconds_out_of_the_floor(tmp_path: Path) -> None:
+    old = encode(milliseconds(B1) - 10_000, 0, "gw1")  # ten seconds before B1 and B2
+    committed = {old, B2}
+    now = milliseconds(B2) / 1000 + 1.0  # B2 was promised a second ago
+    acceptor = Acceptor.open(str(tmp_path), lambda key, version: version in committed, now=lambda: now)
+    result(acceptor.accept("old", Proposal(old, "v", old)))
+    result(acceptor.accept("recent", Proposal(B2, "w", B2)))
+    acceptor.compact_min_bytes = 0
+    result(acceptor.prepare("new", B3))  # the write that compacts
+    assert acceptor.state("old") == ("", None) and acceptor.floor == old, "long committed: forgotten, in the floor"
+    assert acceptor.state("recent") == (B2, Proposal(B2, "w", B2)), "promised a second ago: kept"
+    # A round whose ballot was minted just before B2's (under way at another node, say) is not refused.
+    assert result(acceptor.prepare("other", B1)).promised
+    acceptor.close()
+
+
 def test_a_batch_of_promises_and_acceptances_is_one_write_answered_only_once_durable(tmp_path: Path) -> None:
     runner = Held()
     acceptor = Acceptor.open(str(tmp_path), never, run=runner)
-    promises = acceptor.prepare_batch([(f"k{i}", B2) for i in range(50)] + [("k0", B1)])
+    promises = acceptor.batch([(f"k{i}", B2) for i in range(50)] + [("k0", B1)])
     assert len(runner.jobs) == 1 and not promises.called, "one write for the whole batch, not yet answered"
     runner.release()
     answers = result(promises)
     assert [p.promised for p in answers] == [True] * 50 + [False]
     assert answers[-1].ballot == B2, "a later item of the batch sees what an earlier one promised"
-    accepted = acceptor.accept_batch(
+    accepted = acceptor.batch(
         [(f"k{i}", Proposal(B2, f"v{i}", B2)) for i in range(50)] + [("k1", Proposal(B1, "x", B1))]
     )
     assert len(runner.jobs) == 1 and not accepted.called
@@ -152,8 +192,8 @@ def test_a_batch_of_promises_and_acceptances_is_one_write_answered_only_once_dur
 def test_a_batch_only_of_refusals_answers_at_once_and_writes_nothing(tmp_path: Path) -> None:
     runner = Held()
     acceptor = Acceptor.open(str(tmp_path), never, run=runner)
-    first = acceptor.prepare_batch([("k", B2)])
-    refused = acceptor.prepare_batch([("k", B1), ("k", B2)])
+    first = acceptor.batch([("k", B2)])
+    refused = acceptor.batch([("k", B1), ("k", B2)])
     assert [p.promised for p in result(refused)] == [False, False], "refusing needs nothing durable"
     assert len(runner.jobs) == 1 and not first.called
     runner.release()
@@ -161,18 +201,18 @@ def test_a_batch_only_of_refusals_answers_at_once_and_writes_nothing(tmp_path: P
 
 
 def test_a_crash_before_a_batch_is_durable_loses_the_whole_batch_and_nothing_was_answered(tmp_path: Path) -> None:
-    result(Acceptor.open(str(tmp_path), never).prepare_batch([("k", B1)]))
+    result(Acceptor.open(str(tmp_path), never).batch([("k", B1)]))
     runner = Held()
     acceptor = Acceptor.open(str(tmp_path), never, run=runner)
-    promises = acceptor.prepare_batch([("k", B2), ("j", B2)])
-    accepted = acceptor.accept_batch([("k", Proposal(B2, "v", B2))])
+    promises = acceptor.batch([("k", B2), ("j", B2)])
+    accepted = acceptor.batch([("k", Proposal(B2, "v", B2))])
     assert not promises.called and not accepted.called
     # The process dies here: the jobs never run. What recovers is what was durable.
     again = Acceptor.open(str(tmp_path), never)
     assert again.state("k") == (B1, None) and again.state("j") == ("", None)
     # A batch that was answered recovers whole.
-    assert all(p.promised for p in result(again.prepare_batch([("k", B3), ("j", B3)])))
-    assert result(again.accept_batch([("k", Proposal(B3, "w", B3))])) == [(True, B3)]
+    assert all(p.promised for p in result(again.batch([("k", B3), ("j", B3)])))
+    assert result(again.batch([("k", Proposal(B3, "w", B3))])) == [(True, B3)]
     again.close()
     last = Acceptor.open(str(tmp_path), never)
     assert last.state("k") == (B3, Proposal(B3, "w", B3)) and last.state("j") == (B3, None)

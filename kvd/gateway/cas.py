@@ -66,9 +66,11 @@ class Proposer:
     scheduler: IReactorTime
     write_quorum: int = 2
     random: Callable[[], float] = field(factory=lambda: random.Random().random)
-    #: Counters, for tests and /metrics: rounds lost to another ballot, unfinished rounds finished.
+    #: Counters, for tests and /metrics: rounds lost to another ballot, unfinished rounds
+    #: finished, and prepares and accepts sent (more than a majority each: hedges, failures).
     conflicts: int = 0
     recovered: int = 0
+    asked: int = 0
 
     async def write(
         self, key: str, value: str | None, precondition: Precondition, ttl: float | None = None
@@ -169,6 +171,7 @@ class Proposer:
         self, view: ClusterView, owners: list[str], key: str, ballot: str, majority: int
     ) -> Deferred[Gathered[PromiseAnswer]]:
         def ask(node_id: str) -> Deferred[PromiseAnswer]:
+            self.asked += 1
             return self.nodes(view.members[node_id]).prepare(key, ballot)
 
         return self._gather(ask, owners, majority, lambda answer: answer[0].promised)
@@ -177,6 +180,7 @@ class Proposer:
         """Whether a majority of owners accepted C{proposal}."""
 
         def ask(node_id: str) -> Deferred[tuple[bool, str]]:
+            self.asked += 1
             return self.nodes(view.members[node_id]).accept(key, proposal)
 
         gathered = await self._gather(ask, owners, majority, lambda answer: answer[0])

@@ -313,42 +313,37 @@ class NodeClient:
             kind = item[0]
             if kind == "p":
                 promised, ballot, accepted, entry = body
-                if not (isinstance(promised, bool) and isinstance(ballot, str)):
+                if not (type(promised) is bool and type(ballot) is str):
                     raise ValueError("promised")
                 proposal = None
                 if accepted is not None:
                     a_ballot, value, version = accepted
-                    if not all(isinstance(x, str) for x in (a_ballot, version)) or not isinstance(
-                        value, (str, type(None))
-                    ):
+                    if not (type(a_ballot) is str and type(version) is str and (value is None or type(value) is str)):
                         raise ValueError("accepted")
                     proposal = Proposal(a_ballot, value, version)
                 found = None
                 if entry is not None:
                     value, version = entry
-                    if not (isinstance(version, str) and (value is None or isinstance(value, str))):
+                    if not (type(version) is str and (value is None or type(value) is str)):
                         raise ValueError("entry")
                     found = (value, version)
                 return Promise(promised, ballot, proposal), found
             first, second = body
-            if kind == "a":
-                if not (isinstance(first, bool) and isinstance(second, str)):
-                    raise ValueError("accepted")
-                return first, second
-            if not (isinstance(first, bool) and isinstance(second, str)):
-                raise ValueError("written")
-            return Written(first, second)
+            if not (type(first) is bool and type(second) is str):
+                raise ValueError("accepted" if kind == "a" else "written")
+            return (first, second) if kind == "a" else Written(first, second)
 
         def parse(body: Any) -> list[Any]:
             answers = body["answers"]
-            if not (isinstance(answers, list) and len(answers) == len(items)):
+            if not (type(answers) is list and len(answers) == len(items)):
                 raise ValueError("answers")
             now = body.get("now")
             if type(now) is int and self.on_clock is not None:
                 self.on_clock(self.node.id, now / 1000)
             return [answer(item, got) for item, got in zip(items, answers, strict=True)]
 
-        return self._call("paxos", {"items": [list(item) for item in items]}, parse, timeout)
+        # The items are tuples: the wire codec writes them as the arrays they stand for.
+        return self._call("paxos", {"items": items}, parse, timeout)
 
     def changes(
         self,

@@ -101,7 +101,9 @@ class Proposer:
             versions += [p.accepted.version for p, _ in promises.answers.values() if p.accepted is not None]
             if len(granted) < majority:
                 if len(promises.answers) < majority:
-                    promises.require("conditional write (prepare)", majority)
+                    # Nothing of this round was proposed; an earlier round's proposal may be
+                    # accepted somewhere, and the next proposer for the key would finish it.
+                    promises.require("conditional write (prepare)", majority, Receipt([], {}, partial=bool(mine)))
                 lost += 1
                 self._observe(versions + [p.ballot for p, _ in promises.answers.values()])
                 await self._pause(lost)
@@ -187,7 +189,8 @@ class Proposer:
         if gathered.accepted >= majority:
             return True
         if len(gathered.answers) < majority:
-            gathered.require("conditional write (accept)", majority)
+            # An owner that did not answer may have accepted: the next round may finish it.
+            gathered.require("conditional write (accept)", majority, Receipt([], {}, partial=True))
         self._observe([ballot for _, ballot in gathered.answers.values()])
         return False
 

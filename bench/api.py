@@ -28,7 +28,9 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from checkout import ensure_kvd_importable
 from report import machine, met, report_quiet
@@ -74,6 +76,37 @@ def write_data_dir(workdir: Path, node_id: str, names: list[str]) -> None:
     write_snapshot(str(data), 0, [(name, pack("v" * 20, version)) for name in names])
 
 
+def answer_of(connection: http.client.HTTPConnection, method: str, path: str, body: bytes | None = None) -> Any:
+    """The JSON of a 200 answer to one request."""
+    connection.request(method, path, body=body)
+    response = connection.getresponse()
+    answer = json.loads(response.read())
+    assert response.status == 200, answer
+    return answer
+
+
+def time_pages(
+    connections: dict[int, http.client.HTTPConnection],
+    names: dict[int, list[str]],
+    times: dict[int, list[float]],
+    pages: int,
+    rng: random.Random,
+    ask: Callable[[http.client.HTTPConnection, str], int],
+) -> None:
+    """Ask each size's server in turn for C{pages} full pages after random keys (after 100 to warm up); close them."""
+    try:
+        for number in range(pages + 100):
+            for keys, connection in connections.items():
+                after = names[keys][rng.randrange(keys - PAGE - 1)]  # a full page follows
+                started = time.perf_counter()
+                assert ask(connection, after) == PAGE
+                if number >= 100:
+                    times[keys].append(time.perf_counter() - started)
+    finally:
+        for connection in connections.values():
+            connection.close()
+
+
 def listing(args: argparse.Namespace) -> None:
     """Both nodes run at once and are asked in turn, so load from elsewhere hits both alike."""
     rng = random.Random(11)
@@ -87,21 +120,12 @@ def listing(args: argparse.Namespace) -> None:
             node = processes.node(f"n{keys}").start()
             assert node.port is not None
             connections[keys] = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
-        try:
-            for number in range(args.pages + 100):
-                for keys in sizes:
-                    after = names[keys][rng.randrange(keys - PAGE - 1)]  # a full page follows
-                    body = json.dumps({"prefix": "user/", "after": after, "limit": PAGE, "values": False}).encode()
-                    started = time.perf_counter()
-                    connections[keys].request("POST", "/internal/list", body=body)
-                    response = connections[keys].getresponse()
-                    answer = json.loads(response.read())
-                    if number >= 100:  # the first hundred warm up
-                        times[keys].append(time.perf_counter() - started)
-                    assert response.status == 200 and len(answer["entries"]) == PAGE
-        finally:
-            for connection in connections.values():
-                connection.close()
+
+        def ask(connection: http.client.HTTPConnection, after: str) -> int:
+            body = json.dumps({"prefix": "user/", "after": after, "limit": PAGE, "values": False}).encode()
+            return len(answer_of(connection, "POST", "/internal/list", body)["entries"])
+
+        time_pages(connections, names, times, args.pages, rng, ask)
     small, big = (statistics.median(times[keys]) for keys in sizes)
     ratio = small / big
     print(
@@ -136,20 +160,11 @@ def cluster_listing(args: argparse.Namespace) -> None:
                 port=port,
             ).start()
             connections[keys] = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            for number in range(args.pages // 4 + 100):
-                for keys in sizes:
-                    after = names[keys][rng.randrange(keys - PAGE - 1)]  # a full page follows
-                    started = time.perf_counter()
-                    connections[keys].request("GET", f"/kv?prefix=user/&limit={PAGE}&after={after}")
-                    response = connections[keys].getresponse()
-                    answer = json.loads(response.read())
-                    if number >= 100:  # the first hundred warm up
-                        times[keys].append(time.perf_counter() - started)
-                    assert response.status == 200 and len(answer["keys"]) == PAGE, answer
-        finally:
-            for connection in connections.values():
-                connection.close()
+
+        def ask(connection: http.client.HTTPConnection, after: str) -> int:
+            return len(answer_of(connection, "GET", f"/kv?prefix=user/&limit={PAGE}&after={after}")["keys"])
+
+        time_pages(connections, names, times, args.pages // 4, rng, ask)
     small, big = (statistics.median(times[keys]) for keys in sizes)
     ratio = small / big
     print(

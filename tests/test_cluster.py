@@ -20,6 +20,7 @@ from kvd.registry import Registry
 from kvd.registry_client import RegistryClient
 from kvd.resources import RegistryAPI
 from kvd.testing.cluster import TTL, Hang, Harness
+from kvd.testing.runners import ManualRunner
 
 
 def test_nodes_register_at_start_and_the_gateway_sees_them(harness: Harness) -> None:
@@ -408,34 +409,18 @@ def test_a_raised_incarnation_is_kept_in_the_data_dir_and_never_lowered(tmp_path
 # --- rings built off the reactor ---------------------------------------------------------------
 
 
-class HeldBuilds:
-    """A runner that holds each ring build until the test lets it finish (as a thread would)."""
-
-    def __init__(self) -> None:
-        self.held: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-
-    def __call__(self, f: Callable[[], Any]) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.held.append((f, d))
-        return d
-
-    def finish(self) -> None:
-        f, d = self.held.pop(0)
-        d.callback(f())
-
-
 def members(*ids: str, down: tuple[str, ...] = ()) -> dict[str, NodeInfo]:
     return {i: NodeInfo(i, f"http://{i}.test", status="down" if i in down else "up") for i in ids}
 
 
 def test_while_a_ring_is_built_the_gateway_routes_with_the_last_complete_view() -> None:
-    builds = HeldBuilds()
+    builds = ManualRunner()
     cluster = Cluster(vnodes=16, replicas=3, run=builds)
     ready = cluster.ready()
     cluster.update(members("a", "b", "c"))
-    assert cluster.view().members == {} and len(builds.held) == 1  # nothing routed half-built
+    assert cluster.view().members == {} and len(builds.jobs) == 1  # nothing routed half-built
     assert not ready.called  # a --workers worker takes no connection yet
-    builds.finish()
+    builds.run_one()
     assert ready.called and cluster.ready().called
     before = cluster.view()
     assert set(before.members) == {"a", "b", "c"} and set(before.ring.nodes) == {"a", "b", "c"}
@@ -443,35 +428,35 @@ def test_while_a_ring_is_built_the_gateway_routes_with_the_last_complete_view() 
     # Until the new ring is ready, members and ring are the old ones together: every id the
     # ring places is a member the gateway can reach.
     assert cluster.view() is before and set(before.owners("k")) <= set(before.members)
-    builds.finish()
+    builds.run_one()
     after = cluster.view()
     assert set(after.members) == {"b", "c", "d"} and set(after.ring.nodes) == {"b", "c", "d"}
 
 
 def test_changes_arriving_during_a_build_cost_one_more_build_with_the_newest() -> None:
-    builds = HeldBuilds()
+    builds = ManualRunner()
     cluster = Cluster(vnodes=16, replicas=3, run=builds)
     cluster.update(members("a", "b"))
     for joined in ("c", "d", "e"):
         cluster.update(members("a", "b", joined))
     cluster.update(members("a", "b", "e", down=("a",)))
-    assert len(builds.held) == 1
-    builds.finish()
-    assert set(cluster.view().members) == {"a", "b"} and len(builds.held) == 1
-    builds.finish()
-    assert not builds.held
+    assert len(builds.jobs) == 1
+    builds.run_one()
+    assert set(cluster.view().members) == {"a", "b"} and len(builds.jobs) == 1
+    builds.run_one()
+    assert not builds.jobs
     view = cluster.view()
     assert set(view.ring.nodes) == {"a", "b", "e"} and view.down == {"a"}
 
 
 def test_a_change_of_status_alone_builds_no_ring_and_applies_at_once() -> None:
-    builds = HeldBuilds()
+    builds = ManualRunner()
     cluster = Cluster(vnodes=16, replicas=3, run=builds)
     cluster.update(members("a", "b", "c"))
-    builds.finish()
+    builds.run_one()
     ring = cluster.ring
     cluster.update(members("a", "b", "c", down=("b",)))
-    assert not builds.held and cluster.ring is ring and cluster.view().down == {"b"}
+    assert not builds.jobs and cluster.ring is ring and cluster.view().down == {"b"}
 
 
 def test_a_failed_build_is_done_on_the_spot_so_membership_is_never_lost() -> None:

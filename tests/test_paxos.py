@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from twisted.internet.defer import Deferred
 from kvd.journal import CorruptStore
 from kvd.paxos import FILE, Acceptor, Proposal, committed_in
 from kvd.store import Store
+from kvd.testing.runners import ManualRunner
 from kvd.versions import HybridClock, encode, milliseconds
 
 B1, B2, B3 = "018f00000000000000.gw1", "018f00000000000001.gw2", "018f00000000000002.gw1"
@@ -20,22 +20,6 @@ B1, B2, B3 = "018f00000000000000.gw1", "018f00000000000001.gw2", "018f0000000000
 
 def never(key: str, version: str) -> bool:
     return False
-
-
-class Held:
-    """A runner that holds each job until the test lets it run: a write + fsync under way."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-
-    def __call__(self, f: Callable[[], Any]) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.jobs.append((f, d))
-        return d
-
-    def release(self) -> None:
-        f, d = self.jobs.pop(0)
-        d.callback(f())
 
 
 def result(d: Deferred[Any]) -> Any:
@@ -71,17 +55,17 @@ def test_a_committed_proposal_is_not_reported(tmp_path: Path) -> None:
 
 
 def test_nothing_is_answered_before_it_is_durable(tmp_path: Path) -> None:
-    runner = Held()
+    runner = ManualRunner()
     acceptor = Acceptor.open(str(tmp_path), never, run=runner)
     first = acceptor.prepare("k", B1)
     second = acceptor.accept("j", Proposal(B2, "v", B2))
     third = acceptor.prepare("x", B1)
     assert not first.called and not second.called
     assert not os.path.exists(tmp_path / FILE)
-    runner.release()
+    runner.run_one()
     assert first.called and not second.called and not third.called
     assert len(runner.jobs) == 1, "the records queued meanwhile go in one write"
-    runner.release()
+    runner.run_one()
     assert second.called and third.called
     assert len((tmp_path / FILE).read_bytes().splitlines()) == 3
 
@@ -133,7 +117,7 @@ def test_compaction_forgets_committed_keys_and_keeps_their_promises_as_a_floor(t
 
 
 def test_compaction_keeps_a_proposal_whose_commit_is_only_in_the_stores_memory(tmp_path: Path) -> None:
-    journal = Held()
+    journal = ManualRunner()
     store = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"), write=journal)
     acceptor = Acceptor.open(str(tmp_path), committed_in(store), unsettled=store.unsettled)
     result(acceptor.accept("k", Proposal(B1, "v", B1)))
@@ -145,7 +129,7 @@ def test_compaction_keeps_a_proposal_whose_commit_is_only_in_the_stores_memory(t
     # Were the node to die here, before the store's journal write, the proposal is on disk.
     assert Acceptor.open(str(tmp_path), never).state("k") == (B1, Proposal(B1, "v", B1))
     # Once the commit is durable, the next compaction forgets the key.
-    journal.release()
+    journal.run_one()
     assert committing.called and not store.unsettled()
     acceptor.compact_min_bytes = 0
     result(acceptor.prepare("more", B3))
@@ -171,11 +155,11 @@ def test_compaction_leaves_keys_promised_in_the_last_seconds_out_of_the_floor(tm
 
 
 def test_a_batch_of_promises_and_acceptances_is_one_write_answered_only_once_durable(tmp_path: Path) -> None:
-    runner = Held()
+    runner = ManualRunner()
     acceptor = Acceptor.open(str(tmp_path), never, run=runner)
     promises = acceptor.batch([(f"k{i}", B2) for i in range(50)] + [("k0", B1)])
     assert len(runner.jobs) == 1 and not promises.called, "one write for the whole batch, not yet answered"
-    runner.release()
+    runner.run_one()
     answers = result(promises)
     assert [p.promised for p in answers] == [True] * 50 + [False]
     assert answers[-1].ballot == B2, "a later item of the batch sees what an earlier one promised"
@@ -183,26 +167,26 @@ def test_a_batch_of_promises_and_acceptances_is_one_write_answered_only_once_dur
         [(f"k{i}", Proposal(B2, f"v{i}", B2)) for i in range(50)] + [("k1", Proposal(B1, "x", B1))]
     )
     assert len(runner.jobs) == 1 and not accepted.called
-    runner.release()
+    runner.run_one()
     assert result(accepted) == [(True, B2)] * 50 + [(False, B2)]
     assert not runner.jobs, "two batches, two writes"
     assert len((tmp_path / FILE).read_bytes().splitlines()) == 100
 
 
 def test_a_batch_only_of_refusals_answers_at_once_and_writes_nothing(tmp_path: Path) -> None:
-    runner = Held()
+    runner = ManualRunner()
     acceptor = Acceptor.open(str(tmp_path), never, run=runner)
     first = acceptor.batch([("k", B2)])
     refused = acceptor.batch([("k", B1), ("k", B2)])
     assert [p.promised for p in result(refused)] == [False, False], "refusing needs nothing durable"
     assert len(runner.jobs) == 1 and not first.called
-    runner.release()
+    runner.run_one()
     assert result(first)[0].promised
 
 
 def test_a_crash_before_a_batch_is_durable_loses_the_whole_batch_and_nothing_was_answered(tmp_path: Path) -> None:
     result(Acceptor.open(str(tmp_path), never).batch([("k", B1)]))
-    runner = Held()
+    runner = ManualRunner()
     acceptor = Acceptor.open(str(tmp_path), never, run=runner)
     promises = acceptor.batch([("k", B2), ("j", B2)])
     accepted = acceptor.batch([("k", Proposal(B2, "v", B2))])
@@ -219,11 +203,11 @@ def test_a_crash_before_a_batch_is_durable_loses_the_whole_batch_and_nothing_was
 
 
 def test_prepares_and_accepts_mixed_in_one_batch_are_one_write_taken_in_order(tmp_path: Path) -> None:
-    runner = Held()
+    runner = ManualRunner()
     acceptor = Acceptor.open(str(tmp_path), never, run=runner)
     answers = acceptor.batch([("k", B1), ("k", Proposal(B1, "v", B1)), ("k", B2), ("k", Proposal(B1, "late", B1))])
     assert len(runner.jobs) == 1 and not answers.called
-    runner.release()
+    runner.run_one()
     first, accepted, second, refused = result(answers)
     assert first.promised and accepted == (True, B1) and refused == (False, B2)
     assert second.promised and second.accepted == Proposal(B1, "v", B1)

@@ -28,36 +28,12 @@ from kvd.store import (
     StoreFailed,
     StoreLocked,
 )
+from kvd.testing.runners import ManualRunner
 from kvd.versions import HybridClock, encode
 
 
 def clock(origin: str = "n1") -> HybridClock:
     return HybridClock(time.time, origin)
-
-
-class ManualRunner:
-    """Queues blocking jobs instead of running them, so a test decides when I/O happens."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-
-    def __call__(self, f: Callable[[], Any]) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.jobs.append((f, d))
-        return d
-
-    def run_one(self) -> None:
-        f, d = self.jobs.pop(0)
-        try:
-            result = f()
-        except Exception:
-            d.errback(Failure())
-        else:
-            d.callback(result)
-
-    def run_all(self) -> None:
-        while self.jobs:
-            self.run_one()
 
 
 class SimulatedCrash(Exception):

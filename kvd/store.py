@@ -48,8 +48,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kvd.digests import BUCKETS, Digests
-from kvd.digests import versions_in as _versions_in
+from kvd.digests import BUCKETS, Digests, bucket_of
 from kvd.incarnation import next_incarnation, read_incarnation
 from kvd.journal import (
     BIN,
@@ -321,6 +320,10 @@ class Store:
     #: Every key held, tombstones included, in order; made by the first listing, then kept
     #: up to date by every change.
     _index: SortedList[str] | None = None
+    #: The keys held in each key range (tombstones too); made by the first L{versions_in}
+    #: (a repair sweep's question), then kept up to date as keys come and go, so a sweep's
+    #: question costs the keys of the ranges it names rather than a hash of every key held.
+    _buckets: list[set[str]] | None = None
     #: (expiry in ms, key) of live entries that carry an expiry, soonest first; made by the
     #: first L{expire}, then kept up to date by every change. Stale items are skipped.
     _expiring: list[tuple[int, str]] | None = None
@@ -539,7 +542,17 @@ class Store:
 
     def versions_in(self, buckets: Iterable[int]) -> tuple[dict[str, str], list[str]]:
         """key -> version for every key in the given ranges, and which of them are tombstones (or expired)."""
-        versions, tombstones = _versions_in(self._data, buckets)
+        if self._buckets is None:
+            self._buckets = [set() for _ in range(BUCKETS)]
+            for key in self._data:
+                self._buckets[bucket_of(key)].add(key)
+        data, by_bucket = self._data, self._buckets
+        versions, tombstones = {}, []
+        for bucket in set(buckets):
+            for key in by_bucket[bucket]:
+                value, versions[key] = unpack(data[key])
+                if value is None:
+                    tombstones.append(key)
         now = self._now()
         dead = set(tombstones)
         tombstones.extend(
@@ -702,12 +715,18 @@ class Store:
                 if ms is not None:
                     heapq.heappush(expiring, (ms, key))
         if packed is None:
-            if self._data.pop(key, None) is not None and index is not None:
-                index.remove(key)
+            if self._data.pop(key, None) is not None:
+                if index is not None:
+                    index.remove(key)
+                if self._buckets is not None:
+                    self._buckets[bucket_of(key)].discard(key)
         else:
             self._data[key] = packed
-            if old is None and index is not None:
-                index.add(key)
+            if old is None:
+                if index is not None:
+                    index.add(key)
+                if self._buckets is not None:
+                    self._buckets[bucket_of(key)].add(key)
         if self._live >= 0:
             self._live += (packed is not None and is_live(packed)) - (old is not None and is_live(old))
         if self._digests is not None:

@@ -50,3 +50,24 @@ def test_the_wire_reads_what_the_standard_library_reads(raw: bytes) -> None:
 def test_the_wire_refuses_what_the_standard_library_refuses_with_a_value_error(raw: bytes) -> None:
     with pytest.raises(ValueError):
         wire_loads(raw)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "plain",
+        'quote " and backslash \\ and slash /',
+        "".join(chr(c) for c in range(0x300)),  # every control character, latin-1 and beyond
+        "\u2028\u2029 é 日本 \U0001f600",
+    ],
+)
+def test_a_journal_record_has_the_bytes_the_standard_library_wrote(text: str) -> None:
+    from kvd.journal import encode_drop, encode_entry
+
+    def before(*fields: str) -> bytes:
+        return (json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+    assert encode_entry(text or "k", text, "0001-0000-g") == before("p", text or "k", text, "0001-0000-g")
+    assert encode_entry("k", None, "0001-0000-g") == before("d", "k", "0001-0000-g")
+    assert encode_drop(text or "k") == before("x", text or "k")

@@ -827,3 +827,23 @@ def test_a_snapshot_written_in_many_slices_recovers_every_key(
     assert len(snapshot_data(tmp_path)) == 10, "tombstones too"
     store = reopen(opened, store)
     assert dict(store.items()) == expected
+
+
+def test_versions_in_follows_keys_that_come_and_go_once_asked(tmp_path: Path, opened: list[Store]) -> None:
+    from kvd.digests import bucket_of
+    from kvd.digests import versions_in as scanned
+
+    store = open_store(opened, tmp_path)
+    for i in range(200):
+        store.apply(f"k{i}", f"v{i}", "0000000000010000000.gw")
+    every = set(range(256))
+    assert store.versions_in(every) == scanned(dict(store._data), every)  # the first question makes the index
+    store.drop("k1", "0000000000010000000.gw")  # gone
+    store.apply("k2", None, "0000000000020000000.gw")  # a tombstone stays
+    store.apply("new", "x", "0000000000020000000.gw")  # came
+    store.apply("k3", "again", "0000000000030000000.gw")  # overwritten
+    for wanted in (every, {bucket_of("new"), bucket_of("k2")}, {bucket_of("k1")}, set()):
+        versions, tombstones = store.versions_in(wanted)
+        expected, dead = scanned(dict(store._data), wanted)
+        assert versions == expected and sorted(tombstones) == sorted(dead)
+    assert "k1" not in store.versions_in(every)[0] and store.versions_in({bucket_of("new")})[0]["new"]

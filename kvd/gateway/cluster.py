@@ -81,14 +81,26 @@ class ClusterView:
         @raise NoNodes: when there are no members.
         """
         owners, fallbacks = self.placement(key)
-        live = [node_id for node_id in owners if self.usable(node_id, reachable)]
-        spares = [node_id for node_id in fallbacks if self.usable(node_id, reachable)]
+        members = self.members
+        # Each member asked once (the write path's every PUT comes here).
+        live, last_resort, spares, skipped = [], [], [], []
+        for node_id in owners:
+            if members[node_id].status != "down" and reachable(node_id):
+                live.append(node_id)
+            else:
+                last_resort.append(node_id)
+                skipped.append(node_id)
+        for node_id in fallbacks:
+            if members[node_id].status != "down" and reachable(node_id):
+                spares.append(node_id)
+            else:
+                skipped.append(node_id)
         missing = len(owners) - len(live)
-        skipped = [node_id for node_id in owners + fallbacks if not self.usable(node_id, reachable)]
         # The owners skipped now come last among the spares: a request outlives the moment it
         # was routed, and an owner judged unreachable for a moment (a slow answer on a loaded
         # machine) may be back when a target fails; if it is not, asking it fails at once.
-        last_resort = [node_id for node_id in owners if node_id in skipped]
+        if not missing:
+            return Route(owners, live, spares + last_resort, skipped)
         return Route(owners, live + spares[:missing], spares[missing:] + last_resort, skipped)
 
     def ranges_short_of(self, needed: int, reachable: Callable[[str], bool]) -> int:

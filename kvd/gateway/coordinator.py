@@ -20,6 +20,7 @@ few are left the answer is a 503 at once, without waiting on anyone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 from attrs import define
@@ -60,6 +61,78 @@ class WriteOutcome(_Written):
         return outcome
 
 
+class _Write:
+    """
+    One quorum write's rounds (see L{Coordinator.write}). A class, not closures: a nested
+    function that calls itself again (the next round) holds its own closure cell, a reference
+    cycle that made every PUT leave about 20 objects for the cyclic collector, which then ran
+    some 30 times a second under load for 0.8-2.4 ms each, holding up every request in flight.
+    """
+
+    __slots__ = ("coordinator", "key", "value", "view", "route", "needed", "expires", "live", "timed_out")
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        key: str,
+        value: str | None,
+        view: ClusterView,
+        route: Route,
+        needed: int,
+        expires: float | None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.key, self.value, self.view, self.route = key, value, view, route
+        self.needed, self.expires = needed, expires
+        self.live: list[bool] = []
+        self.timed_out: list[str] = []
+
+    def failed(self, node_id: str, failure: Any) -> None:
+        if failure.check(PeerTimeout):
+            self.timed_out.append(node_id)  # it may have taken the write all the same
+
+    def ask(self, version: str, node_id: str) -> Deferred[Written]:
+        return self.coordinator.nodes(self.view.members[node_id]).apply_key(self.key, self.value, version)
+
+    @staticmethod
+    def taken(version: str, written: Written) -> bool:
+        return written.held == version
+
+    def attempt(self, rounds: int) -> Deferred[WriteOutcome]:
+        coordinator, route = self.coordinator, self.route
+        version = coordinator.clock.next()
+        if self.expires is not None:
+            version = with_expiry(version, self.expires)
+        d = gather(
+            partial(self.ask, version),
+            route.targets,
+            route.spares,
+            self.needed,
+            partial(self.taken, version),
+            errors=coordinator._skipped(route),
+            standing_in=route.hints(),
+            usable=coordinator._usable(self.view),
+            on_failure=self.failed,
+        )
+        return d.addCallback(self.answer, version, rounds)
+
+    def answer(self, gathered: Gathered[Written], version: str, rounds: int) -> Deferred[WriteOutcome] | WriteOutcome:
+        self.live.extend(written.live for written in gathered.answers.values())
+        newer = [w.held for w in gathered.answers.values() if w.held > version]
+        if newer and rounds < MAX_WRITE_ROUNDS:
+            self.coordinator.clock.observe(max(newer))
+            _log.info(
+                "a replica of {key!r} holds a version newer than this gateway's clock; writing again",
+                key=self.key,
+            )
+            return self.attempt(rounds + 1)
+        for owner in self.route.owners:  # an owner asked as a spare holds the write for itself
+            gathered.standing_in.pop(owner, None)
+        receipt = gathered.receipt(uncertain=bool(self.timed_out))
+        gathered.require("write", self.needed, receipt)
+        return WriteOutcome(version, any(self.live), receipt)
+
+
 @define
 class Coordinator:
     """Quorum reads and writes for one gateway."""
@@ -87,55 +160,8 @@ class Coordinator:
         view = self.cluster.view()
         route = view.route(key, self.nodes.health.reachable)
         needed = min(self.write_quorum, view.replicas)
-        live: list[bool] = []
         expires = None if ttl is None else self.clock.now() + ttl
-        timed_out: list[str] = []
-
-        def failed(node_id: str, failure: Any) -> None:
-            if failure.check(PeerTimeout):
-                timed_out.append(node_id)  # it may have taken the write all the same
-
-        def attempt(rounds: int) -> Deferred[WriteOutcome]:
-            version = self.clock.next()
-            if expires is not None:
-                version = with_expiry(version, expires)
-
-            def ask(node_id: str) -> Deferred[Written]:
-                return self.nodes(view.members[node_id]).apply_key(key, value, version)
-
-            def taken(written: Written) -> bool:
-                return written.held == version
-
-            def answer(gathered: Gathered[Written]) -> Deferred[WriteOutcome] | WriteOutcome:
-                live.extend(written.live for written in gathered.answers.values())
-                newer = [w.held for w in gathered.answers.values() if w.held > version]
-                if newer and rounds < MAX_WRITE_ROUNDS:
-                    self.clock.observe(max(newer))
-                    _log.info(
-                        "a replica of {key!r} holds a version newer than this gateway's clock; writing again",
-                        key=key,
-                    )
-                    return attempt(rounds + 1)
-                for owner in route.owners:  # an owner asked as a spare holds the write for itself
-                    gathered.standing_in.pop(owner, None)
-                receipt = gathered.receipt(uncertain=bool(timed_out))
-                gathered.require("write", needed, receipt)
-                return WriteOutcome(version, any(live), receipt)
-
-            d = gather(
-                ask,
-                route.targets,
-                route.spares,
-                needed,
-                taken,
-                errors=self._skipped(route),
-                standing_in=route.hints(),
-                usable=self._usable(view),
-                on_failure=failed,
-            )
-            return d.addCallback(answer)
-
-        return attempt(1)
+        return _Write(self, key, value, view, route, needed, expires).attempt(1)
 
     def write_version(
         self, key: str, value: str | None, version: str, asked: list[Deferred[None]] | None = None

@@ -21,6 +21,8 @@ from kvd.cli import main
 from kvd.testing.fake_gateway import FakeGateway, serve_in_thread
 from kvd.testing.processes import Cluster, Processes, free_port
 
+from .test_cluster_processes import eventually
+
 pytestmark = pytest.mark.timeout(120)
 KVD = str(Path(sys.executable).parent / "kvd")
 
@@ -97,7 +99,12 @@ def test_the_command_against_a_real_cluster(cluster: Cluster) -> None:
     assert table.returncode == 0 and all(n in table.stdout for n in (b" a ", b" b ", b" c ", b"up"))
     rows = json.loads(run("--url", url, "--json", "cluster").stdout)["nodes"]
     assert [(r["id"], r["status"]) for r in rows] == [("a", "up"), ("b", "up"), ("c", "up")]
-    assert sum(r["keys"] for r in rows) >= 4  # two keys, on at least two replicas each
+
+    def counted() -> bool:  # the gateway keeps each node's count for a few seconds
+        rows = json.loads(run("--url", url, "--json", "cluster").stdout)["nodes"]
+        return sum(r["keys"] or 0 for r in rows) >= 4  # two keys, on at least two replicas each
+
+    eventually(counted, seconds=20, what="the nodes' key counts in kvd cluster")
     assert abs(sum(r["share"] for r in rows) - 1) < 1e-9 and all(0.2 < r["share"] < 0.5 for r in rows)
     assert b"d" in run("--url", url, "plan", "--join", "d:2").stdout
     assert json.loads(run("--url", url, "--json", "hot", "-n", "1").stdout)["keys"][0]["key"] in ("a", "b")

@@ -174,6 +174,33 @@ def test_repair_never_brings_an_expired_value_back_and_collects_it(harness: Harn
     assert harness.gateway("GET", "/kv/k")[0] == 404
 
 
+def test_repair_does_not_collect_a_live_key_a_fast_node_calls_expired(harness: Harness) -> None:
+    """
+    A key written with ten minutes to live, over a tombstone grace ago, on a cluster where one
+    node runs an hour fast: that node reports it dead, but a sweep neither collects it on the
+    owners nor hands a lacking owner the fast node's tombstone instead of the value.
+    """
+    three_nodes(harness)
+    harness.crash_node("b")
+    version = harness.gateway("PUT", "/kv/k?ttl=600", b"v")[1]["version"]
+    harness.start_node("b")
+    harness.clock.advance(120)  # past the harness repairer's grace of 60 s; 480 s still to live
+    harness.stores["a"].clock.now = lambda: harness.clock.seconds() + 3600
+    for _ in range(2):  # the first hands b the key, the second finds every owner holding it
+        done = ensureDeferred(harness.repairer.sweep())
+        harness.settle()
+        assert done.called
+    assert harness.repairer.progress.tombstones_collected == 0
+    assert harness.stores["c"].entry("k") == ("v", version)
+    assert harness.stores["b"].entry("k") == ("v", version), "the lacking owner got the value"
+    assert harness.gateway("GET", "/kv/k")[1].get("value") == "v"
+    harness.clock.advance(480)  # expired by every clock now: collected like any tombstone
+    for _ in range(2):
+        done = ensureDeferred(harness.repairer.sweep())
+        harness.settle()
+    assert all(store.entry("k") is None for store in harness.stores.values())
+
+
 # Listing
 
 

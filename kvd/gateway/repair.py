@@ -26,6 +26,7 @@ from kvd.gateway.nodes import Item, NodeClient, NodeClients, split
 from kvd.internal import RepairReport
 from kvd.store import BUCKETS
 from kvd.transport import PeerError
+from kvd.ttl import MARK, expired
 from kvd.versions import milliseconds
 
 _log = Logger()
@@ -171,14 +172,18 @@ class Repairer:
 
     async def _listings(
         self, clients: dict[str, NodeClient], buckets: list[int]
-    ) -> tuple[dict[str, dict[str, str]], set[tuple[str, str]]]:
-        """Every node's key -> version in the given ranges, and the (key, version) pairs that are tombstones."""
+    ) -> tuple[dict[str, dict[str, str]], dict[tuple[str, str], set[str]]]:
+        """
+        Every node's key -> version in the given ranges, and the (key, version) pairs that are
+        tombstones, each with the nodes that say so.
+        """
         listings: dict[str, dict[str, str]] = {}
-        tombstones: set[tuple[str, str]] = set()
+        tombstones: dict[tuple[str, str], set[str]] = {}
         for node_id, client in clients.items():
             versions, dead = await client.versions(buckets)
             listings[node_id] = versions
-            tombstones.update((key, versions[key]) for key in dead)
+            for key in dead:
+                tombstones.setdefault((key, versions[key]), set()).add(node_id)
         return listings, tombstones
 
     async def _reconcile(
@@ -186,7 +191,7 @@ class Repairer:
         view: ClusterView,
         clients: dict[str, NodeClient],
         listings: dict[str, dict[str, str]],
-        tombstones: set[tuple[str, str]],
+        tombstones: dict[tuple[str, str], set[str]],
         tallies: dict[str, _Tally],
     ) -> None:
         keys: set[str] = set()
@@ -196,11 +201,16 @@ class Repairer:
         sources: dict[str, str] = {}  # key -> a node holding its newest version
         drops: dict[str, list[tuple[str, str]]] = {}
         collect: dict[str, list[tuple[str, str]]] = {}
-        grace_ms = (self.now() - self.tombstone_grace) * 1000
+        now = self.now()
+        grace_ms = (now - self.tombstone_grace) * 1000
         for key in keys:
             holders = {n: listing[key] for n, listing in listings.items() if key in listing}
             top = max(holders.values())
-            sources[key] = next(n for n, v in holders.items() if v == top)
+            # A node whose clock runs ahead reports an entry of an expiring version dead before
+            # its time (a tombstone of that same version): the value comes from one that holds it.
+            dead = tombstones.get((key, top), set())
+            newest = [n for n, v in holders.items() if v == top]
+            sources[key] = next((n for n in newest if n not in dead), newest[0])
             owners = view.owners(key)
             lacking = [o for o in owners if o not in view.down and holders.get(o, "") < top]
             for owner in lacking:
@@ -211,8 +221,11 @@ class Repairer:
             if (
                 not lacking
                 and set(holders) == set(owners)
-                and (key, top) in tombstones
+                and dead
                 and milliseconds(top) < grace_ms
+                # An expiring version is gone once this gateway's clock says so, as reads judge
+                # it, not because one node's clock did: collecting it would drop the live copies.
+                and (MARK not in top or expired(top, now))
             ):
                 # Every replica has the tombstone and it is old enough: it has done its work.
                 for owner in owners:
@@ -243,10 +256,10 @@ class Repairer:
                 dropped = await clients[holder].drop(part)
                 self.progress.dropped += dropped
                 tallies[holder].dropped += dropped
-        for owner, dead in collect.items():
+        for owner, collected in collect.items():
             if owner in failed_targets:
                 continue
-            for part in _chunks(dead):
+            for part in _chunks(collected):
                 self.progress.tombstones_collected += await clients[owner].drop(part)
         if failed_targets:
             raise PeerError(", ".join(sorted(failed_targets)), "could not take repaired keys")

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from test_replication import NODES, Simulation
 from twisted.internet.defer import ensureDeferred
 
-from kvd.gateway.feed import decode_cursor, encode_cursor
+from kvd.gateway.feed import _merge, decode_cursor, encode_cursor
+from kvd.gateway.nodes import ChangePage
 from kvd.testing.cluster import Harness
 
 
@@ -98,6 +99,16 @@ def test_the_cursor_is_opaque_but_round_trips() -> None:
     positions = {"a": ("e1", 3), "b": ("e2", 0)}
     assert decode_cursor(encode_cursor(positions)) == positions
     assert decode_cursor("0") == {}
+
+
+def test_at_one_version_the_feed_reports_the_value_not_a_fast_nodes_tombstone_of_it() -> None:
+    version = "0000000f4240000000.gw~99999"
+    pages = {
+        "fast": ChangePage("e1", 1, [("k", None, version)], False, [1]),
+        "right": ChangePage("e2", 1, [("k", "v", version)], False, [1]),
+    }
+    for order in (pages, dict(reversed(pages.items()))):
+        assert _merge(order, dict.fromkeys(order), 10) == [("k", "v", version)]
 
 
 def test_a_bad_cursor_or_limit_is_a_400(simulation: Simulation) -> None:

@@ -99,7 +99,9 @@ def _merge(pages: dict[str, ChangePage], positions: dict[str, Position | None], 
             going = True
             taken[node] = at + 1
             known = newest.get(item[0])
-            if known is None or item[2] > known[2]:
+            # At one version a value beats a tombstone, as reads and listings take it: the
+            # tombstone a node with a fast clock made of an entry it thinks expired.
+            if known is None or item[2] > known[2] or (item[2] == known[2] and known[1] is None):
                 newest[item[0]] = item
     for node, page in pages.items():
         if taken[node] == len(page.changes):

@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NoReturn
 
@@ -559,12 +559,20 @@ def _gateway(
     client = HTTPClientService(reactor, config.timeout, creds, config.max_value_bytes)
     # A gateway never times out of reach the last nodes its quorums need.
     health = Health(reactor, config.timeout, keep_at_least=max(config.write_quorum, config.read_quorum))
+    skew = ClockSkew(reactor.seconds)
+
+    def adopted(members: Mapping[str, NodeInfo]) -> None:
+        # Once the gateway routes with a membership: a member that left is no longer probed,
+        # and its clock no longer counts.
+        health.keep(members)
+        skew.keep(members)
+
+    cluster.adopted = adopted
     services: list[service.Service] = [client, HealthService(health)]
     workers = WorkersService(reactor, config) if worker is None and config.workers > 1 else None
 
     def follow(members: dict[str, NodeInfo]) -> None:
         cluster.update(members)
-        health.keep(members)  # a member that left is no longer probed
         if workers is not None:  # only the main process follows registries: its workers hear it from it
             workers.supervisor.forward(members)
 
@@ -579,7 +587,6 @@ def _gateway(
             for registry_url in config.registry:
                 watcher.follow(RegistryClient(client.peers, registry_url), reactor)
         services.append(WatcherService(watcher))
-    skew = ClockSkew(reactor.seconds)
     # Versions and TTLs are reckoned by the nodes' clocks when this one is far off theirs.
     clock = HybridClock(skew.cluster_now, f"gw-{secrets.token_hex(4)}")
     nodes = NodeClients(client.peers, skew.observe, health)

@@ -468,3 +468,16 @@ def test_a_failed_build_is_done_on_the_spot_so_membership_is_never_lost() -> Non
         cluster.update(members("a", "b", "c"))
     assert set(cluster.view().ring.nodes) == {"a", "b", "c"}
     assert any("building the ring failed" in formatEvent(e) for e in events)
+
+
+def test_what_follows_the_members_hears_of_a_membership_only_once_it_is_in_use() -> None:
+    """The failure detector must not forget a member the gateway still routes to mid-build."""
+    builds = ManualRunner()
+    told: list[set[str]] = []
+    cluster = Cluster(vnodes=16, replicas=3, run=builds, adopted=lambda m: told.append(set(m)))
+    cluster.update(members("a", "b", "c"))
+    builds.run_one()
+    cluster.update(members("a", "b"))  # c removed: routed to until the new ring is in use
+    assert told == [{"a", "b", "c"}]
+    builds.run_one()
+    assert told == [{"a", "b", "c"}, {"a", "b"}]

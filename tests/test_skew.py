@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 
 from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.nodes import NodeClients
-from kvd.gateway.skew import ClockSkew
+from kvd.gateway.skew import MEDIAN_EVERY, ClockSkew
 from kvd.testing.cluster import Harness
 from kvd.ttl import expires
 from kvd.versions import HybridClock
@@ -107,3 +107,35 @@ def test_a_gateway_within_a_second_of_its_nodes_keeps_its_own_clock() -> None:
     skew.observe("a", 1002.0)
     skew.observe("b", 1002.5)  # two of three are 2 s ahead of it now: the median moves it
     assert skew.cluster_now() == pytest.approx(1002.0)
+
+
+def test_one_node_of_three_never_moves_a_gateways_clock_nor_a_departed_one() -> None:
+    wall = [1000.0]
+    skew = ClockSkew(lambda: wall[0])
+    skew.keep(["a", "b", "c"])
+    skew.observe("a", 1000.0 + 3600)  # the first to answer after a restart is an hour fast
+    assert skew.cluster_now() == 1000.0, "one node of three is no majority"
+    skew.observe("b", 1000.0)
+    skew.observe("c", 1000.1)
+    assert skew.cluster_now() == 1000.0, "the low median of a, b, c is b's"
+    skew.observe("b", 1000.0 + 3600)  # two of three an hour ahead: the nodes' time is theirs
+    assert skew.cluster_now() == pytest.approx(1000.0 + 3600)
+    skew.keep(["c", "d"])  # a and b left: their clocks vote no more
+    assert set(skew.skews) == {"c"}
+    wall[0] += MEDIAN_EVERY
+    skew.observe("c", wall[0] + 0.1)
+    skew.observe("d", wall[0])  # a majority of the members now: its low median is d's
+    assert skew.cluster_now() == wall[0] and skew.largest() == pytest.approx(-0.1)
+
+
+def test_a_skew_near_the_threshold_does_not_switch_the_correction_on_and_off() -> None:
+    wall = [1000.0]
+    skew = ClockSkew(lambda: wall[0])
+    skew.keep(["a"])
+    seen = []
+    for node_ahead in (1.02, 0.98, 1.01, 0.97, 0.6, 0.4):
+        wall[0] += MEDIAN_EVERY
+        skew.observe("a", wall[0] + node_ahead)
+        seen.append(round(skew.cluster_now() - wall[0], 2))
+    # On past 1 s, off only under half of it.
+    assert seen == [1.02, 0.98, 1.01, 0.97, 0.6, 0.0]

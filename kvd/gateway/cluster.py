@@ -160,6 +160,9 @@ class Cluster:
     #: Where rings are built (and other work in proportion to the ring, such as a plan's dry
     #: run): at once by default; a gateway gives a thread, so the reactor never waits for one.
     run: Runner[Any] = synchronous
+    #: Told each membership once it is in use (its ring built): what follows the members (the
+    #: failure detector's probes, the clock skews) must not drop one the gateway still routes to.
+    adopted: Callable[[Mapping[str, NodeInfo]], object] | None = None
     ring: Ring = field(init=False)
     #: The members the registry reports down: still members, still on the ring.
     down: frozenset[str] = field(init=False, default=frozenset())
@@ -226,6 +229,8 @@ class Cluster:
                 "cluster membership: {nodes}",
                 nodes=", ".join(f"{m.id}={m.url}{'' if m.up else ' (down)'}" for m in self.sorted()) or "none",
             )
+        if given and self.adopted is not None:
+            self.adopted(members)
         if given and self._ready is not None:
             waiting, self._ready = self._ready, None
             for d in waiting:

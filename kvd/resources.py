@@ -879,6 +879,8 @@ class GatewayAPI:
     repairer: Repairer | None = None
     proposer: Proposer | None = None
     hot: HotKeys | None = None
+    #: Whether a /cluster/plan dry run is being worked out (one at a time: each builds a ring).
+    _planning: bool = field(default=False, init=False)
 
     #: Times watches and the change feed's long polls; without one they answer at once.
     clock: IReactorTime | None = None
@@ -1193,7 +1195,14 @@ class GatewayAPI:
             change = parse_change(_text_arg(request, b"join"), _text_arg(request, b"remove"), ring.nodes)
         except Invalid as e:
             raise ClientError(str(e)) from None
-        moves = await self.cluster.run(lambda: plan(ring, change, replicas).to_json())
+        if self._planning:
+            # Each builds a second ring (5 s at 1,000 nodes): a burst must not fill the threads.
+            raise Unavailable("another plan is being worked out; try again in a moment")
+        self._planning = True
+        try:
+            moves = await self.cluster.run(lambda: plan(ring, change, replicas).to_json())
+        finally:
+            self._planning = False
         return _json(request, {"success": True, **moves})
 
     @routes.path("/cluster/hot", "GET")

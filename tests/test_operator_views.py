@@ -26,6 +26,7 @@ from kvd.resources import GatewayAPI, NodeAPI
 from kvd.ring import Ring
 from kvd.store import Store
 from kvd.testing.network import Network
+from kvd.testing.runners import ManualRunner
 from kvd.validate import Invalid
 from kvd.versions import HybridClock
 
@@ -170,7 +171,7 @@ class Gateway:
             self.stores.append(store)
             self.network.serve(f"{node_id}.test", NodeAPI(node_id, store).resource())
             members[node_id] = NodeInfo(node_id, f"http://{node_id}.test")
-        cluster = Cluster(vnodes=64, replicas=3)
+        self.cluster = cluster = Cluster(vnodes=64, replicas=3)
         cluster.update(members)
         nodes = NodeClients(self.network.peers(timeout=2.0))
         coordinator = Coordinator(cluster, nodes, HybridClock(self.clock.seconds, "gw"))
@@ -179,12 +180,17 @@ class Gateway:
         self.client = self.network.peers(timeout=60.0)
 
     def call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+        results = self.start(method, path, body)
+        answer = results[0]
+        return answer.status, json.loads(answer.body)
+
+    def start(self, method: str, path: str, body: bytes | None = None) -> list[Any]:
+        """A request under way: the list gets its answer once there is one."""
         results: list[Any] = []
         d = ensureDeferred(self.client.call(method, "http://gateway.test" + path, body))
         d.addBoth(results.append)
         self.network.flush()
-        answer = results[0]
-        return answer.status, json.loads(answer.body)
+        return results
 
 
 @pytest.fixture
@@ -203,6 +209,22 @@ def test_the_plan_endpoint_answers_a_dry_run_and_changes_nothing(gateway: Gatewa
     assert [n["id"] for n in gateway.call("GET", "/cluster")[1]["nodes"]] == ["a", "b", "c"]
     # With three nodes and three replicas, the other two already hold every key of b's.
     assert gateway.call("GET", "/cluster/plan?remove=b")[1] == {"success": True, "moves": [], "moved_share": 0.0}
+
+
+def test_one_plan_is_worked_out_at_a_time_and_another_meanwhile_is_a_503(gateway: Gateway) -> None:
+    threads = ManualRunner()
+    gateway.cluster.run = threads
+    first = gateway.start("GET", "/cluster/plan?join=d")
+    assert first == [] and len(threads.jobs) == 1, "the dry run waits for its thread"
+    status, body = gateway.call("GET", "/cluster/plan?remove=b")
+    assert status == 503 and "another plan" in body["error"]
+    threads.run_one()
+    gateway.network.flush()
+    assert first[0].status == 200 and json.loads(first[0].body)["moved_share"] > 0
+    second = gateway.start("GET", "/cluster/plan?remove=b")  # the first is done: taken
+    threads.run_one()
+    gateway.network.flush()
+    assert second[0].status == 200
 
 
 @pytest.mark.parametrize("query", ["", "?join=a&remove=b", "?remove=nobody", "?join=x:-1", "?join=%ff"])

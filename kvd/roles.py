@@ -29,6 +29,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import fail as failed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
@@ -163,25 +164,36 @@ class JournalThread:
         self._jobs: collections.deque[tuple[Callable[[], Any], Deferred[Any]] | None] = collections.deque()
         self._wake: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
+        self._stopped = False
 
     def __call__(self, f: Callable[[], Any]) -> Deferred[Any]:
+        if self._stopped:
+            return failed(RuntimeError(f"{self._name}: the journal thread has stopped"))
         d: Deferred[Any] = Deferred()
         self._jobs.append((f, d))
         self._poke()
         return d
 
-    def _poke(self) -> None:
+    def _pipe(self) -> tuple[int, int]:
         if self._wake is None:
             self._wake = os.pipe()
-        os.write(self._wake[1], b"j")
+            os.set_blocking(self._wake[1], False)
+        return self._wake
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._pipe()[1], b"j")
+        except BlockingIOError:
+            pass  # a full pipe wakes the thread all the same; the deque holds the jobs
 
     def start(self) -> None:
-        if self._wake is None:
-            self._wake = os.pipe()
+        self._pipe()
+        assert self._wake is not None
         self._thread = threading.Thread(target=self._loop, args=(self._wake[0],), name=self._name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        self._stopped = True
         if self._thread is not None:
             self._jobs.append(None)
             self._poke()

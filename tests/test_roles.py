@@ -201,3 +201,7 @@ def test_the_journal_thread_runs_jobs_in_order_and_hands_results_and_errors_back
     finally:
         journal.stop()
     assert journal._thread is None
+    late: list[object] = []
+    journal(lambda: "never").addBoth(late.append)
+    # A job after stop fails at once rather than waiting forever for a thread that is gone.
+    assert isinstance(late[0], Failure) and "stopped" in late[0].getErrorMessage()

@@ -462,6 +462,8 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
             later=reactor.callLater,
             write=storage.journal,
         )
+        # Before serving: the first repair sweep would otherwise index every key on the event loop.
+        store.index_ranges()
         incarnation = next_incarnation(config.data_dir)
         acceptor = Acceptor.open(
             config.data_dir,

@@ -847,3 +847,22 @@ def test_versions_in_follows_keys_that_come_and_go_once_asked(tmp_path: Path, op
         expected, dead = scanned(dict(store._data), wanted)
         assert versions == expected and sorted(tombstones) == sorted(dead)
     assert "k1" not in store.versions_in(every)[0] and store.versions_in({bucket_of("new")})[0]["new"]
+
+
+def test_ranges_indexed_at_start_up_answer_as_the_lazy_index_does(tmp_path: Path, opened: list[Store]) -> None:
+    """A node indexes its key ranges before it serves; what repair asks of them is the same."""
+    from kvd.digests import Digests
+    from kvd.digests import versions_in as scanned
+
+    store = open_store(opened, tmp_path)
+    for i in range(300):
+        store.apply(f"k{i}", None if i % 7 == 0 else f"v{i}", f"00000000000{i % 10}0000000.gw")
+    store.index_ranges()
+    every = set(range(256))
+    assert store.digests() == Digests.of(dict(store._data)).values()
+    versions, tombstones = store.versions_in(every)
+    expected, dead = scanned(dict(store._data), every)
+    assert versions == expected and sorted(tombstones) == sorted(dead) and len(dead) == 43
+    store.apply("late", "x", "0000000000090000000.gw")  # kept up to date from then on, as before
+    assert store.digests() == Digests.of(dict(store._data)).values()
+    assert store.versions_in(every)[0]["late"] == "0000000000090000000.gw"

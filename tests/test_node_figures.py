@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.web.resource import Resource
 
 from kvd.gateway.figures import MAX_AGE, MAX_ANSWER, TIMEOUT, Figures, parse_node
 from kvd.internal import RepairReport
+from kvd.membership import NodeInfo
 from kvd.testing.cluster import Hang, Harness
 from kvd.transport import Answer
 
@@ -205,3 +206,42 @@ def test_parse_node_accepts_only_that_nodes_node_json() -> None:
     assert parse_node(Answer(404, body), "a") is None
     assert parse_node(Answer(200, b'{"keys": 1.5}'), "a") is None
     assert parse_node(Answer(200, b"[" * 100000), "a") is None
+
+
+def test_a_large_cluster_asks_its_members_less_often() -> None:
+    """1,000 members are asked every 10 s, not every MAX_AGE: at most 100 asks a second."""
+    from twisted.internet.task import Clock
+
+    from kvd.gateway.cluster import Cluster
+    from kvd.gateway.figures import MEMBERS_PER_SECOND, NodeFigures
+
+    asked: list[str] = []
+
+    class Nodes:
+        class health:
+            @staticmethod
+            def reachable(node_id: str) -> bool:
+                return True
+
+        def __call__(self, node: NodeInfo) -> Any:
+            asked.append(node.id)
+            return self
+
+        def counted(self) -> Any:
+            return self
+
+        def call(self, *args: Any, **kwargs: Any) -> Any:
+            return fail(ConnectionRefusedError())  # no figures, and that silence is kept as an answer
+
+    clock = Clock()
+    cluster = Cluster(vnodes=1, replicas=3)
+    cluster.update({f"n{i}": NodeInfo(f"n{i}", f"http://n{i}.test") for i in range(1000)})
+    figures = NodeFigures(Nodes(), clock)  # type: ignore[arg-type]
+    ensureDeferred(figures.of(cluster.view()))
+    assert len(asked) == 1000
+    clock.advance(MAX_AGE + 1)
+    ensureDeferred(figures.of(cluster.view()))
+    assert len(asked) == 1000, "kept longer than MAX_AGE at 1,000 members"
+    clock.advance(1000 / MEMBERS_PER_SECOND)
+    ensureDeferred(figures.of(cluster.view()))
+    assert len(asked) == 2000

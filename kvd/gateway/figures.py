@@ -5,8 +5,9 @@ C{GET /node} says (L{NodeFigures}), and how many requests this gateway has sent 
 where the node clients send, L{kvd.gateway.nodes.NodeClients.sent}).
 
 The nodes are asked at once, through the gateway's own transport (with the cluster secret),
-each with a short deadline (L{TIMEOUT}), and their answers are kept for L{MAX_AGE} seconds: a
-page or a script polling C{/cluster} costs at most one request per node per L{MAX_AGE}, and
+each with a short deadline (L{TIMEOUT}), and their answers are kept for L{MAX_AGE} seconds (or
+one per L{MEMBERS_PER_SECOND} members, if longer): a page or a script polling C{/cluster}
+costs at most one request per node per that age, and
 never waits on a hung node for longer than L{TIMEOUT}. A node that does not answer in time,
 answers something that is not its C{/node} JSON, is down in the registry or is judged
 unreachable by this gateway has no figures (C{null}).
@@ -29,8 +30,12 @@ from kvd.transport import Answer
 
 #: The longest C{/cluster} waits for a node's C{/node} answer, in seconds.
 TIMEOUT = 1.0
-#: How long a node's answer (or its silence) is kept before it is asked again, in seconds.
+#: How long a node's answer (or its silence) is kept before it is asked again, in seconds;
+#: longer in a large cluster (L{MEMBERS_PER_SECOND}).
 MAX_AGE = 3.0
+#: At most this many asks a second on average, whatever the membership: 1,000 members are
+#: asked every 10 s, not every L{MAX_AGE}.
+MEMBERS_PER_SECOND = 100
 #: A C{/node} answer is a few dozen bytes: a node sending more than this is not answering it.
 MAX_ANSWER = 16 * 1024
 
@@ -82,6 +87,7 @@ class NodeFigures:
         for gone in [node_id for node_id in self._known if node_id not in view.members]:
             del self._known[gone]
         now = self.clock.seconds()
+        max_age = max(self.max_age, len(view.members) / MEMBERS_PER_SECOND)
         usable = {
             node_id: node
             for node_id, node in view.members.items()
@@ -90,7 +96,7 @@ class NodeFigures:
         waits = []
         for node_id, node in usable.items():
             known = self._known.get(node_id)
-            if known is not None and now - known.at < self.max_age:
+            if known is not None and now - known.at < max_age:
                 continue
             asking = self._asking.get(node_id)
             if asking is None:

@@ -168,7 +168,7 @@ class Cluster:
     down: frozenset[str] = field(init=False, default=frozenset())
     _view: ClusterView = field(init=False)
     #: While a ring is being built: the newest membership that came in, taken once it is done.
-    _waiting: dict[str, NodeInfo] | None = field(init=False, default=None)
+    _waiting: tuple[dict[str, NodeInfo], bool] | None = field(init=False, default=None)
     _building: bool = field(init=False, default=False)
     #: Waiting for the first membership given to L{update} to be in use; None once it is.
     _ready: list[Deferred[None]] | None = field(init=False, factory=list)
@@ -187,7 +187,7 @@ class Cluster:
         """
         members = dict(members)
         if self._building:
-            self._waiting = members
+            self._waiting = members, quiet
             return
         weights = {m.id: m.weight for m in members.values()}
         if weights == dict(self.ring.nodes):
@@ -206,7 +206,7 @@ class Cluster:
         self._adopt(result, members, quiet)
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
-            self.update(waiting, quiet)
+            self.update(*waiting)
 
     def ready(self) -> Deferred[None]:
         """Fires once the first membership given to L{update} is in use (its ring built)."""

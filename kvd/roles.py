@@ -591,7 +591,10 @@ def _gateway(
             workers.supervisor.forward(members)
 
     if config.static_nodes:
+        # Known before the gateway listens: built here, so its first request finds the ring.
+        threads, cluster.run = cluster.run, synchronous
         cluster.update({node_id: NodeInfo(node_id, url) for node_id, url in config.static_nodes.items()})
+        cluster.run = threads
     elif worker is None:
         watcher: Watcher | Union
         if len(config.registry) == 1:

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from kvd.roles import HeartbeatService, HTTPClientService, JournalThread, advertised_url
 from kvd.tap import Options, makeService
@@ -205,3 +207,33 @@ def test_the_journal_thread_runs_jobs_in_order_and_hands_results_and_errors_back
     journal(lambda: "never").addBoth(late.append)
     # A job after stop fails at once rather than waiting forever for a thread that is gone.
     assert isinstance(late[0], Failure) and "stopped" in late[0].getErrorMessage()
+
+
+@implementer(IReactorThreads)
+class NoThreadsRun(MemoryReactorClock):
+    """A reactor whose thread pool takes jobs and never runs them: a build left there never ends."""
+
+    def getThreadPool(self) -> Any:
+        class Pool:
+            def callInThreadWithCallback(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+        return Pool()
+
+
+def test_a_gateway_with_static_nodes_has_its_ring_before_it_serves() -> None:
+    from treq.testing import StubTreq
+    from twisted.application.internet import StreamServerEndpointService
+
+    from kvd.roles import gateway
+
+    options = Options()
+    options.parseOptions(
+        ["--role", "gateway", "--node", "a=http://127.0.0.1:5001", "--node", "b=http://127.0.0.1:5002"]
+    )
+    services = gateway(NoThreadsRun(), options.config)
+    (listener,) = [s for s in services if isinstance(s, StreamServerEndpointService)]
+    answer = StubTreq(listener.factory.resource).get("http://gw/cluster/owners/k")
+    results: list[Any] = []
+    answer.addCallback(lambda response: response.json()).addCallback(results.append)
+    assert results and sorted(results[0]["nodes"]) == ["a", "b"], "no thread needed for the first ring"

@@ -63,6 +63,15 @@ class _Peers:
 
         self.reactor = Clock()
         self.held: dict[str, tuple[str | None, str]] = {}
+        #: With C{hold}, answers wait here until L{release}: batches form as under load.
+        self.hold = False
+        self.waiting: list[tuple[Deferred[Any], Any]] = []
+
+    def release(self) -> None:
+        while self.waiting:
+            waiting, self.waiting = self.waiting, []
+            for d, answer in waiting:
+                d.callback(answer)
 
     def call(self, method: str, url: str, body: bytes | None = None, **_: Any) -> Deferred[Any]:
         from kvd.codec import wire_json, wire_loads
@@ -77,6 +86,10 @@ class _Peers:
             answer: dict[str, Any] = {"live": live}
         else:
             answer = {"entries": {key: list(self.held[key]) for key in asked["keys"] if key in self.held}}
+        if self.hold:
+            d: Deferred[Any] = Deferred()
+            self.waiting.append((d, Answer(200, wire_json(answer))))
+            return d
         return succeed(Answer(200, wire_json(answer)))
 
 
@@ -97,7 +110,9 @@ def full_site() -> Any:
     cluster.update({n: NodeInfo(n, f"http://{n}.test:80") for n in "abc"})
     coordinator = Coordinator(cluster, NodeClients(peers), HybridClock(Clock().seconds, "gw"))
     api = GatewayAPI(cluster, coordinator)
-    return BoundedSite(api.resource(), metrics=api.metrics)
+    site = BoundedSite(api.resource(), metrics=api.metrics)
+    site.peers = peers  # type: ignore[attr-defined]
+    return site
 
 
 def site() -> Any:
@@ -114,7 +129,36 @@ def site() -> Any:
     return BoundedSite(GatewayAPI.routes.resource(api, Auth()), metrics=Metrics())
 
 
-def run(request: bytes, count: int, the_site: Any) -> tuple[float, bytes]:
+def run_batched(request: bytes, count: int, the_site: Any, width: int) -> tuple[float, bytes]:
+    """C{count} requests, C{width} clients at a time, the nodes answering once all have asked."""
+    peers = the_site.peers
+    peers.hold = True
+    clients = []
+    for _ in range(width):
+        channel = the_site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        clients.append((channel, transport))
+    started = time.process_time()
+    for _ in range(count // width):
+        for channel, _ in clients:
+            channel.dataReceived(request)
+        peers.release()
+        for _, transport in clients:
+            transport.clear()
+    used = time.process_time() - started
+    peers.hold = False
+    channel, transport = clients[0]
+    channel.dataReceived(request)
+    answer = transport.value()
+    for channel, _ in clients:
+        channel.connectionLost(None)
+    return used / (count // width * width) * 1e6, answer
+
+
+def run(request: bytes, count: int, the_site: Any, width: int = 0) -> tuple[float, bytes]:
+    if width:
+        return run_batched(request, count, the_site, width)
     channel = the_site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)
@@ -135,6 +179,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--full", action="store_true", help="with the real coordinator and node clients")
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=0,
+        help="with --full: this many clients at once, so the nodes' batches hold that many",
+    )
     parser.add_argument("--only", choices=("PUT", "GET"), default=None, help="run only these requests")
     parser.add_argument("--calls", action="store_true", help="count Python function calls a request (cProfile)")
     args = parser.parse_args()
@@ -152,7 +202,7 @@ def main() -> None:
         figures = []
         answer = b""
         for _ in range(args.rounds):
-            us, answer = run(request, args.requests, the_site)
+            us, answer = run(request, args.requests, the_site, args.width)
             figures.append(us)
         if args.calls:
             import cProfile
@@ -160,7 +210,7 @@ def main() -> None:
 
             profile = cProfile.Profile()
             profile.enable()
-            run(request, 1000, the_site)
+            run(request, 1000, the_site, args.width)
             profile.disable()
             print(f"{method}: {pstats.Stats(profile).total_calls / 1000:.1f} Python calls a request")  # type: ignore[attr-defined]
         shown = " ".join(f"{us:.1f}" for us in figures)

@@ -214,7 +214,32 @@ class BoundedChannel(HTTPChannel):
 
     def allContentReceived(self) -> None:
         if not self._refused:
+            self._pausing = True  # for the setTimeout(None) Twisted makes now, see setTimeout
             super().allContentReceived()
+            self._pausing = False
+
+    # Twisted stops the idle timer while it answers a request (cancels it) and starts it
+    # again after (a new delayed call): two reactor operations and a new object every
+    # request. Here the timer stays armed instead, and if it runs out while a request is
+    # being answered it does nothing: the connection is not idle. The same timeouts, as seen
+    # from outside.
+    _pausing = False
+    _answering = False
+
+    def setTimeout(self, period: float | None) -> float | None:
+        if period is None and self._pausing:
+            self._pausing = False
+            self._answering = True
+            paused, self.timeOut = self.timeOut, None
+            return paused
+        self._pausing = self._answering = False
+        previous: float | None = super().setTimeout(period)
+        return previous
+
+    def timeoutConnection(self) -> None:
+        if self._answering:
+            return  # the timer ran out while a request was being answered; it is set again after
+        super().timeoutConnection()
 
 
 class BoundedRequest(Request):

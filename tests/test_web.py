@@ -270,3 +270,49 @@ def test_the_hot_routes_answer_is_one_block_in_twisted_s_order() -> None:
     names = [line.split(b":")[0] for line in head[1:6]]
     assert names == [b"Server", b"Date", b"ETag", b"Content-Type", b"Content-Length"]
     assert head[3] == b'ETag: "v2"' and head[-1] == b"{}"
+
+
+class Later(Resource):
+    """Answers /slow only when told to; anything else at once."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Any] = []
+
+    def render_GET(self, request: Any) -> Any:
+        if request.path == b"/slow":
+            self.waiting.append(request)
+            return NOT_DONE_YET
+        return b"now"
+
+
+def test_the_idle_timer_is_not_made_anew_for_each_request_and_keeps_its_meaning() -> None:
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    resource = Later()
+    protocol = BoundedSite(resource, timeout=60, reactor=clock).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    (timer,) = clock.getDelayedCalls()
+    for _ in range(3):
+        protocol.dataReceived(b"GET /now HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[attr-defined]
+    assert transport.value().count(b"HTTP/1.1 200 ") == 3
+    assert clock.getDelayedCalls() == [timer] and timer.active(), "one timer, armed, for the whole connection"
+    clock.advance(59)
+    # A request longer than the idle timeout is not cut off: the connection is not idle.
+    protocol.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[attr-defined]
+    clock.advance(120)
+    assert not transport.disconnecting
+    request = resource.waiting.pop()
+    request.write(b"late")
+    request.finish()
+    assert transport.value().endswith(b"4\r\nlate\r\n0\r\n\r\n")
+    clock.advance(59)
+    assert not transport.disconnecting, "idle for 59 s since its answer"
+    clock.advance(2)
+    assert transport.disconnecting, "idle for 61 s"
+    protocol.connectionLost(None)  # type: ignore[attr-defined]
+    assert clock.getDelayedCalls() == []

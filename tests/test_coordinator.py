@@ -23,6 +23,10 @@ class _Node:
         # Holds a newer version once (from a coordinator whose clock runs ahead), then takes the write.
         return succeed(Written(True, self.newer.pop() if self.newer else version))
 
+    def apply_key_to(self, reply: Any, key: str, value: str | None, version: str) -> None:
+        # As a node client does for a quorum's gathering: the outcome straight to the reply.
+        self.apply_key(key, value, version).addCallback(reply.callback)
+
 
 class _Health:
     clock = Clock()

@@ -196,3 +196,123 @@ def test_a_fast_route_s_pending_answer_is_cancelled_when_its_client_goes() -> No
     protocol.connectionLost(Failure(ConnectionDone()))
     assert pending[0].called, "the client went: its quorum is not waited for"
     assert transport.value() == b""
+
+
+class Headed(Resource):
+    """Answers as the hot routes do (headers set one by one), and in the ways that need Twisted's own writing."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        if request.path == b"/bare":
+            return b"{}"  # Twisted gives it its default Content-Type
+        request.setHeader(b"etag", b'"v1"')
+        request.setHeader(b"content-type", b"application/json")
+        if request.path == b"/odd":
+            request.setHeader(b"content-type", b"text/plain\r\nX-Injected: 1")  # sanitised, as by Twisted
+            request.setHeader(b"allow", b"GET")
+        if request.path == b"/nolength":
+            return b"{}"  # the Site sets the length itself, after the handler
+        request.setHeader(b"content-length", b"2")
+        request.setHeader(b"etag", b'"v2"')  # set again: the last value counts
+        return b"{}"
+
+
+def _answers(site: Any, requests: bytes) -> list[tuple[bytes, list[bytes], bytes]]:
+    """Each answer's status line, sorted header lines (the Date's value left out) and body."""
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(requests)
+    answers = []
+    for raw in transport.value().split(b"HTTP/1.")[1:]:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status, *lines = head.split(b"\r\n")
+        lines = sorted(b"Date: ..." if line.startswith(b"Date: ") else line for line in lines)
+        answers.append((status, lines, body))
+    return answers
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /odd HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /nolength HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /bare HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"HEAD /plain HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /plain HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        b"GET /plain HTTP/1.0\r\n\r\n",
+    ],
+)
+def test_an_answer_s_headers_are_the_ones_twisted_writes(request_bytes: bytes) -> None:
+    from twisted.web.server import Site
+
+    ours = _answers(BoundedSite(Headed()), request_bytes * 2)
+    theirs = _answers(Site(Headed()), request_bytes * 2)
+    if b"HTTP/1.0" in request_bytes and b"keep-alive" in request_bytes:
+        # kvd keeps such a connection (Twisted closes it) and says so.
+        for _, lines, _ in ours:
+            lines.remove(b"Connection: Keep-Alive")
+        theirs = theirs * 2
+    assert ours == theirs
+    assert all(b"Date: ..." in lines and b"X-Injected: 1" not in lines for _, lines, _ in ours)
+
+
+def test_the_hot_routes_answer_is_one_block_in_twisted_s_order() -> None:
+    protocol = BoundedSite(Headed()).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[attr-defined]
+    head = transport.value().split(b"\r\n")
+    assert head[0] == b"HTTP/1.1 200 OK"
+    names = [line.split(b":")[0] for line in head[1:6]]
+    assert names == [b"Server", b"Date", b"ETag", b"Content-Type", b"Content-Length"]
+    assert head[3] == b'ETag: "v2"' and head[-1] == b"{}"
+
+
+class Later(Resource):
+    """Answers /slow only when told to; anything else at once."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Any] = []
+
+    def render_GET(self, request: Any) -> Any:
+        if request.path == b"/slow":
+            self.waiting.append(request)
+            return NOT_DONE_YET
+        return b"now"
+
+
+def test_the_idle_timer_is_not_made_anew_for_each_request_and_keeps_its_meaning() -> None:
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    resource = Later()
+    protocol = BoundedSite(resource, timeout=60, reactor=clock).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    (timer,) = clock.getDelayedCalls()
+    for _ in range(3):
+        protocol.dataReceived(b"GET /now HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[attr-defined]
+    assert transport.value().count(b"HTTP/1.1 200 ") == 3
+    assert clock.getDelayedCalls() == [timer] and timer.active(), "one timer, armed, for the whole connection"
+    clock.advance(59)
+    # A request longer than the idle timeout is not cut off: the connection is not idle.
+    protocol.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[attr-defined]
+    clock.advance(120)
+    assert not transport.disconnecting
+    request = resource.waiting.pop()
+    request.write(b"late")
+    request.finish()
+    assert transport.value().endswith(b"4\r\nlate\r\n0\r\n\r\n")
+    clock.advance(59)
+    assert not transport.disconnecting, "idle for 59 s since its answer"
+    clock.advance(2)
+    assert transport.disconnecting, "idle for 61 s"
+    protocol.connectionLost(None)  # type: ignore[attr-defined]
+    assert clock.getDelayedCalls() == []

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from kvd.gateway.cluster import Cluster, ClusterView, Route
 from kvd.gateway.nodes import NodeClients, Written
-from kvd.gateway.quorum import Gathered, Receipt, gather
+from kvd.gateway.quorum import Gathered, Receipt, Reply, gather
 from kvd.store import Entry
 from kvd.transport import PeerTimeout
 from kvd.ttl import with_expiry
@@ -94,6 +94,9 @@ class _Write:
     def ask(self, version: str, node_id: str) -> Deferred[Written]:
         return self.coordinator.nodes(self.view.members[node_id]).apply_key(self.key, self.value, version)
 
+    def tell(self, version: str, node_id: str, reply: Reply[Written]) -> None:
+        self.coordinator.nodes(self.view.members[node_id]).apply_key_to(reply, self.key, self.value, version)
+
     @staticmethod
     def taken(version: str, written: Written) -> bool:
         return written.held == version
@@ -113,6 +116,7 @@ class _Write:
             standing_in=route.hints(),
             usable=coordinator._usable(self.view),
             on_failure=self.failed,
+            tell=partial(self.tell, version),
         )
         return d.addCallback(self.answer, version, rounds)
 
@@ -225,6 +229,9 @@ class Coordinator:
         def ask(node_id: str) -> Deferred[Entry | None]:
             return self.nodes(view.members[node_id]).read_key(key)
 
+        def tell(node_id: str, reply: Reply[Entry | None]) -> None:
+            self.nodes(view.members[node_id]).read_key_to(reply, key)
+
         def answer(gathered: Gathered[Entry | None]) -> Entry | None:
             answers = gathered.require("read", needed).answers
             known = [entry for entry in answers.values() if entry is not None]
@@ -250,6 +257,7 @@ class Coordinator:
             hedge=hedge,
             errors=self._skipped(route),
             usable=self._usable(view),
+            tell=tell,
         )
         return d.addCallback(answer)
 

@@ -29,16 +29,20 @@ from typing import Any, TypeVar
 
 from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvd.codec import wire_json
 from kvd.gateway.health import Health
+from kvd.gateway.quorum import Reply
 from kvd.internal import RepairReport
 from kvd.keys import BATCH_VALUE_BUDGET
 from kvd.membership import NodeInfo
 from kvd.paxos import Promise, Proposal
 from kvd.store import Entry, Listed
 from kvd.transport import Answer, PeerError, Peers, PeerTimeout, PeerUnreachable
+
+_log = Logger()
 
 T = TypeVar("T")
 
@@ -122,7 +126,7 @@ def split(items: list[T], size: Callable[[T], int]) -> list[list[T]]:
 
 @define
 class _Queue:
-    items: list[tuple[Any, Deferred[Any]]] = field(factory=list)
+    items: list[tuple[Any, Reply[Any]]] = field(factory=list)
     busy: bool = False
     #: Characters of values in C{items}.
     chars: int = 0
@@ -408,25 +412,40 @@ class NodeClient:
     def read_key(self, key: str) -> Deferred[Entry | None]:
         return self._enqueue(self._reads, key, 0, self._send_reads)
 
+    # The same two for a quorum's gathering (L{kvd.gateway.quorum.gather}'s C{tell}): the
+    # outcome goes straight to C{reply}, without a Deferred per replica asked.
+
+    def apply_key_to(self, reply: Reply[Written], key: str, value: str | None, version: str) -> None:
+        self._queue(self._applies, (key, value, version), len(value or ""), self._send_applies, reply)
+
+    def read_key_to(self, reply: Reply[Entry | None], key: str) -> None:
+        self._queue(self._reads, key, 0, self._send_reads, reply)
+
     @property
     def reachable(self) -> bool:
         """Whether this gateway's failure detector lets quorum traffic go to the node."""
         return self.health is None or self.health.reachable(self.node.id)
 
     def _enqueue(self, queue: _Queue, item: Any, chars: int, send: Callable[[], None]) -> Deferred[Any]:
-        if not self.reachable:
-            return fail(PeerUnreachable(self.node.url, "judged unreachable by this gateway (being probed)"))
-        if len(queue.items) >= MAX_QUEUED or (queue.items and queue.chars + chars > MAX_QUEUED_CHARS):
-            return fail(PeerError(self.node.url, "too much is already waiting for this node"))
         d: Deferred[Any] = Deferred()
-        queue.items.append((item, d))
+        self._queue(queue, item, chars, send, d)
+        return d
+
+    def _queue(self, queue: _Queue, item: Any, chars: int, send: Callable[[], None], reply: Reply[Any]) -> None:
+        """Queue C{item} for the node's next batch; its outcome goes to C{reply}."""
+        if not self.reachable:
+            reply.errback(Failure(PeerUnreachable(self.node.url, "judged unreachable by this gateway (being probed)")))
+            return
+        if len(queue.items) >= MAX_QUEUED or (queue.items and queue.chars + chars > MAX_QUEUED_CHARS):
+            reply.errback(Failure(PeerError(self.node.url, "too much is already waiting for this node")))
+            return
+        queue.items.append((item, reply))
         queue.chars += chars
         if self._cork.held:
             if self not in self._cork.corked:
                 self._cork.corked.append(self)
         elif not queue.busy:
             send()
-        return d
 
     def uncorked(self) -> None:
         """Send what queued while the cork was held."""
@@ -437,7 +456,7 @@ class NodeClient:
         if not self._paxos.busy:
             self._send_paxos()
 
-    def _take(self, queue: _Queue, size: Callable[[Any], int]) -> list[tuple[Any, Deferred[Any]]]:
+    def _take(self, queue: _Queue, size: Callable[[Any], int]) -> list[tuple[Any, Reply[Any]]]:
         if not self.reachable:
             # Judged unreachable meanwhile: what waits fails now rather than after a deadline each.
             batch, queue.items, queue.chars, queue.busy = queue.items, [], 0, False
@@ -492,20 +511,32 @@ class NodeClient:
             d.addCallbacks(self._deliver, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
             d.addBoth(lambda _: self._send_paxos())
 
+    # A Deferred keeps what its callbacks raise; a L{Reply} called directly must not stop the
+    # rest of the batch being told.
+
     @staticmethod
-    def _deliver(outcomes: Iterable[Any], batch: list[tuple[Any, Deferred[Any]]]) -> None:
+    def _deliver(outcomes: Iterable[Any], batch: list[tuple[Any, Reply[Any]]]) -> None:
         for (_, d), outcome in zip(batch, outcomes, strict=True):
-            d.callback(outcome)
+            try:
+                d.callback(outcome)
+            except Exception:
+                _log.failure("delivering a node's answer")
 
     @staticmethod
-    def _deliver_entries(entries: dict[str, Entry], batch: list[tuple[str, Deferred[Any]]]) -> None:
+    def _deliver_entries(entries: dict[str, Entry], batch: list[tuple[str, Reply[Any]]]) -> None:
         for key, d in batch:
-            d.callback(entries.get(key))
+            try:
+                d.callback(entries.get(key))
+            except Exception:
+                _log.failure("delivering a node's answer")
 
-    def _fail(self, failure: Any, batch: list[tuple[Any, Deferred[Any]]]) -> None:
+    def _fail(self, failure: Any, batch: list[tuple[Any, Reply[Any]]]) -> None:
         error = failure.value if isinstance(failure.value, PeerError) else PeerError(self.node.url, str(failure.value))
         for _, d in batch:
-            d.errback(error)
+            try:
+                d.errback(Failure(error))
+            except Exception:
+                _log.failure("delivering a node's failure")
 
 
 @define

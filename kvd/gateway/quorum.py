@@ -10,7 +10,7 @@ the quorum is reached is not waited for.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from kvd.keys import Unavailable
 
 T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
 
 
 class QuorumFailed(Unavailable):
@@ -87,6 +88,33 @@ def _always(answer: object) -> bool:
     return True
 
 
+class Reply(Protocol[T_contra]):
+    """What takes one replica's answer: a L{Deferred}, or L{_Reply} (the same two methods)."""
+
+    def callback(self, answer: T_contra) -> object: ...
+
+    def errback(self, failure: Failure | BaseException) -> object: ...
+
+
+class _Reply(Generic[T]):
+    """
+    One replica's answer delivered straight to its gathering: what a Deferred per replica
+    asked did, without the Deferred (its making, its callbacks, its running them; several
+    of each per GET and PUT).
+    """
+
+    __slots__ = ("gathering", "node_id")
+
+    def __init__(self, gathering: _Gathering[T], node_id: str) -> None:
+        self.gathering, self.node_id = gathering, node_id
+
+    def callback(self, answer: T) -> None:
+        self.gathering._answered(answer, self.node_id)
+
+    def errback(self, failure: Failure | BaseException) -> None:
+        self.gathering._failed(failure if isinstance(failure, Failure) else Failure(failure), self.node_id)
+
+
 @define
 class _Gathering(Generic[T]):
     ask: Callable[[str], Deferred[T]]
@@ -100,6 +128,8 @@ class _Gathering(Generic[T]):
     hedge: tuple[IReactorTime, float] | None = None
     usable: Callable[[str], bool] = _always
     on_failure: Callable[[str, Failure], object] | None = None
+    #: Asks a node with a L{Reply} to answer, instead of C{ask}'s Deferred.
+    tell: Callable[[str, Reply[T]], object] | None = None
     _hedging: IDelayedCall | None = None
 
     def schedule_hedge(self) -> None:
@@ -125,6 +155,9 @@ class _Gathering(Generic[T]):
 
     def launch(self, node_id: str) -> None:
         self.pending += 1
+        if self.tell is not None:
+            self.tell(node_id, _Reply(self, node_id))
+            return
         self.ask(node_id).addCallbacks(self._answered, self._failed, callbackArgs=(node_id,), errbackArgs=(node_id,))
 
     def _answered(self, answer: T, node_id: str) -> None:
@@ -172,6 +205,7 @@ def gather(
     standing_in: dict[str, str] | None = None,
     usable: Callable[[str], bool] = _always,
     on_failure: Callable[[str, Failure], object] | None = None,
+    tell: Callable[[str, Reply[T]], object] | None = None,
 ) -> Deferred[Gathered[T]]:
     """
     Ask every node of C{first}; replace each that fails by the next of C{spares}, and with
@@ -182,10 +216,11 @@ def gather(
     with L{Gathered.require}, which names C{errors} too: the nodes skipped beforehand);
     never fails. An answer that is not accepted still answers: it is no reason to ask a spare.
     C{on_failure} is told (node id, failure) of every replica that fails, even after the
-    quorum is reached.
+    quorum is reached. With C{tell}, each node is asked by C{tell(node_id, reply)} instead,
+    its answer (or failure) given to C{reply} (L{Reply}) rather than to a Deferred.
     """
     gathering: _Gathering[T] = _Gathering(
-        ask, list(spares), needed, accept, hedge=hedge, usable=usable, on_failure=on_failure
+        ask, list(spares), needed, accept, hedge=hedge, usable=usable, on_failure=on_failure, tell=tell
     )
     gathering.result.errors.extend(errors)
     gathering.result.standing_in.update(standing_in or {})

@@ -4,7 +4,8 @@ as Cassandra's lightweight transactions (see docs/consistency.md).
 
 A round: mint a ballot (a version from the gateway's hybrid clock: milliseconds, counter,
 gateway id, so unique per gateway and ordered); I{prepare} it at a majority of the owners;
-their promises carry each one's accepted-but-uncommitted proposal and its current entry. An
+their promises carry each one's accepted-but-uncommitted proposal and what its store holds
+(whether the key is live, and its version: never the value, which a round does not need). An
 accepted proposal newer than every current entry is a round some proposer left unfinished:
 it is finished first (re-proposed under this ballot, then committed) and the round starts
 again. Otherwise the precondition is checked against the newest current entry, and the new
@@ -113,8 +114,8 @@ class Proposer:
                 self._observe(versions)
                 continue
             newest = max((e for _, e in granted.values() if e is not None), key=lambda e: e[1], default=None)
-            if newest is not None and newest[0] is not None and expired(newest[1], self.clock.now()):
-                newest = (None, newest[1])  # expired by this gateway's clock: absent, as a read here says
+            if newest is not None and newest[0] and expired(newest[1], self.clock.now()):
+                newest = (False, newest[1])  # expired by this gateway's clock: absent, as a read here says
             newest_version = "" if newest is None else newest[1]
             unfinished = [p.accepted for p, _ in granted.values() if p.accepted is not None]
             unfinished = [a for a in unfinished if a.version > newest_version]
@@ -134,8 +135,8 @@ class Proposer:
                 # This write's own proposal was chosen (finished by another proposer): it took effect.
                 receipt = await self._commit(view, owners, key, value, newest_version)
                 return WriteOutcome(newest_version, mine[newest_version], receipt)
-            precondition.check(*(newest if newest is not None else (None, None)))
-            live = newest is not None and newest[0] is not None
+            live = newest is not None and newest[0]
+            precondition.check_current(newest_version if live else None)
             version = with_expiry(ballot, expires)
             mine[version] = live
             if not await self._propose(view, owners, key, Proposal(ballot, value, version), majority):

@@ -51,6 +51,9 @@ MAX_ROUNDS = 12
 #: The random pause before a round that lost to another proposer: up to this many seconds,
 #: doubling with each lost round.
 BACKOFF = 0.005
+#: A prepare or accept asks one more owner once this many times the usual worst latency of
+#: those asked has passed without a majority (L{Proposer._gather}).
+HEDGE_AFTER = 2.0
 
 
 class Contended(Unavailable):
@@ -161,14 +164,20 @@ class Proposer:
     ) -> Deferred[Gathered[T]]:
         """
         Ask a majority of the owners (those the failure detector deems reachable first); ask
-        another in place of one that fails, and also once the usual worst latency of those
-        asked has passed without a majority, as reads hedge. Any majority will do for Paxos,
-        and the owners not asked cost nothing.
+        another in place of one that fails, and also once L{HEDGE_AFTER} times the usual
+        worst latency of those asked has passed without a majority. Any majority will do for
+        Paxos, and the owners not asked cost nothing.
+
+        Later than a read hedges: a hedged prepare or accept is a durable write (a group
+        commit) at one more node, and an item often waits in its node's queue for the batch
+        in flight before its own leaves (L{kvd.gateway.nodes}: one batch at a time per node),
+        so twice a batch's usual worst is what an item of a node behaving as usual may take.
         """
         health = self.nodes.health
         ordered = sorted(owners, key=lambda node_id: not health.reachable(node_id))
         first, spares = ordered[:majority], ordered[majority:]
-        return gather(ask, first, spares, majority, accept, hedge=(health.clock, health.hedge_delay(first)))
+        delay = min(health.ceiling, HEDGE_AFTER * health.hedge_delay(first))
+        return gather(ask, first, spares, majority, accept, hedge=(health.clock, delay))
 
     def _prepare(
         self, view: ClusterView, owners: list[str], key: str, ballot: str, majority: int

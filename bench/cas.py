@@ -14,12 +14,16 @@ Both CPU-bound on a shared machine, the two figures move with whatever else runs
 two kinds alternate, ``--rounds`` times each in the same cluster, and the ratio reported is
 the median of the rounds' ratios (with each side's median CPU per request).
 
-    python bench/cas.py [--rounds 3] [--duration 10] [--keys 1000]
+    python bench/cas.py [--rounds 3] [--duration 10] [--keys 1000] [--profile DIR]
+
+With ``--profile DIR`` the gateway and one node are sampled with py-spy during the last
+If-Match measurement only (sampling slows them: that round's figures are lower).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
@@ -28,6 +32,7 @@ import urllib.request
 from pathlib import Path
 
 from checkout import ensure_kvd_importable
+from profiling import PySpy, add_profile_argument, summarize_profile
 from report import machine, met, report_quiet
 from servers import bench_processes, preload, wait_for_members
 from wrk import run_wrk, write_lua
@@ -95,6 +100,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="measurements of each kind, alternating")
     parser.add_argument("--keys", type=int, default=1000, help="distinct keys written")
     parser.add_argument("--connections", type=int, default=32)
+    add_profile_argument(parser)
     args = parser.parse_args()
     print(f"kvd from {ensure_kvd_importable()}")
     print(machine())
@@ -126,7 +132,13 @@ def main() -> None:
                     before = cpu_seconds(pids)
                     split = {role: [cpu_times(pid) for pid in members] for role, members in roles.items()}
                     counted = [scrape(p.url) for p in started[1:5]]
-                    result = run_wrk(gateway.url, lua, args.duration, threads=THREADS, connections=args.connections)
+                    profiled = args.profile is not None and number == args.rounds and lua == cas_lua
+                    with contextlib.ExitStack() as spies:
+                        if profiled:
+                            Path(args.profile).mkdir(parents=True, exist_ok=True)
+                            for label, pid in (("gateway", gateway.pid), ("node1", started[1].pid)):
+                                spies.enter_context(PySpy(pid, Path(args.profile) / f"{label}.txt", args.duration))
+                        result = run_wrk(gateway.url, lua, args.duration, threads=THREADS, connections=args.connections)
                     used = cpu_seconds(pids) - before
                     results[name] = result
                     per = 1e6 / max(1, result.requests)
@@ -154,6 +166,11 @@ def main() -> None:
                         f"rounds lost {lost:.0f}  recovered {recovered:.0f}  "
                         f"prepares+accepts {asked / requests:4.2f}/request"
                     )
+                if args.profile is not None and number == args.rounds:
+                    for label in ("gateway", "node1"):
+                        print(
+                            "\n".join("    " + line for line in summarize_profile(Path(args.profile) / f"{label}.txt"))
+                        )
                 ratio = results["If-Match PUT"].rps / results["plain PUT"].rps
                 ratios.append(ratio)
                 print(f"round {number} conditional / plain {ratio:.2f}")

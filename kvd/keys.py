@@ -282,7 +282,14 @@ class Precondition:
         @param value: the key's current value (None: absent or a tombstone) and C{version} its version.
         @raise PreconditionFailed: with the current version (None when not live) unless it holds.
         """
-        current = version if value is not None else None
+        self.check_current(version if value is not None else None)
+
+    def check_current(self, current: str | None) -> None:
+        """
+        L{check}, given only the key's current version (None: absent or a tombstone).
+
+        @raise PreconditionFailed: with C{current} unless it holds.
+        """
         if self.absent:
             if current is not None:
                 raise PreconditionFailed("If-None-Match: * failed: the key exists", current)

@@ -5,7 +5,9 @@ the proposal (ballot, value, version) it accepted last. See docs/consistency.md.
 A promise or an acceptance is durable before it is answered: each change is a JSON line in
 C{paxos.jsonl} in the node's data dir, and changes made while one write + fsync is under way
 go out together in the next (group commit; at a node on the store's journal thread).
-Memory changes at once; an answer waits for the write that holds it.
+Memory changes at once; an answer waits for the write that holds it. A promise of a key whose
+accepted proposal its store holds durably forgets the proposal (as compaction would, below),
+so its record does not carry the key's last value again.
 
 The file is compacted when it grows: a key whose accepted proposal is committed I{durably}
 in the node's store (or that has none) needs no entry any more; what it promised is folded
@@ -258,7 +260,7 @@ class Acceptor:
         promise is durable, with the accepted proposal not yet committed here, if any.
         """
         records: list[bytes] = []
-        return self._answer(records, self._prepare(key, ballot, records))
+        return self._answer(records, self._prepare(key, ballot, records, []))
 
     def accept(self, key: str, proposal: Proposal) -> Deferred[tuple[bool, str]]:
         """
@@ -274,18 +276,32 @@ class Acceptor:
         all the changes are durable (one write for the batch), with each one's answer.
         """
         records: list[bytes] = []
+        unsettled: list[Collection[str]] = []
         answers: list[Promise | tuple[bool, str]] = [
-            self._prepare(key, asked, records) if isinstance(asked, str) else self._accept(key, asked, records)
+            self._prepare(key, asked, records, unsettled)
+            if isinstance(asked, str)
+            else self._accept(key, asked, records)
             for key, asked in items
         ]
         return self._answer(records, answers)
 
-    def _prepare(self, key: str, ballot: str, records: list[bytes]) -> Promise:
+    def _prepare(self, key: str, ballot: str, records: list[bytes], unsettled: list[Collection[str]]) -> Promise:
+        """
+        A promise's record holds the accepted proposal only while it is not committed durably
+        in the store (as compaction keeps it): else every prepare of a key would write its
+        last value again. C{unsettled} memoises L{Acceptor.unsettled} for a batch.
+        """
         promised = self._promised(key)
         if ballot <= promised:
             return Promise(False, promised, self._pending(key))
         state = self._states.setdefault(key, _State())
         state.promised = ballot
+        accepted = state.accepted
+        if accepted is not None and self.committed(key, accepted.version):
+            if not unsettled:
+                unsettled.append(self.unsettled())
+            if key not in unsettled[0]:
+                state.accepted = None
         records.append(_record(key, state))
         return Promise(True, ballot, self._pending(key))
 

@@ -569,7 +569,8 @@ class NodeAPI:
         """
         A batch of conditional-write traffic, answered once all of it is durable, per item in
         order: ["p", key, ballot] (prepare: [promised, the ballot promised, the accepted
-        proposal or null, the entry held or null]), ["a", key, ballot, value or null, version]
+        proposal or null, what the store holds or null: [live, its version], no value, as a
+        proposer needs only these]), ["a", key, ballot, value or null, version]
         (accept: [accepted, the ballot promised]) and ["c", key, value or null, version]
         (commit, a replicated write: [live before, the version held]). The acceptor's
         changes are one write of paxos.jsonl, the commits one group of the store's journal.
@@ -626,7 +627,7 @@ class NodeAPI:
                             got.promised,
                             got.ballot,
                             None if accepted is None else [accepted.ballot, accepted.value, accepted.version],
-                            None if entry is None else list(entry),
+                            None if entry is None else [entry[0] is not None, entry[1]],
                         ]
                     )
                 else:

@@ -146,7 +146,7 @@ def test_conditional_writes_share_one_queue_per_node_and_are_answered_per_item()
         if len(calls) == 1:
             return pending
         answers = [
-            [True, "b2", None, ["v", "0001"]],
+            [True, "b2", None, [True, "0001"]],
             [False, "b9", ["b8", "x", "b8"], None],
             [False, "b9"],
             [True, "v3"],
@@ -167,7 +167,7 @@ def test_conditional_writes_share_one_queue_per_node_and_are_answered_per_item()
     pending.callback(ok({"answers": [[True, "b1", None, None]]}))
     assert result_of(first) == (Promise(True, "b1", None), None)
     assert [result_of(d) for d in queued] == [
-        (Promise(True, "b2", None), ("v", "0001")),
+        (Promise(True, "b2", None), (True, "0001")),
         (Promise(False, "b9", Proposal("b8", "x", "b8")), None),
         (False, "b9"),
         Written(True, "v3"),
@@ -178,6 +178,15 @@ def test_conditional_writes_share_one_queue_per_node_and_are_answered_per_item()
     )
 
 
+def test_a_prepare_answer_says_whether_the_key_is_live_and_its_version_and_the_old_form_is_read_too() -> None:
+    answers = [[True, "b1", None, [True, "0001"]], [True, "b1", None, [False, "0002"]]]
+    # A node of the version before answers the entry itself, [value or null, version].
+    answers += [[True, "b1", None, ["v", "0003"]], [True, "b1", None, [None, "0004"]]]
+    nodes, _ = client(ok({"answers": answers}))
+    got = result_of(nodes.paxos([("p", f"k{i}", "b1") for i in range(4)]))
+    assert [entry for _, entry in got] == [(True, "0001"), (False, "0002"), (True, "0003"), (False, "0004")]
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -186,6 +195,8 @@ def test_conditional_writes_share_one_queue_per_node_and_are_answered_per_item()
         {"answers": [["yes", "b1", None, None]]},
         {"answers": [[True, "b1", ["b1", 3, "b1"], None]]},
         {"answers": [[True, "b1", None, ["v", 7]]]},
+        {"answers": [[True, "b1", None, [True, 7]]]},
+        {"answers": [[True, "b1", None, [3, "0001"]]]},
         {"answers": [[True, "b1"]]},  # an accept's answer to a prepare
         {"answers": "nope"},
         {"promised": True, "ballot": "b1", "accepted": None, "entry": None},  # the old single-key answer

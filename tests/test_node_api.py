@@ -227,22 +227,29 @@ def test_internal_paxos_takes_prepares_accepts_and_commits_together_and_answers_
     call(client, "PUT", "/kv/held", b"v")
     held = store.entry("held")
     assert held is not None
+    call(client, "PUT", "/kv/gone", b"v")
+    call(client, "DELETE", "/kv/gone")
+    gone = store.entry("gone")
+    assert gone is not None and gone[0] is None
     items = [
         ["p", "held", b2],
         ["p", "new", b2],
         ["p", "held", b1],
         ["a", "new", b1, "old", b1],
         ["a", "new", b2, "x", b2],
+        ["p", "gone", b2],
     ]
     items.append(["c", "new", "x", b2])
     status, body, _ = call(client, "POST", "/internal/paxos", json.dumps({"items": items}).encode())
     assert status == 200
     assert body["answers"] == [
-        [True, b2, None, list(held)],
-        [True, b2, None, ["x", b2]],  # the entry is read once the whole batch is durable
-        [False, b2, None, list(held)],
+        # What the store holds: whether it is live, and its version (a proposer needs no value).
+        [True, b2, None, [True, held[1]]],
+        [True, b2, None, [True, b2]],  # the entry is read once the whole batch is durable
+        [False, b2, None, [True, held[1]]],
         [False, b2],
         [True, b2],
+        [True, b2, None, [False, gone[1]]],  # a tombstone: not live
         [False, b2],
     ]
     assert acceptor.state("new") == (b2, Proposal(b2, "x", b2))

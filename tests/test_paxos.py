@@ -213,3 +213,30 @@ def test_prepares_and_accepts_mixed_in_one_batch_are_one_write_taken_in_order(tm
     assert second.promised and second.accepted == Proposal(B1, "v", B1)
     acceptor.close()
     assert Acceptor.open(str(tmp_path), never).state("k") == (B2, Proposal(B1, "v", B1))
+
+
+def test_a_promise_forgets_a_proposal_its_store_holds_durably_and_keeps_one_it_holds_only_in_memory(
+    tmp_path: Path,
+) -> None:
+    # Else every prepare of a key would write its last value again to paxos.jsonl.
+    journal = ManualRunner()
+    store = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"), write=journal)
+    acceptor = Acceptor.open(str(tmp_path), committed_in(store), unsettled=store.unsettled)
+    result(acceptor.accept("k", Proposal(B1, "v" * 1000, B1)))
+    committing = store.apply_batch([["k", "v" * 1000, B1]])
+    assert not committing.called, "in memory; its journal write is under way"
+    size = (tmp_path / FILE).stat().st_size
+    result(acceptor.prepare("k", B2))
+    assert acceptor.state("k") == (B2, Proposal(B1, "v" * 1000, B1)), "its commit is not durable: the proposal stays"
+    assert (tmp_path / FILE).stat().st_size > 2 * size - 100, "the promise's record holds it too"
+    assert Acceptor.open(str(tmp_path), never).state("k") == (B2, Proposal(B1, "v" * 1000, B1))
+    journal.run_one()
+    assert committing.called and not store.unsettled()
+    size = (tmp_path / FILE).stat().st_size
+    promise = result(acceptor.batch([("k", B3)]))[0]
+    assert promise.promised and promise.accepted is None
+    assert acceptor.state("k") == (B3, None)
+    assert (tmp_path / FILE).stat().st_size - size < 100, "the record holds the promise only"
+    assert Acceptor.open(str(tmp_path), never).state("k") == (B3, None)
+    acceptor.close()
+    store.abandon()

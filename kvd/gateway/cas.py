@@ -4,7 +4,8 @@ as Cassandra's lightweight transactions (see docs/consistency.md).
 
 A round: mint a ballot (a version from the gateway's hybrid clock: milliseconds, counter,
 gateway id, so unique per gateway and ordered); I{prepare} it at a majority of the owners;
-their promises carry each one's accepted-but-uncommitted proposal and its current entry. An
+their promises carry each one's accepted-but-uncommitted proposal and what its store holds
+(whether the key is live, and its version: never the value, which a round does not need). An
 accepted proposal newer than every current entry is a round some proposer left unfinished:
 it is finished first (re-proposed under this ballot, then committed) and the round starts
 again. Otherwise the precondition is checked against the newest current entry, and the new
@@ -50,6 +51,9 @@ MAX_ROUNDS = 12
 #: The random pause before a round that lost to another proposer: up to this many seconds,
 #: doubling with each lost round.
 BACKOFF = 0.005
+#: A prepare or accept asks one more owner once this many times the usual worst latency of
+#: those asked has passed without a majority (L{Proposer._gather}).
+HEDGE_AFTER = 2.0
 
 
 class Contended(Unavailable):
@@ -113,8 +117,8 @@ class Proposer:
                 self._observe(versions)
                 continue
             newest = max((e for _, e in granted.values() if e is not None), key=lambda e: e[1], default=None)
-            if newest is not None and newest[0] is not None and expired(newest[1], self.clock.now()):
-                newest = (None, newest[1])  # expired by this gateway's clock: absent, as a read here says
+            if newest is not None and newest[0] and expired(newest[1], self.clock.now()):
+                newest = (False, newest[1])  # expired by this gateway's clock: absent, as a read here says
             newest_version = "" if newest is None else newest[1]
             unfinished = [p.accepted for p, _ in granted.values() if p.accepted is not None]
             unfinished = [a for a in unfinished if a.version > newest_version]
@@ -134,8 +138,8 @@ class Proposer:
                 # This write's own proposal was chosen (finished by another proposer): it took effect.
                 receipt = await self._commit(view, owners, key, value, newest_version)
                 return WriteOutcome(newest_version, mine[newest_version], receipt)
-            precondition.check(*(newest if newest is not None else (None, None)))
-            live = newest is not None and newest[0] is not None
+            live = newest is not None and newest[0]
+            precondition.check_current(newest_version if live else None)
             version = with_expiry(ballot, expires)
             mine[version] = live
             if not await self._propose(view, owners, key, Proposal(ballot, value, version), majority):
@@ -160,14 +164,20 @@ class Proposer:
     ) -> Deferred[Gathered[T]]:
         """
         Ask a majority of the owners (those the failure detector deems reachable first); ask
-        another in place of one that fails, and also once the usual worst latency of those
-        asked has passed without a majority, as reads hedge. Any majority will do for Paxos,
-        and the owners not asked cost nothing.
+        another in place of one that fails, and also once L{HEDGE_AFTER} times the usual
+        worst latency of those asked has passed without a majority. Any majority will do for
+        Paxos, and the owners not asked cost nothing.
+
+        Later than a read hedges: a hedged prepare or accept is a durable write (a group
+        commit) at one more node, and an item often waits in its node's queue for the batch
+        in flight before its own leaves (L{kvd.gateway.nodes}: one batch at a time per node),
+        so twice a batch's usual worst is what an item of a node behaving as usual may take.
         """
         health = self.nodes.health
         ordered = sorted(owners, key=lambda node_id: not health.reachable(node_id))
         first, spares = ordered[:majority], ordered[majority:]
-        return gather(ask, first, spares, majority, accept, hedge=(health.clock, health.hedge_delay(first)))
+        delay = min(health.ceiling, HEDGE_AFTER * health.hedge_delay(first))
+        return gather(ask, first, spares, majority, accept, hedge=(health.clock, delay))
 
     def _prepare(
         self, view: ClusterView, owners: list[str], key: str, ballot: str, majority: int

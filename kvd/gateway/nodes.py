@@ -56,8 +56,12 @@ MAX_QUEUED_CHARS = 4 * BATCH_VALUE_BUDGET
 #: An item of an apply batch: key, value (None: a tombstone) and version.
 Item = tuple[str, "str | None", str]
 
-#: A node's answer to a prepare: its promise (or refusal), and the entry its store holds.
-PromiseAnswer = tuple[Promise, "Entry | None"]
+#: What a node's store holds of a key, as a prepare answers it: whether it is live (not a
+#: tombstone), and its version. A proposer needs no more (its value is never sent).
+Current = tuple[bool, str]
+
+#: A node's answer to a prepare: its promise (or refusal), and what its store holds.
+PromiseAnswer = tuple[Promise, "Current | None"]
 
 #: An item of a conditional writes' batch: ("p", key, ballot), ("a", key, ballot, value,
 #: version) or ("c", key, value, version).
@@ -327,10 +331,15 @@ class NodeClient:
                     proposal = Proposal(a_ballot, value, version)
                 found = None
                 if entry is not None:
-                    value, version = entry
-                    if not (type(version) is str and (value is None or type(value) is str)):
+                    live, version = entry
+                    if type(live) is not bool:
+                        # A node of the version before answers the entry itself: [value or null, version].
+                        if not (live is None or type(live) is str):
+                            raise ValueError("entry")
+                        live = live is not None
+                    if type(version) is not str:
                         raise ValueError("entry")
-                    found = (value, version)
+                    found = (live, version)
                 return Promise(promised, ballot, proposal), found
             first, second = body
             if not (type(first) is bool and type(second) is str):
@@ -397,7 +406,7 @@ class NodeClient:
         return self._enqueue(self._applies, (key, value, version), len(value or ""), self._send_applies)
 
     def prepare(self, key: str, ballot: str) -> Deferred[PromiseAnswer]:
-        """The node's promise (or refusal) of C{ballot} for C{key}, and the entry its store holds, once durable."""
+        """The node's promise (or refusal) of C{ballot} for C{key}, and what its store holds of it, once durable."""
         return self._enqueue(self._paxos, ("p", key, ballot), 0, self._send_paxos)
 
     def accept(self, key: str, proposal: Proposal) -> Deferred[tuple[bool, str]]:

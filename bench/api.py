@@ -40,6 +40,7 @@ ensure_kvd_importable()
 
 from kvd.journal import pack, write_snapshot  # noqa: E402
 from kvd.store import Store  # noqa: E402
+from kvd.testing.processes import Processes  # noqa: E402
 from kvd.versions import HybridClock, encode  # noqa: E402
 from kvd.web import json_body  # noqa: E402
 
@@ -107,26 +108,46 @@ def time_pages(
             connection.close()
 
 
-def listing(args: argparse.Namespace) -> None:
-    """Both nodes run at once and are asked in turn, so load from elsewhere hits both alike."""
-    rng = random.Random(11)
+def compare_pages(
+    args: argparse.Namespace,
+    seed: int,
+    pages: int,
+    serve: Callable[[Processes, Path, int, list[str]], int],
+    ask: Callable[[http.client.HTTPConnection, str], int],
+) -> tuple[float, float]:
+    """
+    Median seconds a page takes from a server of --small-keys and one of --big-keys keys
+    (C{serve} starts one and gives its port), both running at once and asked in turn, so
+    load from elsewhere hits both alike.
+    """
+    rng = random.Random(seed)
     sizes = (args.small_keys, args.big_keys)
     names = {keys: [f"user/{i:08d}" for i in range(keys)] for keys in sizes}
     times: dict[int, list[float]] = {keys: [] for keys in sizes}
     with tempfile.TemporaryDirectory(prefix="kvd-bench-api-") as tmp, bench_processes(Path(tmp)) as processes:
-        connections = {}
-        for keys in sizes:
-            write_data_dir(Path(tmp), f"n{keys}", names[keys])
-            node = processes.node(f"n{keys}").start()
-            assert node.port is not None
-            connections[keys] = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
-
-        def ask(connection: http.client.HTTPConnection, after: str) -> int:
-            body = json.dumps({"prefix": "user/", "after": after, "limit": PAGE, "values": False}).encode()
-            return len(answer_of(connection, "POST", "/internal/list", body)["entries"])
-
-        time_pages(connections, names, times, args.pages, rng, ask)
+        connections = {
+            keys: http.client.HTTPConnection("127.0.0.1", serve(processes, Path(tmp), keys, names[keys]), timeout=30)
+            for keys in sizes
+        }
+        time_pages(connections, names, times, pages, rng, ask)
     small, big = (statistics.median(times[keys]) for keys in sizes)
+    return small, big
+
+
+def listing(args: argparse.Namespace) -> None:
+    """A node process's whole cost of a page: POST /internal/list over one keep-alive connection."""
+
+    def serve(processes: Processes, tmp: Path, keys: int, names: list[str]) -> int:
+        write_data_dir(tmp, f"n{keys}", names)
+        node = processes.node(f"n{keys}").start()
+        assert node.port is not None
+        return node.port
+
+    def ask(connection: http.client.HTTPConnection, after: str) -> int:
+        body = json.dumps({"prefix": "user/", "after": after, "limit": PAGE, "values": False}).encode()
+        return len(answer_of(connection, "POST", "/internal/list", body)["entries"])
+
+    small, big = compare_pages(args, 11, args.pages, serve, ask)
     ratio = small / big
     print(
         f"node:  page of {PAGE} keys {big * 1e6:7.1f} us from {args.big_keys} keys, {small * 1e6:7.1f} us from"
@@ -138,34 +159,27 @@ def listing(args: argparse.Namespace) -> None:
 def cluster_listing(args: argparse.Namespace) -> None:
     """
     The page as a client gets it: GET /kv through a gateway in front of three node processes
-    (N=3, so each holds every key), a cluster of --big-keys keys against one of --small-keys,
-    both running at once and asked in turn.
+    (N=3, so each holds every key).
     """
-    rng = random.Random(12)
-    sizes = (args.small_keys, args.big_keys)
-    names = {keys: [f"user/{i:08d}" for i in range(keys)] for keys in sizes}
-    times: dict[int, list[float]] = {keys: [] for keys in sizes}
-    with tempfile.TemporaryDirectory(prefix="kvd-bench-api-") as tmp, bench_processes(Path(tmp)) as processes:
-        connections = {}
-        for keys in sizes:
-            nodes = []
-            for n in "abc":
-                write_data_dir(Path(tmp), f"{n}{keys}", names[keys])
-                nodes.append(processes.node(f"{n}{keys}").start())
-            port = free_port()
-            processes.kvd(
-                f"gateway{keys}",
-                *("--role", "gateway", "--listen", f"tcp:{port}:interface=127.0.0.1"),
-                *[f"--node={n}=http://127.0.0.1:{node.port}" for n, node in zip("abc", nodes, strict=True)],
-                port=port,
-            ).start()
-            connections[keys] = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
-        def ask(connection: http.client.HTTPConnection, after: str) -> int:
-            return len(answer_of(connection, "GET", f"/kv?prefix=user/&limit={PAGE}&after={after}")["keys"])
+    def serve(processes: Processes, tmp: Path, keys: int, names: list[str]) -> int:
+        nodes = []
+        for n in "abc":
+            write_data_dir(tmp, f"{n}{keys}", names)
+            nodes.append(processes.node(f"{n}{keys}").start())
+        port = free_port()
+        processes.kvd(
+            f"gateway{keys}",
+            *("--role", "gateway", "--listen", f"tcp:{port}:interface=127.0.0.1"),
+            *[f"--node={n}=http://127.0.0.1:{node.port}" for n, node in zip("abc", nodes, strict=True)],
+            port=port,
+        ).start()
+        return port
 
-        time_pages(connections, names, times, args.pages // 4, rng, ask)
-    small, big = (statistics.median(times[keys]) for keys in sizes)
+    def ask(connection: http.client.HTTPConnection, after: str) -> int:
+        return len(answer_of(connection, "GET", f"/kv?prefix=user/&limit={PAGE}&after={after}")["keys"])
+
+    small, big = compare_pages(args, 12, args.pages // 4, serve, ask)
     ratio = small / big
     print(
         f"cluster: GET /kv page of {PAGE} keys through a gateway {big * 1e6:7.1f} us from {args.big_keys} keys,"

@@ -156,6 +156,14 @@ class JournalThread:
     sleeping thread while holding the GIL, and on a loaded machine the wake-up preempted the
     reactor with the GIL in hand (a quarter of a node's GIL-holding samples sat on that line).
     C{os.write} lets go of the GIL for the system call.
+
+    The byte is written only when the thread is about to sleep, or asleep: a job handed over
+    while it runs the one before (the store hands the next group commit over during the
+    previous fsync) is found in the deque with no system call and no wake-up. The thread
+    sets C{_idle} and only then looks at the deque a last time before it sleeps, and a
+    caller appends before it reads C{_idle}: under the GIL one of the two sees the other's
+    step, so no job is left waiting for a wake-up that never comes (at worst a stray byte
+    makes one later sleep end at once).
     """
 
     def __init__(self, reactor: Any, name: str) -> None:
@@ -165,13 +173,18 @@ class JournalThread:
         self._wake: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
+        #: Whether the thread may be asleep (or about to be) in its read of the pipe.
+        self._idle = True
+        #: Pipe bytes written, for tests and figures: one per wake-up needed, not per job.
+        self.pokes = 0
 
     def __call__(self, f: Callable[[], Any]) -> Deferred[Any]:
         if self._stopped:
             return failed(RuntimeError(f"{self._name}: the journal thread has stopped"))
         d: Deferred[Any] = Deferred()
         self._jobs.append((f, d))
-        self._poke()
+        if self._idle:
+            self._poke()
         return d
 
     def _pipe(self) -> tuple[int, int]:
@@ -181,6 +194,7 @@ class JournalThread:
         return self._wake
 
     def _poke(self) -> None:
+        self.pokes += 1
         try:
             os.write(self._pipe()[1], b"j")
         except BlockingIOError:
@@ -207,7 +221,6 @@ class JournalThread:
     def _loop(self, wake: int) -> None:
         jobs = self._jobs
         while True:
-            os.read(wake, 4096)  # one byte a job at least; the deque says how many
             while jobs:
                 job = jobs.popleft()
                 if job is None:
@@ -219,6 +232,10 @@ class JournalThread:
                     self._reactor.callFromThread(d.errback, Failure())
                 else:
                     self._reactor.callFromThread(d.callback, result)
+            self._idle = True
+            if not jobs:  # the last look, after the flag: a job appended before it was set is seen here
+                os.read(wake, 4096)  # a byte at least; the deque says how many jobs
+            self._idle = False
 
 
 class StoreService(service.Service):

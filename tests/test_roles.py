@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,48 @@ def test_the_journal_thread_runs_jobs_in_order_and_hands_results_and_errors_back
     journal(lambda: "never").addBoth(late.append)
     # A job after stop fails at once rather than waiting forever for a thread that is gone.
     assert isinstance(late[0], Failure) and "stopped" in late[0].getErrorMessage()
+
+
+def test_a_job_handed_to_the_journal_thread_while_it_runs_another_needs_no_wake_up() -> None:
+    reactor = _ThreadCalls()
+    journal = JournalThread(reactor, "test-journal")
+    journal.start()
+    try:
+        running, release = threading.Event(), threading.Event()
+        results: list[object] = []
+
+        def fsync_under_way() -> str:
+            running.set()
+            assert release.wait(10)
+            return "first"
+
+        journal(fsync_under_way).addBoth(results.append)
+        assert running.wait(10)
+        pokes = journal.pokes
+        journal(lambda: "second").addBoth(results.append)
+        assert journal.pokes == pokes, "the thread is awake: no byte down the pipe"
+        release.set()
+        reactor.run_next()
+        reactor.run_next()
+        assert results == ["first", "second"]
+    finally:
+        journal.stop()
+
+
+def test_the_journal_thread_loses_no_wake_up_when_jobs_come_as_it_goes_to_sleep() -> None:
+    """Each job waits for the one before, so most find the thread on its way to sleep, or asleep."""
+    reactor = _ThreadCalls()
+    journal = JournalThread(reactor, "test-journal")
+    journal.start()
+    try:
+        results: list[object] = []
+        for i in range(2000):
+            journal(lambda i=i: i).addBoth(results.append)  # type: ignore[misc]
+            reactor.run_next()  # fails after 10 s if a job waits for a wake-up that never came
+        assert results == list(range(2000))
+        assert 0 < journal.pokes <= 2000
+    finally:
+        journal.stop()
 
 
 @implementer(IReactorThreads)

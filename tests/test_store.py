@@ -866,3 +866,95 @@ def test_ranges_indexed_at_start_up_answer_as_the_lazy_index_does(tmp_path: Path
     store.apply("late", "x", "0000000000090000000.gw")  # kept up to date from then on, as before
     assert store.digests() == Digests.of(dict(store._data)).values()
     assert store.versions_in(every)[0]["late"] == "0000000000090000000.gw"
+
+
+# A store with its own journal thread (C{write}) keeps two journal writes in flight.
+
+
+def test_with_its_own_journal_thread_the_next_group_commit_is_handed_over_during_the_previous_one(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    runner, journal, reactor = ManualRunner(), ManualRunner(), Clock()
+    store = open_store(opened, tmp_path, run=runner, write=journal, later=reactor.callLater)
+    first = [store.put(f"a{i}", "v") for i in range(3)]
+    reactor.advance(0)
+    second = [store.put(f"b{i}", "v") for i in range(2)]
+    reactor.advance(0)
+    assert len(journal.jobs) == 2, "the second group commit waits beside the first, not behind it"
+    third = store.put("c", "v")
+    reactor.advance(0)
+    assert len(journal.jobs) == 2, "no more than two journal writes are in flight"
+    assert store.unsettled() == {"a0", "a1", "a2", "b0", "b1", "c"}
+    journal.run_one()
+    assert all(fired(d) for d in first) and not any(fired(d) for d in [*second, third])
+    reactor.advance(0)
+    assert len(journal.jobs) == 2, "the third is handed over once the first is done"
+    journal.run_one()
+    assert all(fired(d) for d in second) and not fired(third)
+    assert store.unsettled() == {"c"}
+    journal.run_one()
+    assert fired(third) and not store.unsettled() and not runner.jobs
+    store = reopen(opened, store)
+    assert dict(store.items()) == {"a0": "v", "a1": "v", "a2": "v", "b0": "v", "b1": "v", "c": "v"}
+
+
+def test_a_failed_write_fails_the_one_handed_over_after_it_unwritten_and_memory_goes_back(
+    tmp_path: Path, opened: list[Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal, reactor = ManualRunner(), Clock()
+    store = open_store(opened, tmp_path, write=journal, later=reactor.callLater)
+    store.put("kept", "old")
+    reactor.advance(0)
+    journal.run_one()
+    before = files(tmp_path)
+    written: list[bytes] = []
+
+    def full_disk(fd: int, data: bytes) -> None:
+        written.append(data)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("kvd.store.write_all", full_disk)
+    failing = store.put("kept", "new")
+    reactor.advance(0)
+    behind = store.apply_batch([["other", "v", encode(1_700_000_000_000, 0, "z")]])
+    reactor.advance(0)
+    assert len(journal.jobs) == 2
+    journal.run_one()
+    errors: list[Failure] = []
+    for d in (failing, behind):
+        d.addErrback(errors.append)
+    assert len(errors) == 2 and all(e.check(StoreFailed) for e in errors), "both writers are told, at once"
+    assert dict(store.items()) == {"kept": "old"}, "no change of either stays readable"
+    journal.run_one()  # the second write, on the thread after the failed one
+    assert len(written) == 1, "the write after the failed one never reached the file"
+    assert not journal.jobs and files(tmp_path) == before
+    assert fired(store.when_idle())
+    later: list[Failure] = []
+    store.put("later", "x").addErrback(later.append)
+    assert later and later[0].check(StoreFailed), "the store takes no more writes"
+    store = reopen(opened, store)
+    assert dict(store.items()) == {"kept": "old"}
+
+
+def test_a_compaction_due_lets_the_writes_in_flight_drain_then_starts(tmp_path: Path, opened: list[Store]) -> None:
+    runner, journal, reactor = ManualRunner(), ManualRunner(), Clock()
+    store = open_store(opened, tmp_path, run=runner, write=journal, later=reactor.callLater, compact_min_bytes=100)
+    store.put("big", "x" * 200)
+    reactor.advance(0)
+    store.put("next", "v")
+    reactor.advance(0)
+    assert len(journal.jobs) == 2
+    journal.run_one()  # the journal has outgrown its minimum: a compaction is due
+    held = store.put("held", "v")
+    reactor.advance(0)
+    assert len(journal.jobs) == 1, "nothing more is handed over while the pipeline drains"
+    assert not runner.jobs, "the journal switch waits for the write still under way"
+    journal.run_one()
+    assert len(runner.jobs) == 1, "then the compaction switches to the next journal"
+    runner.run_one()  # the new journal; the snapshot is queued, the held write goes to the new journal
+    assert len(journal.jobs) == 1
+    journal.run_one()
+    runner.run_all()
+    assert fired(held) and store.generation == 1
+    store = reopen(opened, store)
+    assert dict(store.items()) == {"big": "x" * 200, "next": "v", "held": "v"}

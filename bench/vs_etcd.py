@@ -122,14 +122,37 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, nonvoluntary) context switches of process C{pid}, summed over its threads now alive."""
+    voluntary = nonvoluntary = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        voluntary += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        nonvoluntary += int(line.split()[1])
+        except FileNotFoundError:
+            pass  # a thread that ended meanwhile
+    return voluntary, nonvoluntary
+
+
 @contextmanager
-def cpu_of(pids: dict[str, int]) -> Iterator[dict[str, float]]:
-    """CPU seconds each of C{pids} used during the ``with`` block, filled in when it ends."""
+def cpu_of(pids: dict[str, int], switches: dict[str, tuple[int, int]] | None = None) -> Iterator[dict[str, float]]:
+    """
+    CPU seconds each of C{pids} used during the ``with`` block, filled in when it ends; and,
+    given C{switches}, the (voluntary, nonvoluntary) context switches each made meanwhile.
+    """
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    switched = {name: context_switches(pid) for name, pid in pids.items()}
     used: dict[str, float] = {}
     yield used
     for name, pid in pids.items():
         used[name] = cpu_seconds(pid) - before[name]
+        if switches is not None:
+            now = context_switches(pid)
+            switches[name] = (now[0] - switched[name][0], now[1] - switched[name][1])
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -255,7 +278,8 @@ def measure(
     """A PUT run then a GET run of wrk against C{url}, with the CPU each of C{pids} used in each."""
     figures = Figures()
     for method, lua in (("PUT", put_lua), ("GET", get_lua)):
-        with cpu_of(pids) as used:
+        switches: dict[str, tuple[int, int]] = {}
+        with cpu_of(pids, switches) as used:
             result = run_wrk(url, lua, args.duration, threads=args.threads, connections=args.connections)
         if method == "PUT":
             figures.put = result
@@ -263,8 +287,14 @@ def measure(
             figures.get = result
         cpu = "  ".join(f"{name} {per_request_us(seconds, result):6.0f} us" for name, seconds in used.items())
         print(
-            f"{label:5} {method}  {result.rps:8.0f} req/s   p50 {result.latency.get('50', float('nan')):6.2f} ms"
+            f"{label:5} {method}  {result.rps:8.0f} req/s   mean {result.avg_ms:6.2f} ms"
+            f"   p50 {result.latency.get('50', float('nan')):6.2f} ms"
             f"   p99 {result.p99_ms:7.2f} ms   CPU per request: {cpu}"
+        )
+        per = max(result.requests, 1)
+        print(
+            "      context switches per request (voluntary + nonvoluntary): "
+            + "  ".join(f"{name} {v / per:.2f}+{n / per:.2f}" for name, (v, n) in switches.items())
         )
         for name, seconds in used.items():
             figures.cpu_us[f"{method} {name}"] = per_request_us(seconds, result)

@@ -1,15 +1,9 @@
 """
 A node's live store: memory first, the journal (L{kvd.journal}) behind it.
 
-Writes change the in-memory dict at once and queue a pending record. Journal writes (write +
-fsync) go off the reactor thread; records queued meanwhile go out together in the next one
-(group commit), and each write's Deferred fires once its record is durable. Given its own
-journal thread (C{write}, as a node's store is), the store hands the next group commit over
-while the previous one's fsync runs (at most L{PIPELINE} writes in flight): the thread, which
-runs them in order on the same descriptor, goes on to it without sleeping in between, and each
-fsync covers what was written before it, so a crash at any point leaves a prefix of the
-journal whose every acknowledged record is whole. A journal write that fails makes every
-later one fail unwritten, so no record lands after a torn one.
+Writes change the in-memory dict at once and queue a pending record. One write + fsync at a
+time goes to the journal off the reactor thread; records queued meanwhile go out together in
+the next one (group commit), and each write's Deferred fires once its record is durable.
 
 A journal write starts at the end of the reactor turn in which its first record was queued
 (when the store is given a C{later}, as a node's is): every request read in one poll round
@@ -112,10 +106,6 @@ Later = Callable[[float, Callable[[], None]], IDelayedCall]
 #: Keys moved from the overlay back into the dict per reactor turn after a snapshot: about
 #: 1 ms of work on a busy machine (10,000 took 29 ms).
 FOLD_SLICE = 2_000
-
-#: Journal writes a store with its own journal thread keeps in flight: one being written and
-#: fsynced, and the next one waiting beside it for the thread.
-PIPELINE = 2
 
 #: Journals smaller than this are never compacted, so a small store does not rewrite its
 #: snapshot every few writes.
@@ -309,27 +299,16 @@ class Store:
     _later: Later | None = None
     #: Runs journal writes, if not C{_run}: at a node, one long-lived thread.
     _write: Runner[Any] | None = None
-    #: The most journal writes in flight: L{PIPELINE} on a thread of their own (C{_write}),
-    #: which runs them in order; else 1 (C{_run} may be a pool of several threads).
-    _depth: int = 1
     #: The journal write scheduled for the end of this turn, if any.
     _scheduled: IDelayedCall | None = None
     #: Writes waiting for the next journal write, and those in the one under way.
     _queue: list[_Pending] = field(factory=list)
     _in_flight: list[_Pending] = field(factory=list)
-    #: How many of C{_in_flight} each journal write under way holds, oldest first.
-    _batches: list[int] = field(factory=list)
     _live: int = -1
     #: Per key range, the digest of its (key, version)s; computed on first use, then kept
     #: up to date by every change.
     _digests: Digests | None = None
-    #: Journal writes under way.
-    _writes: int = 0
-    #: Whether a compaction is switching to the next journal (no write may start meanwhile).
-    _switching: bool = False
-    #: Set by the journal's thread when a write fails there: the writes after it then fail
-    #: without touching the file.
-    _journal_broken: bool = False
+    _writing: bool = False
     _compacting: bool = False
     _failed: StoreError | None = None
     _idle: list[Deferred[None]] = field(factory=list)
@@ -415,7 +394,6 @@ class Store:
             compact_min_bytes=compact_min_bytes,
             later=later,
             write=write,
-            depth=1 if write is None else PIPELINE,
         )
 
     # Reads: memory only.
@@ -774,22 +752,9 @@ class Store:
     def _append(self, records: bytes, undo: tuple[tuple[str, str | None], ...]) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self._queue.append(_Pending(records, d, undo))
-        if self._may_write():
+        if not self._writing:
             self._flush_soon()
         return d
-
-    @property
-    def _busy(self) -> bool:
-        return self._writes > 0 or self._switching
-
-    def _may_write(self) -> bool:
-        """
-        Whether a journal write may start now: none is under way, or fewer than C{_depth}
-        and no compaction is due (then the writes drain, so that it can start).
-        """
-        if self._switching or self._writes >= self._depth:
-            return False
-        return self._writes == 0 or not self._should_compact()
 
     def _flush_soon(self) -> None:
         """Start a journal write of the queue now, or (given C{later}) at the end of this turn."""
@@ -800,47 +765,31 @@ class Store:
 
     def _flush_scheduled(self) -> None:
         self._scheduled = None
-        if self._queue and self._may_write():
+        if not self._writing and self._queue:
             self._flush()
 
     def _flush(self) -> None:
-        batch, self._queue = self._queue, []
-        self._in_flight.extend(batch)
-        self._batches.append(len(batch))
-        data = b"".join(pending.records for pending in batch)
+        self._in_flight, self._queue = self._queue, []
+        data = b"".join(pending.records for pending in self._in_flight)
         fd, fsync = self._journal_fd, self.fsync
 
         def write() -> float:
-            # On the journal's thread, after every write handed over before this one.
-            if self._journal_broken:
-                raise StoreFailed("an earlier journal write failed")
             started = time.perf_counter()
-            try:
-                write_all(fd, data)
-                if fsync:
-                    os.fsync(fd)
-            except BaseException:
-                self._journal_broken = True
-                raise
+            write_all(fd, data)
+            if fsync:
+                os.fsync(fd)
             return time.perf_counter() - started
 
-        self._writes += 1
+        self._writing = True
         (self._write or self._run)(write).addBoth(self._flushed, len(data))
 
     def _flushed(self, result: object, size: int) -> None:
-        self._writes -= 1
-        if self._failed is not None:
-            # An earlier write failed: every writer still waiting was told then.
-            self._check_idle()
-            return
-        count = self._batches.pop(0)
-        done, self._in_flight = self._in_flight[:count], self._in_flight[count:]
+        self._writing = False
+        done, self._in_flight = self._in_flight, []
         if isinstance(result, Failure):
             _log.failure("journal write failed; refusing further writes", result)
             error = self._failed = StoreFailed(f"journal write failed in {self.directory}: {result.getErrorMessage()}")
-            # The writes after it fail unwritten (the thread sees _journal_broken): their
-            # writers are told now too, and memory put back as it was before all of them.
-            failed, self._queue, self._in_flight, self._batches = done + self._in_flight + self._queue, [], [], []
+            failed, self._queue = done + self._queue, []
             # Nothing that failed may stay readable: put memory back as it was, newest first.
             for pending in reversed(failed):
                 for key, previous in reversed(pending.undo):
@@ -855,11 +804,10 @@ class Store:
             self.observe_commit(result, sum(len(pending.undo) for pending in done))
         # Start what comes next before telling the writers: their callbacks may write again
         # (a pipelined request, say), and must find the next journal write under way, not
-        # start a second one beside it. A compaction waits for the last write under way.
+        # start a second one beside it.
         if self._should_compact():
-            if self._writes == 0:
-                self._start_compaction()
-        elif self._queue and self._may_write():
+            self._start_compaction()
+        elif self._queue:
             self._flush_soon()
         for pending in done:
             pending.done.callback(None)
@@ -877,7 +825,7 @@ class Store:
     def compact(self) -> Deferred[None]:
         """Write a snapshot now (unless one is being written) and wait until it is done."""
         d = self.when_idle()
-        if not self._compacting and not self._busy and self._failed is None:
+        if not self._compacting and not self._writing and self._failed is None:
             self._start_compaction()
             d = self.when_idle()
         return d
@@ -889,7 +837,7 @@ class Store:
         Called only while no journal write is in flight, so the old journal is complete.
         """
         self._compacting = True
-        self._switching = True
+        self._writing = True
         generation = self._journal_generation + 1
         path = os.path.join(self.directory, journal_name(generation))
         directory = self.directory
@@ -922,14 +870,14 @@ class Store:
                 return size
 
             self._run(snapshot).addBoth(self._snapshotted, generation)
-            self._switching = False
+            self._writing = False
             if self._queue:
                 self._flush()
             else:
                 self._check_idle()
 
         def failed(failure: Failure) -> None:
-            self._switching = False
+            self._writing = False
             self._compacting = False
             _log.failure("could not start a new journal in {directory}", failure, directory=directory)
             if self._queue:
@@ -972,7 +920,7 @@ class Store:
         return d
 
     def _check_idle(self) -> None:
-        if self._busy or self._compacting or self._queue:
+        if self._writing or self._compacting or self._queue:
             return
         idle, self._idle = self._idle, []
         for d in idle:

@@ -87,12 +87,14 @@ class ChangeIndex:
 
     def changed(self, key: str) -> None:
         """C{key} changed now: it moves to the end of the order; its waiters wake."""
-        self._unlink(key)
-        self.position += 1
-        self._seqs.append(self.position)
+        if key in self._seq_of:
+            self._unlink(key)
+        position = self.position = self.position + 1
+        self._seqs.append(position)
         self._keys.append(key)
-        self._seq_of[key] = self.position
-        self._wake(key)
+        self._seq_of[key] = position
+        if self._key_waiters or self._feed_waiters:  # most writes have nobody waiting
+            self._wake(key)
 
     def forget(self, key: str) -> None:
         """C{key} is gone from the store entirely (dropped, not deleted): it leaves the order."""

@@ -59,6 +59,13 @@ class Digests:
         if new is not None:
             self._sums[bucket] ^= mark(key, version_of(new))
 
+    def replace(self, key: str, bucket: int, old_version: str | None, new_version: str) -> None:
+        """L{change} given the key's range and the versions (None: the key was absent)."""
+        sums = self._sums
+        if old_version is not None:
+            sums[bucket] ^= mark(key, old_version)
+        sums[bucket] ^= mark(key, new_version)
+
     def values(self) -> list[int]:
         return list(self._sums)
 

@@ -628,6 +628,16 @@ def test_any_history_of_batches_reopened_equals_a_model(
     stores: list[Store] = []
     store = open_store(stores, directory, compact_min_bytes=64)
     model: dict[str, tuple[str | None, str]] = {}
+
+    def keep_everything(store: Store) -> Store:
+        """Make every structure a node keeps beside the dict, so that each change must keep it up to date."""
+        store.index_ranges()
+        store.listing()
+        len(store)
+        result(store.expire())
+        return store
+
+    keep_everything(store)
     try:
         for op in ops:
             if op[0] == "apply":
@@ -649,9 +659,15 @@ def test_any_history_of_batches_reopened_equals_a_model(
             elif op[0] == "compact":
                 assert fired(store.compact())
             else:
-                store = reopen(stores, store)
+                store = keep_everything(reopen(stores, store))
             assert dict(store.entries()) == model
             assert store.digests() == Digests.of({k: pack(*e) for k, e in model.items()}).values()
+            # What the batch path keeps up to date beside the dict, against the model.
+            assert len(store) == sum(value is not None for value, _ in model.values())
+            assert [key for key, _, _ in store.listing(limit=1000).entries] == sorted(model)
+            versions, tombstones = store.versions_in(range(256))
+            assert versions == {k: version for k, (_, version) in model.items()}
+            assert sorted(tombstones) == sorted(k for k, (value, _) in model.items() if value is None)
         store = reopen(stores, store)
         assert dict(store.entries()) == model
     finally:

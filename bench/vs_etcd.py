@@ -42,7 +42,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,6 +67,8 @@ P99_TARGET_MS = 10.0
 GATEWAY_GET_US_TARGET = 150.0
 GATEWAY_PUT_US_TARGET = 180.0
 NODE_PUT_US_TARGET = 50.0
+#: Where the tail of a node's group commits is counted (bucket bounds of its histograms, seconds).
+TAIL_BOUNDS = ("0.0025", "0.005", "0.01", "0.025")
 
 ETCD_INSTALL = "apt-get install etcd-server"
 
@@ -191,6 +193,29 @@ def batching(before: dict[str, float], after: dict[str, float], writes: int) -> 
     )
 
 
+def over(
+    before: dict[str, float], after: dict[str, float], histogram: str, bounds: tuple[str, ...], label: str = ""
+) -> str:
+    """
+    From /metrics deltas: the share of a histogram's observations above each bound (seconds,
+    as the bucket labels spell them), e.g. 'over 5 ms 0.8 %'; only its samples holding
+    C{label} (such as C{route="/kv/{key}"}) are counted.
+    """
+
+    def count(le: str) -> float:
+        total = 0.0
+        for name, value in after.items():
+            if name.startswith(histogram + "_bucket{") and f'le="{le}"' in name and label in name:
+                total += value - before.get(name, 0.0)
+        return total
+
+    everything = count("+Inf")
+    if not everything:
+        return "none observed"
+    shares = ((le, (everything - count(le)) / everything * 100) for le in bounds)
+    return ", ".join(f"over {float(le) * 1000:g} ms {share:.2f} %" for le, share in shares)
+
+
 def per_request_us(seconds: float, result: WrkResult) -> float:
     return seconds / result.requests * 1e6 if result.requests else float("nan")
 
@@ -274,8 +299,12 @@ def measure(
     get_lua: Path,
     pids: dict[str, int],
     args: argparse.Namespace,
+    put_done: Callable[[], None] = lambda: None,
 ) -> Figures:
-    """A PUT run then a GET run of wrk against C{url}, with the CPU each of C{pids} used in each."""
+    """
+    A PUT run then a GET run of wrk against C{url}, with the CPU each of C{pids} used in each;
+    C{put_done} is called between the two.
+    """
     figures = Figures()
     for method, lua in (("PUT", put_lua), ("GET", get_lua)):
         switches: dict[str, tuple[int, int]] = {}
@@ -283,6 +312,7 @@ def measure(
             result = run_wrk(url, lua, args.duration, threads=args.threads, connections=args.connections)
         if method == "PUT":
             figures.put = result
+            put_done()
         else:
             figures.get = result
         cpu = "  ".join(f"{name} {per_request_us(seconds, result):6.0f} us" for name, seconds in used.items())
@@ -324,18 +354,38 @@ def run_kvd(workdir: Path, items: list[tuple[str, str]], args: argparse.Namespac
     get_lua = write_lua(workdir, "kvd-get.lua", GET_LUA, n=args.keys, prefix="key")
     with bench_processes(workdir) as processes:
         registry = processes.registry().start()
-        nodes = [processes.node(n, None, "--registry", registry.url).start() for n in ("a", "b", "c")]
+        nodes = [
+            processes.node(n, None, "--registry", registry.url, "--fsync", args.fsync).start() for n in ("a", "b", "c")
+        ]
         gateway = processes.gateway("--registry", registry.url).start()
         wait_for_members(gateway, 3, STARTUP_SECONDS)
         assert gateway.port is not None
         preload(gateway.port, items)
         pids = {"gateway": gateway.pid, **{f"node {node.args[3]}": node.pid for node in nodes}}
         assert nodes[0].port is not None
-        before = scrape(nodes[0].port)
-        figures = measure("kvd", gateway.url, put_lua, get_lua, pids, args)
+        before, gateway_before = scrape(nodes[0].port), scrape(gateway.port)
+        scraped: list[dict[str, float]] = []
+        figures = measure(
+            "kvd",
+            gateway.url,
+            put_lua,
+            get_lua,
+            pids,
+            args,
+            put_done=lambda: scraped.extend([scrape(nodes[0].port), scrape(gateway.port)]),  # type: ignore[arg-type]
+        )
         assert figures.put is not None
-        # The GET run after the PUT run sends no applies and commits nothing.
-        print(f"      node a during the PUT run: {batching(before, scrape(nodes[0].port), figures.put.requests)}")
+        after, gateway_after = scraped
+        print(f"      node a during the PUT run: {batching(before, after, figures.put.requests)}")
+        print(f"      node a's group commits (write + fsync): {over(before, after, 'kvd_fsync_seconds', TAIL_BOUNDS)}")
+        print(
+            "      node a's /internal/apply, arrival to answer: "
+            + over(before, after, "kvd_http_request_seconds", TAIL_BOUNDS, 'route="/internal/apply"')
+        )
+        print(
+            "      the gateway's PUTs, arrival to answer: "
+            + over(gateway_before, gateway_after, "kvd_http_request_seconds", TAIL_BOUNDS, 'route="/kv/{key}"')
+        )
         profile = profile_kvd(gateway, nodes[0], gateway.url, put_lua, get_lua, args) if args.profile else []
     return figures, profile
 
@@ -447,6 +497,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--no-etcd", action="store_true", help="measure kvd alone")
+    parser.add_argument(
+        "--fsync",
+        choices=("always", "never"),
+        default="always",
+        help="the nodes' --fsync: 'never' (UNSAFE, a diagnostic) shows what the disk's fsyncs add to the tail",
+    )
     parser.add_argument("--profile", metavar="DIR", default=None, help="py-spy the gateway and a node into DIR")
     parser.add_argument("--profile-seconds", type=float, default=10.0)
     args = parser.parse_args()
@@ -456,7 +512,7 @@ def main() -> None:
     report_quiet()
     print(
         f"wrk -t{args.threads} -c{args.connections}, {args.duration:g} s a run, {args.keys} keys of "
-        f"{args.value_size}-byte values; kvd: registry + 3 nodes + gateway, N=3 W=2 R=2, fsync always"
+        f"{args.value_size}-byte values; kvd: registry + 3 nodes + gateway, N=3 W=2 R=2, fsync {args.fsync}"
     )
     items = [(f"key{i}", "v" * args.value_size) for i in range(args.keys)]
     binary = None if args.no_etcd else etcd_binary()

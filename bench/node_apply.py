@@ -4,7 +4,9 @@ loaded gateway sends them (--batch items, rising versions, over --keys keys), wi
 keeps beside its dict (range digests and key sets from C{index_ranges}, the write order index
 L{kvd.changes.ChangeIndex}), and a journal write that costs nothing (the fsync is not what this
 measures). CPU microseconds per item, the best of a few rounds; --calls also counts the
-Python function calls per item, a figure the machine's load does not move. Prints figures only.
+Python function calls per item, a figure the machine's load does not move; and the garbage
+collector's passes during the rounds, by generation, with the longest (a pause of the
+node's event loop, were it serving). Prints figures only.
 
     python bench/node_apply.py [--keys 1000] [--batch 14] [--batches 5000] [--rounds 5] [--calls]
 """
@@ -12,6 +14,7 @@ Python function calls per item, a figure the machine's load does not move. Print
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -33,6 +36,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", action="store_true", help="count Python calls per item (slow)")
+    parser.add_argument(
+        "--freeze", action="store_true", help="gc.freeze() once the store is built, as a node could after start-up"
+    )
     args = parser.parse_args()
     kvd_dir = ensure_kvd_importable()
     from kvd.changes import ChangeIndex
@@ -60,6 +66,22 @@ def main() -> None:
 
         for items in batches(args.keys // args.batch + 1):  # every key held once
             store.apply_batch(items)
+        if args.freeze:
+            gc.collect()
+            gc.freeze()
+        passes = [0, 0, 0]
+        longest = [0.0, 0.0, 0.0]
+        began = [0.0]
+
+        def collected(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                began[0] = time.perf_counter()
+            else:
+                generation = info["generation"]
+                passes[generation] += 1
+                longest[generation] = max(longest[generation], time.perf_counter() - began[0])
+
+        gc.callbacks.append(collected)
         best = float("inf")
         for _ in range(args.rounds):
             work = batches(args.batches)
@@ -67,10 +89,24 @@ def main() -> None:
             for items in work:
                 store.apply_batch(items)
             best = min(best, time.process_time() - started)
+        gc.callbacks.remove(collected)
         per_item = best / (args.batches * args.batch) * 1e6
         print(
             f"apply_batch of {args.batch} items over {args.keys} keys: "
             f"{per_item:.2f} us CPU per item (best of {args.rounds})"
+        )
+        items = args.rounds * args.batches * args.batch
+        print(
+            f"  garbage collections over {items:,} items: "
+            + ", ".join(f"generation {g} {passes[g]} (longest {longest[g] * 1000:.2f} ms)" for g in range(3))
+        )
+        del work
+        gc.collect()
+        started = time.perf_counter()
+        gc.collect()
+        print(
+            f"  a full collection, the store's structures alone: {(time.perf_counter() - started) * 1000:.2f} ms"
+            f" ({len(gc.get_objects()):,} objects tracked)"
         )
         if args.calls:
             calls = [0]

@@ -18,6 +18,7 @@ list of prefix waiters; there is no timer or loop per waiter.
 from __future__ import annotations
 
 import secrets
+from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
 
@@ -50,9 +51,13 @@ class ChangeIndex:
     epoch: str = field(factory=lambda: secrets.token_hex(8))
     #: The last sequence number handed out: the position of "now".
     position: int = 0
-    #: Ascending sequence numbers, and the key each was given to (None once the key changed again).
-    _seqs: list[int] = field(factory=list)
-    _keys: list[str | None] = field(factory=list)
+    #: Ascending sequence numbers handed out, some stale (their key changed again since): an
+    #: array of machine integers, which the garbage collector does not walk (a list of 1M
+    #: made each full collection of a node's heap walk 1M entries).
+    _seqs: array[int] = field(factory=lambda: array("q"))
+    #: The key of each sequence number that is still its key's latest, and the reverse: dicts
+    #: of strings and integers only, which the garbage collector leaves alone too.
+    _key_at: dict[int, str] = field(factory=dict)
     _seq_of: dict[str, int] = field(factory=dict)
     _stale: int = 0
     _key_waiters: dict[str, list[Deferred[None]]] = field(factory=dict)
@@ -91,7 +96,7 @@ class ChangeIndex:
             self._unlink(key)
         position = self.position = self.position + 1
         self._seqs.append(position)
-        self._keys.append(key)
+        self._key_at[position] = key
         self._seq_of[key] = position
         if self._key_waiters or self._feed_waiters:  # most writes have nobody waiting
             self._wake(key)
@@ -104,12 +109,11 @@ class ChangeIndex:
         old = self._seq_of.pop(key, None)
         if old is None:
             return
-        self._keys[bisect_right(self._seqs, old) - 1] = None
+        del self._key_at[old]
         self._stale += 1
         if self._stale > 1024 and self._stale * 2 > len(self._seqs):
-            kept = [(seq, k) for seq, k in zip(self._seqs, self._keys, strict=True) if k is not None]
-            self._seqs = [seq for seq, _ in kept]
-            self._keys = [k for _, k in kept]
+            # The live sequence numbers, in order: the dict's own order, as they were added in it.
+            self._seqs = array("q", self._key_at)
             self._stale = 0
 
     def seq_of(self, key: str) -> int | None:
@@ -123,10 +127,10 @@ class ChangeIndex:
         """
         at = bisect_right(self._seqs, position)
         found: list[str] = []
-        seqs, keys = self._seqs, self._keys
+        seqs, key_at = self._seqs, self._key_at
         end = min(len(seqs), at + scan)
         while at < end and len(found) < limit:
-            key = keys[at]
+            key = key_at.get(seqs[at])
             if key is not None and key.startswith(prefix):
                 found.append(key)
             at += 1

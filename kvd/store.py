@@ -323,7 +323,10 @@ class Store:
     #: The keys held in each key range (tombstones too); made by the first L{versions_in}
     #: (a repair sweep's question), then kept up to date as keys come and go, so a sweep's
     #: question costs the keys of the ranges it names rather than a hash of every key held.
-    _buckets: list[set[str]] | None = None
+    #: Each range's keys are a dict's keys (values None), not a set: a dict of strings only is
+    #: untracked by the garbage collector, while sets of 1M keys made each full collection
+    #: walk them all (bench/node_apply.py).
+    _buckets: list[dict[str, None]] | None = None
     #: (expiry in ms, key) of live entries that carry an expiry, soonest first; made by the
     #: first L{expire}, then kept up to date by every change. Stale items are skipped.
     _expiring: list[tuple[int, str]] | None = None
@@ -542,11 +545,11 @@ class Store:
         """
         if self._digests is None and self._buckets is None:
             sums = [0] * BUCKETS
-            buckets: list[set[str]] = [set() for _ in range(BUCKETS)]
+            buckets: list[dict[str, None]] = [{} for _ in range(BUCKETS)]
             for key, packed in self._data.items():
                 bucket = bucket_of(key)
                 sums[bucket] ^= mark(key, version_of(packed))
-                buckets[bucket].add(key)
+                buckets[bucket][key] = None
             self._digests, self._buckets = Digests(sums), buckets
 
     def digests(self) -> list[int]:
@@ -558,9 +561,9 @@ class Store:
     def versions_in(self, buckets: Iterable[int]) -> tuple[dict[str, str], list[str]]:
         """key -> version for every key in the given ranges, and which of them are tombstones (or expired)."""
         if self._buckets is None:
-            self._buckets = [set() for _ in range(BUCKETS)]
+            self._buckets = [{} for _ in range(BUCKETS)]
             for key in self._data:
-                self._buckets[bucket_of(key)].add(key)
+                self._buckets[bucket_of(key)][key] = None
         data, by_bucket = self._data, self._buckets
         versions, tombstones = {}, []
         for bucket in set(buckets):
@@ -740,14 +743,14 @@ class Store:
                 if index is not None:
                     index.remove(key)
                 if self._buckets is not None:
-                    self._buckets[bucket_of(key)].discard(key)
+                    self._buckets[bucket_of(key)].pop(key, None)
         else:
             self._data[key] = packed
             if old is None:
                 if index is not None:
                     index.add(key)
                 if self._buckets is not None:
-                    self._buckets[bucket_of(key)].add(key)
+                    self._buckets[bucket_of(key)][key] = None
         if self._live >= 0:
             self._live += (packed is not None and is_live(packed)) - (old is not None and is_live(old))
         if self._digests is not None:
@@ -773,7 +776,7 @@ class Store:
                 self._index.add(key)
             if self._buckets is not None:
                 bucket = bucket_of(key)
-                self._buckets[bucket].add(key)
+                self._buckets[bucket][key] = None
         if self._live >= 0:
             self._live += live - (old is not None and SEP in old)
         if self._digests is not None:

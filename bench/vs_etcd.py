@@ -176,15 +176,15 @@ def batching(before: dict[str, float], after: dict[str, float], writes: int) -> 
     requests = sum(
         v - before.get(k, 0.0)
         for k, v in after.items()
-        if k.startswith("kvd_http_requests_total") and "/internal/apply" in k
+        if k.startswith("kvd_http_requests_total") and "/internal/" in k
     )
     commits = delta("kvd_group_commit_writes_count")
     committed = delta("kvd_group_commit_writes_sum")
     fsync = delta("kvd_fsync_seconds_sum")
     counted = (
-        f"{requests:,.0f} internal apply requests ({writes / requests:.1f} writes each)"
+        f"{requests:,.0f} internal requests ({writes / requests:.1f} writes each)"
         if requests
-        else "internal apply requests not counted in its /metrics"
+        else "internal requests not counted in its /metrics"
     )
     return (
         f"{counted}, "
@@ -379,8 +379,8 @@ def run_kvd(workdir: Path, items: list[tuple[str, str]], args: argparse.Namespac
         print(f"      node a during the PUT run: {batching(before, after, figures.put.requests)}")
         print(f"      node a's group commits (write + fsync): {over(before, after, 'kvd_fsync_seconds', TAIL_BOUNDS)}")
         print(
-            "      node a's /internal/apply, arrival to answer: "
-            + over(before, after, "kvd_http_request_seconds", TAIL_BOUNDS, 'route="/internal/apply"')
+            "      node a's internal requests, arrival to answer: "
+            + over(before, after, "kvd_http_request_seconds", TAIL_BOUNDS, 'route="/internal/*"')
         )
         print(
             "      the gateway's PUTs, arrival to answer: "

@@ -18,6 +18,17 @@ the median of the rounds' ratios (with each side's median CPU per request).
 
 With ``--profile DIR`` the gateway and one node are sampled with py-spy during the last
 If-Match measurement only (sampling slows them: that round's figures are lower).
+
+With ``--in-process COUNT`` there are no processes: a gateway (the real proposer and node
+clients) and three nodes (the real NodeAPI, store and acceptor, fsync off, journal written
+at once) on the in-memory network of kvd/testing/network.py, one Clock, ``--width`` writes
+at a time so the nodes' batches hold several items, as under load. It prints CPU µs per
+write of each kind; under valgrind's callgrind the instructions per write, which the
+machine's load does not move, are the difference of two runs over the difference of their
+writes:
+
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p python bench/cas.py \
+        --in-process 200 --only If-Match   # and again with 1200; the same with --only plain
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import statistics
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from checkout import ensure_kvd_importable
 from profiling import PySpy, add_profile_argument, summarize_profile
@@ -94,15 +106,103 @@ def scrape(url: str) -> dict[str, float]:
     return found
 
 
+def in_process(count: int, width: int, only: str | None) -> None:
+    """C{count} writes of each kind (or C{only} one), C{width} at a time, in process; prints CPU per write."""
+    import json
+    import operator
+    import time
+
+    from twisted.internet.defer import Deferred, gatherResults
+    from twisted.internet.task import Clock
+
+    from kvd.gateway import Cluster
+    from kvd.gateway.cas import Proposer
+    from kvd.gateway.coordinator import Coordinator
+    from kvd.gateway.nodes import NodeClients
+    from kvd.membership import NodeInfo
+    from kvd.paxos import Acceptor, committed_in
+    from kvd.resources import GatewayAPI, NodeAPI
+    from kvd.store import Store
+    from kvd.testing.network import Network
+    from kvd.versions import HybridClock
+
+    class FastClock(Clock):
+        """Clock sorts its calls by a Python lambda at every advance (iosim advances at every pump): by a C key here."""
+
+        def _sortCalls(self) -> None:
+            self.calls.sort(key=by_time)
+
+    by_time = operator.attrgetter("time")
+    clock = FastClock()
+    clock.advance(1_700_000_000)
+    network = Network(clock)
+    members = {n: NodeInfo(n, f"http://{n}.test") for n in ("a", "b", "c")}
+    with tempfile.TemporaryDirectory(prefix="kvd-bench-cas-") as tmp:
+        closing = []
+        for node_id in members:
+            store = Store.open(f"{tmp}/{node_id}", clock=HybridClock(clock.seconds, node_id), fsync=False)
+            acceptor = Acceptor.open(store.directory, committed_in(store), unsettled=store.unsettled, fsync=False)
+            closing.append((store, acceptor))
+            network.serve(f"{node_id}.test", NodeAPI(node_id, store, acceptor=acceptor).resource())
+        cluster = Cluster(vnodes=64, replicas=3)
+        cluster.update(members)
+        nodes = NodeClients(network.peers("gw", timeout=600.0))
+        hlc = HybridClock(clock.seconds, "gw")
+        proposer = Proposer(cluster, nodes, hlc, clock)
+        network.serve("gw.test", GatewayAPI(cluster, Coordinator(cluster, nodes, hlc), proposer=proposer).resource())
+        client = network.peers(timeout=600.0)
+        body = b"v" * 100
+        kinds = {"plain": b"", "If-Match": b"If-Match: *\r\n"}
+
+        def wave(headers: bytes, first: int) -> None:
+            done: list[Any] = []
+            asked = [
+                client.call("PUT", f"http://gw.test/kv/key{(first + i) % 1000}", body, headers=headers)
+                for i in range(width)
+            ]
+            together: Deferred[Any] = gatherResults(asked)
+            together.addBoth(done.append)
+            while not done:
+                network.flush()
+                if not done:
+                    clock.advance(0.001)
+            answers = done[0]
+            assert isinstance(answers, list), answers
+            for answer in answers:
+                assert answer.status == 200, (answer.status, json.loads(answer.body))
+
+        for i in range(0, 1000, width):
+            wave(b"", i)  # preload: every key live, so "If-Match: *" holds
+        for name, headers in kinds.items():
+            if only is not None and name != only:
+                continue
+            wave(headers, 0)  # connections open, caches warm
+            started = time.process_time()
+            for i in range(0, count, width):
+                wave(headers, i)
+            used = time.process_time() - started
+            per = used / count * 1e6
+            print(f"{name:9} {per:7.1f} us CPU per write (in process, {count} writes, {width} at a time)")
+        for store, acceptor in closing:
+            acceptor.close()
+            store.abandon()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of wrk per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="measurements of each kind, alternating")
     parser.add_argument("--keys", type=int, default=1000, help="distinct keys written")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--in-process", type=int, default=0, metavar="COUNT", help="see above: no processes")
+    parser.add_argument("--width", type=int, default=16, help="with --in-process: writes at a time")
+    parser.add_argument("--only", choices=("plain", "If-Match"), default=None, help="with --in-process")
     add_profile_argument(parser)
     args = parser.parse_args()
     print(f"kvd from {ensure_kvd_importable()}")
+    if args.in_process:
+        in_process(args.in_process, args.width, args.only)
+        return
     print(machine())
     report_quiet()
     items = [(f"key{i}", "v" * 100) for i in range(args.keys)]

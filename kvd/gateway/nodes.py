@@ -633,7 +633,7 @@ class NodeClients:
 
     def __call__(self, node: NodeInfo) -> NodeClient:
         client = self._clients.get(node.id)
-        if client is None or client.node != node:
+        if client is None or (client.node is not node and client.node != node):
             client = self._clients[node.id] = NodeClient(
                 node, self.peers, self.on_clock, self.health, self._cork, self.sent
             )

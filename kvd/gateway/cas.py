@@ -29,15 +29,15 @@ from functools import partial
 from typing import Any, TypeVar
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from kvd.gateway.cluster import Cluster, ClusterView
 from kvd.gateway.coordinator import WriteOutcome
 from kvd.gateway.nodes import NodeClients, PromiseAnswer, Written
-from kvd.gateway.quorum import Gathered, Receipt, Reply, gather
+from kvd.gateway.quorum import Gathered, Receipt, Reply, gather_to
 from kvd.keys import Precondition, Unavailable
 from kvd.paxos import Proposal
 from kvd.ttl import expired, with_expiry
@@ -94,24 +94,24 @@ class Proposer:
         view = self.cluster.view()
         owners, _ = view.placement(key)
         expires = None if ttl is None else self.clock.now() + ttl
-        return _Write(self, key, value, precondition, expires, view, owners).round()
+        return _Write(self, key, value, precondition, expires, view, owners).start()
 
     def _observe(self, versions: list[str]) -> None:
         for version in versions:
             self.clock.observe(version)
 
-    def _gather(
+    def _gather_to(
         self,
+        then: Callable[[Gathered[T]], object],
         tell: Callable[[str, Reply[T]], object],
         owners: list[str],
-        majority: int,
         accept: Callable[[T], bool],
-    ) -> Deferred[Gathered[T]]:
+    ) -> None:
         """
         Ask a majority of the owners (those the failure detector deems reachable first); ask
         another in place of one that fails, and also once L{HEDGE_AFTER} times the usual
         worst latency of those asked has passed without a majority. Any majority will do for
-        Paxos, and the owners not asked cost nothing.
+        Paxos, and the owners not asked cost nothing. C{then} is given what was gathered.
 
         Later than a read hedges: a hedged prepare or accept is a durable write (a group
         commit) at one more node, and an item often waits in its node's queue for the batch
@@ -121,18 +121,20 @@ class Proposer:
         health = self.nodes.health
         reachable = health.reachable
         ordered = owners if all(map(reachable, owners)) else sorted(owners, key=lambda node_id: not reachable(node_id))
+        majority = len(owners) // 2 + 1
         first, spares = ordered[:majority], ordered[majority:]
         delay = min(health.ceiling, HEDGE_AFTER * health.hedge_delay(first))
-        return gather(_no_ask, first, spares, majority, accept, hedge=(health.clock, delay), tell=tell)
+        gather_to(then, tell, first, spares, majority, accept, hedge=(health.clock, delay))
 
 
 class _Write:
     """
-    One conditional write's rounds (see L{Proposer.write}): plain callbacks, one object, no
-    coroutine (each await of one was a generator step and a Deferred's callbacks) and no
-    Deferred per node asked (each answer goes straight to its phase's gathering, as a plain
-    PUT's do: L{kvd.gateway.coordinator}). A class, not closures: a nested function that
-    calls itself again (the next round) would be a reference cycle.
+    One conditional write's rounds (see L{Proposer.write}): plain callbacks on one object
+    and one Deferred, the outcome's. No coroutine (each await was a generator step and a
+    Deferred's callbacks), no Deferred per phase (each phase's gathering calls the next step:
+    L{gather_to}) and none per node asked (each answer goes straight to its phase's gathering,
+    as a plain PUT's do: L{kvd.gateway.coordinator}). A class, not closures: a nested function
+    that calls itself again (the next round) would be a reference cycle.
     """
 
     __slots__ = (
@@ -147,6 +149,8 @@ class _Write:
         "lost",
         "rounds",
         "mine",
+        "done",
+        "proposal",
     )
 
     def __init__(
@@ -166,27 +170,44 @@ class _Write:
         #: The versions this write proposed, and whether the key was live before each: one of
         #: them found chosen by a later round (another proposer finished it) is this write's success.
         self.mine: dict[str, bool] = {}
+        self.done: Deferred[WriteOutcome] = Deferred()
+        #: The proposal of the round's accept phase.
+        self.proposal: Proposal | None = None
 
-    def round(self) -> Deferred[WriteOutcome]:
-        if self.rounds == MAX_ROUNDS:
-            return fail(Contended(f"conditional write of {self.key!r}: other writers kept winning; try again"))
-        self.rounds += 1
-        ballot = self.proposer.clock.next()
-        d = self.proposer._gather(partial(self._tell_prepare, ballot), self.owners, self.majority, _promised)
-        return d.addCallback(self._promised, ballot)
+    def start(self) -> Deferred[WriteOutcome]:
+        self.round()
+        return self.done
 
-    def _pause(self) -> Deferred[WriteOutcome]:
+    def _step(self, step: Callable[[Gathered[Any]], None], gathered: Gathered[Any]) -> None:
+        """Run a step; what it raises (a 412, a 503) is the write's outcome."""
+        try:
+            step(gathered)
+        except Exception:
+            if self.done.called:
+                _log.failure("conditional write of {key!r} after its outcome", key=self.key)
+            else:
+                self.done.errback(Failure())
+
+    def round(self) -> None:
+        try:
+            if self.rounds == MAX_ROUNDS:
+                raise Contended(f"conditional write of {self.key!r}: other writers kept winning; try again")
+            self.rounds += 1
+            ballot = self.proposer.clock.next()
+            tell = partial(self._tell_prepare, ballot)
+            self.proposer._gather_to(partial(self._step, partial(self._promised, ballot)), tell, self.owners, _promised)
+        except Exception:
+            self.done.errback(Failure())
+
+    def _pause(self) -> None:
         """The next round, after a random pause: this one lost to another proposer."""
         self.lost += 1
         proposer = self.proposer
         proposer.conflicts += 1
         delay = proposer.random() * BACKOFF * (2 ** min(self.lost, 6))
-        return deferLater(proposer.scheduler, delay, _nothing).addCallback(self._again)
+        proposer.scheduler.callLater(delay, self.round)
 
-    def _again(self, _: None) -> Deferred[WriteOutcome]:
-        return self.round()
-
-    def _promised(self, promises: Gathered[PromiseAnswer], ballot: str) -> Deferred[WriteOutcome] | WriteOutcome:
+    def _promised(self, ballot: str, promises: Gathered[PromiseAnswer]) -> None:
         proposer, majority, mine = self.proposer, self.majority, self.mine
         answers = promises.answers
         granted = [answer for answer in answers.values() if answer[0].promised]
@@ -198,11 +219,13 @@ class _Write:
                 # accepted somewhere, and the next proposer for the key would finish it.
                 promises.require("conditional write (prepare)", majority, Receipt([], {}, partial=bool(mine)))
             proposer._observe(versions + [p.ballot for p, _ in answers.values()])
-            return self._pause()
+            self._pause()
+            return
         if any(version >= ballot for version in versions):
             # The new entry's version is this ballot: it must be newer than any there is.
             proposer._observe(versions)
-            return self.round()
+            self.round()
+            return
         newest = max((e for _, e in granted if e is not None), key=_version_of, default=None)
         if newest is not None and newest[0] and expired(newest[1], proposer.clock.now()):
             newest = (False, newest[1])  # expired by this gateway's clock: absent, as a read here says
@@ -212,69 +235,55 @@ class _Write:
             left = max(unfinished, key=_ballot_of)
             _log.info("finishing an unfinished write of {key!r} ({version})", key=self.key, version=left.version)
             proposer.recovered += 1
-            d = self._propose(Proposal(ballot, left.value, left.version))
-            return d.addCallback(self._recovering, left)
+            self._propose(Proposal(ballot, left.value, left.version))
+            return
         if newest_version in mine:
             # This write's own proposal was chosen (finished by another proposer): it took effect.
-            return self._commit(self.value, newest_version, ()).addCallback(
-                self._outcome, newest_version, mine[newest_version]
-            )
+            self._commit(self.value, newest_version, ())
+            return
         live = newest is not None and newest[0]
         self.precondition.check_current(newest_version if live else None)
         version = ballot if self.expires is None else with_expiry(ballot, self.expires)
         mine[version] = live
-        return self._propose(Proposal(ballot, self.value, version)).addCallback(self._accepted, version, live)
+        self._propose(Proposal(ballot, self.value, version))
 
-    def _accepted(self, accepted_by: list[str] | None, version: str, live: bool) -> Deferred[WriteOutcome]:
-        if accepted_by is None:
-            return self._pause()
-        return self._commit(self.value, version, accepted_by).addCallback(self._outcome, version, live)
+    def _propose(self, proposal: Proposal) -> None:
+        """Ask a majority of owners to accept C{proposal}; commit it once they did."""
+        self.proposal = proposal
+        tell = partial(self._tell_accept, proposal)
+        self.proposer._gather_to(partial(self._step, self._proposed), tell, self.owners, _accepted)
 
-    def _recovering(self, accepted_by: list[str] | None, left: Proposal) -> Deferred[WriteOutcome]:
-        if accepted_by is None:
-            return self._pause()
-        return self._commit(left.value, left.version, accepted_by).addCallback(self._recovered, left)
-
-    def _recovered(self, receipt: Receipt, left: Proposal) -> Deferred[WriteOutcome] | WriteOutcome:
-        if left.version in self.mine:
-            return WriteOutcome(left.version, self.mine[left.version], receipt)
-        return self.round()
-
-    @staticmethod
-    def _outcome(receipt: Receipt, version: str, live: bool) -> WriteOutcome:
-        return WriteOutcome(version, live, receipt)
-
-    def _propose(self, proposal: Proposal) -> Deferred[list[str] | None]:
-        """The owners that accepted C{proposal}, once a majority did; None when one refused."""
-        d = self.proposer._gather(partial(self._tell_accept, proposal), self.owners, self.majority, _accepted)
-        return d.addCallback(self._proposed)
-
-    def _proposed(self, gathered: Gathered[tuple[bool, str]]) -> list[str] | None:
+    def _proposed(self, gathered: Gathered[tuple[bool, str]]) -> None:
+        proposal = self.proposal
+        assert proposal is not None
         if gathered.accepted >= self.majority:
-            return gathered.accepted_by
+            self._commit(proposal.value, proposal.version, gathered.accepted_by)
+            return
         if len(gathered.answers) < self.majority:
             # An owner that did not answer may have accepted: the next round may finish it.
             gathered.require("conditional write (accept)", self.majority, Receipt([], {}, partial=True))
         self.proposer._observe([ballot for _, ballot in gathered.answers.values()])
-        return None
+        self._pause()
 
-    def _commit(self, value: str | None, version: str, accepted_by: Collection[str]) -> Deferred[Receipt]:
+    def _commit(self, value: str | None, version: str, accepted_by: Collection[str]) -> None:
         """
-        Write the chosen entry to the owners; fires once W (and a majority) hold it or newer.
-        Those in C{accepted_by} accepted the very proposal: they are sent its key and version
-        only (L{kvd.gateway.nodes.NodeClient.commit_accepted_to}).
+        Write the chosen entry to the owners, until W (and a majority) hold it or newer. Those
+        in C{accepted_by} accepted the very proposal: they are sent its key and version only
+        (L{kvd.gateway.nodes.NodeClient.commit_accepted_to}).
         """
         owners = self.owners
         needed = min(len(owners), max(self.proposer.write_quorum, self.majority))
         tell = partial(self._tell_commit, value, version, accepted_by)
-        d = gather(_no_ask, owners, (), needed, partial(_holds, version), tell=tell)
-        return d.addCallback(self._committed, needed)
+        then = partial(self._step, partial(self._committed, version, needed))
+        gather_to(then, tell, owners, (), needed, partial(_holds, version))
 
-    @staticmethod
-    def _committed(gathered: Gathered[Written], needed: int) -> Receipt:
+    def _committed(self, version: str, needed: int, gathered: Gathered[Written]) -> None:
         receipt = gathered.receipt()
         gathered.require("conditional write (commit)", needed, receipt)
-        return receipt
+        if version in self.mine:
+            self.done.callback(WriteOutcome(version, self.mine[version], receipt))
+        else:
+            self.round()  # an unfinished write of another, finished: now this one's round
 
     def _tell_prepare(self, ballot: str, node_id: str, reply: Reply[PromiseAnswer]) -> None:
         self.proposer.asked += 1
@@ -292,14 +301,6 @@ class _Write:
             client.commit_accepted_to(reply, self.key, value, version)
         else:
             client.commit_to(reply, self.key, value, version)
-
-
-def _nothing() -> None:
-    return None
-
-
-def _no_ask(node_id: str) -> Deferred[Any]:
-    raise AssertionError("asked through tell")
 
 
 def _promised(answer: PromiseAnswer) -> bool:

@@ -106,6 +106,123 @@ def scrape(url: str) -> dict[str, float]:
     return found
 
 
+class FakeNodes:
+    """
+    Stands for three nodes behind a gateway's transport (L{kvd.transport.Peers}' C{call}):
+    applies, and prepares, accepts and commits with the acceptor's rules, over dicts; every
+    answer waits for L{release}.
+    """
+
+    timeout = 5.0
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.held: dict[tuple[str, str], tuple[str | None, str]] = {}
+        self.promised: dict[tuple[str, str], str] = {}
+        self.accepted: dict[tuple[str, str], tuple[str | None, str]] = {}
+        self.waiting: list[tuple[Any, Any]] = []
+
+    def release(self) -> None:
+        while self.waiting:
+            waiting, self.waiting = self.waiting, []
+            for d, answer in waiting:
+                d.callback(answer)
+
+    def _paxos(self, node: str, item: list[Any]) -> Any:
+        at = (node, item[1])
+        if item[0] == "p":
+            promised = self.promised.get(at, "")
+            if item[2] > promised:
+                self.promised[at] = promised = item[2]
+            held = self.held.get(at)
+            return [promised == item[2], promised, None, None if held is None else [held[0] is not None, held[1]]]
+        if item[0] == "a":
+            if item[2] < self.promised.get(at, ""):
+                return [False, self.promised[at]]
+            self.promised[at], self.accepted[at] = item[2], (item[3], item[4])
+            return [True, item[2]]
+        value, version = self.accepted[at] if item[0] == "k" else (item[2], item[3])
+        was = self.held.get(at)
+        if was is None or was[1] < version:
+            self.held[at] = (value, version)
+        return [was is not None and was[0] is not None, self.held[at][1]]
+
+    def call(self, method: str, url: str, body: bytes | None = None, **_: Any) -> Any:
+        from twisted.internet.defer import Deferred
+
+        from kvd.codec import wire_json, wire_loads
+        from kvd.transport import Answer
+
+        node = url.split("//", 1)[1].split(".", 1)[0]
+        items = wire_loads(body or b"{}")["items"]
+        if url.endswith("/internal/apply"):
+            live = [(node, key) in self.held for key, _, _ in items]
+            for key, value, version in items:
+                self.held[node, key] = (value, version)
+            answer: dict[str, Any] = {"live": live, "versions": [version for _, _, version in items]}
+        else:
+            answer = {"answers": [self._paxos(node, item) for item in items], "accepted_commits": True}
+        d: Deferred[Any] = Deferred()
+        self.waiting.append((d, Answer(200, wire_json(answer))))
+        return d
+
+
+def gateway_only(count: int, width: int, only: str | None) -> None:
+    """C{count} writes of each kind, C{width} at a time, through a real gateway over L{FakeNodes}."""
+    import time
+
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from kvd.gateway import Cluster
+    from kvd.gateway.cas import Proposer
+    from kvd.gateway.coordinator import Coordinator
+    from kvd.gateway.nodes import NodeClients
+    from kvd.membership import NodeInfo
+    from kvd.resources import GatewayAPI
+    from kvd.versions import HybridClock
+    from kvd.web import BoundedSite
+
+    reactor = Clock()
+    nodes_there = FakeNodes(reactor)
+    cluster = Cluster(vnodes=64, replicas=3)
+    cluster.update({n: NodeInfo(n, f"http://{n}.test:80") for n in "abc"})
+    nodes = NodeClients(nodes_there)  # type: ignore[arg-type]
+    hlc = HybridClock(Clock().seconds, "gw")
+    proposer = Proposer(cluster, nodes, hlc, reactor)
+    api = GatewayAPI(cluster, Coordinator(cluster, nodes, hlc), proposer=proposer)
+    site = BoundedSite(api.resource(), metrics=api.metrics)
+    clients = []
+    for _ in range(width):
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        clients.append((channel, transport))
+    body = b"v" * 100
+
+    def wave(first: int, headers: bytes) -> None:
+        for i, (channel, _) in enumerate(clients):
+            request = b"PUT /kv/key%d HTTP/1.1\r\nHost: gw\r\n%sContent-Length: %d\r\n\r\n%s"
+            channel.dataReceived(request % ((first + i) % 1000, headers, len(body), body))
+        nodes_there.release()
+        for _, transport in clients:
+            answer = transport.value()
+            transport.clear()
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+    for i in range(0, 1000, width):
+        wave(i, b"")  # preload: every key live, so "If-Match: *" holds
+    for name, headers in {"plain": b"", "If-Match": b"If-Match: *\r\n"}.items():
+        if only is not None and name != only:
+            continue
+        wave(0, headers)
+        started = time.process_time()
+        for i in range(0, count, width):
+            wave(i, headers)
+        per = (time.process_time() - started) / count * 1e6
+        print(f"{name:9} {per:7.1f} us gateway CPU per write (in process, fake nodes, {width} at a time)")
+
+
 def in_process(count: int, width: int, only: str | None) -> None:
     """C{count} writes of each kind (or C{only} one), C{width} at a time, in process; prints CPU per write."""
     import json
@@ -197,11 +314,12 @@ def main() -> None:
     parser.add_argument("--in-process", type=int, default=0, metavar="COUNT", help="see above: no processes")
     parser.add_argument("--width", type=int, default=16, help="with --in-process: writes at a time")
     parser.add_argument("--only", choices=("plain", "If-Match"), default=None, help="with --in-process")
+    parser.add_argument("--fake-nodes", action="store_true", help="with --in-process: the gateway alone")
     add_profile_argument(parser)
     args = parser.parse_args()
     print(f"kvd from {ensure_kvd_importable()}")
     if args.in_process:
-        in_process(args.in_process, args.width, args.only)
+        (gateway_only if args.fake_nodes else in_process)(args.in_process, args.width, args.only)
         return
     print(machine())
     report_quiet()

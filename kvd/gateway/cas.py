@@ -13,8 +13,11 @@ entry, whose version is the ballot itself, is I{proposed} to the owners; once a 
 accepted, it is I{committed}: written to the owners as a replicated write, answered after W.
 
 Prepares and accepts go to a majority of the owners (another in place of one that fails or
-is slow: L{Proposer._gather}); the commit goes to every owner. All three travel in one
-batched C{/internal/paxos} request per node (L{kvd.gateway.nodes.NodeClient.prepare}).
+is slow: L{Proposer._gather_to}); the commit goes to every owner, by key and version only to
+those that accepted the very proposal (they hold its value). All three travel in one
+batched C{/internal/paxos} request per node (L{kvd.gateway.nodes.NodeClient.prepare_to}).
+A write's rounds are plain callbacks on one L{_Write}, each phase's gathering calling the next
+step, and its one Deferred is its outcome.
 
 Fallbacks take no part: with fewer than a majority of owners answering, a conditional write
 is a 503. A round that loses to a higher ballot goes again after a short random pause, at
@@ -53,7 +56,7 @@ MAX_ROUNDS = 12
 #: doubling with each lost round.
 BACKOFF = 0.005
 #: A prepare or accept asks one more owner once this many times the usual worst latency of
-#: those asked has passed without a majority (L{Proposer._gather}).
+#: those asked has passed without a majority (L{Proposer._gather_to}).
 HEDGE_AFTER = 2.0
 
 

@@ -216,11 +216,15 @@ def gateway_only(count: int, width: int, only: str | None) -> None:
         if only is not None and name != only:
             continue
         wave(0, headers)
+        sent = sum(nodes.sent.values())
         started = time.process_time()
         for i in range(0, count, width):
             wave(i, headers)
-        per = (time.process_time() - started) / count * 1e6
-        print(f"{name:9} {per:7.1f} us gateway CPU per write (in process, fake nodes, {width} at a time)")
+        per, internal = (time.process_time() - started) / count * 1e6, (sum(nodes.sent.values()) - sent) / count
+        print(
+            f"{name:9} {per:7.1f} us gateway CPU per write (in process, fake nodes, {width} at a time), "
+            f"{internal:.2f} internal requests per write"
+        )
 
 
 def in_process(count: int, width: int, only: str | None) -> None:
@@ -294,12 +298,16 @@ def in_process(count: int, width: int, only: str | None) -> None:
             if only is not None and name != only:
                 continue
             wave(headers, 0)  # connections open, caches warm
+            sent = sum(nodes.sent.values())
             started = time.process_time()
             for i in range(0, count, width):
                 wave(headers, i)
             used = time.process_time() - started
-            per = used / count * 1e6
-            print(f"{name:9} {per:7.1f} us CPU per write (in process, {count} writes, {width} at a time)")
+            per, internal = used / count * 1e6, (sum(nodes.sent.values()) - sent) / count
+            print(
+                f"{name:9} {per:7.1f} us CPU per write (in process, {count} writes, {width} at a time), "
+                f"{internal:.2f} internal requests per write"
+            )
         for store, acceptor in closing:
             acceptor.close()
             store.abandon()

@@ -252,3 +252,44 @@ def test_a_commit_to_a_node_that_accepted_it_names_key_and_version_and_falls_bac
         {"items": [["k", "k", version]]},
         {"items": [["c", "k", "value", version]]},
     ], "answered null: the whole item goes in its place"
+
+
+def test_the_next_phases_that_one_batch_of_answers_starts_leave_together_to_an_idle_node() -> None:
+    from twisted.internet.task import Clock
+
+    from kvd.gateway.nodes import NodeClients
+
+    class Peers:
+        reactor, timeout = Clock(), 5.0
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, list[Any]]] = []
+            self.pending: list[Deferred[Answer]] = []
+
+        def call(self, method: str, url: str, body: bytes | None = None, **_: Any) -> Deferred[Answer]:
+            items = json.loads(body or b"{}")["items"]
+            self.calls.append((url.split("//")[1].split(".")[0], items))
+            if url.startswith("http://a."):
+                d: Deferred[Answer] = Deferred()
+                self.pending.append(d)
+                return d
+            return succeed(ok({"answers": [[True, item[2]] for item in items]}))
+
+    peers = Peers()
+    nodes = NodeClients(peers)  # type: ignore[arg-type]
+    a, b = nodes(NodeInfo("a", "http://a.test")), nodes(NodeInfo("b", "http://b.test"))
+
+    def then_accept_at_b(key: str) -> Any:
+        def accepted(_: Any) -> None:
+            b.accept_to(Deferred(), key, Proposal("b1", "v", "b1"))
+
+        return accepted
+
+    a.prepare("k0", "b1")  # a's first batch, alone
+    for key in ("k1", "k2", "k3"):
+        a.prepare(key, "b1").addCallback(then_accept_at_b(key))  # queued behind it: a's second batch
+    peers.pending.pop(0).callback(ok({"answers": [[True, "b1", None, None]]}))
+    assert [len(items) for _, items in peers.calls] == [1, 3]
+    peers.pending.pop(0).callback(ok({"answers": [[True, "b1", None, None]] * 3}))
+    to_b = [items for node, items in peers.calls if node == "b"]
+    assert to_b == [[["a", k, "b1", "v", "b1"] for k in ("k1", "k2", "k3")]], "one request to b, not the first alone"

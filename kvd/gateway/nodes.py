@@ -579,21 +579,8 @@ class NodeClient:
         if batch:
             items = [item for item, _ in batch]
             d = self._timed(lambda timeout: self.paxos(items, timeout))
-            d.addCallbacks(self._deliver_corked, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
+            d.addCallbacks(self._deliver, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
             d.addBoth(lambda _: self._send_paxos())
-
-    def _deliver_corked(self, outcomes: Iterable[Any], batch: list[tuple[Any, Reply[Any]]]) -> None:
-        """
-        L{_deliver} with the cork held: the answers to one batch move many conditional writes
-        on to their next phase at once, and the items that makes for another node whose queue
-        is idle leave together, not the first alone and the rest in the batch after it.
-        """
-        cork = self._cork
-        cork.held += 1
-        try:
-            self._deliver(outcomes, batch)
-        finally:
-            _uncork(cork)
 
     # A Deferred keeps what its callbacks raise; a L{Reply} called directly must not stop the
     # rest of the batch being told.
@@ -665,13 +652,9 @@ class NodeClients:
         self._cork.held += 1
 
     def uncork(self) -> None:
-        _uncork(self._cork)
-
-
-def _uncork(cork: Cork) -> None:
-    """Let go of C{cork} once; the last to let go sends what queued meanwhile."""
-    cork.held -= 1
-    if not cork.held:
-        corked, cork.corked = cork.corked, []
-        for client in corked:
-            client.uncorked()
+        cork = self._cork
+        cork.held -= 1
+        if not cork.held:
+            corked, cork.corked = cork.corked, []
+            for client in corked:
+                client.uncorked()

@@ -580,7 +580,6 @@ class NodeAPI:
         Plain callbacks rather than a coroutine: this is every conditional write's hot path.
         """
         items = _batch(request, "items", wire=True)
-        acceptor = self._acceptor()
         asked: list[tuple[str, str | Proposal]] = []
         commits: list[list[Any]] = []
         kinds: list[str] = []
@@ -603,7 +602,7 @@ class NodeAPI:
             elif kind == "k" and len(item) == 3 and type(item[1]) is str and type(item[2]) is str:
                 # The proposal this acceptor accepted of this version, committed: a version
                 # names one proposal, whose value the acceptor holds (durably: it answered).
-                accepted = acceptor.state(item[1])[1]
+                accepted = self._acceptor().state(item[1])[1]
                 if accepted is None or accepted.version != item[2]:
                     kind = "missing"
                 else:
@@ -615,6 +614,7 @@ class NodeAPI:
                     ' ["c", key, value, version] or ["k", key, version]'
                 )
             kinds.append(kind)
+        acceptor = self._acceptor()
         # The store raises BadBatch before it changes anything; the two writes go on together.
         applied = self.store.apply_batch(commits) if commits else None
         proposed = acceptor.batch(asked) if asked else succeed([])

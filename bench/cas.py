@@ -18,6 +18,17 @@ the median of the rounds' ratios (with each side's median CPU per request).
 
 With ``--profile DIR`` the gateway and one node are sampled with py-spy during the last
 If-Match measurement only (sampling slows them: that round's figures are lower).
+
+With ``--in-process COUNT`` there are no processes: a gateway (the real proposer and node
+clients) and three nodes (the real NodeAPI, store and acceptor, fsync off, journal written
+at once) on the in-memory network of kvd/testing/network.py, one Clock, ``--width`` writes
+at a time so the nodes' batches hold several items, as under load. It prints CPU µs per
+write of each kind; under valgrind's callgrind the instructions per write, which the
+machine's load does not move, are the difference of two runs over the difference of their
+writes:
+
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p python bench/cas.py \
+        --in-process 200 --only If-Match   # and again with 1200; the same with --only plain
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import statistics
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from checkout import ensure_kvd_importable
 from profiling import PySpy, add_profile_argument, summarize_profile
@@ -94,15 +106,229 @@ def scrape(url: str) -> dict[str, float]:
     return found
 
 
+class FakeNodes:
+    """
+    Stands for three nodes behind a gateway's transport (L{kvd.transport.Peers}' C{call}):
+    applies, and prepares, accepts and commits with the acceptor's rules, over dicts; every
+    answer waits for L{release}.
+    """
+
+    timeout = 5.0
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.held: dict[tuple[str, str], tuple[str | None, str]] = {}
+        self.promised: dict[tuple[str, str], str] = {}
+        self.accepted: dict[tuple[str, str], tuple[str | None, str]] = {}
+        self.waiting: list[tuple[Any, Any]] = []
+
+    def release(self) -> None:
+        while self.waiting:
+            waiting, self.waiting = self.waiting, []
+            for d, answer in waiting:
+                d.callback(answer)
+
+    def _paxos(self, node: str, item: list[Any]) -> Any:
+        at = (node, item[1])
+        if item[0] == "p":
+            promised = self.promised.get(at, "")
+            if item[2] > promised:
+                self.promised[at] = promised = item[2]
+            held = self.held.get(at)
+            return [promised == item[2], promised, None, None if held is None else [held[0] is not None, held[1]]]
+        if item[0] == "a":
+            if item[2] < self.promised.get(at, ""):
+                return [False, self.promised[at]]
+            self.promised[at], self.accepted[at] = item[2], (item[3], item[4])
+            return [True, item[2]]
+        value, version = self.accepted[at] if item[0] == "k" else (item[2], item[3])
+        was = self.held.get(at)
+        if was is None or was[1] < version:
+            self.held[at] = (value, version)
+        return [was is not None and was[0] is not None, self.held[at][1]]
+
+    def call(self, method: str, url: str, body: bytes | None = None, **_: Any) -> Any:
+        from twisted.internet.defer import Deferred
+
+        from kvd.codec import wire_json, wire_loads
+        from kvd.transport import Answer
+
+        node = url.split("//", 1)[1].split(".", 1)[0]
+        items = wire_loads(body or b"{}")["items"]
+        if url.endswith("/internal/apply"):
+            live = [(node, key) in self.held for key, _, _ in items]
+            for key, value, version in items:
+                self.held[node, key] = (value, version)
+            answer: dict[str, Any] = {"live": live, "versions": [version for _, _, version in items]}
+        else:
+            answer = {"answers": [self._paxos(node, item) for item in items], "accepted_commits": True}
+        d: Deferred[Any] = Deferred()
+        self.waiting.append((d, Answer(200, wire_json(answer))))
+        return d
+
+
+def gateway_only(count: int, width: int, only: str | None) -> None:
+    """C{count} writes of each kind, C{width} at a time, through a real gateway over L{FakeNodes}."""
+    import time
+
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from kvd.gateway import Cluster
+    from kvd.gateway.cas import Proposer
+    from kvd.gateway.coordinator import Coordinator
+    from kvd.gateway.nodes import NodeClients
+    from kvd.membership import NodeInfo
+    from kvd.resources import GatewayAPI
+    from kvd.versions import HybridClock
+    from kvd.web import BoundedSite
+
+    reactor = Clock()
+    nodes_there = FakeNodes(reactor)
+    cluster = Cluster(vnodes=64, replicas=3)
+    cluster.update({n: NodeInfo(n, f"http://{n}.test:80") for n in "abc"})
+    nodes = NodeClients(nodes_there)  # type: ignore[arg-type]
+    hlc = HybridClock(Clock().seconds, "gw")
+    proposer = Proposer(cluster, nodes, hlc, reactor)
+    api = GatewayAPI(cluster, Coordinator(cluster, nodes, hlc), proposer=proposer)
+    site = BoundedSite(api.resource(), metrics=api.metrics)
+    clients = []
+    for _ in range(width):
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        clients.append((channel, transport))
+    body = b"v" * 100
+
+    def wave(first: int, headers: bytes) -> None:
+        for i, (channel, _) in enumerate(clients):
+            request = b"PUT /kv/key%d HTTP/1.1\r\nHost: gw\r\n%sContent-Length: %d\r\n\r\n%s"
+            channel.dataReceived(request % ((first + i) % 1000, headers, len(body), body))
+        nodes_there.release()
+        for _, transport in clients:
+            answer = transport.value()
+            transport.clear()
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+    for i in range(0, 1000, width):
+        wave(i, b"")  # preload: every key live, so "If-Match: *" holds
+    for name, headers in {"plain": b"", "If-Match": b"If-Match: *\r\n"}.items():
+        if only is not None and name != only:
+            continue
+        wave(0, headers)
+        sent = sum(nodes.sent.values())
+        started = time.process_time()
+        for i in range(0, count, width):
+            wave(i, headers)
+        per, internal = (time.process_time() - started) / count * 1e6, (sum(nodes.sent.values()) - sent) / count
+        print(
+            f"{name:9} {per:7.1f} us gateway CPU per write (in process, fake nodes, {width} at a time), "
+            f"{internal:.2f} internal requests per write"
+        )
+
+
+def in_process(count: int, width: int, only: str | None) -> None:
+    """C{count} writes of each kind (or C{only} one), C{width} at a time, in process; prints CPU per write."""
+    import json
+    import operator
+    import time
+
+    from twisted.internet.defer import Deferred, gatherResults
+    from twisted.internet.task import Clock
+
+    from kvd.gateway import Cluster
+    from kvd.gateway.cas import Proposer
+    from kvd.gateway.coordinator import Coordinator
+    from kvd.gateway.nodes import NodeClients
+    from kvd.membership import NodeInfo
+    from kvd.paxos import Acceptor, committed_in
+    from kvd.resources import GatewayAPI, NodeAPI
+    from kvd.store import Store
+    from kvd.testing.network import Network
+    from kvd.versions import HybridClock
+
+    class FastClock(Clock):
+        """Clock sorts its calls by a Python lambda at every advance (iosim advances at every pump): by a C key here."""
+
+        def _sortCalls(self) -> None:
+            self.calls.sort(key=by_time)
+
+    by_time = operator.attrgetter("time")
+    clock = FastClock()
+    clock.advance(1_700_000_000)
+    network = Network(clock)
+    members = {n: NodeInfo(n, f"http://{n}.test") for n in ("a", "b", "c")}
+    with tempfile.TemporaryDirectory(prefix="kvd-bench-cas-") as tmp:
+        closing = []
+        for node_id in members:
+            store = Store.open(f"{tmp}/{node_id}", clock=HybridClock(clock.seconds, node_id), fsync=False)
+            acceptor = Acceptor.open(store.directory, committed_in(store), unsettled=store.unsettled, fsync=False)
+            closing.append((store, acceptor))
+            network.serve(f"{node_id}.test", NodeAPI(node_id, store, acceptor=acceptor).resource())
+        cluster = Cluster(vnodes=64, replicas=3)
+        cluster.update(members)
+        nodes = NodeClients(network.peers("gw", timeout=600.0))
+        hlc = HybridClock(clock.seconds, "gw")
+        proposer = Proposer(cluster, nodes, hlc, clock)
+        network.serve("gw.test", GatewayAPI(cluster, Coordinator(cluster, nodes, hlc), proposer=proposer).resource())
+        client = network.peers(timeout=600.0)
+        body = b"v" * 100
+        kinds = {"plain": b"", "If-Match": b"If-Match: *\r\n"}
+
+        def wave(headers: bytes, first: int) -> None:
+            done: list[Any] = []
+            asked = [
+                client.call("PUT", f"http://gw.test/kv/key{(first + i) % 1000}", body, headers=headers)
+                for i in range(width)
+            ]
+            together: Deferred[Any] = gatherResults(asked)
+            together.addBoth(done.append)
+            while not done:
+                network.flush()
+                if not done:
+                    clock.advance(0.001)
+            answers = done[0]
+            assert isinstance(answers, list), answers
+            for answer in answers:
+                assert answer.status == 200, (answer.status, json.loads(answer.body))
+
+        for i in range(0, 1000, width):
+            wave(b"", i)  # preload: every key live, so "If-Match: *" holds
+        for name, headers in kinds.items():
+            if only is not None and name != only:
+                continue
+            wave(headers, 0)  # connections open, caches warm
+            sent = sum(nodes.sent.values())
+            started = time.process_time()
+            for i in range(0, count, width):
+                wave(headers, i)
+            used = time.process_time() - started
+            per, internal = used / count * 1e6, (sum(nodes.sent.values()) - sent) / count
+            print(
+                f"{name:9} {per:7.1f} us CPU per write (in process, {count} writes, {width} at a time), "
+                f"{internal:.2f} internal requests per write"
+            )
+        for store, acceptor in closing:
+            acceptor.close()
+            store.abandon()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of wrk per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="measurements of each kind, alternating")
     parser.add_argument("--keys", type=int, default=1000, help="distinct keys written")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--in-process", type=int, default=0, metavar="COUNT", help="see above: no processes")
+    parser.add_argument("--width", type=int, default=16, help="with --in-process: writes at a time")
+    parser.add_argument("--only", choices=("plain", "If-Match"), default=None, help="with --in-process")
+    parser.add_argument("--fake-nodes", action="store_true", help="with --in-process: the gateway alone")
     add_profile_argument(parser)
     args = parser.parse_args()
     print(f"kvd from {ensure_kvd_importable()}")
+    if args.in_process:
+        (gateway_only if args.fake_nodes else in_process)(args.in_process, args.width, args.only)
+        return
     print(machine())
     report_quiet()
     items = [(f"key{i}", "v" * 100) for i in range(args.keys)]

@@ -244,16 +244,6 @@ class Acceptor:
     def __len__(self) -> int:
         return len(self._states)
 
-    def _promised(self, key: str) -> str:
-        state = self._states.get(key)
-        return max(self.floor, "" if state is None else state.promised)
-
-    def _pending(self, key: str) -> Proposal | None:
-        state = self._states.get(key)
-        if state is None or state.accepted is None or self.committed(key, state.accepted.version):
-            return None
-        return state.accepted
-
     def prepare(self, key: str, ballot: str) -> Deferred[Promise]:
         """
         Promise C{ballot} unless a ballot as high or higher was promised; fires once the
@@ -291,25 +281,37 @@ class Acceptor:
         in the store (as compaction keeps it): else every prepare of a key would write its
         last value again. C{unsettled} memoises L{Acceptor.unsettled} for a batch.
         """
-        promised = self._promised(key)
-        if ballot <= promised:
-            return Promise(False, promised, self._pending(key))
-        state = self._states.setdefault(key, _State())
-        state.promised = ballot
+        state = self._states.get(key)
+        floor = self.floor
+        if state is None:
+            if ballot <= floor:
+                return Promise(False, floor, None)
+            state = self._states[key] = _State(ballot)
+            records.append(_record(key, state))
+            return Promise(True, ballot, None)
+        promised = state.promised if state.promised > floor else floor
         accepted = state.accepted
-        if accepted is not None and self.committed(key, accepted.version):
+        # The accepted proposal, unless the store holds it (or newer): then it is no news.
+        pending = None if accepted is None or self.committed(key, accepted.version) else accepted
+        if ballot <= promised:
+            return Promise(False, promised, pending)
+        state.promised = ballot
+        if accepted is not None and pending is None:
             if not unsettled:
                 unsettled.append(self.unsettled())
             if key not in unsettled[0]:
                 state.accepted = None
         records.append(_record(key, state))
-        return Promise(True, ballot, self._pending(key))
+        return Promise(True, ballot, pending)
 
     def _accept(self, key: str, proposal: Proposal, records: list[bytes]) -> tuple[bool, str]:
-        promised = self._promised(key)
+        state = self._states.get(key)
+        floor = self.floor
+        promised = floor if state is None or state.promised < floor else state.promised
         if proposal.ballot < promised:
             return False, promised
-        state = self._states.setdefault(key, _State())
+        if state is None:
+            state = self._states[key] = _State()
         state.promised, state.accepted = proposal.ballot, proposal
         records.append(_record(key, state))
         return True, proposal.ballot

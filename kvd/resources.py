@@ -571,8 +571,11 @@ class NodeAPI:
         order: ["p", key, ballot] (prepare: [promised, the ballot promised, the accepted
         proposal or null, what the store holds or null: [live, its version], no value, as a
         proposer needs only these]), ["a", key, ballot, value or null, version]
-        (accept: [accepted, the ballot promised]) and ["c", key, value or null, version]
-        (commit, a replicated write: [live before, the version held]). The acceptor's
+        (accept: [accepted, the ballot promised]), ["c", key, value or null, version]
+        (commit, a replicated write: [live before, the version held]) and ["k", key, version]
+        (commit of the proposal of that version this acceptor accepted: as "c" with its value,
+        or null when it holds no such proposal; the answer says "accepted_commits": true, so a
+        gateway knows this node takes them). The acceptor's
         changes are one write of paxos.jsonl, the commits one group of the store's journal.
         Plain callbacks rather than a coroutine: this is every conditional write's hot path.
         """
@@ -596,10 +599,19 @@ class NodeAPI:
                 asked.append((check_key(item[1]), Proposal(item[2], item[3], item[4])))
             elif kind == "c" and len(item) == 4:
                 commits.append(item[1:])
+            elif kind == "k" and len(item) == 3 and type(item[1]) is str and type(item[2]) is str:
+                # The proposal this acceptor accepted of this version, committed: a version
+                # names one proposal, whose value the acceptor holds (durably: it answered).
+                accepted = self._acceptor().state(item[1])[1]
+                if accepted is None or accepted.version != item[2]:
+                    kind = "missing"
+                else:
+                    kind = "c"
+                    commits.append([item[1], accepted.value, item[2]])
             else:
                 raise ClientError(
-                    'each item must be ["p", key, ballot], ["a", key, ballot, value, version]'
-                    ' or ["c", key, value, version]'
+                    'each item must be ["p", key, ballot], ["a", key, ballot, value, version],'
+                    ' ["c", key, value, version] or ["k", key, version]'
                 )
             kinds.append(kind)
         acceptor = self._acceptor()
@@ -618,6 +630,9 @@ class NodeAPI:
                     answers.append([done.live[commit], done.held[commit]])
                     commit += 1
                     continue
+                if kind == "missing":
+                    answers.append(None)  # the gateway sends the whole commit instead
+                    continue
                 got, key = next(promises), next(keys)[0]
                 if type(got) is Promise:
                     entry = store.entry(key)
@@ -632,7 +647,8 @@ class NodeAPI:
                     )
                 else:
                     answers.append(got)
-            return _wire(request, {"success": True, "answers": answers, "now": int(store.clock.now() * 1000)})
+            now = int(store.clock.now() * 1000)
+            return _wire(request, {"success": True, "answers": answers, "now": now, "accepted_commits": True})
 
         if applied is None:
             return proposed.addCallback(answer, None)
@@ -906,7 +922,7 @@ class GatewayAPI:
     ) -> Deferred[WriteOutcome]:
         if self.proposer is None:
             raise Unavailable("this gateway takes no conditional writes")
-        return Deferred.fromCoroutine(self.proposer.write(key, value, precondition, ttl))
+        return self.proposer.write(key, value, precondition, ttl)
 
     @routes.key(paths.KV, "GET", fast=True)
     def get(self, request: IRequest, key: str) -> Deferred[bytes]:

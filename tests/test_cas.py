@@ -292,6 +292,45 @@ def test_acceptors_forget_committed_proposals_when_compacting(cas: CasCluster) -
     assert acceptor.floor != ""
 
 
+class PaxosSpy:
+    """A gateway's transport that remembers the items of every /internal/paxos request, by node."""
+
+    def __init__(self, peers: Any) -> None:
+        self.peers = peers
+        self.items: list[tuple[str, list[Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.peers, name)
+
+    def call(self, method: str, url: str, body: bytes | None = None, **kw: Any) -> Any:
+        if url.endswith("/internal/paxos"):
+            host = url.split("//", 1)[1].split(".", 1)[0]
+            self.items += [(host, item) for item in json.loads(body or b"{}")["items"]]
+        return self.peers.call(method, url, body, **kw)
+
+
+def test_owners_that_accepted_a_proposal_are_sent_its_commit_by_key_and_version_only(cas: CasCluster) -> None:
+    spy = PaxosSpy(cas.proposers["gw1"].nodes.peers)
+    cas.proposers["gw1"].nodes.peers = spy
+    version = cas.call("PUT", "gw1", "k", b"0")[1]["version"]
+    for value in ("1", "22", "333"):
+        status, body = cas.call("PUT", "gw1", "k", value.encode(), if_match=version)
+        assert status == 200, body
+        version = body["version"]
+    accepted = {(node, item[4]) for node, item in spy.items if item[0] == "a"}
+    short = [(node, item) for node, item in spy.items if item[0] == "k"]
+    whole = [(node, item) for node, item in spy.items if item[0] == "c"]
+    assert short, "once a node has said it takes them, commits to acceptors name key and version only"
+    assert all(item == ["k", "k", item[2]] and (node, item[2]) in accepted for node, item in short)
+    first_commits = {node for node, item in whole if (node, item[3]) in accepted}
+    assert len(first_commits) == len([n for n, item in whole if (n, item[3]) in accepted]), (
+        "an acceptor gets the whole commit of a proposal it accepted only until it has said it takes them"
+    )
+    assert len(short) + len(whole) == 3 * 3, "each write commits to all three owners"
+    for node_id in NODES:
+        assert cas.stores[node_id].entry("k") == ("333", version), node_id
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 1000),

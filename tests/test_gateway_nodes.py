@@ -222,3 +222,33 @@ def test_a_node_that_stops_answering_fills_no_unbounded_paxos_queue() -> None:
     nodes = NodeClient(NODE, peers)  # type: ignore[arg-type]
     queued = [nodes.prepare(f"k{i}", "b1") for i in range(MAX_QUEUED + 2)]
     assert isinstance(failure_of(queued[-1]), PeerError), "past MAX_QUEUED an item fails at once"
+
+
+def test_a_commit_to_a_node_that_accepted_it_names_key_and_version_and_falls_back_to_the_whole_item() -> None:
+    version = "018f00000000000000.gw1"
+    nodes, peers = client(
+        ok({"answers": [[True, "v0"]]}),  # a node of the version before: it does not say it takes them
+        ok({"answers": [[True, "v0"]], "accepted_commits": True}),
+        ok({"answers": [[True, version]], "accepted_commits": True}),
+        ok({"answers": [None], "accepted_commits": True}),  # it no longer holds that proposal
+        ok({"answers": [[False, version]], "accepted_commits": True}),
+    )
+    first: Deferred[Written] = Deferred()
+    nodes.commit_accepted_to(first, "k", "value", version)
+    assert result_of(first) == Written(True, "v0")
+    assert peers.calls[-1][2] == {"items": [["c", "k", "value", version]]}, "the whole item until the node says so"
+    second: Deferred[Written] = Deferred()
+    nodes.commit_accepted_to(second, "k", "value", version)
+    assert result_of(second) == Written(True, "v0")
+    assert peers.calls[-1][2] == {"items": [["c", "k", "value", version]]}
+    third: Deferred[Written] = Deferred()
+    nodes.commit_accepted_to(third, "k", "value", version)
+    assert result_of(third) == Written(True, version)
+    assert peers.calls[-1][2] == {"items": [["k", "k", version]]}, "key and version only"
+    fourth: Deferred[Written] = Deferred()
+    nodes.commit_accepted_to(fourth, "k", "value", version)
+    assert result_of(fourth) == Written(False, version)
+    assert [body for _, _, body in peers.calls[-2:]] == [
+        {"items": [["k", "k", version]]},
+        {"items": [["c", "k", "value", version]]},
+    ], "answered null: the whole item goes in its place"

@@ -266,3 +266,23 @@ def test_internal_paxos_takes_prepares_accepts_and_commits_together_and_answers_
         assert call(client, "POST", "/internal/paxos", json.dumps(bad).encode())[0] == 400, bad
     assert acceptor.state("k") == ("", None) and store.entry("k") is None, "a bad batch changes nothing"
     acceptor.close()
+
+
+def test_internal_paxos_commits_the_proposal_it_accepted_when_named_by_key_and_version(store: Store) -> None:
+    acceptor = Acceptor.open(store.directory, committed_in(store))
+    client = StubTreq(NodeAPI("a", store, acceptor=acceptor).resource())
+    b1, b2 = "018f00000000000000.gw1", "018f00000000000001.gw2"
+    items = [["p", "k", b1], ["a", "k", b1, "accepted value", b1], ["p", "j", b1]]
+    status, body, _ = call(client, "POST", "/internal/paxos", json.dumps({"items": items}).encode())
+    assert status == 200 and body["accepted_commits"] is True, "the node says it takes commits by key and version"
+    items = [["k", "k", b2], ["k", "j", b1], ["k", "nothing", b1], ["k", "k", b1]]
+    status, body, _ = call(client, "POST", "/internal/paxos", json.dumps({"items": items}).encode())
+    assert status == 200
+    # Another version than the one accepted, a key promised only, a key unknown: null, so
+    # the gateway sends the whole commit; the accepted one is committed with its value.
+    assert body["answers"] == [None, None, None, [False, b1]]
+    assert store.entry("k") == ("accepted value", b1)
+    assert store.entry("j") is None and store.entry("nothing") is None
+    for bad in [{"items": [["k", "k"]]}, {"items": [["k", ["k"], b1]]}, {"items": [["k", "k", 7]]}]:
+        assert call(client, "POST", "/internal/paxos", json.dumps(bad).encode())[0] == 400, bad
+    acceptor.close()

@@ -7,8 +7,8 @@ Every answer is checked before it is believed: a node answering something that i
 expected JSON is a L{PeerError} naming it, never an exception deeper in the gateway.
 
 Quorum traffic is batched per node (L{NodeClient.apply_key}, L{NodeClient.read_key}, and
-for conditional writes L{NodeClient.prepare}, L{NodeClient.accept} and L{NodeClient.commit_key},
-which share one queue): while one request of a kind is in flight to a node, the items for it
+for conditional writes L{NodeClient.prepare_to}, L{NodeClient.accept_to} and
+L{NodeClient.commit_to}, which share one queue): while one request of a kind is in flight to a node, the items for it
 queue and go together in the next. A batch is cut at
 L{MAX_BATCH} items or once its values pass L{BATCH_VALUE_BUDGET} characters, and a node
 cuts its read answers the same way, so the size of an internal message follows from the
@@ -64,7 +64,7 @@ Current = tuple[bool, str]
 PromiseAnswer = tuple[Promise, "Current | None"]
 
 #: An item of a conditional writes' batch: ("p", key, ballot), ("a", key, ballot, value,
-#: version) or ("c", key, value, version).
+#: version), ("c", key, value, version) or ("k", key, version).
 PaxosItem = tuple[Any, ...]
 
 
@@ -136,6 +136,27 @@ class _Queue:
     chars: int = 0
 
 
+class _Resend:
+    """
+    Takes a node's answer to a commit by key and version: a L{Written} goes to C{reply}; None
+    (the node does not hold that proposal any more) sends the whole commit in its place.
+    """
+
+    __slots__ = ("client", "reply", "key", "value", "version")
+
+    def __init__(self, client: NodeClient, reply: Reply[Written], key: str, value: str | None, version: str) -> None:
+        self.client, self.reply, self.key, self.value, self.version = client, reply, key, value, version
+
+    def callback(self, answer: Written | None) -> None:
+        if answer is None:
+            self.client.commit_to(self.reply, self.key, self.value, self.version)
+        else:
+            self.reply.callback(answer)
+
+    def errback(self, failure: Failure | BaseException) -> None:
+        self.reply.errback(failure)
+
+
 @define
 class Cork:
     """
@@ -163,6 +184,9 @@ class NodeClient:
     _applies: _Queue = field(factory=_Queue)
     _reads: _Queue = field(factory=_Queue)
     _paxos: _Queue = field(factory=_Queue)
+    #: Whether the node said it takes commits of a proposal it accepted by key and version
+    #: (L{commit_accepted_to}); a node of the version before does not.
+    accepted_commits: bool = False
 
     @property
     def id(self) -> str:
@@ -313,8 +337,10 @@ class NodeClient:
     def paxos(self, items: list[PaxosItem], timeout: float | None = None) -> Deferred[list[Any]]:
         """
         One C{/internal/paxos} request: each item a prepare C{("p", key, ballot)}, an accept
-        C{("a", key, ballot, value, version)} or a commit C{("c", key, value, version)};
-        fires with a L{PromiseAnswer}, an (accepted, ballot promised) or a L{Written} each.
+        C{("a", key, ballot, value, version)}, a commit C{("c", key, value, version)} or a
+        commit of the proposal the node accepted C{("k", key, version)}; fires with a
+        L{PromiseAnswer}, an (accepted, ballot promised) or a L{Written} each (for a
+        C{"k"}: None when the node does not hold that proposal).
         """
 
         def answer(item: PaxosItem, body: Any) -> Any:
@@ -341,6 +367,8 @@ class NodeClient:
                         raise ValueError("entry")
                     found = (live, version)
                 return Promise(promised, ballot, proposal), found
+            if body is None and kind == "k":
+                return None  # it does not hold the proposal: the whole item goes again
             first, second = body
             if not (type(first) is bool and type(second) is str):
                 raise ValueError("accepted" if kind == "a" else "written")
@@ -350,6 +378,8 @@ class NodeClient:
             answers = body["answers"]
             if not (type(answers) is list and len(answers) == len(items)):
                 raise ValueError("answers")
+            if body.get("accepted_commits") is True:
+                self.accepted_commits = True
             now = body.get("now")
             if type(now) is int and self.on_clock is not None:
                 self.on_clock(self.node.id, now / 1000)
@@ -406,17 +436,22 @@ class NodeClient:
         return self._enqueue(self._applies, (key, value, version), len(value or ""), self._send_applies)
 
     def prepare(self, key: str, ballot: str) -> Deferred[PromiseAnswer]:
-        """The node's promise (or refusal) of C{ballot} for C{key}, and what its store holds of it, once durable."""
-        return self._enqueue(self._paxos, ("p", key, ballot), 0, self._send_paxos)
+        """L{prepare_to}, with a Deferred."""
+        d: Deferred[PromiseAnswer] = Deferred()
+        self.prepare_to(d, key, ballot)
+        return d
 
     def accept(self, key: str, proposal: Proposal) -> Deferred[tuple[bool, str]]:
-        """Whether the node accepted the proposal (durably), and the ballot it has promised."""
-        item = ("a", key, proposal.ballot, proposal.value, proposal.version)
-        return self._enqueue(self._paxos, item, len(proposal.value or ""), self._send_paxos)
+        """L{accept_to}, with a Deferred."""
+        d: Deferred[tuple[bool, str]] = Deferred()
+        self.accept_to(d, key, proposal)
+        return d
 
     def commit_key(self, key: str, value: str | None, version: str) -> Deferred[Written]:
-        """A conditional write's chosen entry, written as L{apply_key} does, in the conditional writes' queue."""
-        return self._enqueue(self._paxos, ("c", key, value, version), len(value or ""), self._send_paxos)
+        """L{commit_to}, with a Deferred."""
+        d: Deferred[Written] = Deferred()
+        self.commit_to(d, key, value, version)
+        return d
 
     def read_key(self, key: str) -> Deferred[Entry | None]:
         return self._enqueue(self._reads, key, 0, self._send_reads)
@@ -429,6 +464,33 @@ class NodeClient:
 
     def read_key_to(self, reply: Reply[Entry | None], key: str) -> None:
         self._queue(self._reads, key, 0, self._send_reads, reply)
+
+    # Conditional writes (L{kvd.gateway.cas}), all in one queue, answers straight to C{reply}.
+
+    def prepare_to(self, reply: Reply[PromiseAnswer], key: str, ballot: str) -> None:
+        """The node's promise (or refusal) of C{ballot} for C{key}, and what its store holds of it, once durable."""
+        self._queue(self._paxos, ("p", key, ballot), 0, self._send_paxos, reply)
+
+    def accept_to(self, reply: Reply[tuple[bool, str]], key: str, proposal: Proposal) -> None:
+        """Whether the node accepted the proposal (durably), and the ballot it has promised."""
+        item = ("a", key, proposal.ballot, proposal.value, proposal.version)
+        self._queue(self._paxos, item, len(proposal.value or ""), self._send_paxos, reply)
+
+    def commit_to(self, reply: Reply[Written], key: str, value: str | None, version: str) -> None:
+        """A conditional write's chosen entry, written as L{apply_key} does."""
+        self._queue(self._paxos, ("c", key, value, version), len(value or ""), self._send_paxos, reply)
+
+    def commit_accepted_to(self, reply: Reply[Written], key: str, value: str | None, version: str) -> None:
+        """
+        L{commit_to}, to a node that accepted the proposal of this version: the item names
+        the key and version only, and the node commits the value it accepted
+        (C{["k", key, version]}). A node that no longer holds that proposal answers so, and
+        the whole item goes then; so does it to a node that has not said it takes these.
+        """
+        if not self.accepted_commits:
+            self.commit_to(reply, key, value, version)
+            return
+        self._queue(self._paxos, ("k", key, version), 0, self._send_paxos, _Resend(self, reply, key, value, version))
 
     @property
     def reachable(self) -> bool:
@@ -571,7 +633,7 @@ class NodeClients:
 
     def __call__(self, node: NodeInfo) -> NodeClient:
         client = self._clients.get(node.id)
-        if client is None or client.node != node:
+        if client is None or (client.node is not node and client.node != node):
             client = self._clients[node.id] = NodeClient(
                 node, self.peers, self.on_clock, self.health, self._cork, self.sent
             )

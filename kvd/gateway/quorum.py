@@ -122,7 +122,10 @@ class _Gathering(Generic[T]):
     needed: int
     accept: Callable[[T], bool]
     result: Gathered[T] = field(factory=Gathered)
-    done: Deferred[Gathered[T]] = field(factory=Deferred)
+    #: Told the result once there is one: C{done}'s callback, or C{then} (L{gather_to}).
+    done: Deferred[Gathered[T]] | None = None
+    then: Callable[[Gathered[T]], object] | None = None
+    finished: bool = False
     pending: int = 0
     launching: bool = True
     hedge: tuple[IReactorTime, float] | None = None
@@ -133,13 +136,13 @@ class _Gathering(Generic[T]):
     _hedging: IDelayedCall | None = None
 
     def schedule_hedge(self) -> None:
-        if self.hedge is not None and self.spares and not self.done.called:
+        if self.hedge is not None and self.spares and not self.finished:
             clock, delay = self.hedge
             self._hedging = clock.callLater(delay, self._hedged)
 
     def _hedged(self) -> None:
         self._hedging = None
-        if self.spares and not self.done.called:
+        if self.spares and not self.finished:
             # A hedge is a bet on a node that can answer: one judged unreachable just now is
             # left among the spares (it may be back by the time a target fails), not spent.
             spare = next((node_id for node_id in self.spares if self.usable(node_id)), None)
@@ -185,13 +188,18 @@ class _Gathering(Generic[T]):
         self.settle()
 
     def settle(self) -> None:
-        if self.done.called or self.launching:
+        if self.finished or self.launching:
             return
         if self.result.accepted >= self.needed or self.pending == 0:
+            self.finished = True
             if self._hedging is not None and self._hedging.active():
                 self._hedging.cancel()
             self._hedging = None
-            self.done.callback(self.result)
+            if self.then is not None:
+                self.then(self.result)
+            else:
+                assert self.done is not None
+                self.done.callback(self.result)
 
 
 def gather(
@@ -219,14 +227,42 @@ def gather(
     quorum is reached. With C{tell}, each node is asked by C{tell(node_id, reply)} instead,
     its answer (or failure) given to C{reply} (L{Reply}) rather than to a Deferred.
     """
+    done: Deferred[Gathered[T]] = Deferred()
     gathering: _Gathering[T] = _Gathering(
-        ask, list(spares), needed, accept, hedge=hedge, usable=usable, on_failure=on_failure, tell=tell
+        ask, list(spares), needed, accept, done=done, hedge=hedge, usable=usable, on_failure=on_failure, tell=tell
     )
     gathering.result.errors.extend(errors)
     gathering.result.standing_in.update(standing_in or {})
+    _start(gathering, first)
+    return done
+
+
+def _start(gathering: _Gathering[Any], first: Sequence[str]) -> None:
     for node_id in first:
         gathering.launch(node_id)
     gathering.launching = False
     gathering.settle()
     gathering.schedule_hedge()
-    return gathering.done
+
+
+def _no_ask(node_id: str) -> Deferred[Any]:
+    raise AssertionError("asked through tell")
+
+
+def gather_to(
+    then: Callable[[Gathered[T]], object],
+    tell: Callable[[str, Reply[T]], object],
+    first: Sequence[str],
+    spares: Sequence[str],
+    needed: int,
+    accept: Callable[[T], bool] = _always,
+    hedge: tuple[IReactorTime, float] | None = None,
+) -> None:
+    """
+    L{gather} with C{tell}, its result given to C{then} rather than to a Deferred: for a
+    caller that goes on in plain callbacks (a conditional write's three phases). C{then}
+    is called once, maybe before this returns; what it raises is its caller's (a node's
+    answer being delivered), so it should raise nothing.
+    """
+    gathering: _Gathering[T] = _Gathering(_no_ask, list(spares), needed, accept, then=then, hedge=hedge, tell=tell)
+    _start(gathering, first)

@@ -11,7 +11,7 @@ connection is closed, since the rest of the body is not read.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import IO, Any, Protocol
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
@@ -43,6 +43,27 @@ DEFAULT_IDLE_TIMEOUT = 60
 
 
 json_body = answer_json
+
+
+class HotRequest(Protocol):
+    """
+    What the fast routes' handlers, the error table (L{kvd.resources.render_error}) and the
+    front door use of a request: a twisted.web Request has it all, and so has the lean
+    connection's (L{kvd.lean_http.LeanRequest}), which has nothing more for handlers.
+    """
+
+    method: bytes
+    #: The request target up to its query.
+    path: bytes
+    #: The query's arguments.
+    args: dict[bytes, list[bytes]]
+    content: IO[bytes]
+
+    def getHeader(self, key: bytes) -> bytes | None: ...
+
+    def setHeader(self, name: bytes, value: bytes) -> None: ...
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None: ...
 
 
 _date: tuple[int, bytes] = (0, b"")

@@ -369,11 +369,11 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
         A request's method, target, headers (by lower-case name) and body length; None: not
         taken. Not C{whole}: the first lines of a head, None if they already say it is not taken.
         """
-        if len(head) > _MAX_HEAD or b"\x00" in head:
-            return None
         lines = head.split(b"\r\n")
-        if len(lines) > _MAX_LINES or head.count(b"\r") != len(lines) - 1 or head.count(b"\n") != len(lines) - 1:
-            return None  # a lone CR or LF: twisted.web decides what it means
+        if len(head) > _MAX_HEAD or len(lines) > _MAX_LINES:
+            return None
+        if len(head) - len(head.translate(None, b"\r\n\x00")) != 2 * len(lines) - 2:
+            return None  # a NUL, or a lone CR or LF: twisted.web decides what it means
         parts = lines[0].split(b" ")
         if len(parts) != 3:
             return None
@@ -397,7 +397,7 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
             return None
         if (
             length > _MAX_BODY
-            or length > self.site.limit_for(uri)
+            or (length > self.site.max_body and length > self.site.limit_for(uri))  # the fast routes: none lower
             or (b"connection" in headers and b"close" in headers[b"connection"].lower())
             or (method == b"POST" and b"content-type" in headers)  # a form: twisted.web parses it
             or not _NOT_TAKEN.isdisjoint(headers)

@@ -272,6 +272,8 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
         self.addr = addr
         #: The twisted.web channel this connection became, if it did.
         self.fallen: NetworkProtocol | None = None
+        #: The twisted.web channel answering one request of this connection now, if one is.
+        self._lent: Any = None
         self._current: LeanRequest | None = None
         #: What has arrived but is not parsed yet, and how much of it there must be first.
         self._held: list[bytes] = []
@@ -311,7 +313,7 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
                 return
             data = b"".join(self._held)
             self._held, self._held_size = [], 0
-        elif self._current is not None:
+        elif self._current is not None or self._lent is not None:
             self._hold(data, _UNKNOWN)
             return
         self._serve(data)
@@ -322,7 +324,8 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
 
     def _pause_if_much(self) -> None:
         # As twisted.web: read no more of what a client pipelines behind a request being answered.
-        if self._current is not None and self._held_size > _MAX_HELD and not self._held_pause:
+        busy = self._current is not None or self._lent is not None
+        if busy and self._held_size > _MAX_HELD and not self._held_pause:
             self._held_pause = True
             self._network.pauseProducing()
 
@@ -332,7 +335,7 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
         try:
             pos, size = 0, len(data)
             while pos < size:
-                if self._current is not None:
+                if self._current is not None or self._lent is not None:
                     self._hold(data[pos:], _UNKNOWN)
                     return
                 if self._lost or self.fallen is not None:
@@ -342,7 +345,7 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
                     # twisted.web answers a bad line as soon as it has it (and the next one):
                     # the lines of a head not all here yet are looked at as they come.
                     lines = data.rfind(b"\r\n", pos)
-                    if size - pos > _MAX_HEAD or (lines > pos and self._parse(data[pos:lines], False) is None):
+                    if size - pos > _MAX_HEAD or (lines > pos and self._parse(data[pos:lines]) is None):
                         self._fall_back(data[pos:])
                     else:
                         self._hold(data[pos:], size - pos + 1)
@@ -357,6 +360,10 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
                 if stop > size:
                     self._hold(data[pos:], stop - pos)
                     return
+                if headers is None:
+                    self._lend(data[pos:stop])
+                    pos = stop
+                    continue
                 request = LeanRequest(self, method, uri, headers, data[start:stop] if length else b"")
                 pos = stop
                 self._current = request
@@ -364,10 +371,13 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
         finally:
             self._serving = False
 
-    def _parse(self, head: bytes, whole: bool = True) -> tuple[bytes, bytes, dict[bytes, bytes], int] | None:
+    def _parse(self, head: bytes) -> tuple[bytes, bytes, dict[bytes, bytes] | None, int] | None:
         """
-        A request's method, target, headers (by lower-case name) and body length; None: not
-        taken. Not C{whole}: the first lines of a head, None if they already say it is not taken.
+        A request's method, target, headers (by lower-case name) and body length, or None
+        when twisted.web is to have the rest of the connection. The headers are None when
+        the request is plain HTTP/1.1 whose end is known but not one of the fast routes':
+        twisted.web is lent it alone. Given the first lines of a head only, None if they
+        already say the connection is twisted.web's.
         """
         lines = head.split(b"\r\n")
         if len(head) > _MAX_HEAD or len(lines) > _MAX_LINES:
@@ -378,7 +388,13 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
         if len(parts) != 3:
             return None
         method, uri, version = parts
-        if version != b"HTTP/1.1" or method not in _METHODS or uri[:1] != b"/" or uri.translate(None, _TARGET_BYTES):
+        if (
+            version != b"HTTP/1.1"
+            or not method
+            or method.translate(None, _TOKEN_BYTES)
+            or uri[:1] != b"/"
+            or uri.translate(None, _TARGET_BYTES)
+        ):
             return None
         headers: dict[bytes, bytes] = {}
         for line in lines[1:]:
@@ -393,20 +409,47 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
             if not text.isdigit() or len(text) > 12:
                 return None
             length = int(text)
-        elif method in _WITH_BODY and whole:
-            return None
         if (
             length > _MAX_BODY
-            or (length > self.site.max_body and length > self.site.limit_for(uri))  # the fast routes: none lower
+            or (length and length > self.site.limit_for(uri))
             or (b"connection" in headers and b"close" in headers[b"connection"].lower())
-            or (method == b"POST" and b"content-type" in headers)  # a form: twisted.web parses it
             or not _NOT_TAKEN.isdisjoint(headers)
         ):
             return None
         query = uri.find(b"?")
-        if not self.door.takes(method, uri if query < 0 else uri[:query]):
-            return None
+        if (
+            method not in _METHODS
+            or (method in _WITH_BODY and b"content-length" not in headers)
+            or (method == b"POST" and b"content-type" in headers)  # a form: twisted.web parses it
+            or not self.door.takes(method, uri if query < 0 else uri[:query])
+        ):
+            return method, uri, None, length
         return method, uri, headers, length
+
+    def _lend(self, data: bytes) -> None:
+        """Have a twisted.web channel answer the one request C{data} holds, then go on here."""
+        channel: Any = self.site.twisted_channel(self.addr)
+        self._lent = channel
+        self._network.unregisterProducer()  # the channel is the transport's producer meanwhile
+        channel.on_request_done = self._returned
+        channel.makeConnection(self.transport)
+        channel.dataReceived(data)
+
+    def _returned(self) -> None:
+        channel = self._lent
+        if channel is None:
+            return
+        if not channel.persistent:
+            self.fallen, self._lent = channel, None  # it is closing the connection
+            self.setTimeout(None)
+            return
+        channel.on_request_done = None
+        channel.setTimeout(None)
+        self._lent = None
+        self._network.unregisterProducer()
+        self._network.registerProducer(self, True)
+        self._transport_pause = False
+        self._go_on()
 
     def _process(self, request: LeanRequest) -> None:
         # As twisted.web's Request.process and render, for what the front door answers.
@@ -427,6 +470,10 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
         if request is not self._current:
             return
         self._current = None
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """The answer of a request is done: the connection is idle, or serves what was held."""
         if self._serving:
             return  # answered at once: the loop of _serve goes on
         if self._timed_out_answering:
@@ -457,7 +504,7 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
             channel.dataReceived(data)
 
     def timeoutConnection(self) -> None:
-        if self._current is not None:
+        if self._current is not None or self._lent is not None:
             self._timed_out_answering = True  # not idle: the timer starts again after the answer
             return
         assert self.transport is not None
@@ -479,6 +526,8 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
         if self._aborting is not None:
             self._aborting.cancel()
             self._aborting = None
+        if self._lent is not None:
+            self._lent.connectionLost(reason)
         current, self._current = self._current, None
         if current is not None:
             current.connection_lost()

@@ -11,6 +11,7 @@ connection is closed, since the rest of the body is not read.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import IO, Any, Protocol
 from urllib.parse import unquote_to_bytes
 
@@ -203,9 +204,14 @@ class BoundedChannel(HTTPChannel):
         else:
             super().writeSequence(iovec)
 
+    #: Told when a request's answer is done (a lean connection lends a channel one request).
+    on_request_done: Callable[[], None] | None = None
+
     def requestDone(self, request: Any) -> None:
         self._flush_head()  # an answer without a body ends here
         super().requestDone(request)
+        if self.on_request_done is not None:
+            self.on_request_done()
 
     def loseConnection(self) -> None:
         self._flush_head()

@@ -41,6 +41,8 @@ from kvd.web import BoundedSite
 
 LIMIT = 64
 DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
+#: A node's change index has a random epoch: two worlds' differ.
+EPOCH = re.compile(rb'"epoch": "[0-9a-f]+"')
 
 
 class World:
@@ -112,7 +114,8 @@ class Pair:
             if then is not None and not transport.disconnecting:
                 then(world)
                 world.settle()
-            results.append((DATE.sub(b"\r\nDate: -\r\n", transport.value()), transport.disconnecting))
+            answers = EPOCH.sub(b'"epoch": "-"', DATE.sub(b"\r\nDate: -\r\n", transport.value()))
+            results.append((answers, transport.disconnecting))
             protocol.connectionLost(Failure(ConnectionDone()))
             world.settle()
         assert results[0] == results[1], f"twisted.web: {results[0]!r}\nlean:        {results[1]!r}"
@@ -237,8 +240,18 @@ def test_the_hot_requests_are_the_lean_connection_s_own(nodes: Pair) -> None:
     for request_bytes in SCRIPT + NODE_REQUESTS[:7] + [req("GET", "/kv/a?raw=maybe"), req("GET", "/kv/%FF")]:
         protocol.dataReceived(request_bytes)
     assert protocol.fallen is None
-    protocol.dataReceived(req("GET", "/healthz"))
-    assert protocol.fallen is not None
+    assert nodes.new.metrics.counts[("/kv/{key}", b"GET", 200)] == 1
+
+
+def test_a_request_of_another_route_is_lent_to_twisted_web_and_the_connection_stays_lean(nodes: Pair) -> None:
+    protocol, transport = nodes.new.connect()
+    protocol.dataReceived(req("GET", "/healthz") + req("GET", "/internal/digests") + req("PUT", "/kv/l", b"1"))
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 3
+    assert protocol.fallen is None and protocol._lent is None
+    assert transport.producer is protocol, "the lean connection is the transport's producer again"
+    protocol.dataReceived(req("GET", "/kv/l", None, ("Connection: close",)))
+    assert protocol.fallen is not None, "a request that ends the connection: twisted.web's for good"
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 4 and transport.disconnecting
 
 
 def test_pipelined_requests_are_answered_in_order(nodes: Pair, gateways: Pair) -> None:
@@ -248,6 +261,21 @@ def test_pipelined_requests_are_answered_in_order(nodes: Pair, gateways: Pair) -
         # Pipelined into a request twisted.web takes, and beyond it.
         pair.exchange([b"".join(SCRIPT) + req("GET", "/healthz") + b"".join(SCRIPT)])
         pair.exchange([b"".join(SCRIPT) + req("GET", "/kv/x", None, ("Connection: close",)) + b"".join(SCRIPT)])
+
+
+def test_what_follows_a_lent_request_waits_for_its_answer(nodes: Pair) -> None:
+    """A long poll of another route (twisted.web's) with requests pipelined behind it."""
+    poll = internal("/internal/changes", {"since": None, "wait": 5})
+
+    def later(world: World) -> None:
+        world.clock.advance(6)  # the first poll's wait is over; then the second's
+        world.settle()
+        world.clock.advance(6)
+
+    answer, closed = nodes.exchange([poll + b"".join(SCRIPT) + poll + req("GET", "/kv/a")], then=later)
+    assert answer.count(b"HTTP/1.1 ") == 7 and not closed
+    answer, _ = nodes.exchange([poll + req("GET", "/kv/a")])
+    assert answer == b"", "nothing is answered before the long poll is"
 
 
 def test_requests_split_at_every_byte_boundary_are_answered_the_same(nodes: Pair) -> None:
@@ -366,6 +394,8 @@ _PIECES = st.sampled_from(
         *SCRIPT,
         *NODE_REQUESTS[:3],
         b"GET /kv/a HTTP/1.1\r\n",
+        b"GET /healthz HTTP/1.1\r\n\r\n",
+        b"HEAD /kv/s HTTP/1.1\r\n\r\n",
         b"PUT /kv/",
         b"Content-Length: 3\r\n",
         b"Content-Length: 99999\r\n",

@@ -1,7 +1,7 @@
 """
 A lean HTTP/1.1 server connection for the hot routes, the same on gateways and nodes.
 
-twisted.web's HTTPChannel spends a fifth of a gateway's CPU on each request before and
+twisted.web's HTTPChannel spends a quarter of a gateway's instructions on each request before and
 after the handler: a C{lineReceived} call per header line, a L{Headers} object, a Request
 with dozens of attributes, the process/render/finish machinery, notifications and a timer
 per request. L{LeanChannel} parses a request's head itself (one C{find} of its end, one
@@ -11,14 +11,17 @@ calls that same front door with a L{LeanRequest}: just what those handlers, the 
 table and the front door use of a request (L{kvd.web.HotRequest}), answered with the
 bytes L{kvd.web.BoundedRequest} would write.
 
-Everything else is twisted.web's: the first request the connection does not take (another
-path or method, HTTP/1.0, C{Transfer-Encoding}, C{Expect}, C{Connection: close}, a body of
-no or an odd C{Content-Length} or over the limit, a malformed or oversized head, a
-duplicated header, a form POST) turns the connection into a L{kvd.web.BoundedChannel} for
-good, the bytes read so far replayed to it, so its 400, 413 and 431 answers and its rules
-apply unchanged. Requests are answered one at a time, in order: what a client pipelines
-behind a request is held until its answer is written. A site with C{--access-log} on
-serves every connection with twisted.web.
+Everything else is twisted.web's. A plain HTTP/1.1 request of another route (or method)
+whose end is known is lent, alone, to a fresh L{kvd.web.BoundedChannel} on the same
+transport, and the connection goes on here once it is answered: a gateway's kept-alive pool
+sends all its calls to a node on the same connections. A request twisted.web must judge
+(HTTP/1.0, C{Transfer-Encoding}, C{Expect}, C{Connection: close}, a malformed or oversized
+head, an odd C{Content-Length} or a body over the limit, a duplicated header) gives the
+connection to a L{kvd.web.BoundedChannel} for good, the bytes read so far replayed to it, so
+its 400, 413 and 431 answers and its rules apply unchanged; so does a head's first lines as
+soon as they say so, as twisted.web answers a bad line when it has it. Requests are answered
+one at a time, in order: what a client pipelines behind a request is held until its answer
+is written. A site with C{--access-log} on serves every connection with twisted.web.
 """
 
 from __future__ import annotations
@@ -259,8 +262,9 @@ class _Unpausable:
 @implementer(IPushProducer)
 class LeanChannel(NetworkProtocol, TimeoutMixin):
     """
-    A server connection that answers the fast routes' requests itself, and hands itself
-    over to a L{kvd.web.BoundedChannel} for good at the first request it does not take.
+    A server connection that answers the fast routes' requests itself, lends each request
+    of another route to a twisted.web channel, and hands itself over to one for good at a
+    request only twisted.web may judge.
     """
 
     #: Seconds after an idle timeout before the connection is aborted (twisted.web's figure).

@@ -67,6 +67,7 @@ from kvd.keys import (
     typed_json,
     value_json,
 )
+from kvd.lean_http import LeanRequest
 from kvd.metrics import CONTENT_TYPE, Metrics
 from kvd.paxos import Acceptor, Promise, Proposal
 from kvd.registry import STATUSES as MEMBER_STATUSES
@@ -75,7 +76,7 @@ from kvd.store import BUCKETS, Applied, BadBatch, Entry, Store, StoreError
 from kvd.ttl import BadTTL, expired, expires, parse_ttl
 from kvd.validate import Invalid, number
 from kvd.versions import is_version
-from kvd.web import BoundedRequest, json_body
+from kvd.web import BoundedRequest, HotRequest, json_body
 
 _log = Logger()
 #: The most keys one listing page may ask for.
@@ -112,7 +113,7 @@ Rendered = Any
 H = TypeVar("H", bound=Callable[..., Any])
 
 
-def _json(request: IRequest, obj: object, status: int = 200) -> bytes:
+def _json(request: HotRequest, obj: object, status: int = 200) -> bytes:
     request.setResponseCode(status)
     body = json_body(obj)
     request.setHeader(b"content-type", b"application/json")
@@ -120,7 +121,7 @@ def _json(request: IRequest, obj: object, status: int = 200) -> bytes:
     return body
 
 
-def _wire(request: IRequest, obj: object) -> bytes:
+def _wire(request: HotRequest, obj: object) -> bytes:
     """A 200 answer of the internal API, in its compact JSON (see L{kvd.codec})."""
     body = wire_json(obj)
     request.setHeader(b"content-type", b"application/json")
@@ -132,7 +133,7 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def json_request(request: IRequest, what: str, wire: bool = False) -> Any:
+def json_request(request: HotRequest, what: str, wire: bool = False) -> Any:
     """
     The request body, parsed as JSON; C{what} says what it should be, in the error. With
     C{wire}, the body is from another kvd process (see L{kvd.codec}).
@@ -144,7 +145,7 @@ def json_request(request: IRequest, what: str, wire: bool = False) -> Any:
         raise ClientError(f"the body must be JSON: {what}") from None
 
 
-def _batch(request: IRequest, name: str, wire: bool = False) -> list[Any]:
+def _batch(request: HotRequest, name: str, wire: bool = False) -> list[Any]:
     """The list under C{name} of a JSON request body."""
     body = json_request(request, f'{{"{name}": [...]}}', wire)
     items = body.get(name) if isinstance(body, dict) else None
@@ -153,7 +154,7 @@ def _batch(request: IRequest, name: str, wire: bool = False) -> list[Any]:
     return items
 
 
-def _versioned(request: IRequest, body: dict[str, Any]) -> bytes:
+def _versioned(request: HotRequest, body: dict[str, Any]) -> bytes:
     """A key's answer, with its version as the ETag too (and its expiry, if it has one)."""
     version = body["version"]
     request.setHeader(b"etag", b'"%s"' % version.encode())
@@ -162,7 +163,7 @@ def _versioned(request: IRequest, body: dict[str, Any]) -> bytes:
     return _json(request, body)
 
 
-def _wants_raw(request: IRequest) -> bool:
+def _wants_raw(request: HotRequest) -> bool:
     """Whether a GET asks for the value's bytes themselves (C{?raw=true}) rather than JSON."""
     values = request.args.get(b"raw")
     if not values:
@@ -174,7 +175,7 @@ def _wants_raw(request: IRequest) -> bool:
 
 
 def _entry_answer(
-    request: IRequest, key: str, value: str, version: str, raw: bool = False, extra: dict[str, Any] | None = None
+    request: HotRequest, key: str, value: str, version: str, raw: bool = False, extra: dict[str, Any] | None = None
 ) -> bytes:
     """
     A key's answer: JSON (bytes as base64 with C{"encoding": "base64"}; C{extra} fields after
@@ -191,12 +192,12 @@ def _entry_answer(
     return data
 
 
-def _content_type(request: IRequest) -> bytes | None:
+def _content_type(request: HotRequest) -> bytes | None:
     value: bytes | None = request.getHeader(b"content-type")
     return value
 
 
-def _text_arg(request: IRequest, name: bytes) -> str | None:
+def _text_arg(request: HotRequest, name: bytes) -> str | None:
     """A query argument as text; L{ClientError} unless it is UTF-8."""
     values = request.args.get(name)
     if not values:
@@ -215,13 +216,13 @@ def _item(key: str, value: str, version: str) -> dict[str, Any]:
     return item
 
 
-def _ttl_arg(request: IRequest) -> float | None:
+def _ttl_arg(request: HotRequest) -> float | None:
     """The C{ttl} query argument in seconds, if given; L{BadTTL} unless it is a sensible one."""
     values = request.args.get(b"ttl")
     return None if not values else parse_ttl(values[0].decode("utf-8", "replace"))
 
 
-def _number_arg(request: IRequest, name: bytes, kind: type[float] | type[int]) -> Any:
+def _number_arg(request: HotRequest, name: bytes, kind: type[float] | type[int]) -> Any:
     values = request.args.get(name)
     if not values:
         return None
@@ -231,17 +232,17 @@ def _number_arg(request: IRequest, name: bytes, kind: type[float] | type[int]) -
         raise ClientError(str(e)) from None
 
 
-def _precondition(request: IRequest, delete: bool = False) -> Precondition | None:
+def _precondition(request: HotRequest, delete: bool = False) -> Precondition | None:
     return parse_precondition(request.getHeader(b"if-match"), request.getHeader(b"if-none-match"), delete)
 
 
-def _watch_args(request: IRequest) -> tuple[float, str]:
+def _watch_args(request: HotRequest) -> tuple[float, str]:
     """A watch's C{wait} (seconds, at most L{MAX_WAIT}) and C{version} ("": absent)."""
     wait = min(_number_arg(request, b"wait", float) or 0.0, MAX_WAIT)
     return wait, _text(request.args.get(b"version", [b""])[0])
 
 
-def render_error(request: IRequest, failure: Failure, key: str | None = None) -> bytes:
+def render_error(request: HotRequest, failure: Failure, key: str | None = None) -> bytes:
     """The error table at work: a failure becomes a status and a JSON body."""
     error = failure.value
     status = next((code for kind, code in STATUSES if isinstance(error, kind)), None)
@@ -284,7 +285,7 @@ def render_error(request: IRequest, failure: Failure, key: str | None = None) ->
     return _json(request, body, status)
 
 
-def _settled(result: Rendered, request: IRequest, key: str | None) -> Rendered:
+def _settled(result: Rendered, request: HotRequest, key: str | None) -> Rendered:
     """A handler's result with its errors rendered: bytes, or a Deferred that fires with bytes."""
     if inspect.iscoroutine(result):
         result = Deferred.fromCoroutine(result)
@@ -299,7 +300,7 @@ def _render_failure(failure: Failure, request: Any, key: str | None) -> bytes | 
     return render_error(request, failure, key)
 
 
-def _call_keyed(handler: Callable[..., Rendered], api: object, request: IRequest, prefix: bytes) -> Rendered:
+def _call_keyed(handler: Callable[..., Rendered], api: object, request: HotRequest, prefix: bytes) -> Rendered:
     # The raw path, not Klein's decoded argument: a key may hold an encoded "/" (%2F).
     try:
         key = parse_key(request.path[len(prefix) :])
@@ -312,7 +313,7 @@ def _call_keyed(handler: Callable[..., Rendered], api: object, request: IRequest
     return _settled(result, request, key)
 
 
-def _call(handler: Callable[..., Rendered], api: object, request: IRequest) -> Rendered:
+def _call(handler: Callable[..., Rendered], api: object, request: HotRequest) -> Rendered:
     try:
         result = handler(api, request)
     except Exception:
@@ -437,7 +438,25 @@ class _FrontDoor(Resource):
             )
         self._auth = auth
 
+    @property
+    def serves_fast(self) -> bool:
+        """Whether any route is served without Klein (what a lean connection asks first)."""
+        return bool(self._kv or self._exact)
+
+    def takes(self, method: bytes, path: bytes) -> bool:
+        """Whether L{serve} sends this request straight to a handler, without Klein."""
+        if path.startswith(paths.KV) and len(path) > len(paths.KV) and method in self._kv:
+            return True
+        return (method, path) in self._exact
+
     def render(self, request: IRequest) -> Any:
+        return self.serve(request)
+
+    def serve(self, request: HotRequest) -> Any:
+        """
+        What C{render} answers; a lean connection (L{kvd.lean_http}) calls it for the
+        requests L{takes} says go straight to a handler.
+        """
         path = request.path
         if self._auth.required and not self._auth.allows(path, request.getHeader(b"authorization")):
             request.setHeader(b"www-authenticate", b'Bearer realm="kvd"')
@@ -458,13 +477,13 @@ class _FrontDoor(Resource):
             unquote_to_bytes(path).decode("utf-8")
         except UnicodeDecodeError:
             return _json(request, {"success": False, "error": "the URL path is not valid UTF-8"}, 400)
-        return self._app.render(request)
+        return self._app.render(request)  # never a lean request: L{takes} said no to it
 
     def _finish(self, request: Any, result: Rendered) -> Any:
         if not isinstance(result, Deferred):
             return result
         result.addCallback(_write_and_finish, request)
-        if isinstance(request, BoundedRequest):
+        if isinstance(request, (BoundedRequest, LeanRequest)):
             request.cancel_on_loss(result)  # what notifyFinish does, without a Deferred a request
         else:
             request.notifyFinish().addErrback(lambda _: result.cancel())
@@ -502,20 +521,20 @@ class NodeAPI:
             self.changes = ChangeIndex.follow(self.store)
 
     @routes.key(paths.KV, "GET", fast=True)
-    def get(self, request: IRequest, key: str) -> Rendered:
+    def get(self, request: HotRequest, key: str) -> Rendered:
         # Not async: a read touches memory only, and a coroutine per GET is measurable.
         if b"wait" in request.args:
             return self._watch(request, key)
         return self._answer(request, key)
 
-    def _answer(self, request: IRequest, key: str) -> bytes:
+    def _answer(self, request: HotRequest, key: str) -> bytes:
         raw = _wants_raw(request)
         entry = self.store.entry(key)
         if entry is None or entry[0] is None:
             raise NotFound("no such key")
         return _entry_answer(request, key, entry[0], entry[1], raw)
 
-    async def _watch(self, request: IRequest, key: str) -> bytes:
+    async def _watch(self, request: HotRequest, key: str) -> bytes:
         """GET with C{wait}: answer once the key's version here is not C{version}, or when the wait is over."""
         wait, version = _watch_args(request)
         clock = self.clock
@@ -531,7 +550,7 @@ class NodeAPI:
         return self._answer(request, key)
 
     @routes.key(paths.KV, "PUT", fast=True)
-    async def put(self, request: IRequest, key: str) -> bytes:
+    async def put(self, request: HotRequest, key: str) -> bytes:
         precondition = _precondition(request)
         ttl = _ttl_arg(request)
         value = parse_value(request.content.read(), self.max_value_bytes, _content_type(request))
@@ -542,7 +561,7 @@ class NodeAPI:
         return _entry_answer(request, key, value, version)
 
     @routes.key(paths.KV, "DELETE", fast=True)
-    async def delete(self, request: IRequest, key: str) -> bytes:
+    async def delete(self, request: HotRequest, key: str) -> bytes:
         precondition = _precondition(request, delete=True)
         if precondition is not None:
             self._check(key, precondition)
@@ -565,7 +584,7 @@ class NodeAPI:
         return self.acceptor
 
     @routes.path("/internal/paxos", "POST", fast=True)
-    def internal_paxos(self, request: IRequest) -> Deferred[bytes]:
+    def internal_paxos(self, request: HotRequest) -> Deferred[bytes]:
         """
         A batch of conditional-write traffic, answered once all of it is durable, per item in
         order: ["p", key, ballot] (prepare: [promised, the ballot promised, the accepted
@@ -664,7 +683,7 @@ class NodeAPI:
         return proposed.addCallbacks(both, failed)
 
     @routes.path("/internal/apply", "POST", fast=True)
-    async def internal_apply(self, request: IRequest) -> bytes:
+    async def internal_apply(self, request: HotRequest) -> bytes:
         """
         Apply [key, value or null, version] items; answer once all are durable, with which
         were live before and the version each holds after (a newer one it kept, or the item's).
@@ -675,7 +694,7 @@ class NodeAPI:
         return _wire(request, {**body, "now": int(self.store.clock.now() * 1000)})
 
     @routes.path("/internal/read", "POST", fast=True)
-    def internal_read(self, request: IRequest) -> bytes:
+    def internal_read(self, request: HotRequest) -> bytes:
         """
         The entries ([value or null, version]) of the given keys; unknown keys are left out.
         With C{max_chars}, entries stop once their values pass it (one at least) and the
@@ -697,7 +716,7 @@ class NodeAPI:
         return _wire(request, {"success": True, "entries": found})
 
     @routes.path("/internal/list", "POST", fast=True)
-    def internal_list(self, request: IRequest) -> bytes:
+    def internal_list(self, request: HotRequest) -> bytes:
         """
         The next keys under a prefix after a key, in key order, tombstones (and expired
         entries) included with a null value: [key, value or null, version] each, with
@@ -925,7 +944,7 @@ class GatewayAPI:
         return self.proposer.write(key, value, precondition, ttl)
 
     @routes.key(paths.KV, "GET", fast=True)
-    def get(self, request: IRequest, key: str) -> Deferred[bytes]:
+    def get(self, request: HotRequest, key: str) -> Deferred[bytes]:
         # Without a coroutine, as this is the gateway's busiest path.
         if self.hot is not None:
             self.hot.record(key)
@@ -961,7 +980,7 @@ class GatewayAPI:
         return _json(request, {"success": True, "changes": changes, "next": page.next})
 
     @routes.key(paths.KV, "PUT", fast=True)
-    def put(self, request: IRequest, key: str) -> Deferred[bytes]:
+    def put(self, request: HotRequest, key: str) -> Deferred[bytes]:
         if self.hot is not None:
             self.hot.record(key)
         precondition = _precondition(request)
@@ -976,7 +995,7 @@ class GatewayAPI:
         return self.coordinator.write(key, value, ttl).addCallback(render)
 
     @routes.key(paths.KV, "DELETE", fast=True)
-    def delete(self, request: IRequest, key: str) -> Deferred[bytes]:
+    def delete(self, request: HotRequest, key: str) -> Deferred[bytes]:
         if self.hot is not None:
             self.hot.record(key)
 
@@ -995,7 +1014,7 @@ class GatewayAPI:
         return self.coordinator.clock.now()
 
     @routes.path("/kv", "GET", fast=True)
-    async def list_keys(self, request: IRequest) -> bytes:
+    async def list_keys(self, request: HotRequest) -> bytes:
         """A page of the cluster's keys in byte order (see L{kvd.gateway.listing})."""
         args = request.args
         prefix, after = _text_arg(request, b"prefix") or "", _text_arg(request, b"after")

@@ -59,6 +59,7 @@ from kvd.gateway.repair import Repairer
 from kvd.gateway.skew import ClockSkew
 from kvd.incarnation import raise_incarnation
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
+from kvd.lean_http import LeanSite
 from kvd.membership import Heartbeat, NodeInfo, Union, Watcher
 from kvd.metrics import Metrics
 from kvd.options import Config, DevConfig, GatewayConfig, NodeConfig, RegistryConfig
@@ -70,7 +71,6 @@ from kvd.store import Runner, Store, StoreError, next_incarnation, synchronous
 from kvd.transport import DEFAULT_TIMEOUT, KeepAlivePool, Peers
 from kvd.validate import Invalid, base_url
 from kvd.versions import HybridClock
-from kvd.web import BoundedSite
 from kvd.workers import LISTEN_FD, Supervisor, WorkerProtocol, worker_argv
 
 __all__ = ["assemble", "dev", "fail", "gateway", "node", "registry", "worker_services"]
@@ -379,7 +379,7 @@ def _listener(
         endpoint: IStreamServerEndpoint = serverFromString(reactor, listen)
     except Exception as e:  # bad syntax, or an ssl: certificate that cannot be read
         fail(f"bad --listen endpoint {listen!r}: {e or type(e).__name__}")
-    site = BoundedSite(
+    site = LeanSite(
         resource,
         max_body=max_body,
         access_log=config.access_log,
@@ -767,7 +767,7 @@ def _adopted_listener(
     metrics: Metrics,
     ready: Callable[[], Deferred[None]],
 ) -> AdoptedListenService:
-    factory: Any = BoundedSite(
+    factory: Any = LeanSite(
         resource,
         max_body=config.max_value_bytes,
         access_log=config.access_log,

@@ -11,7 +11,8 @@ connection is closed, since the rest of the body is not read.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any, Protocol
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
@@ -43,6 +44,27 @@ DEFAULT_IDLE_TIMEOUT = 60
 
 
 json_body = answer_json
+
+
+class HotRequest(Protocol):
+    """
+    What the fast routes' handlers, the error table (L{kvd.resources.render_error}) and the
+    front door use of a request: a twisted.web Request has it all, and so has the lean
+    connection's (L{kvd.lean_http.LeanRequest}), which has nothing more for handlers.
+    """
+
+    method: bytes
+    #: The request target up to its query.
+    path: bytes
+    #: The query's arguments.
+    args: dict[bytes, list[bytes]]
+    content: IO[bytes]
+
+    def getHeader(self, key: bytes) -> bytes | None: ...
+
+    def setHeader(self, name: bytes, value: bytes) -> None: ...
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None: ...
 
 
 _date: tuple[int, bytes] = (0, b"")
@@ -182,9 +204,14 @@ class BoundedChannel(HTTPChannel):
         else:
             super().writeSequence(iovec)
 
+    #: Told when a request's answer is done (a lean connection lends a channel one request).
+    on_request_done: Callable[[], None] | None = None
+
     def requestDone(self, request: Any) -> None:
         self._flush_head()  # an answer without a body ends here
         super().requestDone(request)
+        if self.on_request_done is not None:
+            self.on_request_done()
 
     def loseConnection(self) -> None:
         self._flush_head()

@@ -20,10 +20,13 @@ from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from kvd.lean_http import LeanSite
 from kvd.transport import DEFAULT_MAX_ANSWER, DEFAULT_TIMEOUT, KeepAlivePool, KeepAliveProtocol, Origin, Peers
 
 #: The caller a connector speaks for when none is named.
 ANYONE = "anyone"
+#: Twisted's own default (a Site's C{timeout}), not a role's: simulations keep their connections as before.
+_SIMULATED_IDLE_TIMEOUT = 60 * 60 * 12
 
 
 @define
@@ -57,7 +60,8 @@ class Network:
         """Serve C{resource} as C{host}; a host served again is a restarted process: its connections break."""
         if host in self.sites:
             self._break(lambda link: link.host == host)
-        self.sites[host] = Site(resource, reactor=self.clock)
+        # The Site the roles serve, so simulations run the lean connection (kvd.lean_http) too.
+        self.sites[host] = LeanSite(resource, reactor=self.clock, timeout=_SIMULATED_IDLE_TIMEOUT)
 
     def pause(self, host: str) -> None:
         self.paused.add(host)

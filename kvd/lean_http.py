@@ -452,7 +452,13 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
         self._lent = None
         self._network.unregisterProducer()
         self._network.registerProducer(self, True)
+        # The transport may have been paused before or during the lent answer (its buffer
+        # full), and it would tell the channel lent it, not this one, when it drains: read
+        # again now, as twisted.web's requestDone does; the next write pauses anew if it is
+        # still full. (Else a pipelining client that reads slowly was never read again.)
         self._transport_pause = False
+        if not self._held_pause:
+            self._network.resumeProducing()
         self._go_on()
 
     def _process(self, request: LeanRequest) -> None:

@@ -446,3 +446,42 @@ def test_a_gateway_given_any_bytes_answers_as_twisted_web_and_never_errs(pieces:
         finally:
             pair.close()
     assert not [e for e in events if "log_failure" in e], "no error was logged"
+
+
+class _FullTransport(StringTransport):
+    """A transport whose send buffer can be full: it pauses its producer at each write then, as a TCP one does."""
+
+    full = False
+    paused_producer = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.full and self.producer is not None and self.streaming:
+            self.paused_producer = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        """The client read it all: the transport tells its producer, if it paused it."""
+        self.full = False
+        if self.producer is not None and self.paused_producer:
+            self.paused_producer = False
+            self.producer.resumeProducing()
+
+
+def test_a_connection_reads_again_when_its_answers_drain_after_a_lent_one(nodes: Pair) -> None:
+    """
+    A client pipelines a hot request and one of another route while it reads nothing: the
+    transport's buffer is full at both answers. Once it drains, the connection reads again,
+    as twisted.web's does (it once stayed paused for good, the next request never read).
+    """
+    nodes.exchange([req("PUT", "/kv/f", b"1")])
+    for world in (nodes.old, nodes.new):
+        protocol = world.site.buildProtocol(None)
+        transport = _FullTransport()
+        protocol.makeConnection(transport)
+        transport.full = True
+        protocol.dataReceived(req("GET", "/kv/f") + req("GET", "/healthz"))
+        assert transport.value().count(b"HTTP/1.1 200 OK") == 2
+        transport.drain()
+        assert transport.producerState == "producing", f"{type(protocol).__name__} reads again"
+        protocol.connectionLost(Failure(ConnectionDone()))

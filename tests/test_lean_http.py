@@ -233,13 +233,27 @@ def test_a_gateway_answers_each_request_as_twisted_web_does(gateways: Pair, requ
     gateways.exchange([request_bytes + req("GET", "/kv/a")])
 
 
-def test_the_hot_requests_are_the_lean_connection_s_own(nodes: Pair) -> None:
+def test_the_hot_requests_are_the_lean_connection_s_own(nodes: Pair, gateways: Pair) -> None:
     """The differential tests are not vacuous: the good requests never reach twisted.web."""
+    lent: list[Any] = []
+    site: Any = nodes.new.site
+    twisted_channel = site.twisted_channel
+    site.twisted_channel = lambda addr: lent.append(addr) or twisted_channel(addr)
     protocol, _ = nodes.new.connect()
     assert isinstance(protocol, LeanChannel)
     for request_bytes in SCRIPT + NODE_REQUESTS[:7] + [req("GET", "/kv/a?raw=maybe"), req("GET", "/kv/%FF")]:
         protocol.dataReceived(request_bytes)
     assert protocol.fallen is None
+    assert lent == [], "no request was lent to a twisted.web channel either"
+    protocol.dataReceived(req("GET", "/healthz"))
+    assert len(lent) == 1, "and one of another route is"
+    gateway: Any = gateways.new.site
+    gateway_channel = gateway.twisted_channel
+    gateway.twisted_channel = lambda addr: lent.append(addr) or gateway_channel(addr)
+    protocol, transport = gateways.new.connect()
+    protocol.dataReceived(b"".join(SCRIPT) + req("GET", "/kv?limit=2"))
+    gateways.new.settle()
+    assert transport.value().count(b"HTTP/1.1 ") == 5 and len(lent) == 1, "a gateway lends none of them"
     assert nodes.new.metrics.counts[("/kv/{key}", b"GET", 200)] == 1
 
 

@@ -260,7 +260,7 @@ def render_error(request: HotRequest, failure: Failure, key: str | None = None) 
     if isinstance(error, RouteNotFound):
         body["error"] = "no such endpoint"
     elif isinstance(error, MethodNotAllowed):
-        allowed = ", ".join(error.valid_methods or [])
+        allowed = ", ".join(sorted(error.valid_methods or []))
         request.setHeader(b"allow", allowed.encode())
         body["error"] = f"method not allowed here; allowed: {allowed}"
     else:

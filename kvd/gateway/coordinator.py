@@ -121,8 +121,11 @@ class _Write:
         return d.addCallback(self.answer, version, rounds)
 
     def answer(self, gathered: Gathered[Written], version: str, rounds: int) -> Deferred[WriteOutcome] | WriteOutcome:
-        self.live.extend(written.live for written in gathered.answers.values())
-        newer = [w.held for w in gathered.answers.values() if w.held > version]
+        live, newer = self.live, []
+        for written in gathered.answers.values():
+            live.append(written.live)
+            if written.held > version:
+                newer.append(written.held)
         if newer and rounds < MAX_WRITE_ROUNDS:
             self.coordinator.clock.observe(max(newer))
             _log.info(
@@ -130,11 +133,13 @@ class _Write:
                 key=self.key,
             )
             return self.attempt(rounds + 1)
-        for owner in self.route.owners:  # an owner asked as a spare holds the write for itself
-            gathered.standing_in.pop(owner, None)
+        standing_in = gathered.standing_in
+        if standing_in:
+            for owner in self.route.owners:  # an owner asked as a spare holds the write for itself
+                standing_in.pop(owner, None)
         receipt = gathered.receipt(uncertain=bool(self.timed_out))
         gathered.require("write", self.needed, receipt)
-        return WriteOutcome(version, any(self.live), receipt)
+        return WriteOutcome(version, any(live), receipt)
 
 
 @define
@@ -268,6 +273,8 @@ class Coordinator:
 
     @staticmethod
     def _skipped(route: Route) -> list[str]:
+        if not route.skipped:
+            return []
         return [f"{node_id}: unreachable from this gateway" for node_id in route.skipped if node_id in route.owners]
 
     def _repair(self, node: Any, key: str, entry: Entry) -> None:

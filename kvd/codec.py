@@ -25,10 +25,11 @@ _ANSWER = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
 #: The C encoder C{_ANSWER.encode} makes anew on every call (with a closure and a dict of
 #: markers), made once: the same bytes, about 1 us less an answer. Without the circular
 #: check (an answer is a tree built for it; a cycle would fail as a RecursionError).
+_make_c_encoder: Any = getattr(_encoder, "c_make_encoder", None)  # not in typeshed
 _C_ANSWER = (
     None
-    if _encoder.c_make_encoder is None
-    else _encoder.c_make_encoder(None, _ANSWER.default, _encoder.encode_basestring, None, ": ", ", ", False, False, True)
+    if _make_c_encoder is None
+    else _make_c_encoder(None, _ANSWER.default, _encoder.encode_basestring, None, ": ", ", ", False, False, True)
 )
 
 

@@ -239,13 +239,19 @@ class Coordinator:
 
         def answer(gathered: Gathered[Entry | None]) -> Entry | None:
             answers = gathered.require("read", needed).answers
-            known = [entry for entry in answers.values() if entry is not None]
-            if not known:
-                return None
             # At one version, a value beats the tombstone a replica made of it when it expired by
             # that replica's clock (a fast one): expiry is judged once, by this gateway's clock,
-            # whichever replicas answered, so reads do not flap between 200 and 404.
-            newest = max(known, key=lambda entry: (entry[1], entry[0] is not None))
+            # whichever replicas answered, so reads do not flap between 200 and 404. (max() by
+            # that rank, the first of equals kept, in one pass without a key function.)
+            newest: Entry | None = None
+            rank: tuple[str, bool] = ("", False)
+            for entry in answers.values():
+                if entry is not None:
+                    ranked = (entry[1], entry[0] is not None)
+                    if newest is None or ranked > rank:
+                        newest, rank = entry, ranked
+            if newest is None:
+                return None
             self.clock.observe(newest[1])
             for node_id, entry in answers.items():
                 if node_id in owners and (entry is None or entry[1] < newest[1]):

@@ -33,8 +33,8 @@ class PySpy:
     context manager, into C{out} as collapsed stacks; see L{summarize_profile}.
     """
 
-    def __init__(self, pid: int, out: Path, seconds: float, rate: int = 200) -> None:
-        self.pid, self.out, self.seconds, self.rate = pid, out, seconds, rate
+    def __init__(self, pid: int, out: Path, seconds: float, rate: int = 200, gil: bool = False) -> None:
+        self.pid, self.out, self.seconds, self.rate, self.gil = pid, out, seconds, rate, gil
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> PySpy:
@@ -44,7 +44,10 @@ class PySpy:
         argv = [spy, "record", "-p", str(self.pid), "-d", str(max(1, round(self.seconds))), "-r", str(self.rate)]
         # Blocking sampling (py-spy pauses the process for each sample): non-blocking samples
         # of a busy reactor came out torn.
-        argv += ["--idle", "--threads", "--format", "raw", "-o", str(self.out)]
+        # With C{gil}, only samples holding the GIL: time preempted inside a socket send (a
+        # woken client or node took the core) is not the process's own work.
+        argv += ["--gil"] if self.gil else ["--idle"]
+        argv += ["--threads", "--format", "raw", "-o", str(self.out)]
         self.process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

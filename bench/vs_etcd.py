@@ -25,12 +25,13 @@ raft-committed and fsynced by the single member. Without the binary this says so
 kvd's figures alone.
 
     python bench/vs_etcd.py [--duration 10] [--keys 1000] [--value-size 100] [--connections 32]
-                            [--profile DIR [--profile-seconds 10]]
+                            [--profile DIR [--profile-seconds 10] [--gil]]
 
 With --profile, after the measured runs, py-spy samples the gateway under PUT load, the
 gateway under GET load and node a under PUT load (each --profile-seconds), and the summary
-of each is printed; the raw collapsed stacks stay in DIR. Every process is stopped at the
-end; timings only print, nothing asserts on them.
+of each is printed; the raw collapsed stacks stay in DIR. With --gil, only samples holding
+the GIL count (time preempted inside a socket send is not the process's own work). Every
+process is stopped at the end; timings only print, nothing asserts on them.
 """
 
 from __future__ import annotations
@@ -342,7 +343,7 @@ def profile_kvd(gateway: Kvd, node: Kvd, url: str, put_lua: Path, get_lua: Path,
     ):
         path = out / f"{what}.txt"
         # py-spy starts sampling a moment after it is started: load for a little longer.
-        with PySpy(process.pid, path, args.profile_seconds):
+        with PySpy(process.pid, path, args.profile_seconds, gil=args.gil):
             result = run_wrk(url, lua, args.profile_seconds + 2, threads=args.threads, connections=args.connections)
         lines.append(f"{what}: {result.rps:.0f} req/s while sampled")
         lines.extend(summarize_profile(path, top=15))
@@ -505,6 +506,7 @@ def main() -> None:
     )
     parser.add_argument("--profile", metavar="DIR", default=None, help="py-spy the gateway and a node into DIR")
     parser.add_argument("--profile-seconds", type=float, default=10.0)
+    parser.add_argument("--gil", action="store_true", help="with --profile: sample only while the GIL is held")
     args = parser.parse_args()
     kvd_dir = ensure_kvd_importable()
     print(f"kvd from {kvd_dir} ({code_version(kvd_dir)})")

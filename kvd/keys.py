@@ -61,16 +61,19 @@ def parse_key(raw: bytes) -> str:
     """
     if b"/" in raw:
         raise BadKey("a key is one URL path segment: encode '/' in a key as %2F")
-    if _BAD_ESCAPE.search(raw):
+    if b"%" not in raw:
+        decoded = raw  # what unquote_to_bytes gives back (every PUT and GET comes here)
+    elif _BAD_ESCAPE.search(raw):
         raise BadKey("a key has a '%' that is not a percent-encoding: encode '%' as %25")
-    decoded = unquote_to_bytes(raw)
+    else:
+        decoded = unquote_to_bytes(raw)
     if not 1 <= len(decoded) <= MAX_KEY_BYTES:
         raise BadKey(f"a key must be 1 to {MAX_KEY_BYTES} bytes of UTF-8 (this one is {len(decoded)})")
     try:
         key = decoded.decode("utf-8")
     except UnicodeDecodeError:
         raise BadKey("a key must be valid UTF-8 once percent-decoded") from None
-    if _CONTROL.search(key):
+    if not (key.isascii() and key.isprintable()) and _CONTROL.search(key):
         raise BadKey("a key must not contain control characters")
     return key
 

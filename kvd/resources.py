@@ -51,6 +51,7 @@ from kvd.internal import RepairReport
 from kvd.keys import (
     BATCH_VALUE_BUDGET,
     DEFAULT_MAX_VALUE_BYTES,
+    TYPED,
     BadKey,
     ClientError,
     NotFound,
@@ -182,8 +183,13 @@ def _entry_answer(
     the version) or, with C{raw}, the bytes.
     """
     if not raw:
-        body = {"success": True, "key": key, **typed_json(value), "version": version}
-        return _versioned(request, {**body, **extra} if extra else body)
+        if value[:1] == TYPED:
+            body = {"success": True, "key": key, **typed_json(value), "version": version}
+        else:  # plain text (typed_json's answer for it, without making that dict)
+            body = {"success": True, "key": key, "value": value, "version": version}
+        if extra:
+            body.update(extra)  # the same order as {**body, **extra}
+        return _versioned(request, body)
     data, content_type = raw_value(value)
     request.setResponseCode(200)
     request.setHeader(b"etag", b'"%s"' % version.encode())

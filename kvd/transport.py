@@ -133,7 +133,7 @@ class Peers:
         if target is None:
             return Deferred.fromCoroutine(_refuse(url))
         origin, path = target
-        d = Deferred.fromCoroutine(self.pool.call(origin, method, path, body, authorization, max_answer, headers))
+        d = self.pool.request(origin, method, path, body, authorization, max_answer, headers)
         d.addTimeout(limit, self.reactor)
         return d.addErrback(self._explain, url, limit, deadline)
 
@@ -470,6 +470,24 @@ class KeepAlivePool:
         max_answer: int | None = None,
         headers: bytes = b"",
     ) -> Answer:
+        """One request over a kept connection (or a fresh one), and its whole answer: L{request}."""
+        return await self.request(origin, method, path, body, authorization, max_answer, headers)
+
+    def request(
+        self,
+        origin: Origin,
+        method: str,
+        path: str,
+        body: bytes | None,
+        authorization: bytes | None = None,
+        max_answer: int | None = None,
+        headers: bytes = b"",
+    ) -> Deferred[Answer]:
+        """
+        L{call}, as a Deferred: over an idle kept connection in plain callbacks (every quorum
+        batch goes so, and a coroutine's making, stepping and Deferred cost more than the
+        call's own work), over a fresh connection through a coroutine.
+        """
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s%s\r\n" % (
             method.encode("ascii"),
             path.encode("ascii"),
@@ -479,25 +497,51 @@ class KeepAlivePool:
             headers,
         )
         has_body = method != "HEAD"
-        idle = self._idle.setdefault(origin, [])
-        stale_before = self.reactor.seconds() - self.idle_seconds
-        while idle:
-            connection = idle.pop()
-            if connection.closed:
-                continue
-            if connection.idle_since < stale_before:
-                connection.abort()
-                continue
-            try:
-                answer = await connection.request(head, body, has_body, max_answer)
-            except _Closed as e:
-                # The peer closed a kept connection as we reused it. The request may have been
-                # applied; only a request that changes nothing, with no answer begun, goes again.
-                if method not in _RETRYABLE or e.answered:
-                    raise ConnectionLost(str(e)) from None
-                break
-            self._keep(origin, connection)
-            return answer
+        idle = self._idle.get(origin)
+        if idle:
+            stale_before = self.reactor.seconds() - self.idle_seconds
+            while idle:
+                connection = idle.pop()
+                if connection.closed:
+                    continue
+                if connection.idle_since < stale_before:
+                    connection.abort()
+                    continue
+                d = connection.request(head, body, has_body, max_answer)
+                return d.addCallbacks(
+                    self._kept,
+                    self._reused_failed,
+                    callbackArgs=(origin, connection),
+                    errbackArgs=(origin, method, head, body, has_body, max_answer),
+                )
+        return Deferred.fromCoroutine(self._fresh(origin, head, body, has_body, max_answer))
+
+    def _kept(self, answer: Answer, origin: Origin, connection: KeepAliveProtocol) -> Answer:
+        self._keep(origin, connection)
+        return answer
+
+    def _reused_failed(
+        self,
+        failure: Failure,
+        origin: Origin,
+        method: str,
+        head: bytes,
+        body: bytes | None,
+        has_body: bool,
+        max_answer: int | None,
+    ) -> Failure | Deferred[Answer]:
+        error = failure.value
+        if not isinstance(error, _Closed):
+            return failure
+        # The peer closed a kept connection as we reused it. The request may have been
+        # applied; only a request that changes nothing, with no answer begun, goes again.
+        if method not in _RETRYABLE or error.answered:
+            raise ConnectionLost(str(error))
+        return Deferred.fromCoroutine(self._fresh(origin, head, body, has_body, max_answer))
+
+    async def _fresh(
+        self, origin: Origin, head: bytes, body: bytes | None, has_body: bool, max_answer: int | None
+    ) -> Answer:
         fresh = await self._connect(origin, KeepAliveProtocol(self.max_answer))
         try:
             answer = await fresh.request(head, body, has_body, max_answer)

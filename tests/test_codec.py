@@ -16,6 +16,11 @@ from kvd.keys import TYPED
         {"success": True, "key": "k é", "value": 'v\n"x"', "version": "0001-0000-g"},
         {"value": TYPED + "b" + "\x1f" + "AAEC"},
         [1, None, True, 2.5, {"a": []}],
+        # The encoder made once (kvd.codec._C_ANSWER) for each kind of thing an answer holds.
+        {"n": 2**70, "f": [0.1, -1e300, float("nan"), float("inf")], "nested": {"x": [{"y": ()}], "": ""}},
+        {"replicas": ["a", "b"], "hinted": {"c": "a"}, "ctrl": "\x00\x7f\u2028\ud800"},
+        "a bare string \u00e9",
+        [],
     ],
 )
 def test_an_answer_to_a_client_keeps_the_standard_library_s_bytes(obj: object) -> None:

@@ -144,6 +144,26 @@ def test_peers_time_out_a_silent_peer_and_abort_its_connection(wire: Wire) -> No
     assert wire.connections[0][1].disconnecting or wire.connections[0][0].closed
 
 
+def test_peers_time_out_a_silent_peer_on_a_kept_connection_and_abort_it(wire: Wire) -> None:
+    """A call over a kept connection (in plain callbacks, not a coroutine) times out as one over a fresh one."""
+    clock = Clock()
+    pool = KeepAlivePool(clock, connect=wire)
+    peers = Peers(pool, clock, 2.0)
+    results: list[Any] = []
+    peers.call("POST", "http://127.0.0.1:8001/internal/apply", b"{}").addBoth(results.append)
+    wire.answer(0, OK)
+    assert results == [Answer(200, b'{"success": true')]
+    peers.call("POST", "http://127.0.0.1:8001/internal/apply", b"{}").addBoth(results.append)
+    assert len(wire.connections) == 1, "the kept connection is reused"
+    clock.advance(2.1)
+    assert len(results) == 2 and results[1].check(PeerTimeout)
+    assert wire.connections[0][1].disconnecting or wire.connections[0][0].closed
+    peers.call("POST", "http://127.0.0.1:8001/internal/apply", b"{}").addBoth(results.append)
+    assert len(wire.connections) == 2, "the aborted connection is not reused"
+    wire.answer(1, OK)
+    assert results[2] == Answer(200, b'{"success": true')
+
+
 def test_peers_name_the_url_when_a_peer_refuses(wire: Wire) -> None:
     def refuse(origin: Origin, protocol: KeepAliveProtocol) -> Deferred[KeepAliveProtocol]:
         from twisted.internet.defer import fail

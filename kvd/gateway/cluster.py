@@ -82,7 +82,17 @@ class ClusterView:
         """
         owners, fallbacks = self.placement(key)
         members = self.members
-        # Each member asked once (the write path's every PUT comes here).
+        # Each member asked once (the write path's every PUT comes here); when every member is
+        # usable (the usual case), one pass and no sorting out.
+        for node_id in owners:
+            if members[node_id].status == "down" or not reachable(node_id):
+                break
+        else:
+            for node_id in fallbacks:
+                if members[node_id].status == "down" or not reachable(node_id):
+                    break
+            else:
+                return Route(owners, owners[:], fallbacks, [])
         live, last_resort, spares, skipped = [], [], [], []
         for node_id in owners:
             if members[node_id].status != "down" and reachable(node_id):
@@ -145,6 +155,8 @@ class Route:
 
     def hints(self) -> dict[str, str]:
         """Each fallback among the targets, and the unreachable owner it stands in for."""
+        if self.targets == self.owners:
+            return {}
         missing = [node_id for node_id in self.owners if node_id not in self.targets]
         standing = [node_id for node_id in self.targets if node_id not in self.owners]
         return dict(zip(standing, missing, strict=False))

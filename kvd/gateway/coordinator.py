@@ -121,8 +121,11 @@ class _Write:
         return d.addCallback(self.answer, version, rounds)
 
     def answer(self, gathered: Gathered[Written], version: str, rounds: int) -> Deferred[WriteOutcome] | WriteOutcome:
-        self.live.extend(written.live for written in gathered.answers.values())
-        newer = [w.held for w in gathered.answers.values() if w.held > version]
+        live, newer = self.live, []
+        for written in gathered.answers.values():
+            live.append(written.live)
+            if written.held > version:
+                newer.append(written.held)
         if newer and rounds < MAX_WRITE_ROUNDS:
             self.coordinator.clock.observe(max(newer))
             _log.info(
@@ -130,11 +133,13 @@ class _Write:
                 key=self.key,
             )
             return self.attempt(rounds + 1)
-        for owner in self.route.owners:  # an owner asked as a spare holds the write for itself
-            gathered.standing_in.pop(owner, None)
+        standing_in = gathered.standing_in
+        if standing_in:
+            for owner in self.route.owners:  # an owner asked as a spare holds the write for itself
+                standing_in.pop(owner, None)
         receipt = gathered.receipt(uncertain=bool(self.timed_out))
         gathered.require("write", self.needed, receipt)
-        return WriteOutcome(version, any(self.live), receipt)
+        return WriteOutcome(version, any(live), receipt)
 
 
 @define
@@ -234,13 +239,19 @@ class Coordinator:
 
         def answer(gathered: Gathered[Entry | None]) -> Entry | None:
             answers = gathered.require("read", needed).answers
-            known = [entry for entry in answers.values() if entry is not None]
-            if not known:
-                return None
             # At one version, a value beats the tombstone a replica made of it when it expired by
             # that replica's clock (a fast one): expiry is judged once, by this gateway's clock,
-            # whichever replicas answered, so reads do not flap between 200 and 404.
-            newest = max(known, key=lambda entry: (entry[1], entry[0] is not None))
+            # whichever replicas answered, so reads do not flap between 200 and 404. (max() by
+            # that rank, the first of equals kept, in one pass without a key function.)
+            newest: Entry | None = None
+            rank: tuple[str, bool] = ("", False)
+            for entry in answers.values():
+                if entry is not None:
+                    ranked = (entry[1], entry[0] is not None)
+                    if newest is None or ranked > rank:
+                        newest, rank = entry, ranked
+            if newest is None:
+                return None
             self.clock.observe(newest[1])
             for node_id, entry in answers.items():
                 if node_id in owners and (entry is None or entry[1] < newest[1]):
@@ -268,6 +279,8 @@ class Coordinator:
 
     @staticmethod
     def _skipped(route: Route) -> list[str]:
+        if not route.skipped:
+            return []
         return [f"{node_id}: unreachable from this gateway" for node_id in route.skipped if node_id in route.owners]
 
     def _repair(self, node: Any, key: str, entry: Entry) -> None:

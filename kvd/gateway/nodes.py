@@ -236,7 +236,7 @@ class NodeClient:
         def parse(body: Any) -> list[Written]:
             live = body["live"]
             # A node that does not say what it holds holds what it was sent.
-            held = body.get("versions", [version for _, _, version in items])
+            held = body["versions"] if "versions" in body else [version for _, _, version in items]
             if not (isinstance(live, list) and isinstance(held, list) and len(live) == len(held) == len(items)):
                 raise ValueError("live")
             if not all(isinstance(version, str) for version in held):
@@ -246,7 +246,8 @@ class NodeClient:
                 self.on_clock(self.node.id, now / 1000)
             return [Written(bool(was), version) for was, version in zip(live, held, strict=True)]
 
-        return self._call("apply", {"items": [list(item) for item in items]}, parse, timeout)
+        # The items are tuples: the wire codec writes them as the arrays they stand for.
+        return self._call("apply", {"items": items}, parse, timeout)
 
     def read(self, keys: list[str], timeout: float | None = None) -> Deferred[dict[str, Entry]]:
         """The entries of those of C{keys} the node holds (tombstones too), asking again for any it deferred."""
@@ -533,9 +534,14 @@ class NodeClient:
             batch, queue.items, queue.chars, queue.busy = queue.items, [], 0, False
             self._fail(Failure(PeerUnreachable(self.node.url, "judged unreachable by this gateway")), batch)
             return []
-        count = _fitting(queue.items, lambda queued: size(queued[0]))
-        batch, queue.items = queue.items[:count], queue.items[count:]
-        queue.chars -= sum(size(item) for item, _ in batch)
+        items = queue.items
+        if len(items) <= MAX_BATCH and queue.chars <= BATCH_VALUE_BUDGET:
+            # All of it fits in one batch (C{chars} is what C{size} sums to): no counting.
+            batch, queue.items, queue.chars = items, [], 0
+        else:
+            count = _fitting(items, lambda queued: size(queued[0]))
+            batch, queue.items = items[:count], items[count:]
+            queue.chars -= sum(size(item) for item, _ in batch)
         queue.busy = bool(batch)
         return batch
 

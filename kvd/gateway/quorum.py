@@ -74,7 +74,8 @@ class Gathered(Generic[T]):
     def receipt(self, uncertain: bool = False) -> Receipt:
         """Who took it so far (C{uncertain}: some replica's outcome is unknown)."""
         replicas = list(self.accepted_by)
-        hinted = {node: self.standing_in[node] for node in replicas if node in self.standing_in}
+        standing_in = self.standing_in
+        hinted = {node: standing_in[node] for node in replicas if node in standing_in} if standing_in else {}
         return Receipt(replicas, hinted, bool(replicas) or uncertain)
 
     def require(self, what: str, needed: int, receipt: Receipt | None = None) -> Gathered[T]:

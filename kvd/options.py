@@ -296,7 +296,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "access-log",
         ALL,
-        "log every request (off by default: logged requests take the full twisted.web path, about a third of the throughput of a node's GETs).",
+        "log every request (off by default: logged requests take the full twisted.web path,"
+        " about a third of the throughput of a node's GETs).",
         default=False,
         flag=True,
     ),

@@ -460,19 +460,6 @@ class KeepAlivePool:
         connected: Deferred[KeepAliveProtocol] = endpoint.connect(factory).addCallback(lambda _: protocol)
         return connected
 
-    async def call(
-        self,
-        origin: Origin,
-        method: str,
-        path: str,
-        body: bytes | None,
-        authorization: bytes | None = None,
-        max_answer: int | None = None,
-        headers: bytes = b"",
-    ) -> Answer:
-        """One request over a kept connection (or a fresh one), and its whole answer: L{request}."""
-        return await self.request(origin, method, path, body, authorization, max_answer, headers)
-
     def request(
         self,
         origin: Origin,
@@ -484,9 +471,10 @@ class KeepAlivePool:
         headers: bytes = b"",
     ) -> Deferred[Answer]:
         """
-        L{call}, as a Deferred: over an idle kept connection in plain callbacks (every quorum
-        batch goes so, and a coroutine's making, stepping and Deferred cost more than the
-        call's own work), over a fresh connection through a coroutine.
+        One request over a kept connection (or a fresh one), and its whole answer: over an
+        idle kept connection in plain callbacks (every quorum batch goes so, and a
+        coroutine's making, stepping and Deferred cost more than the call's own work), over
+        a fresh connection through a coroutine.
         """
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s%s\r\n" % (
             method.encode("ascii"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -48,7 +48,7 @@ class Wire:
 
 def start(pool: KeepAlivePool, method: str = "GET", path: str = "/kv/k", body: bytes | None = None) -> list[Any]:
     results: list[Any] = []
-    ensureDeferred(pool.call(ORIGIN, method, path, body)).addBoth(results.append)
+    pool.request(ORIGIN, method, path, body).addBoth(results.append)
     return results
 
 
@@ -263,7 +263,7 @@ def test_an_oversized_chunk_is_refused_at_its_size_line(wire: Wire, pool: KeepAl
 
 def test_a_per_call_cap_is_tighter_than_the_pool_s(wire: Wire, pool: KeepAlivePool) -> None:
     results: list[Any] = []
-    ensureDeferred(pool.call(ORIGIN, "GET", "/registry/nodes", None, max_answer=10)).addBoth(results.append)
+    pool.request(ORIGIN, "GET", "/registry/nodes", None, max_answer=10).addBoth(results.append)
     wire.answer(0, OK)
     assert failed_with(results, AnswerTooLarge)
 

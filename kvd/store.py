@@ -731,38 +731,31 @@ class Store:
     def _set(self, key: str, packed: str | None) -> None:
         """Change memory, keeping the live count and the digests in step."""
         old = self._data.get(key)
-        index, expiring = self._index, self._expiring
-        if expiring is not None and packed is not None:
-            cut = packed.find(SEP)
-            if cut >= 0 and MARK in packed[:cut]:
-                ms = expiry_ms(version_of(packed))
-                if ms is not None:
-                    heapq.heappush(expiring, (ms, key))
-        if packed is None:
-            if self._data.pop(key, None) is not None:
-                if index is not None:
-                    index.remove(key)
-                if self._buckets is not None:
-                    self._buckets[bucket_of(key)].pop(key, None)
-        else:
-            self._data[key] = packed
-            if old is None:
-                if index is not None:
-                    index.add(key)
-                if self._buckets is not None:
-                    self._buckets[bucket_of(key)][key] = None
+        if packed is not None:
+            self._replace(key, packed, version_of(packed), is_live(packed), old, "" if old is None else version_of(old))
+            return
+        if old is None:
+            if self.on_change is not None:
+                self.on_change(key, False)  # as before the split: told even when nothing was there
+            return
+        del self._data[key]
+        if self._index is not None:
+            self._index.remove(key)
+        if self._buckets is not None:
+            self._buckets[bucket_of(key)].pop(key, None)
         if self._live >= 0:
-            self._live += (packed is not None and is_live(packed)) - (old is not None and is_live(old))
+            self._live -= is_live(old)
         if self._digests is not None:
-            self._digests.change(key, old, packed)
+            self._digests.change(key, old, None)
         if self.on_change is not None:
-            self.on_change(key, packed is not None)
+            self.on_change(key, False)
 
     def _replace(self, key: str, packed: str, version: str, live: bool, old: str | None, old_version: str) -> None:
         """
-        L{_set} of an entry (C{packed}: C{version}, and a value if C{live}) over C{old}
-        (None: absent; else of C{old_version}), the versions known already: the same changes,
-        without working out again what a batch's loop has (a replicated write's hot path).
+        Write an entry (C{packed}: C{version}, and a value if C{live}) over C{old} (None:
+        absent; else of C{old_version}), keeping the index, ranges, live count, digests and
+        expiry heap in step: L{_set} works the versions out, a batch's loop (a replicated
+        write's hot path) has them already.
         """
         self._data[key] = packed
         expiring = self._expiring

@@ -305,15 +305,20 @@ def test_a_gateway_split_at_every_byte_boundary_answers_the_same(gateways: Pair)
         gateways.exchange([data[:split], data[split:]])
 
 
+def _written(pair: Pair, key: str) -> str:
+    """PUT C{key} through both worlds of C{pair}, and the version a GET of it answers."""
+    pair.exchange([req("PUT", f"/kv/{key}", b"1")])
+    answer, _ = pair.exchange([req("GET", f"/kv/{key}")])
+    version = re.search(rb'"version": "([^"]+)"', answer)
+    assert version is not None
+    return version[1].decode()
+
+
 def test_a_watch_answers_when_the_key_changes_and_what_follows_it_waits(nodes: Pair, gateways: Pair) -> None:
     for pair in (nodes, gateways):
-        pair.exchange([req("PUT", "/kv/w", b"1")])
-        watch = req("GET", "/kv/w?wait=10&version=nope")  # differs from what it holds: answered at once
-        pair.exchange([watch])
-        answer, _ = pair.exchange([req("GET", "/kv/w")])
-        version = re.search(rb'"version": "([^"]+)"', answer)
-        assert version is not None
-        waiting = req("GET", "/kv/w?wait=10&version=" + version[1].decode())
+        version = _written(pair, "w")
+        pair.exchange([req("GET", "/kv/w?wait=10&version=nope")])  # differs from what it holds: answered at once
+        waiting = req("GET", "/kv/w?wait=10&version=" + version)
 
         def later(world: World) -> None:
             world.clock.advance(11)
@@ -325,12 +330,9 @@ def test_a_watch_answers_when_the_key_changes_and_what_follows_it_waits(nodes: P
 
 
 def test_a_pending_answer_is_cancelled_when_its_client_goes(nodes: Pair) -> None:
-    nodes.exchange([req("PUT", "/kv/c", b"1")])
-    answer, _ = nodes.exchange([req("GET", "/kv/c")])
-    version = re.search(rb'"version": "([^"]+)"', answer)
-    assert version is not None
+    version = _written(nodes, "c")
     protocol, transport = nodes.new.connect()
-    protocol.dataReceived(req("GET", "/kv/c?wait=100&version=" + version[1].decode()))
+    protocol.dataReceived(req("GET", "/kv/c?wait=100&version=" + version))
     current = protocol._current
     assert current is not None and current._pending is not None
     protocol.connectionLost(None)
@@ -367,13 +369,10 @@ def test_the_idle_timeout_closes_a_lean_connection_as_it_does_twisted_web_s(node
 
 
 def test_a_slow_answer_is_not_cut_off_by_the_idle_timeout(nodes: Pair) -> None:
-    nodes.exchange([req("PUT", "/kv/i", b"1")])
-    answer, _ = nodes.exchange([req("GET", "/kv/i")])
-    version = re.search(rb'"version": "([^"]+)"', answer)
-    assert version is not None
+    version = _written(nodes, "i")
     for world in (nodes.old, nodes.new):
         protocol, transport = world.connect()
-        protocol.dataReceived(req("GET", "/kv/i?wait=200&version=" + version[1].decode()))
+        protocol.dataReceived(req("GET", "/kv/i?wait=200&version=" + version))
         world.clock.advance(150)
         assert not transport.disconnecting
         world.clock.advance(51)
@@ -386,12 +385,9 @@ def test_a_slow_answer_is_not_cut_off_by_the_idle_timeout(nodes: Pair) -> None:
 
 
 def test_a_client_that_pipelines_much_is_read_no_further(nodes: Pair) -> None:
-    nodes.exchange([req("PUT", "/kv/p", b"1")])
-    answer, _ = nodes.exchange([req("GET", "/kv/p")])
-    version = re.search(rb'"version": "([^"]+)"', answer)
-    assert version is not None
+    version = _written(nodes, "p")
     protocol, transport = nodes.new.connect()
-    protocol.dataReceived(req("GET", "/kv/p?wait=100&version=" + version[1].decode()))
+    protocol.dataReceived(req("GET", "/kv/p?wait=100&version=" + version))
     protocol.dataReceived(req("GET", "/kv/p") * 10)
     assert transport.producerState == "producing"
     protocol.dataReceived(req("GET", "/kv/p") * 1000)

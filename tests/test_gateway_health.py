@@ -286,6 +286,30 @@ def test_a_hung_node_costs_at_most_one_deadline_then_is_routed_around_and_used_a
     assert cluster.stores["b"].entry("after") is not None, "writes go to it again"
 
 
+def test_a_write_waits_the_whole_timeout_for_the_last_owners_a_quorum_needs_when_two_stall_at_once(
+    cluster: GatewayHarness,
+) -> None:
+    """
+    Two of three owners stall for a second together (an fsync on a shared disk, a loaded
+    machine), longer than their learned deadline but within --timeout (2 s): the first past
+    its deadline is routed around, the other is the last a quorum of W=2 needs and is waited
+    for, and the write succeeds rather than failing in half a second (what CI once saw).
+    """
+    cluster.health.keep_at_least = 2
+    assert cluster.health.timeout("b") == cluster.health.timeout("c") == MIN_TIMEOUT
+    cluster.network.pause("b.test")
+    cluster.network.pause("c.test")
+    results = cluster.start("PUT", "/kv/stalled", b"v")
+    cluster.advance(1.0, step=0.05)
+    assert not results, "still waiting on the last owner the quorum needs"
+    assert [cluster.health.reachable(n) for n in "bc"].count(False) == 1, "the first past its deadline is routed around"
+    cluster.network.resume("b.test")
+    cluster.network.resume("c.test")
+    cluster.advance(0.1, step=0.05)
+    assert results and results[0][0] == 200, results
+    assert sum(cluster.stores[n].entry("stalled") is not None for n in "abc") >= 2
+
+
 def test_an_owner_judged_unreachable_for_a_moment_stands_in_when_a_target_hangs_later(
     cluster: GatewayHarness,
 ) -> None:

@@ -11,7 +11,8 @@ exponential backoff until it answers 200, and is then used again.
 The learned figures give each call its deadline (L{Health.timeout}: a few times the usual
 worst case, between L{MIN_TIMEOUT} and the configured C{--timeout}) and give reads the delay
 after which they ask one more replica (L{Health.hedge_delay}). A node never heard from gets
-the configured timeout: nothing is known about it yet.
+the configured timeout: nothing is known about it yet. A call past its deadline to one of the
+last nodes the quorums need is not given up: it waits out the whole C{--timeout}.
 """
 
 from __future__ import annotations
@@ -126,18 +127,24 @@ class Health:
         if not node.reachable:
             self._reachable(node_id, node, "it answered")
 
-    def failed(self, node_id: str, reason: str, timed_out: bool = False) -> None:
-        """A call timed out, was refused or was reset: route around the node until a probe answers."""
+    def failed(self, node_id: str, reason: str, timed_out: bool = False) -> bool:
+        """
+        A call timed out, was refused or was reset: route around the node until a probe answers.
+
+        @return: whether the node is judged unreachable now (it was already, or this judged
+            it), rather than kept as one of the last L{keep_at_least} after a time-out.
+        """
         node = self._node(node_id)
         if not node.reachable:
-            return
+            return True
         if timed_out and self._among_the_last(node_id):
-            return  # the last ones a quorum needs: slow, but still asked
+            return False  # the last ones a quorum needs: slow, but still asked
         node.reachable, node.reason, node.backoff = False, reason, 0.0
         _log.warn(
             "node {node} judged unreachable: {reason}; routing around it and probing", node=node_id, reason=reason
         )
         self._schedule(node_id, node)
+        return True
 
     def _among_the_last(self, node_id: str) -> bool:
         if not self.keep_at_least or not self.reachable(node_id):

@@ -545,21 +545,49 @@ class NodeClient:
         queue.busy = bool(batch)
         return batch
 
-    def _timed(self, send: Callable[[float | None], Deferred[T]]) -> Deferred[T]:
-        """Send a quorum batch with the node's deadline; report its latency, or its loss, to the failure detector."""
+    def _timed(self, path: str, send: Callable[[float | None], Deferred[T]]) -> Deferred[T]:
+        """
+        Send a quorum batch; report its latency, or its loss, to the failure detector.
+
+        The batch may take the whole C{--timeout}, but at the node's learned deadline the
+        failure detector is asked to judge it: if it routes around the node, the batch fails
+        then (its requests go to other replicas); if the node is among the last ones the
+        quorums need, the batch goes on waiting, since failing it would only turn a slow answer
+        (an fsync stalled on a shared disk, a machine under load) into a failed request.
+        """
         health = self.health
         if health is None:
             return send(None)
-        started = health.clock.seconds()
-        d = send(health.timeout(self.node.id))
+        node_id = self.node.id
+        clock = health.clock
+        started = clock.seconds()
+        learned = health.timeout(node_id)
+        d = send(health.ceiling)
+        overdue: list[PeerTimeout] = []
+        timer = None
+        if learned < health.ceiling:
+
+            def judge() -> None:
+                late = PeerTimeout(f"{self.node.url}/internal/{path}", f"no answer within {learned:g}s")
+                if health.failed(node_id, str(late), timed_out=True):
+                    overdue.append(late)
+                    d.cancel()
+
+            timer = clock.callLater(learned, judge)
 
         def answered(result: T) -> T:
-            health.succeeded(self.node.id, health.clock.seconds() - started)
+            if timer is not None and timer.active():
+                timer.cancel()
+            health.succeeded(node_id, clock.seconds() - started)
             return result
 
         def lost(failure: Failure) -> Failure:
+            if timer is not None and timer.active():
+                timer.cancel()
+            if overdue:
+                return Failure(overdue[0])
             if failure.check(PeerTimeout, PeerUnreachable):
-                health.failed(self.node.id, failure.getErrorMessage(), timed_out=bool(failure.check(PeerTimeout)))
+                health.failed(node_id, failure.getErrorMessage(), timed_out=bool(failure.check(PeerTimeout)))
             return failure
 
         return d.addCallbacks(answered, lost)
@@ -568,7 +596,7 @@ class NodeClient:
         batch = self._take(self._applies, _value_size)
         if batch:
             items = [item for item, _ in batch]
-            d = self._timed(lambda timeout: self._apply(items, timeout))
+            d = self._timed("apply", lambda timeout: self._apply(items, timeout))
             d.addCallbacks(self._deliver, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
             d.addBoth(lambda _: self._send_applies())
 
@@ -576,7 +604,7 @@ class NodeClient:
         batch = self._take(self._reads, lambda key: 0)
         if batch:
             keys = [key for key, _ in batch]
-            d = self._timed(lambda timeout: self.read(keys, timeout))
+            d = self._timed("read", lambda timeout: self.read(keys, timeout))
             d.addCallbacks(self._deliver_entries, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
             d.addBoth(lambda _: self._send_reads())
 
@@ -584,7 +612,7 @@ class NodeClient:
         batch = self._take(self._paxos, _paxos_size)
         if batch:
             items = [item for item, _ in batch]
-            d = self._timed(lambda timeout: self.paxos(items, timeout))
+            d = self._timed("paxos", lambda timeout: self.paxos(items, timeout))
             d.addCallbacks(self._deliver, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
             d.addBoth(lambda _: self._send_paxos())
 

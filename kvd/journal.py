@@ -5,13 +5,26 @@ Layout of a data dir::
 
     LOCK                   held (flock) by the one process that owns the dir
     incarnation            the node's start count (L{kvd.incarnation})
-    snapshot.json          {"kvd": 3, "generation": G, "data": {key: entry, ...}}
+    snapshot.json          {"kvd": 4, "generation": G, "paxos": PAXOS, "data": {key: entry, ...}}
     journal-G.jsonl        one JSON record a line, written after the snapshot of generation G:
                            ["p", key, value, version]  put of text
                            ["b", key, base64, version, content type]  put of bytes ("": default)
                            ["t", key, text, version, content type]    put of text with a content type
                            ["d", key, version]         delete (a tombstone)
                            ["x", key]                  drop (forget the key entirely)
+                           ["P", key, promised]        the Paxos acceptor's state of a key: a
+                                                       promise, no accepted proposal
+                           ["A", key, promised, ballot, value or null, version]
+                                                       a promise and the accepted proposal
+                           ["F", floor]                the acceptor's floor (L{kvd.paxos})
+
+The Paxos acceptor (L{kvd.paxos}) keeps its records in the same journal as the store, so a
+node's batch of conditional-write traffic makes one write + fsync for its promises,
+acceptances and commits; a snapshot's PAXOS, C{{"floor": F, "keys": {key: [promised] or
+[promised, ballot, value, version]}}}, holds the acceptor state compaction keeps. Format 4
+snapshots hold it (one without any is written as format 3, as before); formats 1 to 3
+(none) still load unchanged. A C{paxos.jsonl} (the
+acceptor's own file before format 4) is carried into the journal at start-up.
 
 Binary values (L{kvd.keys.TYPED}) are held in memory as a packed entry whose version is
 followed by BIN, the kind, the content type, then SEP and the payload: for bytes their
@@ -40,14 +53,16 @@ from itertools import islice
 from typing import Any
 
 import orjson
-from attrs import frozen
+from attrs import define, field, frozen
 
 from kvd.keys import TYPED, split_typed
 
 SNAPSHOT = "snapshot.json"
 SNAPSHOT_TMP = "snapshot.json.tmp"
 LOCK = "LOCK"
-FORMAT = 3
+FORMAT = 4
+#: What a snapshot with no acceptor state is written as: format 4 less its "paxos".
+FORMAT_NO_PAXOS = 3
 #: The version of data written before versions existed: older than every real one.
 NO_VERSION = ""
 #: A key's value (None for a tombstone: a deletion replicas must learn of) and version.
@@ -183,6 +198,27 @@ def encode_drop(key: str) -> bytes:
     return _record("x", key)
 
 
+#: An acceptor's state of a key as recovery gives it: the ballot promised, and the accepted
+#: proposal (ballot, value or None, version) if any.
+PaxosState = tuple[str, "tuple[str, str | None, str] | None"]
+
+
+def encode_paxos(key: str, promised: str, accepted: tuple[str, str | None, str] | None) -> bytes:
+    """The acceptor's state of C{key}: its promise, and its accepted proposal if any."""
+    if accepted is None:
+        return _record("P", key, promised)
+    ballot, value, version = accepted
+    try:
+        return orjson.dumps(("A", key, promised, ballot, value, version)) + b"\n"
+    except orjson.JSONEncodeError:
+        fields = ("A", key, promised, ballot, value, version)
+        return (json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def encode_floor(floor: str) -> bytes:
+    return _record("F", floor)
+
+
 # File helpers.
 
 
@@ -230,8 +266,21 @@ def lock(directory: str) -> int:
 # Snapshots.
 
 
-def _snapshot_chunks(generation: int, items: Iterable[tuple[str, str]]) -> Iterator[bytes]:
-    yield b'{"kvd":%d,"generation":%d,"data":{' % (FORMAT, generation)
+def _paxos_json(paxos: tuple[str, dict[str, PaxosState]]) -> bytes:
+    floor, states = paxos
+    keys = {
+        key: [promised] if accepted is None else [promised, *accepted] for key, (promised, accepted) in states.items()
+    }
+    return json.dumps({"floor": floor, "keys": keys}, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _snapshot_chunks(
+    generation: int, items: Iterable[tuple[str, str]], paxos: tuple[str, dict[str, PaxosState]] | None = None
+) -> Iterator[bytes]:
+    if paxos is not None and (paxos[0] or paxos[1]):
+        yield b'{"kvd":%d,"generation":%d,"paxos":' % (FORMAT, generation) + _paxos_json(paxos) + b',"data":{'
+    else:  # no acceptor state: format 3, as before it had any
+        yield b'{"kvd":%d,"generation":%d,"data":{' % (FORMAT_NO_PAXOS, generation)
     it, first = iter(items), True
     while True:
         piece = {key: _on_disk(packed) if BIN in packed else packed for key, packed in islice(it, SNAPSHOT_SLICE)}
@@ -251,10 +300,11 @@ def write_snapshot(
     generation: int,
     items: Iterable[tuple[str, str]],
     step: Callable[[str], None] = lambda name: None,
+    paxos: tuple[str, dict[str, PaxosState]] | None = None,
 ) -> int:
     """
     Make C{items} (key, packed entry) the snapshot of C{generation}, atomically, and return
-    its size in bytes.
+    its size in bytes; with C{paxos} (the acceptor's floor and the states it keeps) too.
 
     C{items} may be a dict's items view, read here on another thread, as long as nobody
     changes that dict meanwhile (L{kvd.store} freezes it for the snapshot's time).
@@ -265,7 +315,7 @@ def write_snapshot(
     tmp = os.path.join(directory, SNAPSHOT_TMP)
     size = 0
     with open(tmp, "wb") as f:
-        for chunk in _snapshot_chunks(generation, items):
+        for chunk in _snapshot_chunks(generation, items, paxos):
             f.write(chunk)
             size += len(chunk)
         step("written")
@@ -314,9 +364,23 @@ def _decode_records(path: str, data: bytes, last: bool) -> tuple[list[list[Any]]
     return records, end
 
 
-def _replay(path: str, data: dict[str, str], records: list[Any]) -> None:
+def _is_delete_proposal(record: Any) -> bool:
+    """An "A" record whose accepted proposal is a deletion (its value null)."""
+    return (
+        isinstance(record, list)
+        and len(record) == 6
+        and record[0] == "A"
+        and record[4] is None
+        and all(isinstance(record[i], str) for i in (1, 2, 3, 5))
+    )
+
+
+def _replay(path: str, data: dict[str, str], records: list[Any], paxos: _Paxos) -> None:
     for number, record in enumerate(records, 1):
         if not isinstance(record, list) or not record or not all(isinstance(f, str) for f in record[1:]):
+            if _is_delete_proposal(record):
+                paxos.states[record[1]] = (record[2], (record[3], None, record[5]))
+                continue
             raise CorruptStore(f"{path}: record {number} is not a kvd record; refusing to start")
         kind, size = record[0], len(record)
         if kind == "p" and size == 4:
@@ -339,8 +403,48 @@ def _replay(path: str, data: dict[str, str], records: list[Any]) -> None:
             data[record[1]] = NO_VERSION + SEP + record[2]
         elif kind == "d" and size == 2:  # format 1: deletes left no tombstone
             data.pop(record[1], None)
+        elif kind == "P" and size == 3:
+            paxos.states[record[1]] = (record[2], None)
+        elif kind == "A" and size == 6:
+            paxos.states[record[1]] = (record[2], (record[3], record[4], record[5]))
+        elif kind == "F" and size == 2:
+            paxos.floor = max(paxos.floor, record[1])
         else:
             raise CorruptStore(f"{path}: record {number} is not a put, delete or drop; refusing to start")
+
+
+@define
+class _Paxos:
+    """The acceptor's state as recovery rebuilds it: its floor, and key -> L{PaxosState}."""
+
+    floor: str = ""
+    states: dict[str, PaxosState] = field(factory=dict)
+
+
+def _snapshot_paxos(path: str, loaded: Any) -> _Paxos:
+    """A format 4 snapshot's acceptor state (none in earlier formats, or when it has none)."""
+    if loaded is None:
+        return _Paxos()
+    if (
+        not isinstance(loaded, dict)
+        or not isinstance(loaded.get("floor"), str)
+        or not isinstance(loaded.get("keys"), dict)
+    ):
+        raise CorruptStore(f"{path}: its paxos state is not a floor and keys; refusing to start")
+    states: dict[str, PaxosState] = {}
+    for key, state in loaded["keys"].items():
+        if isinstance(state, list) and len(state) == 1 and isinstance(state[0], str):
+            states[key] = (state[0], None)
+        elif (
+            isinstance(state, list)
+            and len(state) == 4
+            and all(isinstance(state[i], str) for i in (0, 1, 3))
+            and (state[2] is None or isinstance(state[2], str))
+        ):
+            states[key] = (state[0], (state[1], state[2], state[3]))
+        else:
+            raise CorruptStore(f"{path}: the paxos state of {key!r} is not one; refusing to start")
+    return _Paxos(loaded["floor"], states)
 
 
 def _entries(path: str, format: int, data: dict[str, Any]) -> dict[str, str]:
@@ -373,6 +477,9 @@ class Recovered:
     torn_bytes: int
     #: Journals older than the snapshot, to remove.
     stale: list[str]
+    #: The Paxos acceptor's floor and states (L{kvd.paxos}), from the snapshot and journals.
+    paxos_floor: str = ""
+    paxos: dict[str, PaxosState] = field(factory=dict)
 
 
 def recover(directory: str) -> Recovered:
@@ -382,7 +489,7 @@ def recover(directory: str) -> Recovered:
     @raise CorruptStore: for anything but a torn final record.
     """
     names = os.listdir(directory)
-    generation, data, snapshot_bytes = 0, {}, 0
+    generation, data, snapshot_bytes, paxos = 0, {}, 0, _Paxos()
     snapshot = os.path.join(directory, SNAPSHOT)
     if SNAPSHOT in names:
         with open(snapshot, "rb") as f:
@@ -394,12 +501,13 @@ def recover(directory: str) -> Recovered:
             raise CorruptStore(f"{snapshot}: not valid JSON ({e}); refusing to start") from None
         if (
             not isinstance(loaded, dict)
-            or loaded.get("kvd") not in (1, 2, FORMAT)
+            or loaded.get("kvd") not in (1, 2, 3, FORMAT)
             or not isinstance(loaded.get("generation"), int)
             or not isinstance(loaded.get("data"), dict)
         ):
             raise CorruptStore(f"{snapshot}: not a kvd snapshot of format 1 to {FORMAT}; refusing to start")
         generation, data = loaded["generation"], _entries(snapshot, loaded["kvd"], loaded["data"])
+        paxos = _snapshot_paxos(snapshot, loaded.get("paxos"))
 
     journals = sorted((int(m.group(1)), name) for name in names if (m := _JOURNAL.match(name)))
     stale = [name for number, name in journals if number < generation]
@@ -420,6 +528,8 @@ def recover(directory: str) -> Recovered:
             raw = f.read()
         last = position == len(live) - 1
         records, good = _decode_records(path, raw, last)
-        _replay(path, data, records)
+        _replay(path, data, records, paxos)
         journal_generation, journal_bytes, torn = number, good, len(raw) - good
-    return Recovered(data, generation, snapshot_bytes, journal_generation, journal_bytes, torn, stale)
+    return Recovered(
+        data, generation, snapshot_bytes, journal_generation, journal_bytes, torn, stale, paxos.floor, paxos.states
+    )

@@ -35,7 +35,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvd.codec import wire_json, wire_loads
-from kvd.journal import CorruptStore, StoreError, fsync_dir, open_append, write_all
+from kvd.journal import (
+    CorruptStore,
+    PaxosState,
+    StoreError,
+    encode_floor,
+    encode_paxos,
+    fsync_dir,
+    open_append,
+    write_all,
+)
 from kvd.keys import check_key
 from kvd.store import Runner, Store, synchronous
 from kvd.versions import is_version
@@ -100,6 +109,18 @@ def _record(key: str, state: _State) -> bytes:
     if accepted is None:
         return wire_json({"k": key, "p": state.promised}) + b"\n"
     return wire_json({"k": key, "p": state.promised, "a": [accepted.ballot, accepted.value, accepted.version]}) + b"\n"
+
+
+def _journal_record(key: str, state: _State) -> bytes:
+    """The state of a key as a record of the store's journal (L{kvd.journal.encode_paxos})."""
+    accepted = state.accepted
+    if accepted is None:
+        return encode_paxos(key, state.promised, None)
+    return encode_paxos(key, state.promised, (accepted.ballot, accepted.value, accepted.version))
+
+
+def _from_recovered(promised: str, accepted: tuple[str, str | None, str] | None) -> _State:
+    return _State(promised, None if accepted is None else Proposal(*accepted))
 
 
 def _nothing_unsettled() -> Collection[str]:
@@ -189,6 +210,11 @@ class Acceptor:
     #: The node's clock (seconds): compaction then keeps keys promised in the last
     #: L{KEEP_RECENT} seconds by their ballots' clocks. Without it, it forgets them too.
     now: Callable[[], float] | None = None
+    #: At a node (L{Acceptor.in_store}): the store whose journal holds this acceptor's
+    #: records, in its group commits; None: the acceptor's own C{paxos.jsonl}.
+    _store: Store | None = None
+    #: How a key's state is written: a line of paxos.jsonl, or (in a store) a journal record.
+    _encode: Callable[[str, _State], bytes] = _record
 
     @classmethod
     def open(
@@ -231,6 +257,93 @@ class Acceptor:
             unsettled=unsettled,
             now=now,
         )
+
+    @classmethod
+    def in_store(cls, store: Store, *, now: Callable[[], float] | None = None) -> Acceptor:
+        """
+        The acceptor of a node whose records go to C{store}'s journal: its state as the
+        store's recovery found it, and a C{paxos.jsonl} of before carried over (L{migrate}).
+
+        Its records join the store's group commits, so a batch's promises, acceptances and
+        commits are one write + fsync. A promise then forgets an accepted proposal its store
+        holds even when the commit is not durable yet: the commit's record precedes the
+        promise's in the one journal, and a crash keeps a prefix of it. Compaction is the
+        store's: at each switch to a new journal, L{snapshot_state} gives what the snapshot
+        keeps.
+
+        @raise StoreError: with a one-line message when a C{paxos.jsonl} is corrupt or unreadable.
+        """
+        floor, recovered = store.paxos_recovered
+        states = {key: _from_recovered(promised, accepted) for key, (promised, accepted) in recovered.items()}
+        store.paxos_recovered = ("", {})  # the acceptor holds it now
+        acceptor = cls(
+            store.directory, committed_in(store), states, floor, synchronous, store.fsync, now=now, store=store
+        )
+        acceptor._encode = _journal_record
+        store.snapshot_paxos = acceptor.snapshot_state
+        acceptor.migrate()
+        return acceptor
+
+    def migrate(self) -> Deferred[None]:
+        """
+        Carry a C{paxos.jsonl} (the acceptor's own file, before its records went to the store's
+        journal) into the journal, then remove the file once that is durable; fires then.
+
+        The journal's state of a key wins over the file's: it holds a key only once a
+        migration carried it over, or a later change. A crash before the removal migrates
+        the file again at the next start, which changes nothing.
+        """
+        assert self._store is not None
+        path, tmp = self.path, os.path.join(self.directory, FILE_TMP)
+        try:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            states, floor, _, torn = recover(path)
+            exists = os.path.exists(path)
+        except OSError as e:
+            raise StoreError(f"cannot read {path}: {e}") from None
+        if not exists:
+            return succeed(None)
+        if torn:
+            _log.warn("{path}: dropped a torn final record ({torn} bytes) left by a crash", path=path, torn=torn)
+        records: list[bytes] = []
+        for key, state in states.items():
+            if key not in self._states:
+                self._states[key] = state
+                records.append(_journal_record(key, state))
+        if floor:
+            self.floor = max(self.floor, floor)
+            records.append(encode_floor(floor))
+        directory = self.directory
+
+        def remove(_: None) -> None:
+            os.remove(path)
+            fsync_dir(directory)
+            _log.info("{path}: carried into the journal ({count} keys) and removed", path=path, count=len(records))
+
+        def failed(failure: Failure) -> None:
+            _log.warn(
+                "{path}: not removed ({why}); the next start carries it over again",
+                path=path,
+                why=failure.getErrorMessage(),
+            )
+
+        written = self._store.append_records(b"".join(records)) if records else succeed(None)
+        return written.addCallback(remove).addErrback(failed)
+
+    def snapshot_state(self) -> tuple[str, dict[str, PaxosState]]:
+        """
+        What a snapshot of the store, taken now, keeps of the acceptor: its floor, and the
+        states compaction keeps (it forgets the others here, as L{_live_records} does). The
+        store calls it at its switch to a new journal; the snapshot holds the store's memory
+        as of then, commits not yet durable included, so the commits it holds are as good
+        as durable, and nothing is unsettled.
+        """
+        floor, kept = self._compacted(())
+        return floor, {
+            key: (state.promised, None if (a := state.accepted) is None else (a.ballot, a.value, a.version))
+            for key, state in kept
+        }
 
     @property
     def path(self) -> str:
@@ -287,7 +400,7 @@ class Acceptor:
             if ballot <= floor:
                 return Promise(False, floor, None)
             state = self._states[key] = _State(ballot)
-            records.append(_record(key, state))
+            records.append(self._encode(key, state))
             return Promise(True, ballot, None)
         promised = state.promised if state.promised > floor else floor
         accepted = state.accepted
@@ -301,7 +414,7 @@ class Acceptor:
                 unsettled.append(self.unsettled())
             if key not in unsettled[0]:
                 state.accepted = None
-        records.append(_record(key, state))
+        records.append(self._encode(key, state))
         return Promise(True, ballot, pending)
 
     def _accept(self, key: str, proposal: Proposal, records: list[bytes]) -> tuple[bool, str]:
@@ -313,7 +426,7 @@ class Acceptor:
         if state is None:
             state = self._states[key] = _State()
         state.promised, state.accepted = proposal.ballot, proposal
-        records.append(_record(key, state))
+        records.append(self._encode(key, state))
         return True, proposal.ballot
 
     def _answer(self, records: list[bytes], answers: T) -> Deferred[T]:
@@ -325,6 +438,8 @@ class Acceptor:
     # Durability.
 
     def _append(self, record: bytes) -> Deferred[None]:
+        if self._store is not None:
+            return self._store.append_records(record)
         if self._failed is not None:
             return fail(self._failed)
         d: Deferred[None] = Deferred()
@@ -338,23 +453,27 @@ class Acceptor:
         The file's contents as compaction leaves them; forgets what is durably committed
         (changes memory). A commit the store holds only in memory so far does not count.
         """
+        floor, kept = self._compacted(self.unsettled())
+        return (_floor_record(floor) if floor else b"") + b"".join(_record(key, state) for key, state in kept)
+
+    def _compacted(self, unsettled: Collection[str]) -> tuple[str, list[tuple[str, _State]]]:
+        """Forget what compaction forgets (changes memory); the floor and the states kept."""
         floor = self.floor
-        kept: list[bytes] = []
-        unsettled = self.unsettled()
+        kept: list[tuple[str, _State]] = []
         # Ballots are versions: 12 hex digits of milliseconds first, so this prefix is
         # above every ballot minted over KEEP_RECENT seconds ago, below every later one.
         recent = None if self.now is None else f"{max(0, int((self.now() - KEEP_RECENT) * 1000)):012x}"
         for key, state in list(self._states.items()):
             accepted = state.accepted
             if recent is not None and state.promised >= recent:
-                kept.append(_record(key, state))
+                kept.append((key, state))
             elif accepted is None or (key not in unsettled and self.committed(key, accepted.version)):
                 floor = max(floor, state.promised)
                 del self._states[key]
             else:
-                kept.append(_record(key, state))
+                kept.append((key, state))
         self.floor = floor
-        return (_floor_record(floor) if floor else b"") + b"".join(kept)
+        return floor, kept
 
     def _flush(self) -> None:
         batch, self._queue = self._queue, []

@@ -600,8 +600,8 @@ class NodeAPI:
         (commit, a replicated write: [live before, the version held]) and ["k", key, version]
         (commit of the proposal of that version this acceptor accepted: as "c" with its value,
         or null when it holds no such proposal; the answer says "accepted_commits": true, so a
-        gateway knows this node takes them). The acceptor's
-        changes are one write of paxos.jsonl, the commits one group of the store's journal.
+        gateway knows this node takes them). The commits, then the acceptor's changes, go to
+        the store's journal in one group commit (one write + fsync for the batch).
         Plain callbacks rather than a coroutine: this is every conditional write's hot path.
         """
         items = _batch(request, "items", wire=True)
@@ -640,7 +640,8 @@ class NodeAPI:
                 )
             kinds.append(kind)
         acceptor = self._acceptor()
-        # The store raises BadBatch before it changes anything; the two writes go on together.
+        # The store raises BadBatch before it changes anything. The commits are queued first:
+        # a promise that forgets a proposal committed here must follow its commit in the journal.
         applied = self.store.apply_batch(commits) if commits else None
         proposed = acceptor.batch(asked) if asked else succeed([])
         store = self.store

@@ -63,7 +63,7 @@ from kvd.lean_http import LeanSite
 from kvd.membership import Heartbeat, NodeInfo, Union, Watcher
 from kvd.metrics import Metrics
 from kvd.options import Config, DevConfig, GatewayConfig, NodeConfig, RegistryConfig
-from kvd.paxos import Acceptor, committed_in
+from kvd.paxos import Acceptor
 from kvd.registry import Registry
 from kvd.registry_client import RegistryClient
 from kvd.resources import GatewayAPI, NodeAPI, RegistryAPI
@@ -482,16 +482,9 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
         # Before serving: the first repair sweep would otherwise index every key on the event loop.
         store.index_ranges()
         incarnation = next_incarnation(config.data_dir)
-        acceptor = Acceptor.open(
-            config.data_dir,
-            committed_in(store),
-            # The journal's thread, not the pool: half the hand-over's cost, and a batch's two
-            # writes (paxos.jsonl, then the journal) wake it once.
-            run=storage.journal,
-            fsync=config.fsync == "always",
-            unsettled=store.unsettled,
-            now=reactor.seconds,
-        )
+        # Its records go to the store's journal: a batch's promises, acceptances and commits
+        # are one write + fsync on the journal's thread (a paxos.jsonl of before is carried over).
+        acceptor = Acceptor.in_store(store, now=reactor.seconds)
     except StoreError as e:
         fail(str(e))
     except OSError as e:

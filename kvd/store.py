@@ -56,6 +56,7 @@ from kvd.journal import (
     SNAPSHOT_TMP,
     CorruptStore,
     Entry,
+    PaxosState,
     StoreError,
     StoreLocked,
     encode_drop,
@@ -333,6 +334,13 @@ class Store:
     #: Called with (key, whether the store still holds it) after every change in memory:
     #: the write order index (L{kvd.changes}) follows the store through it.
     on_change: Callable[[str, bool], None] | None = None
+    #: The Paxos acceptor's floor and states, as recovery found them in the snapshot and
+    #: journals (L{kvd.paxos} takes them over, with its records, through L{append_records}).
+    paxos_recovered: tuple[str, dict[str, PaxosState]] = ("", {})
+    #: Called at a compaction's switch to the next journal (on the reactor thread, nothing in
+    #: flight): the acceptor's floor and the states the snapshot must keep. Without it (no
+    #: acceptor on this store: a tool) the snapshot keeps what recovery found.
+    snapshot_paxos: Callable[[], tuple[str, dict[str, PaxosState]]] | None = None
 
     @classmethod
     def open(
@@ -397,6 +405,7 @@ class Store:
             compact_min_bytes=compact_min_bytes,
             later=later,
             write=write,
+            paxos_recovered=(found.paxos_floor, found.paxos),
         )
 
     # Reads: memory only.
@@ -779,6 +788,16 @@ class Store:
         if self.on_change is not None:
             self.on_change(key, True)
 
+    def append_records(self, records: bytes) -> Deferred[None]:
+        """
+        Append records that are not the store's own (the Paxos acceptor's) to the journal, in
+        the same group commit as the writes queued with them; fires once they are durable.
+        """
+        refusal = self._refusal()
+        if refusal is not None:
+            return fail(refusal)
+        return self._append(records, ())
+
     def _append(self, records: bytes, undo: tuple[tuple[str, str | None], ...]) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self._queue.append(_Pending(records, d, undo))
@@ -887,9 +906,11 @@ class Store:
             assert isinstance(frozen, dict), "a compaction starts only once the last overlay is folded"
             self._data = _Overlay(frozen)
             older = range(self._generation, generation)
+            # The acceptor's state as of the switch: its records queued from now on go to the new journal.
+            paxos = self.paxos_recovered if self.snapshot_paxos is None else self.snapshot_paxos()
 
             def snapshot() -> int:
-                size = write_snapshot(directory, generation, frozen.items(), self._step)
+                size = write_snapshot(directory, generation, frozen.items(), self._step, paxos)
                 # Durable: the journals before it are not needed. Removed here, not on the
                 # reactor: unlinking a journal as large as the snapshot takes a while.
                 for number in older:

@@ -25,7 +25,7 @@ from kvd.gateway.coordinator import Coordinator
 from kvd.gateway.health import MIN_HEDGE
 from kvd.gateway.nodes import NodeClients
 from kvd.membership import NodeInfo
-from kvd.paxos import Acceptor, Proposal, committed_in
+from kvd.paxos import Acceptor, Proposal
 from kvd.resources import GatewayAPI, NodeAPI
 from kvd.store import Store
 from kvd.testing.network import Network
@@ -60,7 +60,7 @@ class CasCluster:
 
     def start_node(self, node_id: str) -> None:
         store = Store.open(f"{self.directory}/{node_id}", clock=HybridClock(self.clock.seconds, node_id))
-        acceptor = Acceptor.open(store.directory, committed_in(store), unsettled=store.unsettled)
+        acceptor = Acceptor.in_store(store)
         self.stores[node_id], self.acceptors[node_id] = store, acceptor
         self.network.down.discard(f"{node_id}.test")
         self.network.serve(f"{node_id}.test", NodeAPI(node_id, store, acceptor=acceptor).resource())
@@ -282,7 +282,8 @@ def test_a_read_after_a_majority_accepted_sees_the_value_once_a_proposer_finishe
 
 def test_acceptors_forget_committed_proposals_when_compacting(cas: CasCluster) -> None:
     acceptor = cas.acceptors["a"]
-    acceptor.compact_min_bytes = 0
+    # Its records are in the store's journal: the store's compaction is the acceptor's.
+    cas.stores["a"].compact_min_bytes = 0
     # A round asks a majority of the owners, the first ones in placement order: keys whose first two include a.
     view = cas.proposers["gw1"].cluster.view()
     keys = [key for key in (f"k{i}" for i in range(100)) if "a" in view.placement(key)[0][:2]][:5]

@@ -1,0 +1,307 @@
+"""
+A node's acceptor whose records are in its store's journal (L{Acceptor.in_store}): one write
+for a batch's promises, acceptances and commits, recovery, compaction, crashes and the
+migration of a paxos.jsonl of before.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from kvd.journal import SNAPSHOT, CorruptStore, journal_name
+from kvd.paxos import FILE, Acceptor, Proposal
+from kvd.store import Store, synchronous
+from kvd.testing.runners import ManualRunner
+from kvd.versions import HybridClock
+
+B1, B2, B3, B4 = (f"018f0000000000000{i}.gw{i % 2 + 1}" for i in range(1, 5))
+CRASH_STEPS = ["before-snapshot", "written", "synced", "renamed", "dir-synced"]
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def never(key: str, version: str) -> bool:
+    return False
+
+
+def result(d: Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    return out[0]
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Store]]:
+    stores: list[Store] = []
+    yield stores
+    for store in stores:
+        if not store._closed:
+            store.abandon()
+
+
+def node(opened: list[Store], directory: Path, **kwargs: Any) -> tuple[Store, Acceptor]:
+    """A node's store and acceptor on C{directory}, as a (re)started node makes them."""
+    store = Store.open(str(directory), clock=HybridClock(lambda: 1_700_000_000.0, "n"), **kwargs)
+    opened.append(store)
+    return store, Acceptor.in_store(store)
+
+
+def restart(opened: list[Store], store: Store, **kwargs: Any) -> tuple[Store, Acceptor]:
+    """The node dies (nothing more is written) and starts again on the same dir."""
+    if not store._closed:
+        store.abandon()
+    return node(opened, Path(store.directory), **kwargs)
+
+
+def test_a_batch_of_promises_acceptances_and_commits_is_one_journal_write(tmp_path: Path, opened: list[Store]) -> None:
+    clock, journal = Clock(), ManualRunner()
+    store, acceptor = node(opened, tmp_path, later=clock.callLater, write=journal)
+    # As the node's /internal/paxos handler does: the commits, then the acceptor's items.
+    committed = store.apply_batch([["done", "v", B1]])
+    answers = acceptor.batch([("k", B2), ("k", Proposal(B2, "w", B2)), ("j", B3)])
+    clock.advance(0)
+    assert len(journal.jobs) == 1, "one write + fsync for the commits and the acceptor's records"
+    assert not committed.called and not answers.called, "nothing answered before it is durable"
+    journal.run_one()
+    assert result(committed).applied == 1
+    promised, accepted, other = result(answers)
+    assert promised.promised and accepted == (True, B2) and other.promised
+    assert not (tmp_path / FILE).exists(), "no paxos.jsonl: the journal holds it all"
+    store, acceptor = restart(opened, store)
+    assert acceptor.state("k") == (B2, Proposal(B2, "w", B2)) and acceptor.state("j") == (B3, None)
+    assert store.entry("done") == ("v", B1)
+
+
+def test_a_restart_recovers_promises_acceptances_and_deletions_from_the_journal(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    store, acceptor = node(opened, tmp_path)
+    result(acceptor.prepare("a", B1))
+    result(acceptor.accept("b", Proposal(B2, "é\x00 \U0001f600", B2)))
+    result(acceptor.accept("gone", Proposal(B2, None, B2)))  # a conditional DELETE
+    result(acceptor.prepare("a", B3))
+    assert not result(acceptor.prepare("a", B2)).promised
+    store, again = restart(opened, store)
+    assert again.state("a") == (B3, None)
+    assert again.state("b") == (B2, Proposal(B2, "é\x00 \U0001f600", B2))
+    assert again.state("gone") == (B2, Proposal(B2, None, B2))
+    assert not result(again.prepare("a", B3)).promised, "the recovered promise refuses its own ballot"
+
+
+def _scenario(
+    store: Store, acceptor: Acceptor, clock: Clock, sizes: list[int], checks: list[Callable[[Store, Acceptor], bool]]
+) -> None:
+    """Answered steps, each one group commit; after each, the journal's size and what must survive it."""
+    path = os.path.join(store.directory, journal_name(0))
+
+    def result(d: Deferred[Any]) -> Any:
+        clock.advance(0)  # the end of the turn: the group commit
+        return globals()["result"](d)
+
+    def answered(check: Callable[[Store, Acceptor], bool]) -> None:
+        sizes.append(os.path.getsize(path))
+        checks.append(check)
+
+    def holds(key: str, ballot: str) -> Callable[[Store, Acceptor], bool]:
+        return lambda s, a: max(a.state(key)[0], a.floor) >= ballot
+
+    def kept(key: str, proposal: Proposal) -> Callable[[Store, Acceptor], bool]:
+        def check(s: Store, a: Acceptor) -> bool:
+            accepted = a.state(key)[1]
+            entry = s.entry(key)
+            return (accepted is not None and accepted.ballot >= proposal.ballot) or (
+                entry is not None and entry[1] >= proposal.version
+            )
+
+        return check
+
+    assert result(acceptor.prepare("k", B1)).promised
+    answered(holds("k", B1))
+    assert result(acceptor.accept("k", Proposal(B1, "v" * 50, B1))) == (True, B1)
+    answered(kept("k", Proposal(B1, "v", B1)))
+    # The commit and the next round's prepare in one group: the promise's record forgets
+    # the proposal (the store holds it), so only the order within the group keeps it.
+    commit = store.apply_batch([["k", "v" * 50, B1]])
+    promise = acceptor.batch([("k", B2), ("j", B2)])
+    clock.advance(0)
+    assert len(sizes) == 2 and os.path.getsize(path) > sizes[-1]
+    result(commit)
+    answer = result(promise)[0]
+    assert answer.promised and answer.accepted is None
+    assert acceptor.state("k") == (B2, None), "forgot the committed proposal at once"
+    answered(lambda s, a: kept("k", Proposal(B1, "v", B1))(s, a) and holds("k", B2)(s, a) and holds("j", B2)(s, a))
+    assert result(acceptor.batch([("j", Proposal(B2, None, B2)), ("k", Proposal(B2, "w", B2))])) == [(True, B2)] * 2
+    answered(lambda s, a: kept("j", Proposal(B2, None, B2))(s, a) and kept("k", Proposal(B2, "w", B2))(s, a))
+
+
+def test_a_crash_at_any_byte_loses_nothing_that_was_answered(tmp_path: Path, opened: list[Store]) -> None:
+    live = tmp_path / "live"
+    clock = Clock()
+    store, acceptor = node(opened, live, later=clock.callLater)
+    sizes: list[int] = []
+    checks: list[Callable[[Store, Acceptor], bool]] = []
+    _scenario(store, acceptor, clock, sizes, checks)
+    store.abandon()
+    whole = (live / journal_name(0)).read_bytes()
+    assert len(whole) == sizes[-1]
+    for cut in range(len(whole) + 1):
+        directory = tmp_path / f"cut{cut}"
+        shutil.copytree(live, directory)
+        (directory / journal_name(0)).write_bytes(whole[:cut])
+        s, a = node(opened, directory)
+        for number, (size, check) in enumerate(zip(sizes, checks, strict=True)):
+            if size <= cut:
+                assert check(s, a), f"answered step {number} lost by a crash at byte {cut}"
+        s.abandon()
+        shutil.rmtree(directory)
+
+
+@pytest.mark.parametrize("step", CRASH_STEPS)
+def test_a_crash_at_any_compaction_step_keeps_the_acceptor_state_still_needed(
+    tmp_path: Path, opened: list[Store], step: str
+) -> None:
+    runner = ManualRunner()
+    store, acceptor = node(opened, tmp_path, run=runner, write=synchronous)
+    result(acceptor.accept("open", Proposal(B1, "o", B1)))  # accepted, never committed here
+    result(acceptor.accept("done", Proposal(B2, "d", B2)))
+    result(store.apply_batch([["done", "d", B2]]))
+
+    def crash_at(name: str) -> None:
+        if name == step:
+            raise SimulatedCrash(name)
+
+    store._step = crash_at
+    store.compact()
+    runner.run_one()  # the new journal is created, the acceptor's state taken; the snapshot job is queued
+    assert acceptor.state("done") == ("", None) and acceptor.floor == B2, "committed: forgotten, in the floor"
+    assert acceptor.state("open") == (B1, Proposal(B1, "o", B1))
+    # Changes during the compaction go to the new journal.
+    result(acceptor.prepare("new", B3))
+    result(acceptor.accept("open", Proposal(B4, "o2", B4)))
+    snapshot_job = runner.jobs.pop(0)
+    if step != "before-snapshot":
+        with pytest.raises(SimulatedCrash):
+            snapshot_job[0]()
+    store, again = restart(opened, store)
+    assert again.state("open") == (B4, Proposal(B4, "o2", B4))
+    assert again.state("new") == (B3, None)
+    assert max(again.state("done")[0], again.floor) >= B2, "its promise holds, in the floor or its own"
+    assert store.entry("done") == ("d", B2)
+    if step in ("renamed", "dir-synced"):  # the new snapshot is in place: its floor
+        assert again.floor == B2 and again.state("done") == ("", None)
+
+
+def test_a_completed_compaction_writes_the_floor_and_kept_states_into_the_snapshot(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    store, acceptor = node(opened, tmp_path)
+    result(acceptor.accept("open", Proposal(B1, "o", B1)))
+    result(acceptor.accept("done", Proposal(B2, "d", B2)))
+    result(store.apply_batch([["done", "d", B2]]))
+    result(store.compact())
+    assert not (tmp_path / journal_name(0)).exists(), "the old journal, with every acceptor record, is gone"
+    assert b'"paxos":{"floor":"' + B2.encode() in (tmp_path / SNAPSHOT).read_bytes()
+    store, again = restart(opened, store)
+    assert again.floor == B2 and len(again) == 1
+    assert again.state("open") == (B1, Proposal(B1, "o", B1))
+    assert not result(again.prepare("done", B2)).promised, "the floor refuses what was promised before"
+
+
+def test_a_store_opened_without_an_acceptor_keeps_its_state_through_a_compaction(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    store, acceptor = node(opened, tmp_path)
+    result(acceptor.accept("open", Proposal(B1, "o", B1)))
+    result(store.close())
+    tool = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))  # kvd export, say
+    opened.append(tool)
+    result(tool.compact())
+    store, again = restart(opened, tool)
+    assert again.state("open") == (B1, Proposal(B1, "o", B1))
+
+
+def test_a_torn_final_acceptor_record_is_dropped(tmp_path: Path, opened: list[Store]) -> None:
+    store, acceptor = node(opened, tmp_path)
+    result(acceptor.prepare("k", B1))
+    store.abandon()
+    with open(tmp_path / journal_name(0), "ab") as f:
+        f.write(b'["A","k","' + B2.encode() + b'","' + B2.encode())
+    store, again = node(opened, tmp_path)
+    assert again.state("k") == (B1, None)
+    assert (tmp_path / journal_name(0)).read_bytes().endswith(b"]\n")
+
+
+def test_a_damaged_acceptor_record_before_the_last_stops_start_up(tmp_path: Path, opened: list[Store]) -> None:
+    store, acceptor = node(opened, tmp_path)
+    result(acceptor.prepare("k", B1))
+    store.abandon()
+    with open(tmp_path / journal_name(0), "ab") as f:
+        f.write(b'["A","k","' + B2.encode() + b'"]\n["P","j","' + B1.encode() + b'"]\n')
+    with pytest.raises(CorruptStore, match="refusing to start"):
+        Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))
+
+
+def _old_file(directory: Path) -> bytes:
+    """A paxos.jsonl as a node before the change left it: a floor, an open proposal, a promise."""
+    committed = {B1}
+    old = Acceptor.open(str(directory), lambda key, version: version in committed)
+    result(old.accept("done", Proposal(B1, "d", B1)))
+    old.compact_min_bytes = 0
+    result(old.accept("open", Proposal(B2, "o", B2)))  # compacts: "done" folds into the floor
+    old.compact_min_bytes = 1 << 30
+    result(old.prepare("promised", B3))
+    old.close()
+    assert old.floor == B1
+    return (directory / FILE).read_bytes()
+
+
+def test_a_paxos_jsonl_of_before_is_carried_into_the_journal_then_removed(tmp_path: Path, opened: list[Store]) -> None:
+    _old_file(tmp_path)
+    journal = ManualRunner()
+    store, acceptor = node(opened, tmp_path, write=journal)
+    assert acceptor.floor == B1 and acceptor.state("open") == (B2, Proposal(B2, "o", B2))
+    assert acceptor.state("promised") == (B3, None)
+    assert (tmp_path / FILE).exists(), "kept until the journal holds its state durably"
+    # A crash before that: the next start carries it over again.
+    store, acceptor = restart(opened, store, write=journal)
+    journal.jobs.clear()
+    store, acceptor = restart(opened, store)
+    assert not (tmp_path / FILE).exists()
+    store, again = restart(opened, store)
+    assert again.floor == B1 and again.state("open") == (B2, Proposal(B2, "o", B2))
+    assert again.state("promised") == (B3, None)
+    assert not result(again.prepare("done", B1)).promised
+
+
+def test_a_crash_after_the_migration_before_the_removal_keeps_the_journals_newer_state(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    old = _old_file(tmp_path)
+    store, acceptor = node(opened, tmp_path)
+    assert not (tmp_path / FILE).exists()
+    result(acceptor.accept("open", Proposal(B4, "newer", B4)))
+    (tmp_path / FILE).write_bytes(old)  # as if the node died before the removal
+    store, again = restart(opened, store)
+    assert again.state("open") == (B4, Proposal(B4, "newer", B4)), "the journal's state wins over the old file's"
+    assert again.state("promised") == (B3, None) and again.floor == B1
+    assert not (tmp_path / FILE).exists()
+
+
+def test_a_corrupt_paxos_jsonl_of_before_stops_start_up(tmp_path: Path, opened: list[Store]) -> None:
+    (tmp_path / FILE).write_bytes(b'{"k": "k", "p": "x"}\nnot json\n{"k": "j", "p": "y"}\n')
+    store = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))
+    opened.append(store)
+    with pytest.raises(CorruptStore):
+        Acceptor.in_store(store)
+    assert (tmp_path / FILE).exists(), "nothing is removed"

@@ -2,7 +2,13 @@
 A node's Paxos acceptor for conditional writes: per key, the highest ballot it promised and
 the proposal (ballot, value, version) it accepted last. See docs/consistency.md.
 
-A promise or an acceptance is durable before it is answered: each change is a JSON line in
+A promise or an acceptance is durable before it is answered. At a node (L{Acceptor.in_store})
+each change is a record of the store's journal (L{kvd.journal.encode_paxos}), in the store's
+group commits, so a batch's promises, acceptances and commits are one write + fsync; the
+store's recovery rebuilds the state, its compaction keeps what the rules below keep (in the
+snapshot), and a C{paxos.jsonl} of before is carried into the journal (L{Acceptor.migrate}).
+The rest of this describes L{Acceptor.open}, the acceptor with a file of its own (tests, tools,
+and the format such a file has): each change is a JSON line in
 C{paxos.jsonl} in the node's data dir, and changes made while one write + fsync is under way
 go out together in the next (group commit; at a node on the store's journal thread).
 Memory changes at once; an answer waits for the write that holds it. A promise of a key whose

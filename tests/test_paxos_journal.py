@@ -305,3 +305,20 @@ def test_a_corrupt_paxos_jsonl_of_before_stops_start_up(tmp_path: Path, opened: 
     with pytest.raises(CorruptStore):
         Acceptor.in_store(store)
     assert (tmp_path / FILE).exists(), "nothing is removed"
+
+
+def test_memory_forgets_committed_keys_between_snapshots_and_the_journal_keeps_them(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    store, acceptor = node(opened, tmp_path)
+    acceptor._trim_at = 3
+    for i in range(3):
+        result(acceptor.accept(f"done{i}", Proposal(B1, "d", B1)))
+        result(store.apply_batch([[f"done{i}", "d", B1]]))
+    result(acceptor.accept("open", Proposal(B2, "o", B2)))  # past 3 states: trims first
+    assert len(acceptor) == 1 and acceptor.floor == B1, "memory: the open proposal, the others in the floor"
+    assert acceptor._trim_at >= 3 and acceptor.state("open") == (B2, Proposal(B2, "o", B2))
+    assert not result(acceptor.prepare("done0", B1)).promised
+    store, again = restart(opened, store)
+    assert again.state("done0") == (B1, Proposal(B1, "d", B1)), "no snapshot yet: the journal still has it"
+    assert again.floor == "" and again.state("open") == (B2, Proposal(B2, "o", B2))

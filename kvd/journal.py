@@ -207,12 +207,13 @@ def encode_paxos(key: str, promised: str, accepted: tuple[str, str | None, str] 
     """The acceptor's state of C{key}: its promise, and its accepted proposal if any."""
     if accepted is None:
         return _record("P", key, promised)
-    ballot, value, version = accepted
+    fields = ("A", key, promised, *accepted)
     try:
-        return orjson.dumps(("A", key, promised, ballot, value, version)) + b"\n"
+        return orjson.dumps(fields) + b"\n"
     except orjson.JSONEncodeError:
-        fields = ("A", key, promised, ballot, value, version)
-        return (json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        # A typed value (bytes, or text with a content type: L{kvd.keys.TYPED}) begins with a
+        # lone surrogate, which orjson and UTF-8 refuse: escaped, as JSON allows, it reads back.
+        return (json.dumps(fields, separators=(",", ":")) + "\n").encode()
 
 
 def encode_floor(floor: str) -> bytes:
@@ -271,7 +272,8 @@ def _paxos_json(paxos: tuple[str, dict[str, PaxosState]]) -> bytes:
     keys = {
         key: [promised] if accepted is None else [promised, *accepted] for key, (promised, accepted) in states.items()
     }
-    return json.dumps({"floor": floor, "keys": keys}, ensure_ascii=False, separators=(",", ":")).encode()
+    # ASCII, escapes and all: a typed value begins with a lone surrogate (see encode_paxos).
+    return json.dumps({"floor": floor, "keys": keys}, separators=(",", ":")).encode()
 
 
 def _snapshot_chunks(

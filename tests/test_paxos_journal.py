@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from kvd.journal import SNAPSHOT, CorruptStore, journal_name
+from kvd.keys import typed_value
 from kvd.paxos import FILE, Acceptor, Proposal
 from kvd.store import Store, synchronous
 from kvd.testing.runners import ManualRunner
@@ -322,3 +323,27 @@ def test_memory_forgets_committed_keys_between_snapshots_and_the_journal_keeps_t
     store, again = restart(opened, store)
     assert again.state("done0") == (B1, Proposal(B1, "d", B1)), "no snapshot yet: the journal still has it"
     assert again.floor == "" and again.state("open") == (B2, Proposal(B2, "o", B2))
+
+
+def test_a_typed_value_s_proposal_survives_the_journal_a_snapshot_and_a_migration(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    binary = typed_value(bytes(range(256)), "application/octet-stream")
+    text = typed_value("héllo", "text/plain")
+    store, acceptor = node(opened, tmp_path)
+    result(acceptor.accept("bin", Proposal(B1, binary, B1)))
+    result(acceptor.accept("text", Proposal(B1, text, B1)))
+    store, again = restart(opened, store)
+    assert again.state("bin") == (B1, Proposal(B1, binary, B1)) and again.state("text")[1] == Proposal(B1, text, B1)
+    result(store.compact())
+    store, again = restart(opened, store)
+    assert again.state("bin") == (B1, Proposal(B1, binary, B1)) and again.state("text")[1] == Proposal(B1, text, B1)
+    result(store.close())
+    old = tmp_path / "old"
+    old.mkdir()
+    file_acceptor = Acceptor.open(str(old), never)
+    result(file_acceptor.accept("bin", Proposal(B2, binary, B2)))
+    file_acceptor.close()
+    store, migrated = node(opened, old)
+    store, again = restart(opened, store)
+    assert again.state("bin") == (B2, Proposal(B2, binary, B2)) and not (old / FILE).exists()

@@ -241,7 +241,7 @@ def in_process(count: int, width: int, only: str | None) -> None:
     from kvd.gateway.coordinator import Coordinator
     from kvd.gateway.nodes import NodeClients
     from kvd.membership import NodeInfo
-    from kvd.paxos import Acceptor, committed_in
+    from kvd.paxos import Acceptor
     from kvd.resources import GatewayAPI, NodeAPI
     from kvd.store import Store
     from kvd.testing.network import Network
@@ -262,7 +262,7 @@ def in_process(count: int, width: int, only: str | None) -> None:
         closing = []
         for node_id in members:
             store = Store.open(f"{tmp}/{node_id}", clock=HybridClock(clock.seconds, node_id), fsync=False)
-            acceptor = Acceptor.open(store.directory, committed_in(store), unsettled=store.unsettled, fsync=False)
+            acceptor = Acceptor.in_store(store)  # as a node's: its records in the store's journal
             closing.append((store, acceptor))
             network.serve(f"{node_id}.test", NodeAPI(node_id, store, acceptor=acceptor).resource())
         cluster = Cluster(vnodes=64, replicas=3)

@@ -587,8 +587,8 @@ def _gateway(
 
     def adopted(members: Mapping[str, NodeInfo]) -> None:
         # Once the gateway routes with a membership: a member that left is no longer probed,
-        # and its clock no longer counts.
-        health.keep(members)
+        # one the registry has down is no spare, and the clock of one that left no longer counts.
+        health.adopt(members)
         skew.keep(members)
 
     cluster.adopted = adopted

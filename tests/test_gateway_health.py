@@ -310,6 +310,42 @@ def test_a_write_waits_the_whole_timeout_for_the_last_owners_a_quorum_needs_when
     assert sum(cluster.stores[n].entry("stalled") is not None for n in "abc") >= 2
 
 
+def test_a_member_the_registry_has_down_is_no_spare_that_lets_the_last_owners_be_routed_around(
+    tmp_path: Path,
+) -> None:
+    """
+    Four members, d hung and marked down by the registry before this gateway called it (so
+    its detector never judged it): writes go to a, b and c. Two of them stall for a second
+    together (a loaded machine): d is no spare, so after the first is routed around the other
+    is the last a quorum of W=2 needs and is waited for, and the write succeeds rather than
+    failing in half a second (what tests/integration/test_down_processes.py once saw).
+    """
+    h = GatewayHarness(tmp_path)
+    try:
+        h.cluster.adopted = h.health.adopt  # as the gateway role wires it
+        h.health.keep_at_least = 2
+        for node_id in ("a", "b", "c", "d"):
+            h.start_node(node_id)
+        h.cluster.update({n: NodeInfo(n, f"http://{n}.test") for n in "abcd"})
+        h.warm_up()
+        assert all(h.health.timeout(n) == MIN_TIMEOUT for n in "abcd"), "every member answered the warm-up"
+        h.network.pause("d.test")  # its machine hung: it stopped renewing, and its lease ran out
+        h.cluster.update({**h.cluster.members, "d": NodeInfo("d", "http://d.test", status="down")})
+        h.network.pause("b.test")
+        h.network.pause("c.test")
+        results = h.start("PUT", "/kv/stalled", b"v")
+        h.advance(1.0, step=0.05)
+        assert not results, "still waiting on the last owner the quorum needs"
+        assert [h.health.reachable(n) for n in "bc"].count(False) == 1, "the first past its deadline is routed around"
+        h.network.resume("b.test")
+        h.network.resume("c.test")
+        h.advance(0.1, step=0.05)
+        assert results and results[0][0] == 200, results
+    finally:
+        h.health.stop()
+        h.close()
+
+
 def test_an_owner_judged_unreachable_for_a_moment_stands_in_when_a_target_hangs_later(
     cluster: GatewayHarness,
 ) -> None:

@@ -12,12 +12,13 @@ The learned figures give each call its deadline (L{Health.timeout}: a few times 
 worst case, between L{MIN_TIMEOUT} and the configured C{--timeout}) and give reads the delay
 after which they ask one more replica (L{Health.hedge_delay}). A node never heard from gets
 the configured timeout: nothing is known about it yet. A call past its deadline to one of the
-last nodes the quorums need is not given up: it waits out the whole C{--timeout}.
+last nodes the quorums need is not given up: it waits out the whole C{--timeout}; members
+the registry has down are not asked, so they do not count among the nodes left.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from attrs import define, field
@@ -26,6 +27,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kvd.membership import NodeInfo
 from kvd.transport import DEFAULT_TIMEOUT
 
 _log = Logger()
@@ -73,6 +75,8 @@ class Health:
     #: routing around all of them would only turn slow answers into failed ones.
     keep_at_least: int = 0
     _nodes: dict[str, _Node] = field(factory=dict)
+    #: The members the registry has down: no quorum traffic goes to them, so they are no spares.
+    _down: frozenset[str] = frozenset()
 
     def _node(self, node_id: str) -> _Node:
         node = self._nodes.get(node_id)
@@ -149,7 +153,8 @@ class Health:
     def _among_the_last(self, node_id: str) -> bool:
         if not self.keep_at_least or not self.reachable(node_id):
             return False
-        return sum(other.reachable for other in self._nodes.values()) <= self.keep_at_least
+        left = sum(other.reachable and other_id not in self._down for other_id, other in self._nodes.items())
+        return left <= self.keep_at_least
 
     def _schedule(self, node_id: str, node: _Node) -> None:
         node.backoff = min(MAX_PROBE_INTERVAL, node.backoff * 2 if node.backoff else FIRST_PROBE_INTERVAL)
@@ -198,6 +203,16 @@ class Health:
         wanted = set(node_ids)
         for node_id in [n for n in self._nodes if n not in wanted]:
             self._cancel(self._nodes.pop(node_id))
+
+    def adopt(self, members: Mapping[str, NodeInfo]) -> None:
+        """
+        The membership the gateway routes with now: forget the nodes that left (L{keep}), and
+        count the ones the registry has down as no spares. A member that stopped renewing is
+        not asked, so its detector may never judge it; counted as reachable, it would let a
+        time-out route around one of the last nodes the quorums really have.
+        """
+        self.keep(members)
+        self._down = frozenset(node_id for node_id, info in members.items() if not info.up)
 
     def stop(self) -> None:
         """Stop every probe (at shutdown)."""

@@ -9,6 +9,8 @@ import pytest
 
 from kvd.testing.processes import Kvd, Processes, free_port, http_request, request
 
+from .test_cluster_processes import eventually
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -43,7 +45,12 @@ def test_a_2_second_ttl_is_live_before_and_absent_after_on_every_replica(process
     expires = body["expires"]
     assert time.time() < expires <= time.time() + 2.1
     request(gateway.port, "PUT", "/kv/stays", b"x")
-    time.sleep(0.3)  # the third replica's apply may still be under way after W answered
+    # The third replica's apply may still be under way after W answered: wait for it (before the expiry).
+    eventually(
+        lambda: all(request(node.port, "GET", "/kv/session")[0] == 200 for node in nodes),
+        seconds=expires - time.time(),
+        what="the entry on every replica",
+    )
     for node in nodes:
         status, answer = request(node.port, "GET", "/kv/session")
         assert status == 200 and answer["expires"] == expires, node.name
@@ -81,7 +88,8 @@ def test_a_batch_of_big_values_answers_up_to_its_budget_and_413_for_each_get_ove
 def test_an_expiry_survives_a_node_restart(processes: Processes) -> None:
     nodes, gateway = static_cluster(processes)
     node = nodes[0]
-    status, body = request(node.port, "PUT", "/kv/k?ttl=3", b"v")
+    # Longer than a restart takes on a busy machine (several seconds), so the entry is still live after it.
+    status, body = request(node.port, "PUT", "/kv/k?ttl=8", b"v")
     assert status == 200
     expires = body["expires"]
     node.kill()

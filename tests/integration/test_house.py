@@ -26,6 +26,8 @@ import pytest
 
 from kvd.testing.processes import Kvd, Processes, http_request, request
 
+from .test_cluster_processes import eventually
+
 pytestmark = pytest.mark.timeout(180)
 
 #: The gateway's --timeout in the fake-node tests: an answer must come well before it.
@@ -260,9 +262,11 @@ def test_with_access_log_every_request_is_logged(processes: Processes) -> None:
     before = len(log_lines(node))
     for i in range(20):
         assert http_request(node.port, "GET", f"/kv/absent-{i}").status == 404
-    time.sleep(0.5)
-    new = log_lines(node)[before:]
-    assert sum("absent" in line for line in new) >= 20, new[-5:]
+
+    def logged() -> bool:
+        return sum("absent" in line for line in log_lines(node)[before:]) >= 20
+
+    eventually(logged, seconds=10, what="20 access log lines")
 
 
 # --- HTTP/1.0 keep-alive -----------------------------------------------------------------------

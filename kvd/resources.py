@@ -15,7 +15,7 @@ import inspect
 import json
 import secrets
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from attrs import define, field
@@ -112,6 +112,7 @@ STATUSES: tuple[tuple[type[BaseException], int], ...] = (
 #: What a handler gives: a body, a Deferred of one, or a coroutine of one.
 Rendered = Any
 H = TypeVar("H", bound=Callable[..., Any])
+A = TypeVar("A")
 
 
 def _json(request: HotRequest, obj: object, status: int = 200) -> bytes:
@@ -486,6 +487,13 @@ class _FrontDoor(Resource):
         return self._app.render(request)  # never a lean request: L{takes} said no to it
 
     def _finish(self, request: Any, result: Rendered) -> Any:
+        if result.__class__ is Answering:
+            if not result.called:
+                if isinstance(request, (BoundedRequest, LeanRequest)):
+                    request.cancel_on_loss(result)
+                else:
+                    request.notifyFinish().addErrback(lambda _: result.cancel())
+            return NOT_DONE_YET
         if not isinstance(result, Deferred):
             return result
         result.addCallback(_write_and_finish, request)
@@ -500,6 +508,42 @@ def _write_and_finish(body: bytes | None, request: Any) -> None:
     if body is not None and not request.finished and not request._disconnected:
         request.write(body)
         request.finish()
+
+
+class Answering(Generic[A]):
+    """
+    A hot handler's answer to come, in plain callbacks: what the Deferred a handler returned
+    did (its C{render} callback, the error table's errback, the front door's writing of the
+    body), without the Deferred and its chain, for the gateway's GET, PUT and DELETE. A
+    L{kvd.gateway.quorum.Reply} of the coordinator's outcome; told once, and nothing after
+    its request's connection is lost (a write it started still completes).
+    """
+
+    __slots__ = ("request", "key", "render", "called")
+
+    def __init__(self, request: Any, key: str, render: Callable[[A], bytes]) -> None:
+        self.request, self.key, self.render = request, key, render
+        self.called = False
+
+    def callback(self, outcome: A) -> None:
+        if self.called:
+            return
+        self.called = True
+        try:
+            body = self.render(outcome)
+        except Exception:
+            body = render_error(self.request, Failure(), self.key)
+        _write_and_finish(body, self.request)
+
+    def errback(self, failure: Failure | BaseException) -> None:
+        if self.called:
+            return
+        self.called = True
+        failure = failure if isinstance(failure, Failure) else Failure(failure)
+        _write_and_finish(render_error(self.request, failure, self.key), self.request)
+
+    def cancel(self) -> None:
+        self.called = True
 
 
 @define
@@ -950,7 +994,7 @@ class GatewayAPI:
         return self.proposer.write(key, value, precondition, ttl)
 
     @routes.key(paths.KV, "GET", fast=True)
-    def get(self, request: HotRequest, key: str) -> Deferred[bytes]:
+    def get(self, request: HotRequest, key: str) -> Deferred[bytes] | Answering[Entry | None]:
         # Without a coroutine, as this is the gateway's busiest path.
         if self.hot is not None:
             self.hot.record(key)
@@ -965,7 +1009,9 @@ class GatewayAPI:
         if b"wait" in request.args and self.watches is not None:
             wait, version = _watch_args(request)
             return Deferred.fromCoroutine(self.watches.watch(key, version, wait)).addCallback(render)
-        return self.coordinator.read(key).addCallback(render)
+        answering = Answering(request, key, render)
+        self.coordinator.read_to(answering, key)
+        return answering
 
     @routes.path("/changes", "GET")
     async def changes(self, request: IRequest) -> bytes:
@@ -986,7 +1032,7 @@ class GatewayAPI:
         return _json(request, {"success": True, "changes": changes, "next": page.next})
 
     @routes.key(paths.KV, "PUT", fast=True)
-    def put(self, request: HotRequest, key: str) -> Deferred[bytes]:
+    def put(self, request: HotRequest, key: str) -> Deferred[bytes] | Answering[WriteOutcome]:
         if self.hot is not None:
             self.hot.record(key)
         precondition = _precondition(request)
@@ -998,10 +1044,12 @@ class GatewayAPI:
 
         if precondition is not None:
             return self._conditional(key, value, precondition, ttl).addCallback(render)
-        return self.coordinator.write(key, value, ttl).addCallback(render)
+        answering = Answering(request, key, render)
+        self.coordinator.write_to(answering, key, value, ttl)
+        return answering
 
     @routes.key(paths.KV, "DELETE", fast=True)
-    def delete(self, request: HotRequest, key: str) -> Deferred[bytes]:
+    def delete(self, request: HotRequest, key: str) -> Deferred[bytes] | Answering[WriteOutcome]:
         if self.hot is not None:
             self.hot.record(key)
 
@@ -1014,7 +1062,9 @@ class GatewayAPI:
         precondition = _precondition(request, delete=True)
         if precondition is not None:
             return self._conditional(key, None, precondition).addCallback(render)
-        return self.coordinator.write(key, None).addCallback(render)
+        answering = Answering(request, key, render)
+        self.coordinator.write_to(answering, key, None)
+        return answering
 
     def _now(self) -> float:
         return self.coordinator.clock.now()

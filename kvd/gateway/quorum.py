@@ -258,12 +258,22 @@ def gather_to(
     needed: int,
     accept: Callable[[T], bool] = _always,
     hedge: tuple[IReactorTime, float] | None = None,
+    errors: Sequence[str] = (),
+    standing_in: dict[str, str] | None = None,
+    usable: Callable[[str], bool] = _always,
+    on_failure: Callable[[str, Failure], object] | None = None,
 ) -> None:
     """
     L{gather} with C{tell}, its result given to C{then} rather than to a Deferred: for a
-    caller that goes on in plain callbacks (a conditional write's three phases). C{then}
-    is called once, maybe before this returns; what it raises is its caller's (a node's
-    answer being delivered), so it should raise nothing.
+    caller that goes on in plain callbacks (a conditional write's three phases, a quorum
+    write's and read's answer). C{then} is called once, maybe before this returns; what it
+    raises is its caller's (a node's answer being delivered), so it should raise nothing.
     """
-    gathering: _Gathering[T] = _Gathering(_no_ask, list(spares), needed, accept, then=then, hedge=hedge, tell=tell)
+    gathering: _Gathering[T] = _Gathering(
+        _no_ask, list(spares), needed, accept, then=then, hedge=hedge, usable=usable, on_failure=on_failure, tell=tell
+    )
+    if errors:
+        gathering.result.errors.extend(errors)
+    if standing_in:
+        gathering.result.standing_in.update(standing_in)
     _start(gathering, first)

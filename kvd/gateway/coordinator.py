@@ -22,14 +22,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from attrs import define
+from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvd.gateway.cluster import Cluster, ClusterView, Route
 from kvd.gateway.nodes import NodeClients, Written
-from kvd.gateway.quorum import Gathered, Receipt, Reply, gather, gather_to
+from kvd.gateway.quorum import Gathered, Hedges, Receipt, Reply, gather, gather_to
 from kvd.store import Entry
 from kvd.transport import PeerTimeout
 from kvd.ttl import with_expiry
@@ -177,6 +177,8 @@ class Coordinator:
     clock: HybridClock
     write_quorum: int = 2
     read_quorum: int = 2
+    #: The reads' hedges, one timer for all (made on the failure detector's clock).
+    _hedges: Hedges | None = field(default=None, init=False)
 
     def write(self, key: str, value: str | None, ttl: float | None = None) -> Deferred[WriteOutcome]:
         """
@@ -311,7 +313,11 @@ class Coordinator:
             reply.callback(newest)
 
         first = candidates[:needed]
-        hedge = (self.nodes.health.clock, self.nodes.health.hedge_delay(first))
+        health = self.nodes.health
+        hedges = self._hedges
+        if hedges is None or hedges.clock is not health.clock:
+            hedges = self._hedges = Hedges(health.clock)
+        hedge = (hedges, health.hedge_delay(first))
         gather_to(
             answer,
             tell,

@@ -10,14 +10,18 @@ the quorum is reached is not waited for.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from heapq import heapify, heappop, heappush
 from typing import Any, Generic, Protocol, TypeVar
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvd.keys import Unavailable
+
+_log = Logger()
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -89,6 +93,82 @@ def _always(answer: object) -> bool:
     return True
 
 
+#: How early a shared hedge timer may fire, and how far past a deadline it takes a hedge as due:
+#: a timer set for a deadline from another moment may land an ulp either side of it.
+_SLACK = 1e-6
+#: The smallest heap of hedges that is swept of answered gatherings.
+_SWEEP_AT = 1024
+
+
+class Hedges:
+    """
+    The hedges of all the gatherings on one clock under one timer, instead of a C{callLater}
+    and a cancel for every read: a gathering due for a hedge at some moment is put in a heap;
+    one timer, set for the earliest, hedges those due when it fires and is set again for the
+    next one still waiting. A gathering that is answered first (nearly all) is left in the
+    heap and passed over when its moment comes: nothing to cancel. So the timer fires about
+    once a hedge delay under load, not once a read.
+    """
+
+    __slots__ = ("clock", "_due", "_timer", "_at", "_count", "_firing", "_sweep_at")
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._due: list[tuple[float, int, _Gathering[Any]]] = []
+        self._timer: IDelayedCall | None = None
+        self._at = 0.0
+        self._count = 0
+        self._firing = False
+        #: The heap's size at which answered gatherings are swept out of it (a long delay, such
+        #: as a node's first reads wait, would otherwise keep every read of that time).
+        self._sweep_at = _SWEEP_AT
+
+    def add(self, gathering: _Gathering[Any], delay: float) -> None:
+        """Hedge C{gathering} (L{_Gathering._hedged}) C{delay} seconds from now."""
+        deadline = self.clock.seconds() + delay
+        self._count += 1
+        due = self._due
+        heappush(due, (deadline, self._count, gathering))
+        if len(due) >= self._sweep_at:
+            due[:] = [waiting for waiting in due if not waiting[2].finished]
+            heapify(due)
+            self._sweep_at = max(_SWEEP_AT, 2 * len(due))
+        if self._firing:
+            return  # set when the firing is done
+        timer = self._timer
+        if timer is None:
+            self._at = deadline
+            self._timer = self.clock.callLater(delay, self._fire)
+        elif deadline < self._at:
+            self._at = deadline
+            timer.reset(delay)
+
+    def _fire(self) -> None:
+        self._timer = None
+        due = self._due
+        now = self.clock.seconds()
+        self._firing = True
+        try:
+            while due and due[0][0] <= now + _SLACK:
+                gathering = heappop(due)[2]
+                if not gathering.finished:
+                    try:
+                        gathering._hedged()
+                    except Exception:
+                        _log.failure("hedging a read")
+        finally:
+            self._firing = False
+        while due and due[0][2].finished:
+            heappop(due)
+        if due:
+            self._at = due[0][0]
+            self._timer = self.clock.callLater(max(0.0, self._at - now - _SLACK), self._fire)
+
+    def waiting(self) -> int:
+        """How many gatherings are in the heap, answered ones passed over at their moment included."""
+        return len(self._due)
+
+
 class Reply(Protocol[T_contra]):
     """What takes one replica's answer: a L{Deferred}, or L{_Reply} (the same two methods)."""
 
@@ -129,7 +209,7 @@ class _Gathering(Generic[T]):
     finished: bool = False
     pending: int = 0
     launching: bool = True
-    hedge: tuple[IReactorTime, float] | None = None
+    hedge: tuple[IReactorTime | Hedges, float] | None = None
     usable: Callable[[str], bool] = _always
     on_failure: Callable[[str, Failure], object] | None = None
     #: Asks a node with a L{Reply} to answer, instead of C{ask}'s Deferred.
@@ -139,7 +219,10 @@ class _Gathering(Generic[T]):
     def schedule_hedge(self) -> None:
         if self.hedge is not None and self.spares and not self.finished:
             clock, delay = self.hedge
-            self._hedging = clock.callLater(delay, self._hedged)
+            if isinstance(clock, Hedges):
+                clock.add(self, delay)
+            else:
+                self._hedging = clock.callLater(delay, self._hedged)
 
     def _hedged(self) -> None:
         self._hedging = None
@@ -209,7 +292,7 @@ def gather(
     spares: Sequence[str],
     needed: int,
     accept: Callable[[T], bool] = _always,
-    hedge: tuple[IReactorTime, float] | None = None,
+    hedge: tuple[IReactorTime | Hedges, float] | None = None,
     errors: Sequence[str] = (),
     standing_in: dict[str, str] | None = None,
     usable: Callable[[str], bool] = _always,
@@ -218,7 +301,8 @@ def gather(
 ) -> Deferred[Gathered[T]]:
     """
     Ask every node of C{first}; replace each that fails by the next of C{spares}, and with
-    C{hedge} (clock, delay) also ask the next spare each time the delay passes. Spares that
+    C{hedge} (clock, delay) also ask the next spare each time the delay passes (the clock
+    may be a L{Hedges}, one timer for many gatherings). Spares that
     C{usable} says no to (judged unreachable) are passed over while others are left, and a
     hedge never asks one. Fires once
     C{needed} answers are accepted, or once nobody is left to wait for (the caller checks
@@ -257,7 +341,7 @@ def gather_to(
     spares: Sequence[str],
     needed: int,
     accept: Callable[[T], bool] = _always,
-    hedge: tuple[IReactorTime, float] | None = None,
+    hedge: tuple[IReactorTime | Hedges, float] | None = None,
     errors: Sequence[str] = (),
     standing_in: dict[str, str] | None = None,
     usable: Callable[[str], bool] = _always,

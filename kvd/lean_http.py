@@ -161,10 +161,10 @@ class LeanRequest:
     def _head(self) -> bytes:
         plain, code, other = self._plain, self.code, self._other
         if other is None and b"Content-Length" in plain and b"Content-Type" in plain and code not in NO_BODY_CODES:
-            head = [b"HTTP/1.1 %d %s\r\n" % (code, self.code_message)]
-            head.extend(b"%s: %s\r\n" % item for item in plain.items())
+            head = [b"HTTP/1.1 %d %s" % (code, self.code_message)]
+            head += map(b": ".join, plain.items())  # "name: value" lines, no generator a header
             head.append(b"\r\n")
-            return b"".join(head)
+            return b"\r\n".join(head)
         # What twisted.web writes for any other answer (BoundedRequest's held headers after its own).
         headers = other if other is not None else Headers()
         for name, value in plain.items():

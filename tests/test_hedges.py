@@ -72,7 +72,20 @@ def test_answered_reads_with_a_long_delay_do_not_pile_up() -> None:
         _read(hedges, 30.0, asked, replies, f"r{i}")
         replies[f"r{i}:a"].callback("A")
         replies[f"r{i}:b"].callback("B")
-    assert hedges.waiting() < 2048, f"{hedges.waiting()} answered reads held"
+        assert hedges.waiting() == 0, "an answered read is let go at once, not kept until its moment"
+    assert hedges.moments() < 2048, f"{hedges.moments()} answered reads' moments held"
     clock.advance(30.0)
     assert not any(name.endswith(":c") for name in asked)
-    assert hedges.waiting() == 0 and clock.getDelayedCalls() == []
+    assert hedges.moments() == 0 and clock.getDelayedCalls() == []
+
+
+def test_a_read_waiting_for_its_hedge_is_counted_until_answered() -> None:
+    clock = Clock()
+    hedges = Hedges(clock)
+    replies: dict[str, Reply[str]] = {}
+    _read(hedges, 0.01, [], replies, "r")
+    assert hedges.waiting() == 1
+    replies["r:a"].callback("A")
+    assert hedges.waiting() == 1, "one answer of the two it needs"
+    replies["r:b"].callback("B")
+    assert hedges.waiting() == 0

@@ -96,45 +96,50 @@ def _always(answer: object) -> bool:
 #: How early a shared hedge timer may fire, and how far past a deadline it takes a hedge as due:
 #: a timer set for a deadline from another moment may land an ulp either side of it.
 _SLACK = 1e-6
-#: The smallest heap of hedges that is swept of answered gatherings.
+#: The smallest heap of hedge moments that is swept of answered reads' ones.
 _SWEEP_AT = 1024
 
 
 class Hedges:
     """
     The hedges of all the gatherings on one clock under one timer, instead of a C{callLater}
-    and a cancel for every read: a gathering due for a hedge at some moment is put in a heap;
-    one timer, set for the earliest, hedges those due when it fires and is set again for the
-    next one still waiting. A gathering that is answered first (nearly all) is left in the
-    heap and passed over when its moment comes: nothing to cancel. So the timer fires about
-    once a hedge delay under load, not once a read.
+    and a cancel for every read: a gathering due for a hedge is kept by a number, and its
+    moment and number go in a heap; one timer, set for the earliest, hedges those due and
+    still waiting when it fires and is set again for the next. A gathering answered first
+    (nearly all) lets go of its number (L{forget}), and its moment is passed over when it
+    comes: no timer to cancel. So the timer fires about once a hedge delay under load, not
+    once a read. (The heap holds no gathering: one kept past its answer, with its request and
+    all, cost a GET more than the timer it saved, by what the garbage collector then did.)
     """
 
-    __slots__ = ("clock", "_due", "_timer", "_at", "_count", "_firing", "_sweep_at")
+    __slots__ = ("clock", "_due", "_waiting", "_timer", "_at", "_count", "_firing", "_sweep_at")
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
-        self._due: list[tuple[float, int, _Gathering[Any]]] = []
+        self._due: list[tuple[float, int]] = []
+        self._waiting: dict[int, _Gathering[Any]] = {}
         self._timer: IDelayedCall | None = None
         self._at = 0.0
         self._count = 0
         self._firing = False
-        #: The heap's size at which answered gatherings are swept out of it (a long delay, such
-        #: as a node's first reads wait, would otherwise keep every read of that time).
+        #: The heap's size at which answered reads' moments are swept out of it (a long delay,
+        #: such as a node's first reads wait, would otherwise keep every read's of that time).
         self._sweep_at = _SWEEP_AT
 
-    def add(self, gathering: _Gathering[Any], delay: float) -> None:
-        """Hedge C{gathering} (L{_Gathering._hedged}) C{delay} seconds from now."""
+    def add(self, gathering: _Gathering[Any], delay: float) -> int:
+        """Hedge C{gathering} (L{_Gathering._hedged}) C{delay} seconds from now; its number."""
         deadline = self.clock.seconds() + delay
-        self._count += 1
+        self._count = number = self._count + 1
+        self._waiting[number] = gathering
         due = self._due
-        heappush(due, (deadline, self._count, gathering))
+        heappush(due, (deadline, number))
         if len(due) >= self._sweep_at:
-            due[:] = [waiting for waiting in due if not waiting[2].finished]
+            waiting = self._waiting
+            due[:] = [moment for moment in due if moment[1] in waiting]
             heapify(due)
             self._sweep_at = max(_SWEEP_AT, 2 * len(due))
         if self._firing:
-            return  # set when the firing is done
+            return number  # set when the firing is done
         timer = self._timer
         if timer is None:
             self._at = deadline
@@ -142,30 +147,39 @@ class Hedges:
         elif deadline < self._at:
             self._at = deadline
             timer.reset(delay)
+        return number
+
+    def forget(self, number: int) -> None:
+        """The gathering of C{number} is answered: no hedge for it."""
+        self._waiting.pop(number, None)
 
     def _fire(self) -> None:
         self._timer = None
-        due = self._due
+        due, waiting = self._due, self._waiting
         now = self.clock.seconds()
         self._firing = True
         try:
             while due and due[0][0] <= now + _SLACK:
-                gathering = heappop(due)[2]
-                if not gathering.finished:
+                gathering = waiting.pop(heappop(due)[1], None)
+                if gathering is not None and not gathering.finished:
                     try:
                         gathering._hedged()
                     except Exception:
                         _log.failure("hedging a read")
         finally:
             self._firing = False
-        while due and due[0][2].finished:
+        while due and due[0][1] not in waiting:
             heappop(due)
         if due:
             self._at = due[0][0]
             self._timer = self.clock.callLater(max(0.0, self._at - now - _SLACK), self._fire)
 
     def waiting(self) -> int:
-        """How many gatherings are in the heap, answered ones passed over at their moment included."""
+        """How many gatherings wait for a hedge (answered ones are let go at once)."""
+        return len(self._waiting)
+
+    def moments(self) -> int:
+        """How many moments are in the heap, answered reads' ones passed over when they come included."""
         return len(self._due)
 
 
@@ -215,17 +229,20 @@ class _Gathering(Generic[T]):
     #: Asks a node with a L{Reply} to answer, instead of C{ask}'s Deferred.
     tell: Callable[[str, Reply[T]], object] | None = None
     _hedging: IDelayedCall | None = None
+    #: The L{Hedges} this gathering waits in for a hedge, and its number there.
+    _hedges: Hedges | None = None
+    _hedge_number: int = 0
 
     def schedule_hedge(self) -> None:
         if self.hedge is not None and self.spares and not self.finished:
             clock, delay = self.hedge
             if isinstance(clock, Hedges):
-                clock.add(self, delay)
+                self._hedges, self._hedge_number = clock, clock.add(self, delay)
             else:
                 self._hedging = clock.callLater(delay, self._hedged)
 
     def _hedged(self) -> None:
-        self._hedging = None
+        self._hedging = self._hedges = None
         if self.spares and not self.finished:
             # A hedge is a bet on a node that can answer: one judged unreachable just now is
             # left among the spares (it may be back by the time a target fails), not spent.
@@ -276,7 +293,10 @@ class _Gathering(Generic[T]):
             return
         if self.result.accepted >= self.needed or self.pending == 0:
             self.finished = True
-            if self._hedging is not None and self._hedging.active():
+            if self._hedges is not None:
+                self._hedges.forget(self._hedge_number)
+                self._hedges = None
+            elif self._hedging is not None and self._hedging.active():
                 self._hedging.cancel()
             self._hedging = None
             if self.then is not None:

@@ -354,7 +354,8 @@ class Routes:
 
         def register(handler: H) -> H:
             def via_klein(api: object, request: IRequest, **_: object) -> Rendered:
-                return _call_keyed(handler, api, request, prefix)
+                result = _call_keyed(handler, api, request, prefix)
+                return result.deferred() if result.__class__ is Answering else result
 
             name = handler.__name__
             self.app.route(prefix.decode(), methods=list(methods), endpoint=f"{name}-empty")(via_klein)
@@ -488,6 +489,7 @@ class _FrontDoor(Resource):
 
     def _finish(self, request: Any, result: Rendered) -> Any:
         if result.__class__ is Answering:
+            result.write()
             if not result.called:
                 if isinstance(request, (BoundedRequest, LeanRequest)):
                     request.cancel_on_loss(result)
@@ -517,13 +519,20 @@ class Answering(Generic[A]):
     body), without the Deferred and its chain, for the gateway's GET, PUT and DELETE. A
     L{kvd.gateway.quorum.Reply} of the coordinator's outcome; told once, and nothing after
     its request's connection is lost (a write it started still completes).
+
+    Whoever takes the handler's result says where the body goes: the front door has it written
+    (L{write}), Klein (a HEAD, say) gets a Deferred of it (L{deferred}). A body that comes before
+    (the outcome was known at once) waits here for that.
     """
 
-    __slots__ = ("request", "key", "render", "called")
+    __slots__ = ("request", "key", "render", "called", "_body", "_direct", "_deferred")
 
     def __init__(self, request: Any, key: str, render: Callable[[A], bytes]) -> None:
         self.request, self.key, self.render = request, key, render
         self.called = False
+        self._body: bytes | None = None
+        self._direct = False
+        self._deferred: Deferred[bytes] | None = None
 
     def callback(self, outcome: A) -> None:
         if self.called:
@@ -533,17 +542,41 @@ class Answering(Generic[A]):
             body = self.render(outcome)
         except Exception:
             body = render_error(self.request, Failure(), self.key)
-        _write_and_finish(body, self.request)
+        self._answer(body)
 
     def errback(self, failure: Failure | BaseException) -> None:
         if self.called:
             return
         self.called = True
         failure = failure if isinstance(failure, Failure) else Failure(failure)
-        _write_and_finish(render_error(self.request, failure, self.key), self.request)
+        self._answer(render_error(self.request, failure, self.key))
 
     def cancel(self) -> None:
         self.called = True
+
+    def _answer(self, body: bytes) -> None:
+        if self._direct:
+            _write_and_finish(body, self.request)
+        elif self._deferred is not None:
+            self._deferred.callback(body)
+        else:
+            self._body = body  # the handler has not returned yet
+
+    def write(self) -> None:
+        """Write the answer to the request when it comes (now, if it has)."""
+        body, self._body = self._body, None
+        if body is not None:
+            _write_and_finish(body, self.request)
+        else:
+            self._direct = True
+
+    def deferred(self) -> Deferred[bytes | None] | bytes:
+        """The answer, or a Deferred of it (with the errback L{_settled} gives a handler's)."""
+        body, self._body = self._body, None
+        if body is not None:
+            return body
+        self._deferred = Deferred()
+        return self._deferred.addErrback(_render_failure, self.request, self.key)
 
 
 @define

@@ -57,6 +57,7 @@ class _Request:
 def test_an_answer_is_rendered_written_and_finished_once() -> None:
     request = _Request()
     answering: Answering[str] = Answering(request, "k", lambda outcome: outcome.encode())
+    answering.write()
     answering.callback("first")
     answering.callback("second")
     answering.errback(Failure(NotFound("no such key")))
@@ -69,19 +70,53 @@ def test_what_render_raises_and_failures_go_through_the_error_table() -> None:
         raise NotFound("no such key")
 
     request = _Request()
-    Answering(request, "k", render).callback("x")
+    answering: Answering[str] = Answering(request, "k", render)
+    answering.write()
+    answering.callback("x")
     assert request.code == 404
     assert b'"no such key"' in request.written[0] and b'"key":"k"' in request.written[0].replace(b" ", b"")
 
     request = _Request()
-    Answering(request, "k", render).errback(QuorumFailed("write", 1, 2, ["b: down"]))
+    answering = Answering(request, "k", render)
+    answering.write()
+    answering.errback(QuorumFailed("write", 1, 2, ["b: down"]))
     assert request.code == 503
     assert b"write quorum not reached" in request.written[0]
+
+
+def test_an_answer_known_before_the_handler_returns_waits_to_be_written_or_given_to_klein() -> None:
+    request = _Request()
+    answering: Answering[str] = Answering(request, "k", lambda outcome: outcome.encode())
+    answering.callback("at once")
+    assert request.written == [], "not written before the front door takes it"
+    answering.write()
+    assert request.written == [b"at once"] and request.finished
+
+    request = _Request()
+    answering = Answering(request, "k", lambda outcome: outcome.encode())
+    answering.callback("at once")
+    assert answering.deferred() == b"at once" and request.written == []
+
+
+def test_klein_gets_a_deferred_of_the_answer_its_errors_rendered() -> None:
+    request = _Request()
+    answering: Answering[str] = Answering(request, "k", lambda outcome: outcome.encode())
+    d = answering.deferred()
+    assert isinstance(d, Deferred) and not d.called
+    answering.callback("later")
+    assert d.result == b"later" and request.written == []
+
+    request = _Request()
+    answering = Answering(request, "k", lambda outcome: outcome.encode())
+    d = answering.deferred()
+    answering.errback(NotFound("no such key"))
+    assert isinstance(d, Deferred) and b"no such key" in d.result and request.code == 404
 
 
 def test_nothing_is_written_after_the_connection_is_lost() -> None:
     request = _Request()
     answering: Answering[str] = Answering(request, "k", lambda outcome: outcome.encode())
+    answering.write()
     answering.cancel()
     answering.callback("late")
     answering.errback(Failure(NotFound("no such key")))

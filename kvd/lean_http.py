@@ -29,7 +29,6 @@ from __future__ import annotations
 from io import BytesIO
 from typing import Any, Protocol, runtime_checkable
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Protocol as NetworkProtocol
 from twisted.logger import Logger
@@ -45,7 +44,7 @@ from zope.interface import implementer
 from kvd.codec import answer_json
 from kvd.metrics import now
 from kvd.transport import send_eagerly
-from kvd.web import _PLAIN, BoundedSite, HotRequest, http_date
+from kvd.web import _PLAIN, BoundedSite, HotRequest, Pending, http_date
 
 _log = Logger()
 
@@ -130,7 +129,7 @@ class LeanRequest:
         self._plain: dict[bytes, bytes] = {b"Server": server_version, b"Date": http_date()}
         #: Any other header, in a L{Headers} as Twisted keeps them.
         self._other: Headers | None = None
-        self._pending: Deferred[Any] | None = None
+        self._pending: Pending | None = None
         self._chunked = False
         self._no_body = False
         self._disconnected = False
@@ -155,17 +154,17 @@ class LeanRequest:
             return
         self._plain[plain] = value
 
-    def cancel_on_loss(self, answer: Deferred[Any]) -> None:
+    def cancel_on_loss(self, answer: Pending) -> None:
         """Cancel C{answer} if the connection is lost before it has fired."""
         self._pending = answer
 
     def _head(self) -> bytes:
         plain, code, other = self._plain, self.code, self._other
         if other is None and b"Content-Length" in plain and b"Content-Type" in plain and code not in NO_BODY_CODES:
-            head = [b"HTTP/1.1 %d %s\r\n" % (code, self.code_message)]
-            head.extend(b"%s: %s\r\n" % item for item in plain.items())
+            head = [b"HTTP/1.1 %d %s" % (code, self.code_message)]
+            head += map(b": ".join, plain.items())  # "name: value" lines, no generator a header
             head.append(b"\r\n")
-            return b"".join(head)
+            return b"\r\n".join(head)
         # What twisted.web writes for any other answer (BoundedRequest's held headers after its own).
         headers = other if other is not None else Headers()
         for name, value in plain.items():

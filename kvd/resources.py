@@ -15,7 +15,7 @@ import inspect
 import json
 import secrets
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from attrs import define, field
@@ -112,6 +112,7 @@ STATUSES: tuple[tuple[type[BaseException], int], ...] = (
 #: What a handler gives: a body, a Deferred of one, or a coroutine of one.
 Rendered = Any
 H = TypeVar("H", bound=Callable[..., Any])
+A = TypeVar("A")
 
 
 def _json(request: HotRequest, obj: object, status: int = 200) -> bytes:
@@ -353,7 +354,8 @@ class Routes:
 
         def register(handler: H) -> H:
             def via_klein(api: object, request: IRequest, **_: object) -> Rendered:
-                return _call_keyed(handler, api, request, prefix)
+                result = _call_keyed(handler, api, request, prefix)
+                return result.deferred() if result.__class__ is Answering else result
 
             name = handler.__name__
             self.app.route(prefix.decode(), methods=list(methods), endpoint=f"{name}-empty")(via_klein)
@@ -486,6 +488,14 @@ class _FrontDoor(Resource):
         return self._app.render(request)  # never a lean request: L{takes} said no to it
 
     def _finish(self, request: Any, result: Rendered) -> Any:
+        if result.__class__ is Answering:
+            result.write()
+            if not result.called:
+                if isinstance(request, (BoundedRequest, LeanRequest)):
+                    request.cancel_on_loss(result)
+                else:
+                    request.notifyFinish().addErrback(lambda _: result.cancel())
+            return NOT_DONE_YET
         if not isinstance(result, Deferred):
             return result
         result.addCallback(_write_and_finish, request)
@@ -500,6 +510,73 @@ def _write_and_finish(body: bytes | None, request: Any) -> None:
     if body is not None and not request.finished and not request._disconnected:
         request.write(body)
         request.finish()
+
+
+class Answering(Generic[A]):
+    """
+    A hot handler's answer to come, in plain callbacks: what the Deferred a handler returned
+    did (its C{render} callback, the error table's errback, the front door's writing of the
+    body), without the Deferred and its chain, for the gateway's GET, PUT and DELETE. A
+    L{kvd.gateway.quorum.Reply} of the coordinator's outcome; told once, and nothing after
+    its request's connection is lost (a write it started still completes).
+
+    Whoever takes the handler's result says where the body goes: the front door has it written
+    (L{write}), Klein (a HEAD, say) gets a Deferred of it (L{deferred}). A body that comes before
+    (the outcome was known at once) waits here for that.
+    """
+
+    __slots__ = ("request", "key", "render", "called", "_body", "_direct", "_deferred")
+
+    def __init__(self, request: Any, key: str, render: Callable[[A], bytes]) -> None:
+        self.request, self.key, self.render = request, key, render
+        self.called = False
+        self._body: bytes | None = None
+        self._direct = False
+        self._deferred: Deferred[bytes] | None = None
+
+    def callback(self, outcome: A) -> None:
+        if self.called:
+            return
+        self.called = True
+        try:
+            body = self.render(outcome)
+        except Exception:
+            body = render_error(self.request, Failure(), self.key)
+        self._answer(body)
+
+    def errback(self, failure: Failure | BaseException) -> None:
+        if self.called:
+            return
+        self.called = True
+        failure = failure if isinstance(failure, Failure) else Failure(failure)
+        self._answer(render_error(self.request, failure, self.key))
+
+    def cancel(self) -> None:
+        self.called = True
+
+    def _answer(self, body: bytes) -> None:
+        if self._direct:
+            _write_and_finish(body, self.request)
+        elif self._deferred is not None:
+            self._deferred.callback(body)
+        else:
+            self._body = body  # the handler has not returned yet
+
+    def write(self) -> None:
+        """Write the answer to the request when it comes (now, if it has)."""
+        body, self._body = self._body, None
+        if body is not None:
+            _write_and_finish(body, self.request)
+        else:
+            self._direct = True
+
+    def deferred(self) -> Deferred[bytes | None] | bytes:
+        """The answer, or a Deferred of it (with the errback L{_settled} gives a handler's)."""
+        body, self._body = self._body, None
+        if body is not None:
+            return body
+        self._deferred = Deferred()
+        return self._deferred.addErrback(_render_failure, self.request, self.key)
 
 
 @define
@@ -951,7 +1028,7 @@ class GatewayAPI:
         return self.proposer.write(key, value, precondition, ttl)
 
     @routes.key(paths.KV, "GET", fast=True)
-    def get(self, request: HotRequest, key: str) -> Deferred[bytes]:
+    def get(self, request: HotRequest, key: str) -> Deferred[bytes] | Answering[Entry | None]:
         # Without a coroutine, as this is the gateway's busiest path.
         if self.hot is not None:
             self.hot.record(key)
@@ -966,7 +1043,9 @@ class GatewayAPI:
         if b"wait" in request.args and self.watches is not None:
             wait, version = _watch_args(request)
             return Deferred.fromCoroutine(self.watches.watch(key, version, wait)).addCallback(render)
-        return self.coordinator.read(key).addCallback(render)
+        answering = Answering(request, key, render)
+        self.coordinator.read_to(answering, key)
+        return answering
 
     @routes.path("/changes", "GET")
     async def changes(self, request: IRequest) -> bytes:
@@ -987,7 +1066,7 @@ class GatewayAPI:
         return _json(request, {"success": True, "changes": changes, "next": page.next})
 
     @routes.key(paths.KV, "PUT", fast=True)
-    def put(self, request: HotRequest, key: str) -> Deferred[bytes]:
+    def put(self, request: HotRequest, key: str) -> Deferred[bytes] | Answering[WriteOutcome]:
         if self.hot is not None:
             self.hot.record(key)
         precondition = _precondition(request)
@@ -999,10 +1078,12 @@ class GatewayAPI:
 
         if precondition is not None:
             return self._conditional(key, value, precondition, ttl).addCallback(render)
-        return self.coordinator.write(key, value, ttl).addCallback(render)
+        answering = Answering(request, key, render)
+        self.coordinator.write_to(answering, key, value, ttl)
+        return answering
 
     @routes.key(paths.KV, "DELETE", fast=True)
-    def delete(self, request: HotRequest, key: str) -> Deferred[bytes]:
+    def delete(self, request: HotRequest, key: str) -> Deferred[bytes] | Answering[WriteOutcome]:
         if self.hot is not None:
             self.hot.record(key)
 
@@ -1015,7 +1096,9 @@ class GatewayAPI:
         precondition = _precondition(request, delete=True)
         if precondition is not None:
             return self._conditional(key, None, precondition).addCallback(render)
-        return self.coordinator.write(key, None).addCallback(render)
+        answering = Answering(request, key, render)
+        self.coordinator.write_to(answering, key, None)
+        return answering
 
     def _now(self) -> float:
         return self.coordinator.clock.now()

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import IO, Any, Protocol
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource as web_resource
@@ -65,6 +64,19 @@ class HotRequest(Protocol):
     def setHeader(self, name: bytes, value: bytes) -> None: ...
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None: ...
+
+
+class Pending(Protocol):
+    """
+    An answer to come that a request cancels when its connection is lost first (see
+    C{cancel_on_loss}): a L{Deferred}, or a handler's plain-callback answer
+    (L{kvd.resources.Answering}).
+    """
+
+    @property
+    def called(self) -> bool: ...
+
+    def cancel(self) -> None: ...
 
 
 _date: tuple[int, bytes] = (0, b"")
@@ -278,7 +290,7 @@ class BoundedRequest(Request):
     #: An HTTP/1.0 client asked for its connection to be kept.
     keep_alive_10 = False
 
-    _pending: Deferred[Any] | None = None
+    _pending: Pending | None = None
     #: The answer's headers of L{_PLAIN}'s names, written as set (see L{setHeader}).
     _plain: dict[bytes, bytes] | None = None
 
@@ -326,7 +338,7 @@ class BoundedRequest(Request):
             for name, value in plain.items():
                 self.responseHeaders.setRawHeaders(name, [value])
 
-    def cancel_on_loss(self, answer: Deferred[Any]) -> None:
+    def cancel_on_loss(self, answer: Pending) -> None:
         """Cancel C{answer} if the connection is lost before it has fired."""
         self._pending = answer
 

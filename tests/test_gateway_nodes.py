@@ -61,6 +61,8 @@ def result_of(d: Deferred[Any]) -> Any:
         Answer(200, b"[1, 2]"),
         ok({"live": "yes"}),
         ok({"live": [True]}),  # one answer for two items
+        ok({"live": [True, False], "versions": ["v", 1]}),  # a version that is not a string
+        ok({"live": [True, False], "versions": ["v", None]}),
         Answer(500, b"{}"),
     ],
 )

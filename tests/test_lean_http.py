@@ -488,3 +488,12 @@ def test_a_connection_reads_again_when_its_answers_drain_after_a_lent_one(nodes:
         transport.drain()
         assert transport.producerState == "producing", f"{type(protocol).__name__} reads again"
         protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def test_a_head_through_the_gateway_answers_as_its_get_would(gateways: Pair) -> None:
+    # HEAD goes through Klein, which takes the handler's answer as a Deferred, not written by the front door.
+    gateways.exchange([req("PUT", "/kv/h", b"v")])
+    present, _ = gateways.exchange([req("HEAD", "/kv/h")])
+    absent, _ = gateways.exchange([req("HEAD", "/kv/absent")])
+    assert present.startswith(b"HTTP/1.1 200 ") and b'ETag: "' in present
+    assert absent.startswith(b"HTTP/1.1 404 ")

@@ -20,16 +20,16 @@ few are left the answer is a 503 at once, without waiting on anyone.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any, NamedTuple
 
-from attrs import define
+from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from kvd.gateway.cluster import Cluster, ClusterView, Route
 from kvd.gateway.nodes import NodeClients, Written
-from kvd.gateway.quorum import Gathered, Receipt, Reply, gather
+from kvd.gateway.quorum import Gathered, Hedges, Receipt, Reply, gather, gather_to
 from kvd.store import Entry
 from kvd.transport import PeerTimeout
 from kvd.ttl import with_expiry
@@ -63,13 +63,27 @@ class WriteOutcome(_Written):
 
 class _Write:
     """
-    One quorum write's rounds (see L{Coordinator.write}). A class, not closures: a nested
-    function that calls itself again (the next round) holds its own closure cell, a reference
-    cycle that made every PUT leave about 20 objects for the cyclic collector, which then ran
-    some 30 times a second under load for 0.8-2.4 ms each, holding up every request in flight.
+    One quorum write's rounds (see L{Coordinator.write}), its outcome given to C{reply}. A
+    class, not closures: a nested function that calls itself again (the next round) holds its
+    own closure cell, a reference cycle that made every PUT leave about 20 objects for the
+    cyclic collector, which then ran some 30 times a second under load for 0.8-2.4 ms each,
+    holding up every request in flight.
     """
 
-    __slots__ = ("coordinator", "key", "value", "view", "route", "needed", "expires", "live", "timed_out")
+    __slots__ = (
+        "coordinator",
+        "key",
+        "value",
+        "view",
+        "route",
+        "needed",
+        "expires",
+        "live",
+        "timed_out",
+        "reply",
+        "version",
+        "rounds",
+    )
 
     def __init__(
         self,
@@ -80,59 +94,71 @@ class _Write:
         route: Route,
         needed: int,
         expires: float | None,
+        reply: Reply[WriteOutcome],
     ) -> None:
         self.coordinator = coordinator
         self.key, self.value, self.view, self.route = key, value, view, route
-        self.needed, self.expires = needed, expires
+        self.needed, self.expires, self.reply = needed, expires, reply
         self.live: list[bool] = []
         self.timed_out: list[str] = []
+        self.version = ""
+        self.rounds = 0
 
     def failed(self, node_id: str, failure: Any) -> None:
         if failure.check(PeerTimeout):
             self.timed_out.append(node_id)  # it may have taken the write all the same
 
-    def ask(self, version: str, node_id: str) -> Deferred[Written]:
-        return self.coordinator.nodes(self.view.members[node_id]).apply_key(self.key, self.value, version)
+    def tell(self, node_id: str, reply: Reply[Written]) -> None:
+        self.coordinator.nodes(self.view.members[node_id]).apply_key_to(reply, self.key, self.value, self.version)
 
-    def tell(self, version: str, node_id: str, reply: Reply[Written]) -> None:
-        self.coordinator.nodes(self.view.members[node_id]).apply_key_to(reply, self.key, self.value, version)
+    def taken(self, written: Written) -> bool:
+        return written.held == self.version
 
-    @staticmethod
-    def taken(version: str, written: Written) -> bool:
-        return written.held == version
-
-    def attempt(self, rounds: int) -> Deferred[WriteOutcome]:
+    def attempt(self) -> None:
         coordinator, route = self.coordinator, self.route
         version = coordinator.clock.next()
         if self.expires is not None:
             version = with_expiry(version, self.expires)
-        d = gather(
-            partial(self.ask, version),
+        self.version = version
+        self.rounds += 1
+        gather_to(
+            self.answer,
+            self.tell,
             route.targets,
             route.spares,
             self.needed,
-            partial(self.taken, version),
+            self.taken,
             errors=coordinator._skipped(route),
             standing_in=route.hints(),
             usable=coordinator._usable(self.view),
             on_failure=self.failed,
-            tell=partial(self.tell, version),
         )
-        return d.addCallback(self.answer, version, rounds)
 
-    def answer(self, gathered: Gathered[Written], version: str, rounds: int) -> Deferred[WriteOutcome] | WriteOutcome:
-        live, newer = self.live, []
+    def answer(self, gathered: Gathered[Written]) -> None:
+        # Called by a node's answer being delivered: what goes wrong goes to the reply.
+        try:
+            outcome = self._outcome(gathered)
+        except Exception:
+            self.reply.errback(Failure())
+            return
+        if outcome is not None:
+            self.reply.callback(outcome)
+
+    def _outcome(self, gathered: Gathered[Written]) -> WriteOutcome | None:
+        """The write's outcome; None when it goes again (a newer round answers then)."""
+        live, newer, version = self.live, [], self.version
         for written in gathered.answers.values():
             live.append(written.live)
             if written.held > version:
                 newer.append(written.held)
-        if newer and rounds < MAX_WRITE_ROUNDS:
+        if newer and self.rounds < MAX_WRITE_ROUNDS:
             self.coordinator.clock.observe(max(newer))
             _log.info(
                 "a replica of {key!r} holds a version newer than this gateway's clock; writing again",
                 key=self.key,
             )
-            return self.attempt(rounds + 1)
+            self.attempt()
+            return None
         standing_in = gathered.standing_in
         if standing_in:
             for owner in self.route.owners:  # an owner asked as a spare holds the write for itself
@@ -151,6 +177,8 @@ class Coordinator:
     clock: HybridClock
     write_quorum: int = 2
     read_quorum: int = 2
+    #: The reads' hedges, one timer for all (made on the failure detector's clock).
+    _hedges: Hedges | None = field(default=None, init=False)
 
     def write(self, key: str, value: str | None, ttl: float | None = None) -> Deferred[WriteOutcome]:
         """
@@ -166,11 +194,21 @@ class Coordinator:
         @raise QuorumFailed: when fewer than W replicas made it durable.
         @raise NoNodes: when there are no members.
         """
+        d: Deferred[WriteOutcome] = Deferred()
+        self.write_to(d, key, value, ttl)
+        return d
+
+    def write_to(self, reply: Reply[WriteOutcome], key: str, value: str | None, ttl: float | None = None) -> None:
+        """
+        L{write}, its outcome (or failure) given to C{reply} rather than to a Deferred: for a
+        caller that answers in plain callbacks (the PUT handler). C{reply} is told once, maybe
+        before this returns; what the routing raises (L{NoNodes}) is raised here.
+        """
         view = self.cluster.view()
         route = view.route(key, self.nodes.health.reachable)
         needed = min(self.write_quorum, view.replicas)
         expires = None if ttl is None else self.clock.now() + ttl
-        return _Write(self, key, value, view, route, needed, expires).attempt(1)
+        _Write(self, key, value, view, route, needed, expires, reply).attempt()
 
     def write_version(
         self, key: str, value: str | None, version: str, asked: list[Deferred[None]] | None = None
@@ -225,19 +263,26 @@ class Coordinator:
         @raise QuorumFailed: when fewer than R replicas answered.
         @raise NoNodes: when there are no members.
         """
+        d: Deferred[Entry | None] = Deferred()
+        self.read_to(d, key)
+        return d
+
+    def read_to(self, reply: Reply[Entry | None], key: str) -> None:
+        """
+        L{read}, its entry (or failure) given to C{reply} rather than to a Deferred (the GET
+        handler's way). C{reply} is told once, maybe before this returns; what the routing
+        raises (L{NoNodes}) is raised here.
+        """
         view = self.cluster.view()
         route = view.route(key, self.nodes.health.reachable)
         owners = route.owners
         needed = min(self.read_quorum, view.replicas)
         candidates = route.targets + route.spares
 
-        def ask(node_id: str) -> Deferred[Entry | None]:
-            return self.nodes(view.members[node_id]).read_key(key)
-
         def tell(node_id: str, reply: Reply[Entry | None]) -> None:
             self.nodes(view.members[node_id]).read_key_to(reply, key)
 
-        def answer(gathered: Gathered[Entry | None]) -> Entry | None:
+        def newest_of(gathered: Gathered[Entry | None]) -> Entry | None:
             answers = gathered.require("read", needed).answers
             # At one version, a value beats the tombstone a replica made of it when it expired by
             # that replica's clock (a fast one): expiry is judged once, by this gateway's clock,
@@ -258,19 +303,31 @@ class Coordinator:
                     self._repair(view.members[node_id], key, newest)
             return newest
 
+        def answer(gathered: Gathered[Entry | None]) -> None:
+            # Called by a node's answer being delivered: what goes wrong goes to the reply.
+            try:
+                newest = newest_of(gathered)
+            except Exception:
+                reply.errback(Failure())
+                return
+            reply.callback(newest)
+
         first = candidates[:needed]
-        hedge = (self.nodes.health.clock, self.nodes.health.hedge_delay(first))
-        d = gather(
-            ask,
+        health = self.nodes.health
+        hedges = self._hedges
+        if hedges is None or hedges.clock is not health.clock:
+            hedges = self._hedges = Hedges(health.clock)
+        hedge = (hedges, health.hedge_delay(first))
+        gather_to(
+            answer,
+            tell,
             first,
             candidates[needed:],
             needed,
             hedge=hedge,
             errors=self._skipped(route),
             usable=self._usable(view),
-            tell=tell,
         )
-        return d.addCallback(answer)
 
     def _usable(self, view: ClusterView) -> Callable[[str], bool]:
         """Whether quorum traffic may go to a member now (a request outlives its routing)."""

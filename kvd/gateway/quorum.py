@@ -10,14 +10,18 @@ the quorum is reached is not waited for.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from heapq import heapify, heappop, heappush
 from typing import Any, Generic, Protocol, TypeVar
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvd.keys import Unavailable
+
+_log = Logger()
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -89,6 +93,96 @@ def _always(answer: object) -> bool:
     return True
 
 
+#: How early a shared hedge timer may fire, and how far past a deadline it takes a hedge as due:
+#: a timer set for a deadline from another moment may land an ulp either side of it.
+_SLACK = 1e-6
+#: The smallest heap of hedge moments that is swept of answered reads' ones.
+_SWEEP_AT = 1024
+
+
+class Hedges:
+    """
+    The hedges of all the gatherings on one clock under one timer, instead of a C{callLater}
+    and a cancel for every read: a gathering due for a hedge is kept by a number, and its
+    moment and number go in a heap; one timer, set for the earliest, hedges those due and
+    still waiting when it fires and is set again for the next. A gathering answered first
+    (nearly all) lets go of its number (L{forget}), and its moment is passed over when it
+    comes: no timer to cancel. So the timer fires about once a hedge delay under load, not
+    once a read. (The heap holds no gathering: one kept past its answer, with its request and
+    all, cost a GET more than the timer it saved, by what the garbage collector then did.)
+    """
+
+    __slots__ = ("clock", "_due", "_waiting", "_timer", "_at", "_count", "_firing", "_sweep_at")
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._due: list[tuple[float, int]] = []
+        self._waiting: dict[int, _Gathering[Any]] = {}
+        self._timer: IDelayedCall | None = None
+        self._at = 0.0
+        self._count = 0
+        self._firing = False
+        #: The heap's size at which answered reads' moments are swept out of it (a long delay,
+        #: such as a node's first reads wait, would otherwise keep every read's of that time).
+        self._sweep_at = _SWEEP_AT
+
+    def add(self, gathering: _Gathering[Any], delay: float) -> int:
+        """Hedge C{gathering} (L{_Gathering._hedged}) C{delay} seconds from now; its number."""
+        deadline = self.clock.seconds() + delay
+        self._count = number = self._count + 1
+        self._waiting[number] = gathering
+        due = self._due
+        heappush(due, (deadline, number))
+        if len(due) >= self._sweep_at:
+            waiting = self._waiting
+            due[:] = [moment for moment in due if moment[1] in waiting]
+            heapify(due)
+            self._sweep_at = max(_SWEEP_AT, 2 * len(due))
+        if self._firing:
+            return number  # set when the firing is done
+        timer = self._timer
+        if timer is None:
+            self._at = deadline
+            self._timer = self.clock.callLater(delay, self._fire)
+        elif deadline < self._at:
+            self._at = deadline
+            timer.reset(delay)
+        return number
+
+    def forget(self, number: int) -> None:
+        """The gathering of C{number} is answered: no hedge for it."""
+        self._waiting.pop(number, None)
+
+    def _fire(self) -> None:
+        self._timer = None
+        due, waiting = self._due, self._waiting
+        now = self.clock.seconds()
+        self._firing = True
+        try:
+            while due and due[0][0] <= now + _SLACK:
+                gathering = waiting.pop(heappop(due)[1], None)
+                if gathering is not None and not gathering.finished:
+                    try:
+                        gathering._hedged()
+                    except Exception:
+                        _log.failure("hedging a read")
+        finally:
+            self._firing = False
+        while due and due[0][1] not in waiting:
+            heappop(due)
+        if due:
+            self._at = due[0][0]
+            self._timer = self.clock.callLater(max(0.0, self._at - now - _SLACK), self._fire)
+
+    def waiting(self) -> int:
+        """How many gatherings wait for a hedge (answered ones are let go at once)."""
+        return len(self._waiting)
+
+    def moments(self) -> int:
+        """How many moments are in the heap, answered reads' ones passed over when they come included."""
+        return len(self._due)
+
+
 class Reply(Protocol[T_contra]):
     """What takes one replica's answer: a L{Deferred}, or L{_Reply} (the same two methods)."""
 
@@ -129,20 +223,26 @@ class _Gathering(Generic[T]):
     finished: bool = False
     pending: int = 0
     launching: bool = True
-    hedge: tuple[IReactorTime, float] | None = None
+    hedge: tuple[IReactorTime | Hedges, float] | None = None
     usable: Callable[[str], bool] = _always
     on_failure: Callable[[str, Failure], object] | None = None
     #: Asks a node with a L{Reply} to answer, instead of C{ask}'s Deferred.
     tell: Callable[[str, Reply[T]], object] | None = None
     _hedging: IDelayedCall | None = None
+    #: The L{Hedges} this gathering waits in for a hedge, and its number there.
+    _hedges: Hedges | None = None
+    _hedge_number: int = 0
 
     def schedule_hedge(self) -> None:
         if self.hedge is not None and self.spares and not self.finished:
             clock, delay = self.hedge
-            self._hedging = clock.callLater(delay, self._hedged)
+            if isinstance(clock, Hedges):
+                self._hedges, self._hedge_number = clock, clock.add(self, delay)
+            else:
+                self._hedging = clock.callLater(delay, self._hedged)
 
     def _hedged(self) -> None:
-        self._hedging = None
+        self._hedging = self._hedges = None
         if self.spares and not self.finished:
             # A hedge is a bet on a node that can answer: one judged unreachable just now is
             # left among the spares (it may be back by the time a target fails), not spent.
@@ -193,7 +293,10 @@ class _Gathering(Generic[T]):
             return
         if self.result.accepted >= self.needed or self.pending == 0:
             self.finished = True
-            if self._hedging is not None and self._hedging.active():
+            if self._hedges is not None:
+                self._hedges.forget(self._hedge_number)
+                self._hedges = None
+            elif self._hedging is not None and self._hedging.active():
                 self._hedging.cancel()
             self._hedging = None
             if self.then is not None:
@@ -209,7 +312,7 @@ def gather(
     spares: Sequence[str],
     needed: int,
     accept: Callable[[T], bool] = _always,
-    hedge: tuple[IReactorTime, float] | None = None,
+    hedge: tuple[IReactorTime | Hedges, float] | None = None,
     errors: Sequence[str] = (),
     standing_in: dict[str, str] | None = None,
     usable: Callable[[str], bool] = _always,
@@ -218,7 +321,8 @@ def gather(
 ) -> Deferred[Gathered[T]]:
     """
     Ask every node of C{first}; replace each that fails by the next of C{spares}, and with
-    C{hedge} (clock, delay) also ask the next spare each time the delay passes. Spares that
+    C{hedge} (clock, delay) also ask the next spare each time the delay passes (the clock
+    may be a L{Hedges}, one timer for many gatherings). Spares that
     C{usable} says no to (judged unreachable) are passed over while others are left, and a
     hedge never asks one. Fires once
     C{needed} answers are accepted, or once nobody is left to wait for (the caller checks
@@ -257,13 +361,23 @@ def gather_to(
     spares: Sequence[str],
     needed: int,
     accept: Callable[[T], bool] = _always,
-    hedge: tuple[IReactorTime, float] | None = None,
+    hedge: tuple[IReactorTime | Hedges, float] | None = None,
+    errors: Sequence[str] = (),
+    standing_in: dict[str, str] | None = None,
+    usable: Callable[[str], bool] = _always,
+    on_failure: Callable[[str, Failure], object] | None = None,
 ) -> None:
     """
     L{gather} with C{tell}, its result given to C{then} rather than to a Deferred: for a
-    caller that goes on in plain callbacks (a conditional write's three phases). C{then}
-    is called once, maybe before this returns; what it raises is its caller's (a node's
-    answer being delivered), so it should raise nothing.
+    caller that goes on in plain callbacks (a conditional write's three phases, a quorum
+    write's and read's answer). C{then} is called once, maybe before this returns; what it
+    raises is its caller's (a node's answer being delivered), so it should raise nothing.
     """
-    gathering: _Gathering[T] = _Gathering(_no_ask, list(spares), needed, accept, then=then, hedge=hedge, tell=tell)
+    gathering: _Gathering[T] = _Gathering(
+        _no_ask, list(spares), needed, accept, then=then, hedge=hedge, usable=usable, on_failure=on_failure, tell=tell
+    )
+    if errors:
+        gathering.result.errors.extend(errors)
+    if standing_in:
+        gathering.result.standing_in.update(standing_in)
     _start(gathering, first)

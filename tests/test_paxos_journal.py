@@ -347,3 +347,116 @@ def test_a_typed_value_s_proposal_survives_the_journal_a_snapshot_and_a_migratio
     store, migrated = node(opened, old)
     store, again = restart(opened, store)
     assert again.state("bin") == (B2, Proposal(B2, binary, B2)) and not (old / FILE).exists()
+
+
+def _obligations_hold(
+    store: Store, acceptor: Acceptor, promised: list[tuple[str, str]], accepted: list[tuple[str, Proposal]]
+) -> str | None:
+    """What an acceptor must never forget: each answered promise, each answered acceptance (or its commit)."""
+    for key, ballot in promised:
+        if max(acceptor.state(key)[0], acceptor.floor) < ballot:
+            return f"forgot the promise of {ballot} for {key}"
+    for key, proposal in accepted:
+        held = acceptor.state(key)[1]
+        entry = store.entry(key)
+        if not ((held is not None and held.ballot >= proposal.ballot) or (entry and entry[1] >= proposal.version)):
+            return f"forgot the acceptance of {proposal} for {key} (holds {held}, store {entry})"
+        if max(acceptor.state(key)[0], acceptor.floor) < proposal.ballot:
+            return f"forgot the promise of the acceptance {proposal} for {key}"
+    return None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_traffic_compactions_and_trims_with_a_crash_anywhere_lose_nothing_answered(
+    tmp_path: Path, opened: list[Store], seed: int
+) -> None:
+    """
+    Prepares, accepts, their commits (also in one turn with the next prepare), plain writes,
+    compactions (small journals: many) and memory trims, with the journal's and the store's
+    threads run in random order; a crash image of the data dir is taken between jobs and at
+    every step of every snapshot (temp written, synced, renamed, dir synced: before the old
+    journal is removed). Each image must recover every promise and acceptance answered
+    before it, as must the live acceptor's memory throughout.
+    """
+    import random
+
+    rng = random.Random(seed)
+    clock, journal, threads = Clock(), ManualRunner(), ManualRunner()
+    live = tmp_path / "live"
+    store, acceptor = node(
+        opened, live, later=clock.callLater, write=journal, run=threads, compact_min_bytes=rng.choice([300, 1000])
+    )
+    keys = ["a", "b", "c", "d"]
+    promised: list[tuple[str, str]] = []
+    accepted: list[tuple[str, Proposal]] = []
+    issued: list[tuple[str, Proposal]] = []
+    images: list[tuple[Path, int, int]] = []
+    counter = iter(range(1, 1 << 20))
+
+    def ballot() -> str:
+        return f"018f{next(counter):010x}0000.gw{rng.randint(1, 3)}"
+
+    def image(step: str = "") -> None:  # also the store's snapshot steps
+        target = tmp_path / f"image{len(images)}"
+        shutil.copytree(live, target, ignore=shutil.ignore_patterns("LOCK"))
+        images.append((target, len(promised), len(accepted)))
+
+    def on_prepare(key: str, b: str) -> Callable[[Any], None]:
+        def done(answer: Any) -> None:
+            if answer.promised:
+                promised.append((key, b))
+
+        return done
+
+    def first(then: Callable[[Any], None]) -> Callable[[list[Any]], None]:
+        return lambda answers: then(answers[0])
+
+    def on_accept(key: str, proposal: Proposal) -> Callable[[Any], None]:
+        def done(answer: Any) -> None:
+            if answer[0]:
+                accepted.append((key, proposal))
+
+        return done
+
+    store._step = image
+    for _ in range(120):
+        action = rng.random()
+        key = rng.choice(keys)
+        if action < 0.2:
+            b = ballot()
+            acceptor.prepare(key, b).addCallback(on_prepare(key, b))
+        elif action < 0.4:
+            proposal = Proposal(ballot(), rng.choice(["v", None, "w" * 30]), "")
+            proposal = Proposal(proposal.ballot, proposal.value, proposal.ballot)
+            issued.append((key, proposal))
+            acceptor.accept(key, proposal).addCallback(on_accept(key, proposal))
+        elif action < 0.5 and issued:
+            # A commit, and at once (same turn, same group) the next round's prepare.
+            k, proposal = rng.choice(issued)
+            store.apply_batch([[k, proposal.value, proposal.version]])
+            b = ballot()
+            acceptor.batch([(k, b)]).addCallback(first(on_prepare(k, b)))
+        elif action < 0.55:
+            store.put(key, "plain")
+        elif action < 0.6:
+            store.compact()
+        elif action < 0.63:
+            acceptor.trim()
+        elif action < 0.8 and journal.jobs:
+            journal.run_one()
+        elif action < 0.9 and threads.jobs:
+            threads.run_one()
+        elif action < 0.95:
+            clock.advance(0)
+        else:
+            image()
+        problem = _obligations_hold(store, acceptor, promised, accepted)
+        assert problem is None, f"live memory: {problem}"
+    image()
+    store.abandon()
+    assert images
+    for directory, promises, acceptances in images:
+        recovered, again = node(opened, directory)
+        problem = _obligations_hold(recovered, again, promised[:promises], accepted[:acceptances])
+        assert problem is None, f"{directory.name}: {problem}"
+        recovered.abandon()

@@ -309,9 +309,10 @@ class Acceptor:
         assert self._store is not None
         path, tmp = self.path, os.path.join(self.directory, FILE_TMP)
         try:
+            states, floor, _, torn = recover(path)
+            # Only once the file reads well: a corrupt one stops start-up touching nothing.
             if os.path.exists(tmp):
                 os.remove(tmp)
-            states, floor, _, torn = recover(path)
             exists = os.path.exists(path)
         except OSError as e:
             raise StoreError(f"cannot read {path}: {e}") from None

@@ -308,6 +308,19 @@ def test_a_corrupt_paxos_jsonl_of_before_stops_start_up(tmp_path: Path, opened: 
     assert (tmp_path / FILE).exists(), "nothing is removed"
 
 
+def test_a_corrupt_paxos_jsonl_of_before_stops_start_up_and_leaves_its_temp_file_too(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    (tmp_path / FILE).write_bytes(b'{"k": "k", "p": "x"}\nnot json\n{"k": "j", "p": "y"}\n')
+    (tmp_path / "paxos.jsonl.tmp").write_bytes(b'{"k": "k", "p": "x"}\n')  # a compaction of before, cut short
+    store = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))
+    opened.append(store)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(CorruptStore):
+        Acceptor.in_store(store)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, "corruption touches nothing"
+
+
 def test_memory_forgets_committed_keys_between_snapshots_and_the_journal_keeps_them(
     tmp_path: Path, opened: list[Store]
 ) -> None:

@@ -53,3 +53,15 @@ def test_a_node_on_a_data_dir_with_a_paxos_jsonl_migrates_it_and_keeps_its_promi
         [False, B3, [B2, "v", B2], None],
         [False, B2, None, None],
     ]
+
+
+def test_a_corrupt_paxos_jsonl_stops_a_real_node_with_one_line_and_changes_no_file(processes: Processes) -> None:
+    node = processes.node("a").start()
+    request(node.port, "PUT", "/kv/k", b"v")
+    node.kill()
+    data = processes.workdir / "data" / "a"
+    (data / FILE).write_bytes(b'{"k": "k", "p": "' + B1.encode() + b'"}\nnot json\n{"k": "j", "p": "x"}\n')
+    before = {p.name: p.read_bytes() for p in data.iterdir() if p.name != "LOCK"}
+    status, output = node.run_to_exit()
+    assert status != 0 and "paxos.jsonl" in output and output.strip().count("\n") == 0, output
+    assert {p.name: p.read_bytes() for p in data.iterdir() if p.name != "LOCK"} == before, "the incarnation too"

@@ -473,3 +473,25 @@ def test_random_traffic_compactions_and_trims_with_a_crash_anywhere_lose_nothing
         problem = _obligations_hold(recovered, again, promised[:promises], accepted[:acceptances])
         assert problem is None, f"{directory.name}: {problem}"
         recovered.abandon()
+
+
+def test_a_failed_journal_write_answers_no_promise_and_the_failed_store_answers_none_after(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    journal = ManualRunner()
+    store, acceptor = node(opened, tmp_path, write=journal)
+    first = acceptor.prepare("k", B1)
+    _, d = journal.jobs.pop(0)
+
+    def broken() -> None:
+        raise OSError(28, "No space left on device")
+
+    journal.jobs.insert(0, (broken, d))
+    journal.run_one()
+    assert isinstance(result(first).value, Exception), "the promise is not durable: no answer but an error"
+    later = result(acceptor.batch([("k", B2), ("j", Proposal(B2, "v", B2))]))
+    assert isinstance(later.value, Exception), "a failed store takes no more records: nothing is answered"
+    assert not journal.jobs
+    store, again = restart(opened, store)
+    assert again.state("k") == ("", None) and again.state("j") == ("", None)
+    assert result(again.prepare("k", B1)).promised, "nothing answered, nothing held"

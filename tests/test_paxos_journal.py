@@ -495,3 +495,27 @@ def test_a_failed_journal_write_answers_no_promise_and_the_failed_store_answers_
     store, again = restart(opened, store)
     assert again.state("k") == ("", None) and again.state("j") == ("", None)
     assert result(again.prepare("k", B1)).promised, "nothing answered, nothing held"
+
+
+def test_a_data_dir_of_before_with_a_format_3_snapshot_and_a_paxos_jsonl_keeps_both_through_compactions(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    before = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))  # no acceptor in it
+    opened.append(before)
+    result(before.apply_batch([["done", "d", B1], ["x", "y", B2]]))
+    result(before.compact())
+    result(before.apply_batch([["after", "a", B2]]))
+    result(before.close())
+    assert (tmp_path / SNAPSHOT).read_bytes().startswith(b'{"kvd":3,'), "as the version before wrote it"
+    _old_file(tmp_path)
+    store, acceptor = node(opened, tmp_path)
+    assert [store.entry(k) for k in ("done", "x", "after")] == [("d", B1), ("y", B2), ("a", B2)]
+    assert acceptor.floor == B1 and acceptor.state("open") == (B2, Proposal(B2, "o", B2))
+    assert not (tmp_path / FILE).exists()
+    result(store.compact())
+    assert (tmp_path / SNAPSHOT).read_bytes().startswith(b'{"kvd":4,')
+    store, again = restart(opened, store)
+    assert [store.entry(k) for k in ("done", "x", "after")] == [("d", B1), ("y", B2), ("a", B2)]
+    assert again.floor >= B1 and again.state("open") == (B2, Proposal(B2, "o", B2))
+    assert max(again.state("promised")[0], again.floor) >= B3
+    assert not result(again.prepare("done", B1)).promised

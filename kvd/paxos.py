@@ -304,7 +304,11 @@ class Acceptor:
 
         The journal's state of a key wins over the file's: it holds a key only once a
         migration carried it over, or a later change. A crash before the removal migrates
-        the file again at the next start, which changes nothing.
+        the file again at the next start, which changes nothing. So does a file whose removal
+        failed, after a compaction forgot some of the keys it carried over: each such key's
+        promise is at most the journal's floor (the first migration finds no floor in the
+        journal: the version before wrote none), so the file's state of a key the journal
+        lacks with a promise at most that floor is not carried over again.
         """
         assert self._store is not None
         path, tmp = self.path, os.path.join(self.directory, FILE_TMP)
@@ -321,8 +325,12 @@ class Acceptor:
         if torn:
             _log.warn("{path}: dropped a torn final record ({torn} bytes) left by a crash", path=path, torn=torn)
         records: list[bytes] = []
+        # A key the journal lacks whose promise is at most the journal's floor was carried
+        # over before and forgotten since by a compaction (its proposal, if any, committed):
+        # a file whose removal failed must not bring its old proposal back.
+        journal_floor = self.floor
         for key, state in states.items():
-            if key not in self._states:
+            if key not in self._states and not (journal_floor and state.promised <= journal_floor):
                 self._states[key] = state
                 records.append(_journal_record(key, state))
         if floor:

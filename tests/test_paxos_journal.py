@@ -519,3 +519,22 @@ def test_a_data_dir_of_before_with_a_format_3_snapshot_and_a_paxos_jsonl_keeps_b
     assert again.floor >= B1 and again.state("open") == (B2, Proposal(B2, "o", B2))
     assert max(again.state("promised")[0], again.floor) >= B3
     assert not result(again.prepare("done", B1)).promised
+
+
+def test_a_paxos_jsonl_whose_removal_failed_brings_back_no_proposal_a_compaction_forgot(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    old = Acceptor.open(str(tmp_path), never)
+    result(old.accept("k", Proposal(B1, "old", B1)))
+    result(old.prepare("open", B2))
+    old.close()
+    saved = (tmp_path / FILE).read_bytes()
+    store, acceptor = node(opened, tmp_path)
+    (tmp_path / FILE).write_bytes(saved)  # its removal failed: the file stays
+    result(store.apply_batch([["k", "old", B1]]))
+    result(store.compact())
+    assert acceptor.state("k") == ("", None) and acceptor.floor == B2, "committed: forgotten, in the floor"
+    result(store.drop("k", B1))  # the node no longer owns the key
+    store, again = restart(opened, store)
+    assert result(again.prepare("k", B4)).accepted is None, "the old proposal is not reported again"
+    assert not result(again.prepare("open", B2)).promised

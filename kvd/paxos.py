@@ -292,9 +292,15 @@ class Acceptor:
             store.directory, committed_in(store), states, floor, synchronous, store.fsync, now=now, store=store
         )
         acceptor._encode = _journal_record
-        acceptor._trim_at = max(TRIM_MIN, 2 * len(states))
         store.snapshot_paxos = acceptor.snapshot_state
         acceptor.migrate()
+        # The journal may hold many keys' states that memory had trimmed before the restart:
+        # trimmed again now (after the migration, which asks what the journal holds), else they
+        # stayed until the states doubled, each compaction's switch walking them all.
+        if len(acceptor._states) > TRIM_MIN:
+            acceptor.trim()
+        else:
+            acceptor._trim_at = TRIM_MIN
         return acceptor
 
     def migrate(self) -> Deferred[None]:

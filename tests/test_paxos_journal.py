@@ -538,3 +538,22 @@ def test_a_paxos_jsonl_whose_removal_failed_brings_back_no_proposal_a_compaction
     store, again = restart(opened, store)
     assert result(again.prepare("k", B4)).accepted is None, "the old proposal is not reported again"
     assert not result(again.prepare("open", B2)).promised
+
+
+def test_a_restart_on_a_journal_of_many_committed_keys_starts_with_memory_trimmed(
+    tmp_path: Path, opened: list[Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Else memory held every key the journal ever promised until it doubled, and a switch walked them all."""
+    import kvd.paxos
+
+    monkeypatch.setattr(kvd.paxos, "TRIM_MIN", 3)
+    store, acceptor = node(opened, tmp_path)
+    acceptor._trim_at = 1 << 30  # no trim before the restart
+    for i in range(10):
+        result(acceptor.accept(f"done{i}", Proposal(B1, "d", B1)))
+        result(store.apply_batch([[f"done{i}", "d", B1]]))
+    result(acceptor.accept("open", Proposal(B2, "o", B2)))
+    assert len(acceptor) == 11
+    store, again = restart(opened, store)
+    assert len(again) == 1 and again.state("open") == (B2, Proposal(B2, "o", B2))
+    assert again.floor == B1 and not result(again.prepare("done3", B1)).promised

@@ -557,3 +557,31 @@ def test_a_restart_on_a_journal_of_many_committed_keys_starts_with_memory_trimme
     store, again = restart(opened, store)
     assert len(again) == 1 and again.state("open") == (B2, Proposal(B2, "o", B2))
     assert again.floor == B1 and not result(again.prepare("done3", B1)).promised
+
+
+@pytest.mark.parametrize(
+    ("record", "named"),
+    [
+        (b'["P","k"]', "put, delete, drop or acceptor record"),
+        (b'["P","k","b","c"]', "put, delete, drop or acceptor record"),
+        (b'["A","k","b"]', "put, delete, drop or acceptor record"),
+        (b'["F"]', "put, delete, drop or acceptor record"),
+        (b'["A","k","b","b",5,"v"]', "kvd record"),
+        (b'["F",1]', "kvd record"),
+    ],
+)
+def test_a_malformed_acceptor_record_stops_start_up_with_one_line_naming_it(
+    tmp_path: Path, opened: list[Store], record: bytes, named: str
+) -> None:
+    store, acceptor = node(opened, tmp_path)
+    result(acceptor.prepare("k", B1))
+    store.abandon()
+    journal = tmp_path / journal_name(0)
+    with open(journal, "ab") as f:
+        f.write(record + b'\n["P","j","' + B1.encode() + b'"]\n')
+    before = journal.read_bytes()
+    with pytest.raises(CorruptStore) as raised:
+        Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))
+    message = str(raised.value)
+    assert f"record 2 is not a {named}; refusing to start" in message and "\n" not in message, message
+    assert journal.read_bytes() == before

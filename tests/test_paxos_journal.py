@@ -585,3 +585,21 @@ def test_a_malformed_acceptor_record_stops_start_up_with_one_line_naming_it(
     message = str(raised.value)
     assert f"record 2 is not a {named}; refusing to start" in message and "\n" not in message, message
     assert journal.read_bytes() == before
+
+
+def test_closing_the_store_lets_queued_promises_become_durable_and_answers_no_new_one(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    clock = Clock()
+    store, acceptor = node(opened, tmp_path, later=clock.callLater)
+    queued = acceptor.batch([("k", B1), ("j", Proposal(B1, "v", B1))])
+    closed = store.close()
+    late = acceptor.prepare("k", B2)
+    assert isinstance(result(late).value, Exception), "closing: no new promise is answered"
+    assert not queued.called
+    clock.advance(0)
+    promise, acceptance = result(queued)
+    assert promise.promised and acceptance == (True, B1)
+    assert result(closed) is None
+    store, again = node(opened, tmp_path)
+    assert again.state("k") == (B1, None) and again.state("j") == (B1, Proposal(B1, "v", B1))

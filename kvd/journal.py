@@ -412,7 +412,9 @@ def _replay(path: str, data: dict[str, str], records: list[Any], paxos: _Paxos) 
         elif kind == "F" and size == 2:
             paxos.floor = max(paxos.floor, record[1])
         else:
-            raise CorruptStore(f"{path}: record {number} is not a put, delete or drop; refusing to start")
+            raise CorruptStore(
+                f"{path}: record {number} is not a put, delete, drop or acceptor record; refusing to start"
+            )
 
 
 @define

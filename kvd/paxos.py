@@ -292,9 +292,15 @@ class Acceptor:
             store.directory, committed_in(store), states, floor, synchronous, store.fsync, now=now, store=store
         )
         acceptor._encode = _journal_record
-        acceptor._trim_at = max(TRIM_MIN, 2 * len(states))
         store.snapshot_paxos = acceptor.snapshot_state
         acceptor.migrate()
+        # The journal may hold many keys' states that memory had trimmed before the restart:
+        # trimmed again now (after the migration, which asks what the journal holds), else they
+        # stayed until the states doubled, each compaction's switch walking them all.
+        if len(acceptor._states) > TRIM_MIN:
+            acceptor.trim()
+        else:
+            acceptor._trim_at = TRIM_MIN
         return acceptor
 
     def migrate(self) -> Deferred[None]:
@@ -304,14 +310,19 @@ class Acceptor:
 
         The journal's state of a key wins over the file's: it holds a key only once a
         migration carried it over, or a later change. A crash before the removal migrates
-        the file again at the next start, which changes nothing.
+        the file again at the next start, which changes nothing. So does a file whose removal
+        failed, after a compaction forgot some of the keys it carried over: each such key's
+        promise is at most the journal's floor (the first migration finds no floor in the
+        journal: the version before wrote none), so the file's state of a key the journal
+        lacks with a promise at most that floor is not carried over again.
         """
         assert self._store is not None
         path, tmp = self.path, os.path.join(self.directory, FILE_TMP)
         try:
+            states, floor, _, torn = recover(path)
+            # Only once the file reads well: a corrupt one stops start-up touching nothing.
             if os.path.exists(tmp):
                 os.remove(tmp)
-            states, floor, _, torn = recover(path)
             exists = os.path.exists(path)
         except OSError as e:
             raise StoreError(f"cannot read {path}: {e}") from None
@@ -320,8 +331,12 @@ class Acceptor:
         if torn:
             _log.warn("{path}: dropped a torn final record ({torn} bytes) left by a crash", path=path, torn=torn)
         records: list[bytes] = []
+        # A key the journal lacks whose promise is at most the journal's floor was carried
+        # over before and forgotten since by a compaction (its proposal, if any, committed):
+        # a file whose removal failed must not bring its old proposal back.
+        journal_floor = self.floor
         for key, state in states.items():
-            if key not in self._states:
+            if key not in self._states and not (journal_floor and state.promised <= journal_floor):
                 self._states[key] = state
                 records.append(_journal_record(key, state))
         if floor:

@@ -481,10 +481,11 @@ def node(reactor: Any, config: NodeConfig) -> list[service.Service]:
         )
         # Before serving: the first repair sweep would otherwise index every key on the event loop.
         store.index_ranges()
-        incarnation = next_incarnation(config.data_dir)
         # Its records go to the store's journal: a batch's promises, acceptances and commits
         # are one write + fsync on the journal's thread (a paxos.jsonl of before is carried over).
+        # Before the start is counted: a corrupt paxos.jsonl stops start-up touching no file.
         acceptor = Acceptor.in_store(store, now=reactor.seconds)
+        incarnation = next_incarnation(config.data_dir)
     except StoreError as e:
         fail(str(e))
     except OSError as e:

@@ -308,6 +308,19 @@ def test_a_corrupt_paxos_jsonl_of_before_stops_start_up(tmp_path: Path, opened: 
     assert (tmp_path / FILE).exists(), "nothing is removed"
 
 
+def test_a_corrupt_paxos_jsonl_of_before_stops_start_up_and_leaves_its_temp_file_too(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    (tmp_path / FILE).write_bytes(b'{"k": "k", "p": "x"}\nnot json\n{"k": "j", "p": "y"}\n')
+    (tmp_path / "paxos.jsonl.tmp").write_bytes(b'{"k": "k", "p": "x"}\n')  # a compaction of before, cut short
+    store = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))
+    opened.append(store)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(CorruptStore):
+        Acceptor.in_store(store)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, "corruption touches nothing"
+
+
 def test_memory_forgets_committed_keys_between_snapshots_and_the_journal_keeps_them(
     tmp_path: Path, opened: list[Store]
 ) -> None:
@@ -347,3 +360,246 @@ def test_a_typed_value_s_proposal_survives_the_journal_a_snapshot_and_a_migratio
     store, migrated = node(opened, old)
     store, again = restart(opened, store)
     assert again.state("bin") == (B2, Proposal(B2, binary, B2)) and not (old / FILE).exists()
+
+
+def _obligations_hold(
+    store: Store, acceptor: Acceptor, promised: list[tuple[str, str]], accepted: list[tuple[str, Proposal]]
+) -> str | None:
+    """What an acceptor must never forget: each answered promise, each answered acceptance (or its commit)."""
+    for key, ballot in promised:
+        if max(acceptor.state(key)[0], acceptor.floor) < ballot:
+            return f"forgot the promise of {ballot} for {key}"
+    for key, proposal in accepted:
+        held = acceptor.state(key)[1]
+        entry = store.entry(key)
+        if not ((held is not None and held.ballot >= proposal.ballot) or (entry and entry[1] >= proposal.version)):
+            return f"forgot the acceptance of {proposal} for {key} (holds {held}, store {entry})"
+        if max(acceptor.state(key)[0], acceptor.floor) < proposal.ballot:
+            return f"forgot the promise of the acceptance {proposal} for {key}"
+    return None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_traffic_compactions_and_trims_with_a_crash_anywhere_lose_nothing_answered(
+    tmp_path: Path, opened: list[Store], seed: int
+) -> None:
+    """
+    Prepares, accepts, their commits (also in one turn with the next prepare), plain writes,
+    compactions (small journals: many) and memory trims, with the journal's and the store's
+    threads run in random order; a crash image of the data dir is taken between jobs and at
+    every step of every snapshot (temp written, synced, renamed, dir synced: before the old
+    journal is removed). Each image must recover every promise and acceptance answered
+    before it, as must the live acceptor's memory throughout.
+    """
+    import random
+
+    rng = random.Random(seed)
+    clock, journal, threads = Clock(), ManualRunner(), ManualRunner()
+    live = tmp_path / "live"
+    store, acceptor = node(
+        opened, live, later=clock.callLater, write=journal, run=threads, compact_min_bytes=rng.choice([300, 1000])
+    )
+    keys = ["a", "b", "c", "d"]
+    promised: list[tuple[str, str]] = []
+    accepted: list[tuple[str, Proposal]] = []
+    issued: list[tuple[str, Proposal]] = []
+    images: list[tuple[Path, int, int]] = []
+    counter = iter(range(1, 1 << 20))
+
+    def ballot() -> str:
+        return f"018f{next(counter):010x}0000.gw{rng.randint(1, 3)}"
+
+    def image(step: str = "") -> None:  # also the store's snapshot steps
+        target = tmp_path / f"image{len(images)}"
+        shutil.copytree(live, target, ignore=shutil.ignore_patterns("LOCK"))
+        images.append((target, len(promised), len(accepted)))
+
+    def on_prepare(key: str, b: str) -> Callable[[Any], None]:
+        def done(answer: Any) -> None:
+            if answer.promised:
+                promised.append((key, b))
+
+        return done
+
+    def first(then: Callable[[Any], None]) -> Callable[[list[Any]], None]:
+        return lambda answers: then(answers[0])
+
+    def on_accept(key: str, proposal: Proposal) -> Callable[[Any], None]:
+        def done(answer: Any) -> None:
+            if answer[0]:
+                accepted.append((key, proposal))
+
+        return done
+
+    store._step = image
+    for _ in range(120):
+        action = rng.random()
+        key = rng.choice(keys)
+        if action < 0.2:
+            b = ballot()
+            acceptor.prepare(key, b).addCallback(on_prepare(key, b))
+        elif action < 0.4:
+            proposal = Proposal(ballot(), rng.choice(["v", None, "w" * 30]), "")
+            proposal = Proposal(proposal.ballot, proposal.value, proposal.ballot)
+            issued.append((key, proposal))
+            acceptor.accept(key, proposal).addCallback(on_accept(key, proposal))
+        elif action < 0.5 and issued:
+            # A commit, and at once (same turn, same group) the next round's prepare.
+            k, proposal = rng.choice(issued)
+            store.apply_batch([[k, proposal.value, proposal.version]])
+            b = ballot()
+            acceptor.batch([(k, b)]).addCallback(first(on_prepare(k, b)))
+        elif action < 0.55:
+            store.put(key, "plain")
+        elif action < 0.6:
+            store.compact()
+        elif action < 0.63:
+            acceptor.trim()
+        elif action < 0.8 and journal.jobs:
+            journal.run_one()
+        elif action < 0.9 and threads.jobs:
+            threads.run_one()
+        elif action < 0.95:
+            clock.advance(0)
+        else:
+            image()
+        problem = _obligations_hold(store, acceptor, promised, accepted)
+        assert problem is None, f"live memory: {problem}"
+    image()
+    store.abandon()
+    assert images
+    for directory, promises, acceptances in images:
+        recovered, again = node(opened, directory)
+        problem = _obligations_hold(recovered, again, promised[:promises], accepted[:acceptances])
+        assert problem is None, f"{directory.name}: {problem}"
+        recovered.abandon()
+
+
+def test_a_failed_journal_write_answers_no_promise_and_the_failed_store_answers_none_after(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    journal = ManualRunner()
+    store, acceptor = node(opened, tmp_path, write=journal)
+    first = acceptor.prepare("k", B1)
+    _, d = journal.jobs.pop(0)
+
+    def broken() -> None:
+        raise OSError(28, "No space left on device")
+
+    journal.jobs.insert(0, (broken, d))
+    journal.run_one()
+    assert isinstance(result(first).value, Exception), "the promise is not durable: no answer but an error"
+    later = result(acceptor.batch([("k", B2), ("j", Proposal(B2, "v", B2))]))
+    assert isinstance(later.value, Exception), "a failed store takes no more records: nothing is answered"
+    assert not journal.jobs
+    store, again = restart(opened, store)
+    assert again.state("k") == ("", None) and again.state("j") == ("", None)
+    assert result(again.prepare("k", B1)).promised, "nothing answered, nothing held"
+
+
+def test_a_data_dir_of_before_with_a_format_3_snapshot_and_a_paxos_jsonl_keeps_both_through_compactions(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    before = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))  # no acceptor in it
+    opened.append(before)
+    result(before.apply_batch([["done", "d", B1], ["x", "y", B2]]))
+    result(before.compact())
+    result(before.apply_batch([["after", "a", B2]]))
+    result(before.close())
+    assert (tmp_path / SNAPSHOT).read_bytes().startswith(b'{"kvd":3,'), "as the version before wrote it"
+    _old_file(tmp_path)
+    store, acceptor = node(opened, tmp_path)
+    assert [store.entry(k) for k in ("done", "x", "after")] == [("d", B1), ("y", B2), ("a", B2)]
+    assert acceptor.floor == B1 and acceptor.state("open") == (B2, Proposal(B2, "o", B2))
+    assert not (tmp_path / FILE).exists()
+    result(store.compact())
+    assert (tmp_path / SNAPSHOT).read_bytes().startswith(b'{"kvd":4,')
+    store, again = restart(opened, store)
+    assert [store.entry(k) for k in ("done", "x", "after")] == [("d", B1), ("y", B2), ("a", B2)]
+    assert again.floor >= B1 and again.state("open") == (B2, Proposal(B2, "o", B2))
+    assert max(again.state("promised")[0], again.floor) >= B3
+    assert not result(again.prepare("done", B1)).promised
+
+
+def test_a_paxos_jsonl_whose_removal_failed_brings_back_no_proposal_a_compaction_forgot(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    old = Acceptor.open(str(tmp_path), never)
+    result(old.accept("k", Proposal(B1, "old", B1)))
+    result(old.prepare("open", B2))
+    old.close()
+    saved = (tmp_path / FILE).read_bytes()
+    store, acceptor = node(opened, tmp_path)
+    (tmp_path / FILE).write_bytes(saved)  # its removal failed: the file stays
+    result(store.apply_batch([["k", "old", B1]]))
+    result(store.compact())
+    assert acceptor.state("k") == ("", None) and acceptor.floor == B2, "committed: forgotten, in the floor"
+    result(store.drop("k", B1))  # the node no longer owns the key
+    store, again = restart(opened, store)
+    assert result(again.prepare("k", B4)).accepted is None, "the old proposal is not reported again"
+    assert not result(again.prepare("open", B2)).promised
+
+
+def test_a_restart_on_a_journal_of_many_committed_keys_starts_with_memory_trimmed(
+    tmp_path: Path, opened: list[Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Else memory held every key the journal ever promised until it doubled, and a switch walked them all."""
+    import kvd.paxos
+
+    monkeypatch.setattr(kvd.paxos, "TRIM_MIN", 3)
+    store, acceptor = node(opened, tmp_path)
+    acceptor._trim_at = 1 << 30  # no trim before the restart
+    for i in range(10):
+        result(acceptor.accept(f"done{i}", Proposal(B1, "d", B1)))
+        result(store.apply_batch([[f"done{i}", "d", B1]]))
+    result(acceptor.accept("open", Proposal(B2, "o", B2)))
+    assert len(acceptor) == 11
+    store, again = restart(opened, store)
+    assert len(again) == 1 and again.state("open") == (B2, Proposal(B2, "o", B2))
+    assert again.floor == B1 and not result(again.prepare("done3", B1)).promised
+
+
+@pytest.mark.parametrize(
+    ("record", "named"),
+    [
+        (b'["P","k"]', "put, delete, drop or acceptor record"),
+        (b'["P","k","b","c"]', "put, delete, drop or acceptor record"),
+        (b'["A","k","b"]', "put, delete, drop or acceptor record"),
+        (b'["F"]', "put, delete, drop or acceptor record"),
+        (b'["A","k","b","b",5,"v"]', "kvd record"),
+        (b'["F",1]', "kvd record"),
+    ],
+)
+def test_a_malformed_acceptor_record_stops_start_up_with_one_line_naming_it(
+    tmp_path: Path, opened: list[Store], record: bytes, named: str
+) -> None:
+    store, acceptor = node(opened, tmp_path)
+    result(acceptor.prepare("k", B1))
+    store.abandon()
+    journal = tmp_path / journal_name(0)
+    with open(journal, "ab") as f:
+        f.write(record + b'\n["P","j","' + B1.encode() + b'"]\n')
+    before = journal.read_bytes()
+    with pytest.raises(CorruptStore) as raised:
+        Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))
+    message = str(raised.value)
+    assert f"record 2 is not a {named}; refusing to start" in message and "\n" not in message, message
+    assert journal.read_bytes() == before
+
+
+def test_closing_the_store_lets_queued_promises_become_durable_and_answers_no_new_one(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    clock = Clock()
+    store, acceptor = node(opened, tmp_path, later=clock.callLater)
+    queued = acceptor.batch([("k", B1), ("j", Proposal(B1, "v", B1))])
+    closed = store.close()
+    late = acceptor.prepare("k", B2)
+    assert isinstance(result(late).value, Exception), "closing: no new promise is answered"
+    assert not queued.called
+    clock.advance(0)
+    promise, acceptance = result(queued)
+    assert promise.promised and acceptance == (True, B1)
+    assert result(closed) is None
+    store, again = node(opened, tmp_path)
+    assert again.state("k") == (B1, None) and again.state("j") == (B1, Proposal(B1, "v", B1))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kvd.store import Store
 from kvd.testing.cluster import Harness
 
 
@@ -18,3 +19,13 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
         yield h
     finally:
         h.close()
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Store]]:
+    """Stores a test opened; abandoned (file descriptors closed) at the end."""
+    stores: list[Store] = []
+    yield stores
+    for store in stores:
+        if not store._closed:
+            store.abandon()

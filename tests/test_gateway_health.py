@@ -286,6 +286,24 @@ def test_a_hung_node_costs_at_most_one_deadline_then_is_routed_around_and_used_a
     assert cluster.stores["b"].entry("after") is not None, "writes go to it again"
 
 
+def write_while_b_and_c_stall_for_a_second(h: GatewayHarness) -> None:
+    """
+    A PUT of "stalled" while owners b and c stall together for a second: the first past its
+    deadline is routed around, the other, the last a W=2 quorum needs, is waited for, and the
+    write succeeds once they answer.
+    """
+    h.network.pause("b.test")
+    h.network.pause("c.test")
+    results = h.start("PUT", "/kv/stalled", b"v")
+    h.advance(1.0, step=0.05)
+    assert not results, "still waiting on the last owner the quorum needs"
+    assert [h.health.reachable(n) for n in "bc"].count(False) == 1, "the first past its deadline is routed around"
+    h.network.resume("b.test")
+    h.network.resume("c.test")
+    h.advance(0.1, step=0.05)
+    assert results and results[0][0] == 200, results
+
+
 def test_a_write_waits_the_whole_timeout_for_the_last_owners_a_quorum_needs_when_two_stall_at_once(
     cluster: GatewayHarness,
 ) -> None:
@@ -297,16 +315,7 @@ def test_a_write_waits_the_whole_timeout_for_the_last_owners_a_quorum_needs_when
     """
     cluster.health.keep_at_least = 2
     assert cluster.health.timeout("b") == cluster.health.timeout("c") == MIN_TIMEOUT
-    cluster.network.pause("b.test")
-    cluster.network.pause("c.test")
-    results = cluster.start("PUT", "/kv/stalled", b"v")
-    cluster.advance(1.0, step=0.05)
-    assert not results, "still waiting on the last owner the quorum needs"
-    assert [cluster.health.reachable(n) for n in "bc"].count(False) == 1, "the first past its deadline is routed around"
-    cluster.network.resume("b.test")
-    cluster.network.resume("c.test")
-    cluster.advance(0.1, step=0.05)
-    assert results and results[0][0] == 200, results
+    write_while_b_and_c_stall_for_a_second(cluster)
     assert sum(cluster.stores[n].entry("stalled") is not None for n in "abc") >= 2
 
 
@@ -331,16 +340,7 @@ def test_a_member_the_registry_has_down_is_no_spare_that_lets_the_last_owners_be
         assert all(h.health.timeout(n) == MIN_TIMEOUT for n in "abcd"), "every member answered the warm-up"
         h.network.pause("d.test")  # its machine hung: it stopped renewing, and its lease ran out
         h.cluster.update({**h.cluster.members, "d": NodeInfo("d", "http://d.test", status="down")})
-        h.network.pause("b.test")
-        h.network.pause("c.test")
-        results = h.start("PUT", "/kv/stalled", b"v")
-        h.advance(1.0, step=0.05)
-        assert not results, "still waiting on the last owner the quorum needs"
-        assert [h.health.reachable(n) for n in "bc"].count(False) == 1, "the first past its deadline is routed around"
-        h.network.resume("b.test")
-        h.network.resume("c.test")
-        h.advance(0.1, step=0.05)
-        assert results and results[0][0] == 200, results
+        write_while_b_and_c_stall_for_a_second(h)
     finally:
         h.health.stop()
         h.close()

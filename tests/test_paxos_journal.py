@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_paxos import never, result
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -29,26 +30,6 @@ CRASH_STEPS = ["before-snapshot", "written", "synced", "renamed", "dir-synced"]
 
 class SimulatedCrash(Exception):
     pass
-
-
-def never(key: str, version: str) -> bool:
-    return False
-
-
-def result(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    return out[0]
-
-
-@pytest.fixture
-def opened() -> Iterator[list[Store]]:
-    stores: list[Store] = []
-    yield stores
-    for store in stores:
-        if not store._closed:
-            store.abandon()
 
 
 def node(opened: list[Store], directory: Path, **kwargs: Any) -> tuple[Store, Acceptor]:

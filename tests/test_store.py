@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +48,6 @@ def fired(d: Deferred[Any]) -> bool:
 
 def files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
-
-@pytest.fixture
-def opened() -> Iterator[list[Store]]:
-    """Stores a test opened; abandoned (file descriptors closed) at the end."""
-    stores: list[Store] = []
-    yield stores
-    for store in stores:
-        if not store._closed:
-            store.abandon()
 
 
 def open_store(opened: list[Store], directory: Path, **kwargs: Any) -> Store:

@@ -89,6 +89,8 @@ def test_a_watch_through_the_gateway_wakes_at_the_write(processes: Processes) ->
     assert not answer, "the version is still the watched one"
     written = time.monotonic()
     request(gateway.port, "PUT", "/kv/w", b"two")
-    thread.join(10)
+    thread.join(15)
     assert answer and answer[0][0] == 200 and answer[0][1]["value"] == "two"
-    assert answer[0][2] - written < 1.0
+    # Woken by the write, not by its 30 s wait running out (how soon is bench/watch.py's: a
+    # bound of a second here failed on a loaded machine without anything being wrong).
+    assert answer[0][2] - written < 15

@@ -336,13 +336,17 @@ def gather(
     gathering: _Gathering[T] = _Gathering(
         ask, list(spares), needed, accept, done=done, hedge=hedge, usable=usable, on_failure=on_failure, tell=tell
     )
-    gathering.result.errors.extend(errors)
-    gathering.result.standing_in.update(standing_in or {})
-    _start(gathering, first)
+    _start(gathering, first, errors, standing_in)
     return done
 
 
-def _start(gathering: _Gathering[Any], first: Sequence[str]) -> None:
+def _start(
+    gathering: _Gathering[Any], first: Sequence[str], errors: Sequence[str], standing_in: dict[str, str] | None
+) -> None:
+    if errors:
+        gathering.result.errors.extend(errors)
+    if standing_in:
+        gathering.result.standing_in.update(standing_in)
     for node_id in first:
         gathering.launch(node_id)
     gathering.launching = False
@@ -376,8 +380,4 @@ def gather_to(
     gathering: _Gathering[T] = _Gathering(
         _no_ask, list(spares), needed, accept, then=then, hedge=hedge, usable=usable, on_failure=on_failure, tell=tell
     )
-    if errors:
-        gathering.result.errors.extend(errors)
-    if standing_in:
-        gathering.result.standing_in.update(standing_in)
-    _start(gathering, first)
+    _start(gathering, first, errors, standing_in)

@@ -28,7 +28,6 @@ the end; nothing here fails on a timing.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from checkout import ensure_kvd_importable
 from report import machine, median, met, report_quiet
-from servers import bench_processes, preload, wait_for_members
+from servers import bench_processes, cpu_seconds, preload, wait_for_members
 from wrk import GET_LUA, run_wrk, write_lua
 
 ensure_kvd_importable()
@@ -64,13 +63,6 @@ def record_cost(keys: list[str]) -> float:
     for key in keys:
         record(key)
     return (time.perf_counter() - started) / len(keys) * 1e9
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds process C{pid} has used (from /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ wait is bounded in time. Nothing here asserts on a timing.
 from __future__ import annotations
 
 import http.client
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "Processes",
     "Server",
     "bench_processes",
+    "cpu_seconds",
     "free_port",
     "http_request",
     "listen_on",
@@ -59,6 +61,17 @@ class Server(Process):
 
     def __init__(self, name: str, argv: Sequence[str], port: int, workdir: Path, cpu: int | None = None) -> None:
         super().__init__(name, argv, workdir, port, startup_seconds=STARTUP_SECONDS, launcher=pinned([], cpu))
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process C{pid}, all its threads, in seconds (/proc/PID/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name (field 2) may hold spaces; it ends at the last ')'.
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def bench_processes(workdir: Path) -> Processes:

@@ -55,6 +55,7 @@ from servers import (
     Kvd,
     Process,
     bench_processes,
+    cpu_seconds,
     free_port,
     http_request,
     preload,
@@ -113,16 +114,6 @@ def etcd_lua(directory: Path, name: str, path: str, bodies: list[str]) -> Path:
 
 
 # --- CPU time from /proc ----------------------------------------------------------------------
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process C{pid}, all its threads, in seconds (/proc/PID/stat fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        # The command name (field 2) may hold spaces; it ends at the last ')'.
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def context_switches(pid: int) -> tuple[int, int]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from checkout import ensure_kvd_importable
 from report import machine, report_quiet
+from servers import cpu_seconds
 
 TARGET_CPU = 0.5  # percent of one core
 
@@ -32,12 +32,6 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def open_watch(port: int, key: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

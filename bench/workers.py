@@ -22,17 +22,8 @@ from pathlib import Path
 
 from checkout import ensure_kvd_importable
 from report import cpu_busy, machine, median, report_quiet
-from servers import STARTUP_SECONDS, Kvd, bench_processes, http_request, preload, wait_for_members
+from servers import STARTUP_SECONDS, Kvd, bench_processes, cpu_seconds, http_request, preload, wait_for_members
 from wrk import GET_LUA, PUT_LUA, WrkResult, run_wrk, write_lua
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process C{pid}, all its threads (/proc/PID/stat fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def workers_of(pid: int) -> list[int]:

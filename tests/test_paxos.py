@@ -240,3 +240,44 @@ def test_a_promise_forgets_a_proposal_its_store_holds_durably_and_keeps_one_it_h
     assert Acceptor.open(str(tmp_path), never).state("k") == (B3, None)
     acceptor.close()
     store.abandon()
+
+
+def test_the_old_file_helper_writes_what_acceptor_open_writes(tmp_path: Path) -> None:
+    """While both exist: kvd.testing.paxos_jsonl writes the bytes the acceptor's own file held."""
+    from kvd.testing.paxos_jsonl import paxos_jsonl
+
+    B4 = "018f00000000000004.gw1"
+    # test_paxos_journal._old_file: a compaction folded "done" into the floor.
+    committed = {B1}
+    (tmp_path / "a").mkdir()
+    old = Acceptor.open(str(tmp_path / "a"), lambda key, version: version in committed)
+    result(old.accept("done", Proposal(B1, "d", B1)))
+    old.compact_min_bytes = 0
+    result(old.accept("open", Proposal(B2, "o", B2)))
+    old.compact_min_bytes = 1 << 30
+    result(old.prepare("promised", B3))
+    old.close()
+    assert (tmp_path / "a" / FILE).read_bytes() == paxos_jsonl(
+        [("open", B2, Proposal(B2, "o", B2)), ("promised", B3, None)], floor=B1
+    )
+    # A promise, an acceptance over it, a deletion, a typed value, a later promise.
+    from kvd.keys import typed_value
+
+    binary = typed_value(bytes(range(256)), "application/octet-stream")
+    (tmp_path / "b").mkdir()
+    old = Acceptor.open(str(tmp_path / "b"), never)
+    result(old.prepare("j", B2))
+    result(old.accept("k", Proposal(B2, "v", B2)))
+    result(old.accept("gone", Proposal(B3, None, B3)))
+    result(old.accept("bin", Proposal(B1, binary, B1)))
+    result(old.prepare("j", B4))
+    old.close()
+    assert (tmp_path / "b" / FILE).read_bytes() == paxos_jsonl(
+        [
+            ("j", B2, None),
+            ("k", B2, Proposal(B2, "v", B2)),
+            ("gone", B3, Proposal(B3, None, B3)),
+            ("bin", B1, Proposal(B1, binary, B1)),
+            ("j", B4, None),
+        ]
+    )

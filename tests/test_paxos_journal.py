@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_paxos import result
+from test_paxos import node, restart, result
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -31,20 +31,6 @@ CRASH_STEPS = ["before-snapshot", "written", "synced", "renamed", "dir-synced"]
 
 class SimulatedCrash(Exception):
     pass
-
-
-def node(opened: list[Store], directory: Path, **kwargs: Any) -> tuple[Store, Acceptor]:
-    """A node's store and acceptor on C{directory}, as a (re)started node makes them."""
-    store = Store.open(str(directory), clock=HybridClock(lambda: 1_700_000_000.0, "n"), **kwargs)
-    opened.append(store)
-    return store, Acceptor.in_store(store)
-
-
-def restart(opened: list[Store], store: Store, **kwargs: Any) -> tuple[Store, Acceptor]:
-    """The node dies (nothing more is written) and starts again on the same dir."""
-    if not store._closed:
-        store.abandon()
-    return node(opened, Path(store.directory), **kwargs)
 
 
 def test_a_batch_of_promises_acceptances_and_commits_is_one_journal_write(tmp_path: Path, opened: list[Store]) -> None:

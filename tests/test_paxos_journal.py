@@ -278,6 +278,20 @@ def test_a_paxos_jsonl_of_before_is_carried_into_the_journal_then_removed(tmp_pa
     assert not result(again.prepare("done", B1)).promised
 
 
+def test_a_paxos_jsonl_of_before_with_a_torn_last_line_is_carried_over_without_it(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    write_paxos_jsonl(str(tmp_path), [("k", B1, None), ("k", B2, Proposal(B2, None, B2)), ("j", B3, None)])
+    with open(tmp_path / FILE, "ab") as f:
+        f.write(b'{"k": "k", "p": "018f0000')  # a crash mid-write
+    store, acceptor = node(opened, tmp_path)
+    assert acceptor.state("k") == (B2, Proposal(B2, None, B2)) and acceptor.state("j") == (B3, None)
+    assert not result(acceptor.prepare("k", B1)).promised
+    assert not (tmp_path / FILE).exists()
+    store, again = restart(opened, store)
+    assert again.state("k") == (B2, Proposal(B2, None, B2)) and again.state("j") == (B3, None)
+
+
 def test_a_crash_after_the_migration_before_the_removal_keeps_the_journals_newer_state(
     tmp_path: Path, opened: list[Store]
 ) -> None:
@@ -296,8 +310,9 @@ def test_a_corrupt_paxos_jsonl_of_before_stops_start_up(tmp_path: Path, opened: 
     (tmp_path / FILE).write_bytes(b'{"k": "k", "p": "x"}\nnot json\n{"k": "j", "p": "y"}\n')
     store = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))
     opened.append(store)
-    with pytest.raises(CorruptStore):
+    with pytest.raises(CorruptStore) as raised:
         Acceptor.in_store(store)
+    assert "byte 21" in str(raised.value) and "\n" not in str(raised.value), "one line, naming the record"
     assert (tmp_path / FILE).exists(), "nothing is removed"
 
 

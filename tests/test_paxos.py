@@ -23,10 +23,6 @@ from kvd.versions import HybridClock, encode, milliseconds
 B1, B2, B3 = "018f00000000000000.gw1", "018f00000000000001.gw2", "018f00000000000002.gw1"
 
 
-def never(key: str, version: str) -> bool:
-    return False
-
-
 def result(d: Deferred[Any]) -> Any:
     out: list[Any] = []
     d.addBoth(out.append)
@@ -301,44 +297,3 @@ def test_a_promise_forgets_a_proposal_its_store_holds_even_only_in_memory_and_it
     assert journal_lines(tmp_path)[-1] == b'["P","k","' + B3.encode() + b'"]'
     store, again = restart(opened, store)
     assert again.state("k") == (B3, None) and store.entry("k") == ("v" * 1000, B1)
-
-
-def test_the_old_file_helper_writes_what_acceptor_open_writes(tmp_path: Path) -> None:
-    """While both exist: kvd.testing.paxos_jsonl writes the bytes the acceptor's own file held."""
-    from kvd.testing.paxos_jsonl import paxos_jsonl
-
-    B4 = "018f00000000000004.gw1"
-    # test_paxos_journal._old_file: a compaction folded "done" into the floor.
-    committed = {B1}
-    (tmp_path / "a").mkdir()
-    old = Acceptor.open(str(tmp_path / "a"), lambda key, version: version in committed)
-    result(old.accept("done", Proposal(B1, "d", B1)))
-    old.compact_min_bytes = 0
-    result(old.accept("open", Proposal(B2, "o", B2)))
-    old.compact_min_bytes = 1 << 30
-    result(old.prepare("promised", B3))
-    old.close()
-    assert (tmp_path / "a" / FILE).read_bytes() == paxos_jsonl(
-        [("open", B2, Proposal(B2, "o", B2)), ("promised", B3, None)], floor=B1
-    )
-    # A promise, an acceptance over it, a deletion, a typed value, a later promise.
-    from kvd.keys import typed_value
-
-    binary = typed_value(bytes(range(256)), "application/octet-stream")
-    (tmp_path / "b").mkdir()
-    old = Acceptor.open(str(tmp_path / "b"), never)
-    result(old.prepare("j", B2))
-    result(old.accept("k", Proposal(B2, "v", B2)))
-    result(old.accept("gone", Proposal(B3, None, B3)))
-    result(old.accept("bin", Proposal(B1, binary, B1)))
-    result(old.prepare("j", B4))
-    old.close()
-    assert (tmp_path / "b" / FILE).read_bytes() == paxos_jsonl(
-        [
-            ("j", B2, None),
-            ("k", B2, Proposal(B2, "v", B2)),
-            ("gone", B3, Proposal(B3, None, B3)),
-            ("bin", B1, Proposal(B1, binary, B1)),
-            ("j", B4, None),
-        ]
-    )

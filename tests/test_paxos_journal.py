@@ -506,7 +506,7 @@ def test_a_failed_journal_write_answers_no_promise_and_the_failed_store_answers_
 def test_a_data_dir_of_before_with_a_format_3_snapshot_and_a_paxos_jsonl_keeps_both_through_compactions(
     tmp_path: Path, opened: list[Store]
 ) -> None:
-    before = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))  # no acceptor in it
+    before = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))  # the store alone, as before
     opened.append(before)
     result(before.apply_batch([["done", "d", B1], ["x", "y", B2]]))
     result(before.compact())

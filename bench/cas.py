@@ -263,7 +263,7 @@ def in_process(count: int, width: int, only: str | None) -> None:
         for node_id in members:
             store = Store.open(f"{tmp}/{node_id}", clock=HybridClock(clock.seconds, node_id), fsync=False)
             acceptor = Acceptor.in_store(store)  # as a node's: its records in the store's journal
-            closing.append((store, acceptor))
+            closing.append(store)
             network.serve(f"{node_id}.test", NodeAPI(node_id, store, acceptor=acceptor).resource())
         cluster = Cluster(vnodes=64, replicas=3)
         cluster.update(members)
@@ -308,8 +308,7 @@ def in_process(count: int, width: int, only: str | None) -> None:
                 f"{name:9} {per:7.1f} us CPU per write (in process, {count} writes, {width} at a time), "
                 f"{internal:.2f} internal requests per write"
             )
-        for store, acceptor in closing:
-            acceptor.close()
+        for store in closing:
             store.abandon()
 
 

@@ -2,45 +2,39 @@
 A node's Paxos acceptor for conditional writes: per key, the highest ballot it promised and
 the proposal (ballot, value, version) it accepted last. See docs/consistency.md.
 
-A promise or an acceptance is durable before it is answered. At a node (L{Acceptor.in_store})
-each change is a record of the store's journal (L{kvd.journal.encode_paxos}), in the store's
-group commits, so a batch's promises, acceptances and commits are one write + fsync; the
-store's recovery rebuilds the state, its compaction keeps what the rules below keep (in the
-snapshot), and a C{paxos.jsonl} of before is carried into the journal (L{Acceptor.migrate}).
-The rest of this describes L{Acceptor.open}, the acceptor with a file of its own (tests, tools,
-and the format such a file has): each change is a JSON line in
-C{paxos.jsonl} in the node's data dir, and changes made while one write + fsync is under way
-go out together in the next (group commit; at a node on the store's journal thread).
-Memory changes at once; an answer waits for the write that holds it. A promise of a key whose
-accepted proposal its store holds durably forgets the proposal (as compaction would, below),
-so its record does not carry the key's last value again.
+A promise or an acceptance is durable before it is answered: each change is a record of the
+node's store journal (L{kvd.journal.encode_paxos}), in the store's group commits, so a
+batch's promises, acceptances and commits are one write + fsync. Memory changes at once; an
+answer waits for the group commit that holds it. A promise of a key whose accepted proposal
+its store holds forgets the proposal, so its record does not carry the key's last value
+again: the commit's record is ahead of it in the same journal.
 
-The file is compacted when it grows: a key whose accepted proposal is committed I{durably}
-in the node's store (or that has none) needs no entry any more; what it promised is folded
-into one I{floor}, a ballot below which nothing is promised or accepted again, for any key.
-As ballots are clock-based, the floor costs a proposer at most one more round. The store's
-memory holds a commit before its journal record is durable, so a key the store still has
-a record queued or being written for (L{Store.unsettled}) keeps its entry: otherwise a crash
-after the compacted file is durable and before that record lost both the proposal and the
-commit. Given the node's clock, keys promised in the last L{KEEP_RECENT} seconds stay too,
-out of the floor: the rounds under way have ballots minted just before the newest promise.
+The store's recovery rebuilds the state; its compaction keeps what the acceptor gives at the
+switch to a new journal (L{Acceptor.snapshot_state}): a key whose accepted proposal the store
+holds (or that has none) needs no entry any more; what it promised is folded into one
+I{floor}, a ballot below which nothing is promised or accepted again, for any key. As ballots
+are clock-based, the floor costs a proposer at most one more round. Given the node's clock,
+keys promised in the last L{KEEP_RECENT} seconds stay too, out of the floor: the rounds under
+way have ballots minted just before the newest promise. Memory forgets the same between
+compactions (L{Acceptor.trim}).
 
-A node with no conditional-write traffic never opens the file. Start-up reads it: a torn
+A C{paxos.jsonl} in the data dir (the acceptor's own file, in a kvd of before) is carried into
+the journal at start-up (L{Acceptor.migrate}): one JSON line per change (L{_parse}); a torn
 last line (a crash mid-write) is dropped; any other damage stops start-up with one line.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
-from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, fail, succeed
+from attrs import define, frozen
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kvd.codec import wire_json, wire_loads
+from kvd.codec import wire_loads
 from kvd.journal import (
     CorruptStore,
     PaxosState,
@@ -48,27 +42,24 @@ from kvd.journal import (
     encode_floor,
     encode_paxos,
     fsync_dir,
-    open_append,
-    write_all,
 )
 from kvd.keys import check_key
-from kvd.store import Runner, Store, synchronous
+from kvd.store import Store
 from kvd.versions import is_version
 
+#: The acceptor's own file in a kvd of before, carried into the journal at start-up.
 FILE = "paxos.jsonl"
+#: What that kvd's compaction of the file left if cut short: removed at the migration.
 FILE_TMP = "paxos.jsonl.tmp"
-#: The file is compacted once it is this big and twice what its live entries take (as the
-#: store's journal: each compaction holds the acceptor's writes for a rewrite and two fsyncs).
-COMPACT_MIN_BYTES = 4 * 1024 * 1024
 #: Given a clock, compaction forgets a key only once its promise is this many seconds old:
 #: folded into the floor, a promise made just now would refuse the rounds under way whose
 #: ballots were minted a moment before it (each a lost round, a pause and a retry).
 KEEP_RECENT = 2.0
-#: In a store, the acceptor's memory is trimmed (L{Acceptor.trim}) once it holds this many
-#: states, and twice what the last trim kept: each trim walks them on the reactor thread, in
-#: the prepare or accept that passes the mark. At 40,000 that prepare stalled the reactor
-#: 41-47 ms (conditional writes over 100,000 keys, busy machine); at 4,000, 2-3 ms: the same
-#: walking in all, in smaller pieces (the journal keeps every record until a snapshot anyway).
+#: The acceptor's memory is trimmed (L{Acceptor.trim}) once it holds this many states, and
+#: twice what the last trim kept: each trim walks them on the reactor thread, in the prepare
+#: or accept that passes the mark. At 40,000 that prepare stalled the reactor 41-47 ms
+#: (conditional writes over 100,000 keys, busy machine); at 4,000, 2-3 ms: the same walking
+#: in all, in smaller pieces (the journal keeps every record until a snapshot anyway).
 TRIM_MIN = 4_000
 
 _log = Logger()
@@ -116,13 +107,6 @@ class _State:
     accepted: Proposal | None = None
 
 
-def _record(key: str, state: _State) -> bytes:
-    accepted = state.accepted
-    if accepted is None:
-        return wire_json({"k": key, "p": state.promised}) + b"\n"
-    return wire_json({"k": key, "p": state.promised, "a": [accepted.ballot, accepted.value, accepted.version]}) + b"\n"
-
-
 def _journal_record(key: str, state: _State) -> bytes:
     """The state of a key as a record of the store's journal (L{kvd.journal.encode_paxos})."""
     accepted = state.accepted
@@ -135,16 +119,12 @@ def _from_recovered(promised: str, accepted: tuple[str, str | None, str] | None)
     return _State(promised, None if accepted is None else Proposal(*accepted))
 
 
-def _nothing_unsettled() -> Collection[str]:
-    return ()
-
-
-def _floor_record(floor: str) -> bytes:
-    return wire_json({"floor": floor}) + b"\n"
-
-
 def _parse(line: bytes) -> tuple[str, _State] | str:
-    """A line's (key, state), or the floor it sets; ValueError when it is neither."""
+    """
+    A line of a C{paxos.jsonl}'s (key, state), or the floor it sets; ValueError when it is
+    neither. A line is C{{"k": KEY, "p": PROMISED}}, C{{"k": KEY, "p": PROMISED, "a": [BALLOT,
+    VALUE or null, VERSION]}} or C{{"floor": BALLOT}} (L{kvd.testing.paxos_jsonl} writes them).
+    """
     obj = wire_loads(line)
     if not isinstance(obj, dict):
         raise ValueError("not an object")
@@ -167,7 +147,7 @@ def _parse(line: bytes) -> tuple[str, _State] | str:
 
 def recover(path: str) -> tuple[dict[str, _State], str, int, int]:
     """
-    The states and floor a file holds, its good length and how many torn bytes end it.
+    The states and floor a C{paxos.jsonl} holds, its good length and how many torn bytes end it.
 
     @raise CorruptStore: when a line other than a torn last one is not a record.
     """
@@ -197,80 +177,24 @@ def recover(path: str) -> tuple[dict[str, _State], str, int, int]:
 @define
 class Acceptor:
     """
-    The acceptor of one node. Make one with L{Acceptor.open}.
+    The acceptor of one node, its records in the node's store's journal. Make one with
+    L{Acceptor.in_store}.
 
     @ivar committed: whether the node's store holds this version of this key or a newer one,
         i.e. whether an accepted proposal is committed here.
-    @ivar unsettled: the keys whose latest change in the store is not durable yet (in
-        memory only): compaction keeps their entries, whatever C{committed} says.
     """
 
     directory: str
     committed: Callable[[str, str], bool]
     _states: dict[str, _State]
     floor: str
-    _run: Runner[Any]
-    fsync: bool = True
-    _bytes: int = 0
-    compact_min_bytes: int = COMPACT_MIN_BYTES
-    _fd: int = -1
-    _queue: list[tuple[bytes, Deferred[None]]] = field(factory=list)
-    _compact_next: bool = False
-    _writing: bool = False
-    _failed: StoreError | None = None
-    unsettled: Callable[[], Collection[str]] = _nothing_unsettled
+    #: The store whose journal holds this acceptor's records, in its group commits.
+    _store: Store
     #: The node's clock (seconds): compaction then keeps keys promised in the last
     #: L{KEEP_RECENT} seconds by their ballots' clocks. Without it, it forgets them too.
     now: Callable[[], float] | None = None
-    #: At a node (L{Acceptor.in_store}): the store whose journal holds this acceptor's
-    #: records, in its group commits; None: the acceptor's own C{paxos.jsonl}.
-    _store: Store | None = None
-    #: In a store: memory is trimmed (L{trim}) once it holds more states than this.
+    #: Memory is trimmed (L{trim}) once it holds more states than this.
     _trim_at: int = 0
-    #: How a key's state is written: a line of paxos.jsonl, or (in a store) a journal record.
-    _encode: Callable[[str, _State], bytes] = _record
-
-    @classmethod
-    def open(
-        cls,
-        directory: str,
-        committed: Callable[[str, str], bool],
-        *,
-        run: Runner[Any] = synchronous,
-        fsync: bool = True,
-        compact_min_bytes: int = COMPACT_MIN_BYTES,
-        unsettled: Callable[[], Collection[str]] = _nothing_unsettled,
-        now: Callable[[], float] | None = None,
-    ) -> Acceptor:
-        """
-        Recover the acceptor's state from C{directory} (the node's data dir, already locked by its store).
-        At a node, C{committed} is L{committed_in} its store and C{unsettled} the store's L{Store.unsettled}.
-
-        @raise StoreError: with a one-line message when the file is corrupt or unreadable.
-        """
-        path = os.path.join(directory, FILE)
-        try:
-            states, floor, good, torn = recover(path)
-            if torn:
-                _log.warn("{path}: dropped a torn final record ({torn} bytes) left by a crash", path=path, torn=torn)
-                os.truncate(path, good)
-            tmp = os.path.join(directory, FILE_TMP)
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        except OSError as e:
-            raise StoreError(f"cannot read {path}: {e}") from None
-        return cls(
-            directory,
-            committed,
-            states,
-            floor,
-            run,
-            fsync,
-            good,
-            compact_min_bytes,
-            unsettled=unsettled,
-            now=now,
-        )
 
     @classmethod
     def in_store(cls, store: Store, *, now: Callable[[], float] | None = None) -> Acceptor:
@@ -290,10 +214,7 @@ class Acceptor:
         floor, recovered = store.paxos_recovered
         states = {key: _from_recovered(promised, accepted) for key, (promised, accepted) in recovered.items()}
         store.paxos_recovered = ("", {})  # the acceptor holds it now
-        acceptor = cls(
-            store.directory, committed_in(store), states, floor, synchronous, store.fsync, now=now, store=store
-        )
-        acceptor._encode = _journal_record
+        acceptor = cls(store.directory, committed_in(store), states, floor, store, now=now)
         store.snapshot_paxos = acceptor.snapshot_state
         acceptor.migrate()
         # The journal may hold many keys' states that memory had trimmed before the restart:
@@ -318,7 +239,6 @@ class Acceptor:
         journal: the version before wrote none), so the file's state of a key the journal
         lacks with a promise at most that floor is not carried over again.
         """
-        assert self._store is not None
         path, tmp = self.path, os.path.join(self.directory, FILE_TMP)
         try:
             states, floor, _, torn = recover(path)
@@ -363,26 +283,26 @@ class Acceptor:
 
     def trim(self) -> None:
         """
-        In a store: forget in memory what compaction would forget (the store's journal, until
-        its next snapshot, still holds it all). Memory may refuse more than the disk would:
-        a key folded into the floor refuses ballots between its promise and the floor, which
-        its records do not; refusing promises nothing. A store's compaction comes only when
-        its journal outgrows its snapshot: without this, the acceptor would keep every key
-        it saw until then, and L{snapshot_state} would walk them all on the reactor thread.
-        Done when the states pass twice what the last trim kept (at least L{TRIM_MIN}).
+        Forget in memory what compaction would forget (the store's journal, until its next
+        snapshot, still holds it all). Memory may refuse more than the disk would: a key
+        folded into the floor refuses ballots between its promise and the floor, which its
+        records do not; refusing promises nothing. A store's compaction comes only when its
+        journal outgrows its snapshot: without this, the acceptor would keep every key it saw
+        until then, and L{snapshot_state} would walk them all on the reactor thread. Done
+        when the states pass twice what the last trim kept (at least L{TRIM_MIN}).
         """
-        self._compacted(())
+        self._compacted()
         self._trim_at = max(TRIM_MIN, 2 * len(self._states))
 
     def snapshot_state(self) -> tuple[str, dict[str, PaxosState]]:
         """
         What a snapshot of the store, taken now, keeps of the acceptor: its floor, and the
-        states compaction keeps (it forgets the others here, as L{_live_records} does). The
-        store calls it at its switch to a new journal; the snapshot holds the store's memory
-        as of then, commits not yet durable included, so the commits it holds are as good
-        as durable, and nothing is unsettled.
+        states compaction keeps (it forgets the others here, as L{trim} does). The store
+        calls it at its switch to a new journal; the snapshot holds the store's memory as of
+        then, commits not yet durable included, so the commits it holds are as good as
+        durable.
         """
-        floor, kept = self._compacted(())
+        floor, kept = self._compacted()
         return floor, {
             key: (state.promised, None if (a := state.accepted) is None else (a.ballot, a.value, a.version))
             for key, state in kept
@@ -406,7 +326,7 @@ class Acceptor:
         promise is durable, with the accepted proposal not yet committed here, if any.
         """
         records: list[bytes] = []
-        return self._answer(records, self._prepare(key, ballot, records, []))
+        return self._answer(records, self._prepare(key, ballot, records))
 
     def accept(self, key: str, proposal: Proposal) -> Deferred[tuple[bool, str]]:
         """
@@ -422,20 +342,18 @@ class Acceptor:
         all the changes are durable (one write for the batch), with each one's answer.
         """
         records: list[bytes] = []
-        unsettled: list[Collection[str]] = []
         answers: list[Promise | tuple[bool, str]] = [
-            self._prepare(key, asked, records, unsettled)
-            if isinstance(asked, str)
-            else self._accept(key, asked, records)
+            self._prepare(key, asked, records) if isinstance(asked, str) else self._accept(key, asked, records)
             for key, asked in items
         ]
         return self._answer(records, answers)
 
-    def _prepare(self, key: str, ballot: str, records: list[bytes], unsettled: list[Collection[str]]) -> Promise:
+    def _prepare(self, key: str, ballot: str, records: list[bytes]) -> Promise:
         """
-        A promise's record holds the accepted proposal only while it is not committed durably
-        in the store (as compaction keeps it): else every prepare of a key would write its
-        last value again. C{unsettled} memoises L{Acceptor.unsettled} for a batch.
+        A promise's record holds the accepted proposal only while the store does not hold it
+        (as compaction keeps it): else every prepare of a key would write its last value
+        again. The store's commit of it, durable or not, precedes the promise's record in
+        the journal.
         """
         state = self._states.get(key)
         floor = self.floor
@@ -443,7 +361,7 @@ class Acceptor:
             if ballot <= floor:
                 return Promise(False, floor, None)
             state = self._states[key] = _State(ballot)
-            records.append(self._encode(key, state))
+            records.append(_journal_record(key, state))
             return Promise(True, ballot, None)
         promised = state.promised if state.promised > floor else floor
         accepted = state.accepted
@@ -453,11 +371,8 @@ class Acceptor:
             return Promise(False, promised, pending)
         state.promised = ballot
         if accepted is not None and pending is None:
-            if not unsettled:
-                unsettled.append(self.unsettled())
-            if key not in unsettled[0]:
-                state.accepted = None
-        records.append(self._encode(key, state))
+            state.accepted = None
+        records.append(_journal_record(key, state))
         return Promise(True, ballot, pending)
 
     def _accept(self, key: str, proposal: Proposal, records: list[bytes]) -> tuple[bool, str]:
@@ -469,7 +384,7 @@ class Acceptor:
         if state is None:
             state = self._states[key] = _State()
         state.promised, state.accepted = proposal.ballot, proposal
-        records.append(self._encode(key, state))
+        records.append(_journal_record(key, state))
         return True, proposal.ballot
 
     def _answer(self, records: list[bytes], answers: T) -> Deferred[T]:
@@ -481,27 +396,11 @@ class Acceptor:
     # Durability.
 
     def _append(self, record: bytes) -> Deferred[None]:
-        if self._store is not None:
-            if len(self._states) > self._trim_at:
-                self.trim()
-            return self._store.append_records(record)
-        if self._failed is not None:
-            return fail(self._failed)
-        d: Deferred[None] = Deferred()
-        self._queue.append((record, d))
-        if not self._writing:
-            self._flush()
-        return d
+        if len(self._states) > self._trim_at:
+            self.trim()
+        return self._store.append_records(record)
 
-    def _live_records(self) -> bytes:
-        """
-        The file's contents as compaction leaves them; forgets what is durably committed
-        (changes memory). A commit the store holds only in memory so far does not count.
-        """
-        floor, kept = self._compacted(self.unsettled())
-        return (_floor_record(floor) if floor else b"") + b"".join(_record(key, state) for key, state in kept)
-
-    def _compacted(self, unsettled: Collection[str]) -> tuple[str, list[tuple[str, _State]]]:
+    def _compacted(self) -> tuple[str, list[tuple[str, _State]]]:
         """Forget what compaction forgets (changes memory); the floor and the states kept."""
         floor = self.floor
         kept: list[tuple[str, _State]] = []
@@ -512,69 +411,10 @@ class Acceptor:
             accepted = state.accepted
             if recent is not None and state.promised >= recent:
                 kept.append((key, state))
-            elif accepted is None or (key not in unsettled and self.committed(key, accepted.version)):
+            elif accepted is None or self.committed(key, accepted.version):
                 floor = max(floor, state.promised)
                 del self._states[key]
             else:
                 kept.append((key, state))
         self.floor = floor
         return floor, kept
-
-    def _flush(self) -> None:
-        batch, self._queue = self._queue, []
-        directory, path, fsync = self.directory, self.path, self.fsync
-        if self._bytes > self.compact_min_bytes:
-            # Memory already holds every queued change: the compacted file replaces their records.
-            data, compact = self._live_records(), True
-        else:
-            data, compact = b"".join(record for record, _ in batch), False
-        fd = self._fd
-
-        def write() -> int:
-            nonlocal fd
-            if compact:
-                tmp = os.path.join(directory, FILE_TMP)
-                new = open_append(tmp)
-                write_all(new, data)
-                os.fsync(new)
-                os.rename(tmp, path)
-                fsync_dir(directory)
-                if fd >= 0:
-                    os.close(fd)
-                fd = new
-                return fd
-            if fd < 0:
-                fd = open_append(path)
-                fsync_dir(directory)
-            write_all(fd, data)
-            if fsync:
-                os.fsync(fd)
-            return fd
-
-        self._writing = True
-        self._run(write).addBoth(self._flushed, batch, len(data), compact)
-
-    def _flushed(self, result: object, batch: list[tuple[bytes, Deferred[None]]], size: int, compact: bool) -> None:
-        self._writing = False
-        if isinstance(result, Failure):
-            _log.failure("paxos state write failed; refusing further promises", result)
-            self._failed = StoreError(f"paxos state write failed in {self.directory}: {result.getErrorMessage()}")
-            waiting, self._queue = batch + self._queue, []
-            for _, d in waiting:
-                d.errback(self._failed)
-            return
-        assert isinstance(result, int)
-        self._fd = result
-        self._bytes = size if compact else self._bytes + size
-        if compact:
-            # Compact again only once the file has doubled past what it keeps.
-            self.compact_min_bytes = max(self.compact_min_bytes, 2 * size)
-        if self._queue:
-            self._flush()
-        for _, d in batch:
-            d.callback(None)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1

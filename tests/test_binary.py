@@ -206,11 +206,12 @@ def test_gateway_answers_raw_bytes_with_their_content_type(harness: Harness) -> 
 
 
 def test_a_paxos_acceptor_record_keeps_a_binary_value_exactly() -> None:
-    """Conditional writes carry values through the acceptor's file: bytes must survive it."""
-    from kvd.paxos import Proposal, _parse, _record, _State
+    """A paxos.jsonl of before carries values into the journal at its migration: bytes must survive its reading."""
+    from kvd.paxos import Proposal, _parse
+    from kvd.testing.paxos_jsonl import paxos_jsonl
 
     value = parse_value(BLOB, 10_000, b"image/png")
-    line = _record("k", _State("b1", Proposal("b1", value, "0000000f4240000000.gw")))
+    line = paxos_jsonl([("k", "b1", Proposal("b1", value, "0000000f4240000000.gw"))])
     parsed = _parse(line)
     assert not isinstance(parsed, str)
     accepted = parsed[1].accepted

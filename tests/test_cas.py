@@ -68,7 +68,6 @@ class CasCluster:
     def crash_node(self, node_id: str) -> None:
         self.network.down.add(f"{node_id}.test")
         self.stores[node_id].abandon()
-        self.acceptors[node_id].close()
 
     def start(self, method: str, gw: str, key: str, body: bytes | None = None, **headers: str) -> Deferred[Any]:
         async def call() -> tuple[int, Any]:
@@ -103,7 +102,6 @@ class CasCluster:
         for node_id, store in self.stores.items():
             if f"{node_id}.test" not in self.network.down:
                 store.abandon()
-                self.acceptors[node_id].close()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from kvd.gateway.nodes import NodeClients
 from kvd.lean_http import LeanChannel, LeanSite
 from kvd.membership import NodeInfo
 from kvd.metrics import Metrics
-from kvd.paxos import Acceptor, committed_in
+from kvd.paxos import Acceptor
 from kvd.resources import GatewayAPI, NodeAPI
 from kvd.store import Store
 from kvd.testing.network import Network
@@ -62,7 +62,7 @@ class World:
 def node_world(directory: Path, lean: bool, auth: Auth | None = None) -> World:
     clock = Clock()
     store = Store.open(str(directory), clock=HybridClock(clock.seconds, "a"))
-    acceptor = Acceptor.open(store.directory, committed_in(store))
+    acceptor = Acceptor.in_store(store)
     api = NodeAPI("a", store, max_value_bytes=LIMIT, acceptor=acceptor, clock=clock, auth=auth or Auth())
     kind = LeanSite if lean else BoundedSite
     site = kind(api.resource(), max_body=LIMIT, reactor=clock, metrics=api.metrics)

@@ -12,7 +12,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
-from kvd.paxos import Acceptor, Proposal, committed_in
+from kvd.paxos import Acceptor, Proposal
 from kvd.resources import NodeAPI
 from kvd.store import Store
 from kvd.versions import HybridClock
@@ -203,7 +203,7 @@ def test_internal_paxos_is_bounded_as_internal_apply_is(store: Store) -> None:
     from kvd.keys import internal_message_limit
     from kvd.web import BoundedSite
 
-    acceptor = Acceptor.open(store.directory, committed_in(store))
+    acceptor = Acceptor.in_store(store)
     site = BoundedSite(NodeAPI("a", store, acceptor=acceptor).resource(), max_body=1000)
     limit = internal_message_limit(1000)
     for path in (b"/internal/apply", b"/internal/paxos"):
@@ -219,11 +219,10 @@ def test_internal_paxos_is_bounded_as_internal_apply_is(store: Store) -> None:
             assert answer.startswith(expected), (path, size, answer[:80])
             assert b'"success": false' in answer
     assert acceptor.state("k") == ("", None)
-    acceptor.close()
 
 
 def test_internal_paxos_takes_prepares_accepts_and_commits_together_and_answers_each(store: Store) -> None:
-    acceptor = Acceptor.open(store.directory, committed_in(store))
+    acceptor = Acceptor.in_store(store)
     client = StubTreq(NodeAPI("a", store, acceptor=acceptor).resource())
     b1, b2 = "018f00000000000000.gw1", "018f00000000000001.gw2"
     call(client, "PUT", "/kv/held", b"v")
@@ -267,11 +266,10 @@ def test_internal_paxos_takes_prepares_accepts_and_commits_together_and_answers_
     ]:
         assert call(client, "POST", "/internal/paxos", json.dumps(bad).encode())[0] == 400, bad
     assert acceptor.state("k") == ("", None) and store.entry("k") is None, "a bad batch changes nothing"
-    acceptor.close()
 
 
 def test_internal_paxos_commits_the_proposal_it_accepted_when_named_by_key_and_version(store: Store) -> None:
-    acceptor = Acceptor.open(store.directory, committed_in(store))
+    acceptor = Acceptor.in_store(store)
     client = StubTreq(NodeAPI("a", store, acceptor=acceptor).resource())
     b1, b2 = "018f00000000000000.gw1", "018f00000000000001.gw2"
     items = [["p", "k", b1], ["a", "k", b1, "accepted value", b1], ["p", "j", b1]]
@@ -287,4 +285,3 @@ def test_internal_paxos_commits_the_proposal_it_accepted_when_named_by_key_and_v
     assert store.entry("j") is None and store.entry("nothing") is None
     for bad in [{"items": [["k", "k"]]}, {"items": [["k", ["k"], b1]]}, {"items": [["k", "k", 7]]}]:
         assert call(client, "POST", "/internal/paxos", json.dumps(bad).encode())[0] == 400, bad
-    acceptor.close()

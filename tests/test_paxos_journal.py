@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_paxos import never, result
+from test_paxos import node, restart, result
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from kvd.journal import SNAPSHOT, CorruptStore, journal_name
 from kvd.keys import typed_value
-from kvd.paxos import FILE, Acceptor, Proposal
+from kvd.paxos import FILE, Acceptor, Proposal, recover
 from kvd.store import Store, synchronous
+from kvd.testing.paxos_jsonl import paxos_jsonl, write_paxos_jsonl
 from kvd.testing.runners import ManualRunner
 from kvd.versions import HybridClock
 
@@ -30,20 +31,6 @@ CRASH_STEPS = ["before-snapshot", "written", "synced", "renamed", "dir-synced"]
 
 class SimulatedCrash(Exception):
     pass
-
-
-def node(opened: list[Store], directory: Path, **kwargs: Any) -> tuple[Store, Acceptor]:
-    """A node's store and acceptor on C{directory}, as a (re)started node makes them."""
-    store = Store.open(str(directory), clock=HybridClock(lambda: 1_700_000_000.0, "n"), **kwargs)
-    opened.append(store)
-    return store, Acceptor.in_store(store)
-
-
-def restart(opened: list[Store], store: Store, **kwargs: Any) -> tuple[Store, Acceptor]:
-    """The node dies (nothing more is written) and starts again on the same dir."""
-    if not store._closed:
-        store.abandon()
-    return node(opened, Path(store.directory), **kwargs)
 
 
 def test_a_batch_of_promises_acceptances_and_commits_is_one_journal_write(tmp_path: Path, opened: list[Store]) -> None:
@@ -235,17 +222,42 @@ def test_a_damaged_acceptor_record_before_the_last_stops_start_up(tmp_path: Path
 
 
 def _old_file(directory: Path) -> bytes:
-    """A paxos.jsonl as a node before the change left it: a floor, an open proposal, a promise."""
-    committed = {B1}
-    old = Acceptor.open(str(directory), lambda key, version: version in committed)
-    result(old.accept("done", Proposal(B1, "d", B1)))
-    old.compact_min_bytes = 0
-    result(old.accept("open", Proposal(B2, "o", B2)))  # compacts: "done" folds into the floor
-    old.compact_min_bytes = 1 << 30
-    result(old.prepare("promised", B3))
-    old.close()
-    assert old.floor == B1
-    return (directory / FILE).read_bytes()
+    """
+    A paxos.jsonl as a node before the change left it: a floor (a compaction folded "done",
+    accepted and committed at B1, into it), an open proposal, a promise.
+    """
+    return write_paxos_jsonl(str(directory), [("open", B2, Proposal(B2, "o", B2)), ("promised", B3, None)], floor=B1)
+
+
+def test_the_old_file_helper_writes_the_format_a_kvd_of_before_wrote_and_recover_reads_it(tmp_path: Path) -> None:
+    """The migration tests' paxos.jsonl is byte for byte what a kvd of before wrote, and what L{recover} reads."""
+    binary = typed_value(bytes(range(256)), "application/octet-stream")
+    states = [
+        ("open", B2, Proposal(B2, "o", B2)),
+        ("promised", B3, None),
+        ("gone", B3, Proposal(B3, None, B3)),  # a conditional DELETE
+        ("bin", B1, Proposal(B1, binary, B1)),
+        ("promised", B4, None),  # a later line of a key is its newer state
+    ]
+    data = write_paxos_jsonl(str(tmp_path), states, floor=B1)
+    assert data == (tmp_path / FILE).read_bytes()
+    lines = data.split(b"\n")
+    assert lines[:4] == [
+        b'{"floor":"' + B1.encode() + b'"}',
+        b'{"k":"open","p":"' + B2.encode() + b'","a":["' + B2.encode() + b'","o","' + B2.encode() + b'"]}',
+        b'{"k":"promised","p":"' + B3.encode() + b'"}',
+        b'{"k":"gone","p":"' + B3.encode() + b'","a":["' + B3.encode() + b'",null,"' + B3.encode() + b'"]}',
+    ], "the lines a kvd of before wrote (its _record and _floor_record, through wire_json)"
+    assert lines[-1] == b"" and len(lines) == 7, "one line per state and the floor, each ending in a newline"
+    recovered, floor, good, torn = recover(str(tmp_path / FILE))
+    assert (floor, good, torn) == (B1, len(data), 0)
+    assert {key: (state.promised, state.accepted) for key, state in recovered.items()} == {
+        "open": (B2, Proposal(B2, "o", B2)),
+        "promised": (B4, None),
+        "gone": (B3, Proposal(B3, None, B3)),
+        "bin": (B1, Proposal(B1, binary, B1)),
+    }
+    assert paxos_jsonl(states[1:2]) == lines[2] + b"\n", "no floor: no floor line"
 
 
 def test_a_paxos_jsonl_of_before_is_carried_into_the_journal_then_removed(tmp_path: Path, opened: list[Store]) -> None:
@@ -266,6 +278,20 @@ def test_a_paxos_jsonl_of_before_is_carried_into_the_journal_then_removed(tmp_pa
     assert not result(again.prepare("done", B1)).promised
 
 
+def test_a_paxos_jsonl_of_before_with_a_torn_last_line_is_carried_over_without_it(
+    tmp_path: Path, opened: list[Store]
+) -> None:
+    write_paxos_jsonl(str(tmp_path), [("k", B1, None), ("k", B2, Proposal(B2, None, B2)), ("j", B3, None)])
+    with open(tmp_path / FILE, "ab") as f:
+        f.write(b'{"k": "k", "p": "018f0000')  # a crash mid-write
+    store, acceptor = node(opened, tmp_path)
+    assert acceptor.state("k") == (B2, Proposal(B2, None, B2)) and acceptor.state("j") == (B3, None)
+    assert not result(acceptor.prepare("k", B1)).promised
+    assert not (tmp_path / FILE).exists()
+    store, again = restart(opened, store)
+    assert again.state("k") == (B2, Proposal(B2, None, B2)) and again.state("j") == (B3, None)
+
+
 def test_a_crash_after_the_migration_before_the_removal_keeps_the_journals_newer_state(
     tmp_path: Path, opened: list[Store]
 ) -> None:
@@ -284,8 +310,9 @@ def test_a_corrupt_paxos_jsonl_of_before_stops_start_up(tmp_path: Path, opened: 
     (tmp_path / FILE).write_bytes(b'{"k": "k", "p": "x"}\nnot json\n{"k": "j", "p": "y"}\n')
     store = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))
     opened.append(store)
-    with pytest.raises(CorruptStore):
+    with pytest.raises(CorruptStore) as raised:
         Acceptor.in_store(store)
+    assert "byte 21" in str(raised.value) and "\n" not in str(raised.value), "one line, naming the record"
     assert (tmp_path / FILE).exists(), "nothing is removed"
 
 
@@ -335,9 +362,7 @@ def test_a_typed_value_s_proposal_survives_the_journal_a_snapshot_and_a_migratio
     result(store.close())
     old = tmp_path / "old"
     old.mkdir()
-    file_acceptor = Acceptor.open(str(old), never)
-    result(file_acceptor.accept("bin", Proposal(B2, binary, B2)))
-    file_acceptor.close()
+    write_paxos_jsonl(str(old), [("bin", B2, Proposal(B2, binary, B2))])  # an acceptance of before
     store, migrated = node(opened, old)
     store, again = restart(opened, store)
     assert again.state("bin") == (B2, Proposal(B2, binary, B2)) and not (old / FILE).exists()
@@ -481,7 +506,7 @@ def test_a_failed_journal_write_answers_no_promise_and_the_failed_store_answers_
 def test_a_data_dir_of_before_with_a_format_3_snapshot_and_a_paxos_jsonl_keeps_both_through_compactions(
     tmp_path: Path, opened: list[Store]
 ) -> None:
-    before = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))  # no acceptor in it
+    before = Store.open(str(tmp_path), clock=HybridClock(lambda: 1_700_000_000.0, "n"))  # the store alone, as before
     opened.append(before)
     result(before.apply_batch([["done", "d", B1], ["x", "y", B2]]))
     result(before.compact())
@@ -505,11 +530,7 @@ def test_a_data_dir_of_before_with_a_format_3_snapshot_and_a_paxos_jsonl_keeps_b
 def test_a_paxos_jsonl_whose_removal_failed_brings_back_no_proposal_a_compaction_forgot(
     tmp_path: Path, opened: list[Store]
 ) -> None:
-    old = Acceptor.open(str(tmp_path), never)
-    result(old.accept("k", Proposal(B1, "old", B1)))
-    result(old.prepare("open", B2))
-    old.close()
-    saved = (tmp_path / FILE).read_bytes()
+    saved = write_paxos_jsonl(str(tmp_path), [("k", B1, Proposal(B1, "old", B1)), ("open", B2, None)])
     store, acceptor = node(opened, tmp_path)
     (tmp_path / FILE).write_bytes(saved)  # its removal failed: the file stays
     result(store.apply_batch([["k", "old", B1]]))

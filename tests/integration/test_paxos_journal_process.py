@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from kvd.paxos import FILE, Acceptor, Proposal
+from kvd.paxos import FILE, Proposal
+from kvd.testing.paxos_jsonl import write_paxos_jsonl
 from kvd.testing.processes import Processes, request
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,11 +31,7 @@ def paxos(port: int, *items: list[Any]) -> list[Any]:
 def test_a_node_on_a_data_dir_with_a_paxos_jsonl_migrates_it_and_keeps_its_promises(processes: Processes) -> None:
     data = processes.workdir / "data" / "a"
     data.mkdir(parents=True)
-    old = Acceptor.open(str(data), lambda key, version: False)
-    old.prepare("j", B2)
-    old.accept("k", Proposal(B2, "v", B2))
-    old.close()
-    assert (data / FILE).exists()
+    write_paxos_jsonl(str(data), [("j", B2, None), ("k", B2, Proposal(B2, "v", B2))])  # a promise, an acceptance
     node = processes.node("a").start()
     # What the old file promised and accepted holds: lower ballots are refused.
     assert paxos(node.port, ["p", "k", B1], ["p", "j", B1]) == [

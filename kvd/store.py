@@ -587,14 +587,6 @@ class Store:
         )
         return versions, tombstones
 
-    def unsettled(self) -> set[str]:
-        """
-        The keys changed in memory whose journal records are not durable yet: queued for
-        the next journal write, or in the one under way. Every other key's entry is durable
-        (a failed write puts memory back as it was).
-        """
-        return {key for pending in (*self._in_flight, *self._queue) for key, _ in pending.undo}
-
     @property
     def journal_bytes(self) -> int:
         return self._journal_bytes

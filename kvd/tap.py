@@ -10,6 +10,7 @@ and status 2, never a traceback or the whole usage text.
 from __future__ import annotations
 
 import gc
+import sys
 from typing import Any, NoReturn
 
 from twisted.application import service
@@ -99,8 +100,17 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    lean_poll_if_epoll(reactor)
     reactor.callWhenRunning(settle_gc)
     return assemble(reactor, config.config)
+
+
+def lean_poll_if_epoll(reactor: Any) -> None:
+    """L{kvd.lean_poll.lean_poll}, where there is epoll (Linux)."""
+    if sys.platform.startswith("linux"):
+        from kvd.lean_poll import lean_poll
+
+        lean_poll(reactor)
 
 
 #: Allocations (net of frees) between two young-generation collections; Python's default is 700.

@@ -330,8 +330,10 @@ def main(argv: list[str]) -> None:
     from twisted.logger import FileLogObserver, eventAsText, globalLogBeginner
 
     from kvd.roles import worker_services
+    from kvd.tap import lean_poll_if_epoll
 
     reactor: Any = global_reactor
+    lean_poll_if_epoll(reactor)
     index, family, config = int(argv[0]), socket.AddressFamily(int(argv[1])), config_from_json(argv[2])
     globalLogBeginner.beginLoggingTo(
         [FileLogObserver(sys.stderr, lambda event: (eventAsText(event, includeTimestamp=False) or "") + "\n")],

@@ -108,10 +108,18 @@ class _Group(click.Group):
             fail(_named(ctx.invoked_subcommand, str(e)), 3)
         except KvdError as e:
             fail(_named(ctx.invoked_subcommand, str(e)), 1)
+        except BrokenPipeError:  # a pager or `head` went away: not a failure (an OSError: caught first)
+            _quiet_stdout()
+            sys.exit(0)
         except OSError as e:
             fail(f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": "), 1)
-        except BrokenPipeError:  # a pager or `head` went away: not a failure
-            sys.exit(0)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -386,14 +386,17 @@ def _estimated_keys(c: Context) -> int | None:
 
 
 @main.command(name="export")
-@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("file", type=click.Path(allow_dash=True))  # not click's dir check: a file not written is status 1
 @click.option("--at", metavar="T", help="A consistent cut: every key's newest version no later than HLC time T.")
 @pass_context
 def export(c: Context, file: str, at: str | None) -> None:
     """Write every key's newest entry to FILE (`-`: standard output), one JSON object a line."""
     total = _estimated_keys(c)
     count = 0
-    out = sys.stdout.buffer if file == "-" else open(file, "wb")  # noqa: SIM115 - closed below
+    try:
+        out = sys.stdout.buffer if file == "-" else open(file, "wb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        fail(f"export: cannot write {file}: {e.strerror or e}", 1)
     try:
         with _progress(c, in_bytes=False) as progress:
             task = progress.add_task("export", total=total)

@@ -454,6 +454,11 @@ class _FrontDoor(Resource):
         self._auth = auth
 
     @property
+    def auth(self) -> Auth:
+        """What requests must carry (the Site checks it too, before reading a large body)."""
+        return self._auth
+
+    @property
     def serves_fast(self) -> bool:
         """Whether any route is served without Klein (what a lean connection asks first)."""
         return bool(self._kv or self._exact)

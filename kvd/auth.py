@@ -3,8 +3,9 @@ Who may call what: the cluster secret and the client token.
 
 With a cluster secret, the registry API and every C{/internal/} endpoint answer only
 requests that carry it as C{Authorization: Bearer <secret>}; kvd processes send it on every
-call they make to each other. With a client token, C{/kv/} (and the gateway's C{/cluster/key/})
-answers only requests that carry the token (or the cluster secret: a gateway forwards with it).
+call they make to each other. With a client token, C{/kv/} and the rest of the client API
+(the gateway's C{/kv}, C{/batch}, C{/changes}, C{/export}, C{/import} and C{/cluster/key/})
+answer only requests that carry the token (or the cluster secret: a gateway forwards with it).
 Comparisons take the same time whatever the guess. Secrets are never logged or shown.
 """
 
@@ -19,8 +20,9 @@ from kvd import paths
 _PROTECTED_BY_SECRET = (paths.REGISTRY, paths.INTERNAL)
 #: What the client token guards: the data, and which versions of a key each replica holds.
 _PROTECTED_BY_TOKEN = (paths.KV, paths.CLUSTER_KEY)
-#: The client API beyond single keys: the listing (GET /kv) and batches, guarded like /kv/.
-_CLIENT_PATHS = (paths.KV.rstrip(b"/"), paths.BATCH)
+#: The client API beyond single keys, guarded like /kv/: the listing (GET /kv), batches, the
+#: change feed and export (every value) and import (writes).
+_CLIENT_PATHS = (paths.KV.rstrip(b"/"), paths.BATCH, paths.CHANGES, paths.EXPORT, paths.IMPORT)
 
 
 class BadSecretFile(Exception):

@@ -108,10 +108,18 @@ class _Group(click.Group):
             fail(_named(ctx.invoked_subcommand, str(e)), 3)
         except KvdError as e:
             fail(_named(ctx.invoked_subcommand, str(e)), 1)
+        except BrokenPipeError:  # a pager or `head` went away: not a failure (an OSError: caught first)
+            _quiet_stdout()
+            sys.exit(0)
         except OSError as e:
             fail(f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": "), 1)
-        except BrokenPipeError:  # a pager or `head` went away: not a failure
-            sys.exit(0)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -378,14 +386,17 @@ def _estimated_keys(c: Context) -> int | None:
 
 
 @main.command(name="export")
-@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("file", type=click.Path(allow_dash=True))  # not click's dir check: a file not written is status 1
 @click.option("--at", metavar="T", help="A consistent cut: every key's newest version no later than HLC time T.")
 @pass_context
 def export(c: Context, file: str, at: str | None) -> None:
     """Write every key's newest entry to FILE (`-`: standard output), one JSON object a line."""
     total = _estimated_keys(c)
     count = 0
-    out = sys.stdout.buffer if file == "-" else open(file, "wb")  # noqa: SIM115 - closed below
+    try:
+        out = sys.stdout.buffer if file == "-" else open(file, "wb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        fail(f"export: cannot write {file}: {e.strerror or e}", 1)
     try:
         with _progress(c, in_bytes=False) as progress:
             task = progress.add_task("export", total=total)

@@ -13,6 +13,10 @@ INTERNAL = b"/internal/"
 BATCH = b"/batch"
 #: Streaming a whole data set back in, on the gateway (a body of any size, spooled to disk).
 IMPORT = b"/import"
+#: Streaming every current entry out, on the gateway.
+EXPORT = b"/export"
+#: The change feed, on the gateway: every write's key, value and version.
+CHANGES = b"/changes"
 #: The registry API.
 REGISTRY = b"/registry/"
 #: A key's preference list on the gateway.

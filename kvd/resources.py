@@ -357,8 +357,15 @@ class Routes:
                 result = _call_keyed(handler, api, request, prefix)
                 return result.deferred() if result.__class__ is Answering else result
 
+            def empty(api: object, request: IRequest, **_: object) -> Rendered:
+                # Without strict slashes "/kv" matches "/kv/" too: on a role with no route of its
+                # own there (a node's GET /kv, a listing), that is no endpoint, not an empty key.
+                if request.path == prefix.rstrip(b"/"):
+                    return render_error(request, Failure(RouteNotFound()))
+                return via_klein(api, request)
+
             name = handler.__name__
-            self.app.route(prefix.decode(), methods=list(methods), endpoint=f"{name}-empty")(via_klein)
+            self.app.route(prefix.decode(), methods=list(methods), endpoint=f"{name}-empty")(empty)
             self.app.route(prefix.decode() + "<rest:_>", methods=list(methods), endpoint=name)(via_klein)
             if fast:
                 for method in methods:
@@ -445,6 +452,11 @@ class _FrontDoor(Resource):
                 {method.decode(), "HEAD"} if method == b"GET" else {method.decode()}
             )
         self._auth = auth
+
+    @property
+    def auth(self) -> Auth:
+        """What requests must carry (the Site checks it too, before reading a large body)."""
+        return self._auth
 
     @property
     def serves_fast(self) -> bool:

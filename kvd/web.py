@@ -26,6 +26,7 @@ from twisted.web.server import Request, Site
 from twisted.web.server import version as server_version
 
 from kvd import paths
+from kvd.auth import Auth
 from kvd.codec import answer_json
 from kvd.keys import DEFAULT_MAX_VALUE_BYTES, internal_message_limit
 from kvd.metrics import Metrics, now
@@ -117,6 +118,11 @@ def _raw_response(status: int, reason: bytes, obj: object) -> bytes:
         len(body),
         body,
     )
+
+
+_UNAUTHORIZED = _raw_response(
+    401, b"Unauthorized", {"success": False, "error": "this needs a valid Authorization: Bearer token"}
+).replace(b"\r\n\r\n", b'\r\nWWW-Authenticate: Bearer realm="kvd"\r\n\r\n', 1)
 
 
 def _too_large(limit: int) -> bytes:
@@ -245,7 +251,31 @@ class BoundedChannel(HTTPChannel):
             self.refuse()
             self.setRawMode()
             return
+        if self._unauthorized_large_body():
+            self._refuse_unauthorized()
+            self.setRawMode()
+            return
         super().allHeadersReceived()
+
+    def _unauthorized_large_body(self) -> bool:
+        # An import's body (up to 16 GiB, spooled to disk) is refused before it is read when its
+        # token is wrong, not after: an unauthenticated client must not fill the gateway's disk.
+        auth = self.site.auth
+        if auth is None or not auth.required or self.length == 0 or not self.requests:
+            return False
+        path = self._path.split(b"?", 1)[0]
+        if path != paths.IMPORT:
+            return False
+        given = self.requests[-1].requestHeaders.getRawHeaders(b"authorization")
+        return not auth.allows(path, given[0] if given else None)
+
+    def _refuse_unauthorized(self) -> None:
+        self._refused = True
+        if self.site.metrics is not None:
+            self.site.metrics.observe_request(self._path, getattr(self, "_command", b"?"), 401, 0.0)
+        assert self.transport is not None
+        self.transport.write(_UNAUTHORIZED)
+        self.loseConnection()
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self._refused:
@@ -436,6 +466,9 @@ class BoundedSite(Site):
     ) -> None:
         super().__init__(resource, timeout=timeout, **kwargs)
         self.max_body = max_body
+        #: What the resource requires of requests (its front door's), checked here too for an
+        #: import's body, before it is read.
+        self.auth: Auth | None = getattr(resource, "auth", None)
         #: Batches between kvd processes carry many values at once; so does a client's
         #: POST /batch, bounded the same way: the gateway holds its body in memory, as a node
         #: does an internal batch (a batch of 1,000 values of the largest size is refused).

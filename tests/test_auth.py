@@ -11,7 +11,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 
-from kvd.auth import Auth, BadSecretFile, read_secret
+from kvd.auth import Auth, BadSecretFile, bearer, read_secret
 from kvd.registry import Registry
 from kvd.resources import NodeAPI, RegistryAPI
 from kvd.store import Store
@@ -83,6 +83,17 @@ def test_a_client_token_guards_the_key_value_api_only(tmp_path: Path) -> None:
         assert call(stub, "GET", "http://n/healthz")[0] == 200
     finally:
         store.abandon()
+
+
+def test_a_client_token_guards_every_way_to_the_data_not_only_single_keys() -> None:
+    """The change feed and export read every value, import writes: none is open while /kv/ is closed."""
+    auth = Auth(client_token=TOKEN)
+    for path in (b"/kv", b"/batch", b"/changes", b"/export", b"/import", b"/kv/k", b"/cluster/key/k"):
+        assert not auth.allows(path, None), path
+        assert not auth.allows(path, b"Bearer wrong"), path
+        assert auth.allows(path, bearer(TOKEN)), path
+    for path in (b"/healthz", b"/readyz", b"/metrics", b"/ui", b"/cluster", b"/cluster/ring"):
+        assert auth.allows(path, None), path
 
 
 def test_secret_files_are_read_stripped_and_checked(tmp_path: Path) -> None:

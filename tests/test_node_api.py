@@ -142,6 +142,15 @@ def test_unknown_path_is_404_json(client: StubTreq) -> None:
     assert status == 404 and body == {"success": False, "error": "no such endpoint"}
 
 
+def test_a_path_without_the_key_route_s_slash_is_no_endpoint_not_an_empty_key(client: StubTreq) -> None:
+    """A node does not list (GET /kv is a gateway's): it says so, not that the key is empty; /kv/ is a key."""
+    for method in ("GET", "PUT", "DELETE"):
+        status, body, _ = call(client, method, "/kv", b"v")
+        assert (status, body) == (404, {"success": False, "error": "no such endpoint"}), method
+    status, body, _ = call(client, "GET", "/kv/")
+    assert status == 400 and "1 to 512 bytes" in body["error"]
+
+
 def test_node_reports_its_id_and_live_key_count(client: StubTreq) -> None:
     call(client, "PUT", "/kv/a", b"1")
     call(client, "PUT", "/kv/b", b"2")

@@ -316,3 +316,39 @@ def test_the_idle_timer_is_not_made_anew_for_each_request_and_keeps_its_meaning(
     assert transport.disconnecting, "idle for 61 s"
     protocol.connectionLost(None)  # type: ignore[attr-defined]
     assert clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_an_import_without_its_token_is_refused_before_its_body_is_read(lean: bool) -> None:
+    """An import (up to 16 GiB, spooled to disk) from a client without the token: 401 at once, body unread."""
+    from kvd.auth import Auth
+    from kvd.lean_http import LeanSite
+    from kvd.resources import Routes
+
+    class Imports:
+        routes = Routes()
+
+        @routes.path("/import", "POST")
+        def import_(self, request: Any) -> bytes:
+            return b"imported"
+
+    kind = LeanSite if lean else BoundedSite
+    site = kind(Imports.routes.resource(Imports(), Auth(client_token=b"tok")), max_body=10)
+    for path, authorization in ((b"/import", b""), (b"/import?x=1", b"Authorization: Bearer wrong\r\n")):
+        protocol = site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(  # type: ignore[attr-defined]
+            b"POST %s HTTP/1.1\r\nHost: x\r\n%sContent-Length: 100000\r\n\r\nsome" % (path, authorization)
+        )
+        answer = transport.value()
+        assert answer.startswith(b"HTTP/1.1 401 "), (path, answer)
+        assert b'WWW-Authenticate: Bearer realm="kvd"' in answer and b'"success": false' in answer
+        assert transport.disconnecting, path
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(  # type: ignore[attr-defined]
+        b"POST /import HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nContent-Length: 4\r\n\r\nbody"
+    )
+    assert b"imported" in transport.value(), "with the token the body is read and the handler answers"

@@ -216,6 +216,33 @@ def test_the_command_lists_exports_and_imports(fake: tuple[FakeGateway, str], tm
     assert len(gateway.data) == 1200
 
 
+def test_a_file_export_cannot_write_is_exit_status_1_naming_the_command_and_file(
+    fake: tuple[FakeGateway, str], tmp_path: Path
+) -> None:
+    """As docs/cli.md says: one line naming the subcommand and the file, as import's does."""
+    _, url = fake
+    for path in (tmp_path / "no-such-dir" / "backup.ndjson", tmp_path):
+        failed = run("--url", url, "export", str(path))
+        assert failed.returncode == 1 and failed.stdout == b""
+        assert failed.stderr == f"kvd: export: cannot write {path}: ".encode() + failed.stderr.split(b": ")[-1]
+        assert failed.stderr.count(b"\n") == 1
+
+
+def test_a_reader_that_goes_away_early_is_not_a_failure(fake: tuple[FakeGateway, str]) -> None:
+    """`kvd ls | head -1`: the closed pipe ends kvd quietly, exit status 0, nothing on stderr."""
+    gateway, url = fake
+    for i in range(3000):
+        gateway._write(f"key{i:04d}", "v" * 100)
+    for args in (("ls",), ("export", "-")):
+        with subprocess.Popen([KVD, "--url", url, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as kvd_:
+            assert kvd_.stdout is not None and kvd_.stderr is not None
+            kvd_.stdout.readline()
+            kvd_.stdout.close()
+            stderr = kvd_.stderr.read()
+            assert kvd_.wait(timeout=30) == 0, (args, stderr)
+        assert b"kvd:" not in stderr and b"Traceback" not in stderr and b"Broken pipe" not in stderr, (args, stderr)
+
+
 def test_kvd_cluster_takes_each_nodes_figures_from_the_gateway(fake: tuple[FakeGateway, str]) -> None:
     """Only the gateway need be reachable: the nodes' URLs here refuse, yet a and b show their figures."""
     gateway, url = fake

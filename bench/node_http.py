@@ -31,7 +31,7 @@ from cores import add_pin_arguments, pin_cores
 from profiling import PySpy, add_profile_argument, summarize_profile
 from report import machine, median, met, report_quiet
 from servers import Server, free_port, http_request, node_argv, preload, twistd_command
-from wrk import GET_LUA, PUT_LUA, WrkResult, run_wrk, write_lua
+from wrk import GET_LUA, PUT_LUA, WrkResult, add_wrk_arguments, run_wrk, write_lua
 
 GET_TARGET = 0.45
 _RUN = itertools.count(1)
@@ -100,16 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
-    parser.add_argument(
-        "--warmup", type=float, default=2.0, help="seconds of unmeasured wrk before each run (default 2; 0: none)"
-    )
-    parser.add_argument("--keys", type=int, default=1000, help="keys preloaded and cycled over (default 1000)")
-    parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
-    parser.add_argument(
-        "--rounds", type=int, default=1, help="repeat bare-then-node R times; medians are reported (default 1)"
-    )
+    add_wrk_arguments(parser, rounds_of="bare-then-node")
     add_pin_arguments(parser)
     add_profile_argument(parser)
     args = parser.parse_args(argv)

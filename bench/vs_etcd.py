@@ -61,7 +61,7 @@ from servers import (
     preload,
     wait_for_members,
 )
-from wrk import GET_LUA, PUT_LUA, WrkResult, run_wrk, write_lua
+from wrk import GET_LUA, PUT_LUA, THREAD_START_LUA, WrkResult, run_wrk, write_lua
 
 PUT_RATIO_TARGET = 1.0
 GET_RATIO_TARGET = 1.0
@@ -75,7 +75,8 @@ TAIL_BOUNDS = ("0.0025", "0.005", "0.01", "0.025")
 ETCD_INSTALL = "apt-get install etcd-server"
 
 # etcd's JSON gateway: one POST body per key, base64 inside JSON, built here (Lua has no base64).
-ETCD_LUA = """\
+ETCD_LUA = (
+    """\
 -- POST {path} with body i of the table below, i cycling over 1..n; each wrk thread starts elsewhere.
 local bodies = {{
 {bodies}
@@ -83,17 +84,15 @@ local bodies = {{
 local n = #bodies
 local i = 0
 local headers = {{["Content-Type"] = "application/json"}}
-setup = function(thread)
-  thread:set("start", math.random(0, n - 1))
-end
-init = function(args)
-  i = start or 0
-end
+"""
+    + THREAD_START_LUA
+    + """\
 request = function()
   i = (i % n) + 1
   return wrk.format("POST", "{path}", headers, bodies[i])
 end
 """
+)
 
 
 def b64(text: str) -> str:

@@ -5,6 +5,7 @@ the numbers it prints.
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 from pathlib import Path
@@ -12,38 +13,61 @@ from typing import Any
 
 from cores import pinned
 
-GET_LUA = """\
--- GET /kv/<prefix><i> for i cycling over 0..n-1; each wrk thread starts elsewhere.
-local n = {n}
-local i = 0
+#: Each wrk thread starts at a random i of 0..n-1 (the script's own n), so threads do not walk in
+#: step. No braces: it joins the str.format templates below and in vs_etcd.py as it is.
+THREAD_START_LUA = """\
 setup = function(thread)
   thread:set("start", math.random(0, n - 1))
 end
 init = function(args)
   i = start or 0
 end
+"""
+
+GET_LUA = (
+    """\
+-- GET /kv/<prefix><i> for i cycling over 0..n-1; each wrk thread starts elsewhere.
+local n = {n}
+local i = 0
+"""
+    + THREAD_START_LUA
+    + """\
 request = function()
   i = (i + 1) % n
   return wrk.format("GET", "/kv/{prefix}" .. i)
 end
 """
+)
 
-PUT_LUA = """\
+PUT_LUA = (
+    """\
 -- PUT /kv/<prefix><i> with a fixed {size}-byte body, i cycling over 0..n-1.
 local n = {n}
 local i = 0
 local body = string.rep("v", {size})
-setup = function(thread)
-  thread:set("start", math.random(0, n - 1))
-end
-init = function(args)
-  i = start or 0
-end
+"""
+    + THREAD_START_LUA
+    + """\
 request = function()
   i = (i + 1) % n
   return wrk.format("PUT", "/kv/{prefix}" .. i, nil, body)
 end
 """
+)
+
+
+def add_wrk_arguments(parser: argparse.ArgumentParser, rounds_of: str) -> None:
+    """A wrk benchmark's common options; C{rounds_of} names what one round runs ("bare-then-node")."""
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of unmeasured wrk before each run (default 2; 0: none)"
+    )
+    parser.add_argument("--keys", type=int, default=1000, help="keys preloaded and cycled over (default 1000)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help=f"repeat {rounds_of} R times; medians are reported (default 1)"
+    )
 
 
 def write_lua(directory: Path, name: str, template: str, **params: Any) -> Path:

@@ -5,7 +5,8 @@ Twisted's web server reads a whole request body before any resource sees it and 
 limit, so the limit lives here, in the channel and request: a Content-Length over the limit
 is refused before one byte of the body is read, and a body without one (chunked) is cut off
 as soon as it passes the limit. Either way the client gets a 413 JSON answer and the
-connection is closed, since the rest of the body is not read.
+connection is closed, since the rest of the body is not read. A body whose request lacks the
+token its path needs is refused the same way, 401 from the head, before it is read.
 """
 
 from __future__ import annotations
@@ -251,23 +252,22 @@ class BoundedChannel(HTTPChannel):
             self.refuse()
             self.setRawMode()
             return
-        if self._unauthorized_large_body():
+        if self._unauthorized_body():
             self._refuse_unauthorized()
             self.setRawMode()
             return
         super().allHeadersReceived()
 
-    def _unauthorized_large_body(self) -> bool:
-        # An import's body (up to 16 GiB, spooled to disk) is refused before it is read when its
-        # token is wrong, not after: an unauthenticated client must not fill the gateway's disk.
+    def _unauthorized_body(self) -> bool:
+        # A body whose request lacks its token (an import's, up to 16 GiB spooled to disk; a
+        # batch's or an internal one's, up to the internal limit in memory; a PUT's) is refused
+        # from the head, not after it is read: an unauthenticated client must not fill the
+        # gateway's disk or memory.
         auth = self.site.auth
         if auth is None or not auth.required or self.length == 0 or not self.requests:
             return False
-        path = self._path.split(b"?", 1)[0]
-        if path != paths.IMPORT:
-            return False
         given = self.requests[-1].requestHeaders.getRawHeaders(b"authorization")
-        return not auth.allows(path, given[0] if given else None)
+        return not auth.allows(self._path.split(b"?", 1)[0], given[0] if given else None)
 
     def _refuse_unauthorized(self) -> None:
         self._refused = True

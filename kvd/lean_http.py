@@ -45,7 +45,7 @@ from zope.interface import implementer
 from kvd.codec import answer_json
 from kvd.metrics import now
 from kvd.transport import send_eagerly
-from kvd.web import _PLAIN, BoundedSite, HotRequest, Pending, http_date
+from kvd.web import _PLAIN, BoundedSite, HotRequest, Pending, http_date, origin_form
 
 _log = Logger()
 
@@ -392,6 +392,8 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
         if len(parts) != 3:
             return None
         method, uri, version = parts
+        if uri[:1] != b"/":
+            uri = origin_form(uri)  # an absolute-form target: served as twisted.web serves it
         if (
             version != b"HTTP/1.1"
             or not method

@@ -111,6 +111,23 @@ _PLAIN = {
 }
 
 
+def origin_form(target: bytes) -> bytes:
+    """
+    A request target in absolute form (C{http://host:port/kv/a?x}, which RFC 9112 says a server
+    must accept) as the origin form it stands for (C{/kv/a?x}); any other target as it is.
+    """
+    scheme = target[:8].lower()
+    if scheme.startswith(b"http://"):
+        rest = target[7:]
+    elif scheme == b"https://":
+        rest = target[8:]
+    else:
+        return target
+    ends = [at for at in (rest.find(b"/"), rest.find(b"?")) if at >= 0]
+    path = rest[min(ends) :] if ends else b""
+    return path if path[:1] == b"/" else b"/" + path
+
+
 def _raw_response(status: int, reason: bytes, obj: object) -> bytes:
     body = json_body(obj)
     return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
@@ -247,6 +264,8 @@ class BoundedChannel(HTTPChannel):
         return bool(super().checkPersistence(request, version))
 
     def allHeadersReceived(self) -> None:
+        if self._path[:1] != b"/":
+            self._path = origin_form(self._path)  # served, limited and checked as its origin form
         if self.length is not None and self.length > self.site.limit_for(self._path):
             # Before super(): it would answer "100 Continue" to a client that asked.
             self.refuse()

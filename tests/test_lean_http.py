@@ -198,6 +198,13 @@ KV_REQUESTS = [
     b"GET /kv/a HTTP/1.1\r\nBad Header: x\r\n\r\n",
     b"GET /kv/a HTTP/1.1\r\nX: a\rb\r\n\r\n",
     b"garbage\r\n\r\n",
+    req("PUT", "http://127.0.0.1:8000/kv/absolute", b"v"),
+    req("GET", "HTTP://x/kv/absolute?raw=true"),
+    req("GET", "https://x:1/kv/a"),
+    req("GET", "http://x"),
+    req("GET", "http://x?limit=1"),
+    req("GET", "http:/kv/a"),
+    req("GET", "ftp://x/kv/a"),
 ]
 NODE_REQUESTS = [
     internal("/internal/apply", {"items": [["i1", "v", "0000018c2f4e5a6b0001-gw1"]]}),
@@ -355,6 +362,19 @@ def test_bearer_tokens_are_checked_on_the_lean_path_as_on_twisted_web(tmp_path: 
         pair.close()
 
 
+def test_an_absolute_form_target_is_served_as_its_origin_form(nodes: Pair, gateways: Pair) -> None:
+    """RFC 9112: a server MUST accept GET http://host/kv/a as it does GET /kv/a."""
+    for pair in (nodes, gateways):
+        answer, closed = pair.exchange([req("PUT", "http://127.0.0.1:8000/kv/abs", b"v")])
+        assert answer.startswith(b"HTTP/1.1 200 OK") and not closed, answer
+        answer, _ = pair.exchange([req("GET", "http://127.0.0.1:8000/kv/abs?raw=true")])
+        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\nv"), answer
+    assert nodes.new.metrics.counts[("/kv/{key}", b"GET", 200)] == 1, "counted under its route"
+    protocol, transport = nodes.new.connect()
+    protocol.dataReceived(req("GET", "http://127.0.0.1:8000/kv/abs"))
+    assert b"200 OK" in transport.value() and protocol.fallen is None, "on the lean path, not handed over"
+
+
 def test_a_body_without_its_token_is_refused_from_its_head_on_both_paths(tmp_path: Path) -> None:
     """
     A request with a body but not its token (client token for /kv/ and /batch, the cluster
@@ -371,6 +391,7 @@ def test_a_body_without_its_token_is_refused_from_its_head_on_both_paths(tmp_pat
         (nodes, "POST", "/internal/read", (), "sec"),
         (gateways, "POST", "/batch", ("Authorization: Bearer nope",), "tok"),
         (gateways, "PUT", "/kv/a", (), "sec"),
+        (gateways, "PUT", "http://gw/kv/a", (), "tok"),
     ]
     try:
         for pair, method, target, headers, token in refused:

@@ -149,10 +149,17 @@ pass_context = click.make_pass_decorator(Context)
 
 @main.command()
 @click.argument("key")
+@click.option("--raw", is_flag=True, help="Write the value's bytes exactly (no newline, bytes not in base64).")
 @pass_context
-def get(c: Context, key: str) -> None:
+def get(c: Context, key: str, raw: bool) -> None:
     """Print KEY's value (with --json: its key, value and version)."""
+    if raw and c.as_json:
+        raise click.UsageError("give --raw or --json, not both")
     entry = c.client.get(key)
+    if raw:
+        sys.stdout.buffer.write(entry.value_bytes)
+        sys.stdout.buffer.flush()
+        return
     c.emit(entry.to_json(), lambda: click.echo(entry.value))
 
 
@@ -164,15 +171,16 @@ def get(c: Context, key: str) -> None:
 @click.option("--if-absent", is_flag=True, help="Write only if the key does not exist.")
 @pass_context
 def put(c: Context, key: str, value: str, ttl: float | None, if_version: str | None, if_absent: bool) -> None:
-    """Set KEY to VALUE (`-` reads the value from standard input); prints the new version."""
+    """
+    Set KEY to VALUE (`-` reads the value from standard input, any bytes); prints the new
+    version. A value that is not UTF-8 is stored as bytes (`kvd get --raw` gives them back).
+    """
     if if_version is not None and if_absent:
         raise click.UsageError("give --if-version or --if-absent, not both")
-    if value == "-":
-        try:
-            value = sys.stdin.buffer.read().decode("utf-8")
-        except UnicodeDecodeError:
-            fail("the value on standard input is not UTF-8", 2)
-    written = c.client.put(key, value, ttl=ttl, if_version=if_version, if_absent=if_absent)
+    # The bytes given, exactly: standard input's, or the argument's as the shell passed them
+    # (Python decodes an argument that is not UTF-8 with surrogate escapes; fsencode undoes that).
+    data = sys.stdin.buffer.read() if value == "-" else os.fsencode(value)
+    written = c.client.put(key, data, ttl=ttl, if_version=if_version, if_absent=if_absent)
     body: dict[str, Any] = {"key": written.key, "version": written.version, "replicas": list(written.replicas)}
     if written.expires is not None:
         body["expires"] = written.expires

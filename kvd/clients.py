@@ -10,6 +10,7 @@ kept-alive connections for L{Client}, a treq C{HTTPClient} for L{TwistedClient}.
 
 from __future__ import annotations
 
+import base64
 import builtins
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -65,6 +66,13 @@ class Entry:
     encoding: str | None = None
     #: The content type stored with a typed value (bytes, or text PUT with a Content-Type).
     content_type: str | None = None
+
+    @property
+    def value_bytes(self) -> bytes:
+        """The value's bytes: the base64 decoded for bytes, the text in UTF-8 otherwise."""
+        if self.encoding == "base64":
+            return base64.b64decode(self.value)
+        return self.value.encode()
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"key": self.key, "value": self.value}
@@ -270,7 +278,7 @@ def _get(key: str) -> _Call:
     return _Call("GET", key_path(key), f"get {key!r}")
 
 
-def _put(key: str, value: str, ttl: float | None, if_version: str | None, if_absent: bool) -> _Call:
+def _put(key: str, value: str | bytes, ttl: float | None, if_version: str | None, if_absent: bool) -> _Call:
     if if_version is not None and if_absent:
         raise ValueError("if_version and if_absent cannot both be given")
     headers: list[tuple[str, str]] = []
@@ -279,7 +287,8 @@ def _put(key: str, value: str, ttl: float | None, if_version: str | None, if_abs
     if if_absent:
         headers.append(("If-None-Match", "*"))
     query = (("ttl", _number(ttl)),) if ttl is not None else ()
-    return _Call("PUT", key_path(key), f"put {key!r}", query, value.encode(), tuple(headers))
+    body = value if isinstance(value, bytes) else value.encode()
+    return _Call("PUT", key_path(key), f"put {key!r}", query, body, tuple(headers))
 
 
 def _delete(key: str, if_version: str | None) -> _Call:
@@ -488,7 +497,7 @@ class Client:
     def put(
         self,
         key: str,
-        value: str,
+        value: str | bytes,
         ttl: float | None = None,
         if_version: str | None = None,
         if_absent: bool = False,
@@ -496,6 +505,7 @@ class Client:
         """
         Write C{value}: expiring C{ttl} seconds later if given; only if the key's version is
         C{if_version}, or only if it is absent (C{if_absent}), else L{PreconditionFailed}.
+        Bytes are sent as they are (the gateway keeps bytes that are not UTF-8 as bytes).
         """
         return _written(self._json(_put(key, value, ttl, if_version, if_absent)), key)
 
@@ -696,7 +706,12 @@ class TwistedClient:
         return _entry(await self._json(_get(key)), key)
 
     async def put(
-        self, key: str, value: str, ttl: float | None = None, if_version: str | None = None, if_absent: bool = False
+        self,
+        key: str,
+        value: str | bytes,
+        ttl: float | None = None,
+        if_version: str | None = None,
+        if_absent: bool = False,
     ) -> Written:
         return _written(await self._json(_put(key, value, ttl, if_version, if_absent)), key)
 

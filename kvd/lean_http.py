@@ -16,9 +16,10 @@ whose end is known is lent, alone, to a fresh L{kvd.web.BoundedChannel} on the s
 transport, and the connection goes on here once it is answered: a gateway's kept-alive pool
 sends all its calls to a node on the same connections. A request twisted.web must judge
 (HTTP/1.0, C{Transfer-Encoding}, C{Expect}, C{Connection: close}, a malformed or oversized
-head, an odd C{Content-Length} or a body over the limit, a duplicated header) gives the
-connection to a L{kvd.web.BoundedChannel} for good, the bytes read so far replayed to it, so
-its 400, 413 and 431 answers and its rules apply unchanged; so does a head's first lines as
+head, an odd C{Content-Length}, a body over the limit or without its token, a duplicated
+header) gives the connection to a L{kvd.web.BoundedChannel} for good, the bytes read so far
+replayed to it, so its 400, 401, 413 and 431 answers and its rules apply unchanged (a body
+it refuses is never read); so does a head's first lines as
 soon as they say so, as twisted.web answers a bad line when it has it. Requests are answered
 one at a time, in order: what a client pipelines behind a request is held until its answer
 is written. A site with C{--access-log} on serves every connection with twisted.web.
@@ -44,7 +45,7 @@ from zope.interface import implementer
 from kvd.codec import answer_json
 from kvd.metrics import now
 from kvd.transport import send_eagerly
-from kvd.web import _PLAIN, BoundedSite, HotRequest, Pending, http_date
+from kvd.web import _PLAIN, BoundedSite, HotRequest, Pending, http_date, origin_form
 
 _log = Logger()
 
@@ -348,7 +349,7 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
                     # twisted.web answers a bad line as soon as it has it (and the next one):
                     # the lines of a head not all here yet are looked at as they come.
                     lines = data.rfind(b"\r\n", pos)
-                    if size - pos > _MAX_HEAD or (lines > pos and self._parse(data[pos:lines]) is None):
+                    if size - pos > _MAX_HEAD or (lines > pos and self._parse(data[pos:lines], False) is None):
                         self._fall_back(data[pos:])
                     else:
                         self._hold(data[pos:], size - pos + 1)
@@ -374,13 +375,13 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
         finally:
             self._serving = False
 
-    def _parse(self, head: bytes) -> tuple[bytes, bytes, dict[bytes, bytes] | None, int] | None:
+    def _parse(self, head: bytes, whole: bool = True) -> tuple[bytes, bytes, dict[bytes, bytes] | None, int] | None:
         """
         A request's method, target, headers (by lower-case name) and body length, or None
         when twisted.web is to have the rest of the connection. The headers are None when
         the request is plain HTTP/1.1 whose end is known but not one of the fast routes':
-        twisted.web is lent it alone. Given the first lines of a head only, None if they
-        already say the connection is twisted.web's.
+        twisted.web is lent it alone. Given the first lines of a head only (not C{whole}),
+        None if they already say the connection is twisted.web's.
         """
         lines = head.split(b"\r\n")
         if len(head) > _MAX_HEAD or len(lines) > _MAX_LINES:
@@ -391,6 +392,8 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
         if len(parts) != 3:
             return None
         method, uri, version = parts
+        if uri[:1] != b"/":
+            uri = origin_form(uri)  # an absolute-form target: served as twisted.web serves it
         if (
             version != b"HTTP/1.1"
             or not method
@@ -420,6 +423,15 @@ class LeanChannel(NetworkProtocol, TimeoutMixin):
         ):
             return None
         query = uri.find(b"?")
+        auth = self.site.auth
+        if (
+            whole
+            and length
+            and auth is not None
+            and auth.required
+            and not auth.allows(uri if query < 0 else uri[:query], headers.get(b"authorization"))
+        ):
+            return None  # a body without its token: twisted.web refuses it from the head, unread
         if (
             method not in _METHODS
             or (method in _WITH_BODY and b"content-length" not in headers)

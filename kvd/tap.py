@@ -85,7 +85,9 @@ class Options(usage.Options):
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
-            fail(f"{e} (see twistd kvd --help)", 2)
+            # The rules of URLs and ids (kvd/validate.py, the registry's) end their sentences;
+            # inside this line, before the pointer to --help, the full stop goes, as in every other.
+            fail(f"{str(e).removesuffix('.')} (see twistd kvd --help)", 2)
 
     def postOptions(self) -> None:
         given = set(self.given)

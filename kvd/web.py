@@ -5,7 +5,8 @@ Twisted's web server reads a whole request body before any resource sees it and 
 limit, so the limit lives here, in the channel and request: a Content-Length over the limit
 is refused before one byte of the body is read, and a body without one (chunked) is cut off
 as soon as it passes the limit. Either way the client gets a 413 JSON answer and the
-connection is closed, since the rest of the body is not read.
+connection is closed, since the rest of the body is not read. A body whose request lacks the
+token its path needs is refused the same way, 401 from the head, before it is read.
 """
 
 from __future__ import annotations
@@ -108,6 +109,23 @@ _PLAIN = {
     for name in (b"server", b"date", b"etag", b"content-type", b"content-length")
     for spelling in (name, _canonical(name))
 }
+
+
+def origin_form(target: bytes) -> bytes:
+    """
+    A request target in absolute form (C{http://host:port/kv/a?x}, which RFC 9112 says a server
+    must accept) as the origin form it stands for (C{/kv/a?x}); any other target as it is.
+    """
+    scheme = target[:8].lower()
+    if scheme.startswith(b"http://"):
+        rest = target[7:]
+    elif scheme == b"https://":
+        rest = target[8:]
+    else:
+        return target
+    ends = [at for at in (rest.find(b"/"), rest.find(b"?")) if at >= 0]
+    path = rest[min(ends) :] if ends else b""
+    return path if path[:1] == b"/" else b"/" + path
 
 
 def _raw_response(status: int, reason: bytes, obj: object) -> bytes:
@@ -246,28 +264,29 @@ class BoundedChannel(HTTPChannel):
         return bool(super().checkPersistence(request, version))
 
     def allHeadersReceived(self) -> None:
+        if self._path[:1] != b"/":
+            self._path = origin_form(self._path)  # served, limited and checked as its origin form
         if self.length is not None and self.length > self.site.limit_for(self._path):
             # Before super(): it would answer "100 Continue" to a client that asked.
             self.refuse()
             self.setRawMode()
             return
-        if self._unauthorized_large_body():
+        if self._unauthorized_body():
             self._refuse_unauthorized()
             self.setRawMode()
             return
         super().allHeadersReceived()
 
-    def _unauthorized_large_body(self) -> bool:
-        # An import's body (up to 16 GiB, spooled to disk) is refused before it is read when its
-        # token is wrong, not after: an unauthenticated client must not fill the gateway's disk.
+    def _unauthorized_body(self) -> bool:
+        # A body whose request lacks its token (an import's, up to 16 GiB spooled to disk; a
+        # batch's or an internal one's, up to the internal limit in memory; a PUT's) is refused
+        # from the head, not after it is read: an unauthenticated client must not fill the
+        # gateway's disk or memory.
         auth = self.site.auth
         if auth is None or not auth.required or self.length == 0 or not self.requests:
             return False
-        path = self._path.split(b"?", 1)[0]
-        if path != paths.IMPORT:
-            return False
         given = self.requests[-1].requestHeaders.getRawHeaders(b"authorization")
-        return not auth.allows(path, given[0] if given else None)
+        return not auth.allows(self._path.split(b"?", 1)[0], given[0] if given else None)
 
     def _refuse_unauthorized(self) -> None:
         self._refused = True

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.web.resource import Resource
 
 from kvd.gateway.cluster import ClusterView
 from kvd.gateway.coordinator import Coordinator
@@ -414,6 +415,46 @@ def test_a_killed_node_costs_nothing_after_the_first_refusal_and_readiness_follo
     results = cluster.start("PUT", "/kv/warm2", b"v")
     assert results and results[0][0] == 503 and "unreachable" in results[0][1]["error"]
     assert cluster.gateway("GET", "/healthz")[0] == 200, "/healthz stays a liveness check"
+
+
+class Garbage(Resource):
+    """A node that answers every request, /healthz too, 200 with C{body}: not a node's JSON."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+
+    def render(self, request: Any) -> bytes:
+        return self.body
+
+
+@pytest.mark.parametrize("body", [b"<html>not a kvd node</html>", b'{"entries": "not a dict", "live": 7}'])
+def test_a_node_answering_garbage_is_judged_unreachable_at_once_and_reachable_again_once_it_answers_well(
+    cluster: GatewayHarness, body: bytes
+) -> None:
+    """
+    A member whose quorum calls are answered with garbage (not JSON, or JSON of the wrong
+    shape) is one no quorum can use: /cluster says it is unreachable, requests are routed
+    around it without waiting, probes answered with garbage keep it so, and once it answers
+    well it is used again.
+    """
+    node_b = cluster.network.sites["b.test"].resource
+    cluster.network.serve("b.test", Garbage(body))
+    for i in range(5):
+        assert cluster.start("PUT", f"/kv/g{i}", b"v")[0][0] == 200, "answered without the clock moving"
+        assert cluster.start("GET", f"/kv/g{i}")[0][0] == 200
+    assert not cluster.health.reachable("b")
+    reachable = {n["id"]: n["reachable"] for n in cluster.gateway("GET", "/cluster")[1]["nodes"]}
+    assert reachable == {"a": True, "b": False, "c": True}
+    cluster.probe_time()
+    assert not cluster.health.reachable("b"), "a probe answered 200 with garbage: still unreachable"
+    cluster.network.serve("b.test", node_b)
+    cluster.probe_time()
+    assert cluster.health.reachable("b"), "answering well again, it is reachable again"
+    assert cluster.gateway("PUT", "/kv/after", b"back")[0] == 200
+    assert cluster.stores["b"].entry("after") is not None, "writes go to it again"
 
 
 def test_the_gateway_metrics_count_unreachable_nodes(cluster: GatewayHarness) -> None:

@@ -71,7 +71,7 @@ def node_world(directory: Path, lean: bool, auth: Auth | None = None) -> World:
     return world
 
 
-def gateway_world(directory: Path, lean: bool) -> World:
+def gateway_world(directory: Path, lean: bool, auth: Auth | None = None) -> World:
     clock = Clock()
     network = Network(clock)
     stores = []
@@ -82,7 +82,7 @@ def gateway_world(directory: Path, lean: bool) -> World:
     cluster = Cluster(vnodes=16, replicas=3)
     cluster.update({n: NodeInfo(n, f"http://{n}.test") for n in "abc"})
     coordinator = Coordinator(cluster, NodeClients(network.peers("gw")), HybridClock(clock.seconds, "gw"))
-    api = GatewayAPI(cluster, coordinator, max_value_bytes=LIMIT, clock=clock)
+    api = GatewayAPI(cluster, coordinator, max_value_bytes=LIMIT, clock=clock, auth=auth or Auth())
     kind = LeanSite if lean else BoundedSite
     site = kind(api.resource(), max_body=LIMIT, reactor=clock, metrics=api.metrics)
     world = World(site, clock, api.metrics, network.flush)
@@ -198,6 +198,13 @@ KV_REQUESTS = [
     b"GET /kv/a HTTP/1.1\r\nBad Header: x\r\n\r\n",
     b"GET /kv/a HTTP/1.1\r\nX: a\rb\r\n\r\n",
     b"garbage\r\n\r\n",
+    req("PUT", "http://127.0.0.1:8000/kv/absolute", b"v"),
+    req("GET", "HTTP://x/kv/absolute?raw=true"),
+    req("GET", "https://x:1/kv/a"),
+    req("GET", "http://x"),
+    req("GET", "http://x?limit=1"),
+    req("GET", "http:/kv/a"),
+    req("GET", "ftp://x/kv/a"),
 ]
 NODE_REQUESTS = [
     internal("/internal/apply", {"items": [["i1", "v", "0000018c2f4e5a6b0001-gw1"]]}),
@@ -353,6 +360,55 @@ def test_bearer_tokens_are_checked_on_the_lean_path_as_on_twisted_web(tmp_path: 
         assert b"401 Unauthorized" in answer and b"WWW-Authenticate: Bearer" in answer
     finally:
         pair.close()
+
+
+def test_an_absolute_form_target_is_served_as_its_origin_form(nodes: Pair, gateways: Pair) -> None:
+    """RFC 9112: a server MUST accept GET http://host/kv/a as it does GET /kv/a."""
+    for pair in (nodes, gateways):
+        answer, closed = pair.exchange([req("PUT", "http://127.0.0.1:8000/kv/abs", b"v")])
+        assert answer.startswith(b"HTTP/1.1 200 OK") and not closed, answer
+        answer, _ = pair.exchange([req("GET", "http://127.0.0.1:8000/kv/abs?raw=true")])
+        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\nv"), answer
+    assert nodes.new.metrics.counts[("/kv/{key}", b"GET", 200)] == 1, "counted under its route"
+    protocol, transport = nodes.new.connect()
+    protocol.dataReceived(req("GET", "http://127.0.0.1:8000/kv/abs"))
+    assert b"200 OK" in transport.value() and protocol.fallen is None, "on the lean path, not handed over"
+
+
+def test_a_body_without_its_token_is_refused_from_its_head_on_both_paths(tmp_path: Path) -> None:
+    """
+    A request with a body but not its token (client token for /kv/ and /batch, the cluster
+    secret for /internal/) is answered 401 as soon as its head is in, before its body comes,
+    and the connection is closed (the body is never read); with its token, the body is awaited.
+    """
+    auth = Auth(client_token=b"tok", cluster_secret=b"sec")
+    nodes = Pair(lambda d, lean: node_world(d, lean, auth), tmp_path / "nodes")
+    gateways = Pair(lambda d, lean: gateway_world(d, lean, auth), tmp_path / "gateways")
+    refused = [
+        (nodes, "PUT", "/kv/a", (), "tok"),
+        (nodes, "PUT", "/kv/a?ttl=5", ("Authorization: Bearer nope",), "sec"),
+        (nodes, "POST", "/internal/apply", ("Authorization: Bearer tok",), "sec"),
+        (nodes, "POST", "/internal/read", (), "sec"),
+        (gateways, "POST", "/batch", ("Authorization: Bearer nope",), "tok"),
+        (gateways, "PUT", "/kv/a", (), "sec"),
+        (gateways, "PUT", "http://gw/kv/a", (), "tok"),
+    ]
+    try:
+        for pair, method, target, headers, token in refused:
+            head = req(method, target, None, (*headers, f"Content-Length: {LIMIT}"))
+            answer, closed = pair.exchange([head + b"{"])
+            assert answer.startswith(b"HTTP/1.1 401 Unauthorized\r\n"), (target, answer)
+            body = answer.split(b"\r\n\r\n", 1)[1]
+            assert json.loads(body) == {"success": False, "error": "this needs a valid Authorization: Bearer token"}
+            assert b'WWW-Authenticate: Bearer realm="kvd"' in answer and closed, target
+            good = req(method, target, None, (f"Authorization: Bearer {token}", f"Content-Length: {LIMIT}"))
+            assert pair.exchange([good + b"{"]) == (b"", False), "with its token, its body is awaited"
+        chunked = req("PUT", "/kv/a", None, ("Transfer-Encoding: chunked",)) + b"40\r\n{"
+        answer, closed = nodes.exchange([chunked])
+        assert answer.startswith(b"HTTP/1.1 401 ") and closed, "a chunked body too"
+    finally:
+        nodes.close()
+        gateways.close()
 
 
 def test_the_idle_timeout_closes_a_lean_connection_as_it_does_twisted_web_s(nodes: Pair) -> None:

@@ -258,6 +258,31 @@ def test_more_bad_options_are_one_line(capsys: pytest.CaptureFixture[str], argv:
     assert err.count("\n") == 1 and message in err, err
 
 
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (("--role", "gateway", "--registry", "foo"), "--registry 'foo' must start with http:// or https://"),
+        (("--role", "gateway", "--registry", "http://r:99999"), "--registry 'http://r:99999' has an invalid port"),
+        (
+            ("--role", "node", "--node-id", "a", "--data-dir", "/d", "--advertise", "http://"),
+            "--advertise 'http://' has no host",
+        ),
+        (
+            ("--role", "node", "--node-id", "-a", "--data-dir", "/d"),
+            "--node-id: The node id '-a' is not valid: it must be 1 to 128 characters of ASCII letters, digits, "
+            "'.', '_' or '-', starting with a letter or a digit",
+        ),
+    ],
+)
+def test_a_bad_url_or_id_reads_like_every_other_bad_option(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], line: str
+) -> None:
+    """No full stop before the pointer to --help, as in "--ttl must be at least 0.1, not nan (see ...)"."""
+    with pytest.raises(SystemExit):
+        parse(*argv)
+    assert capsys.readouterr().err == f"twistd kvd: {line} (see twistd kvd --help)\n"
+
+
 def test_once_running_start_up_objects_leave_the_collector_and_the_young_generation_is_collected_less_often() -> None:
     import gc
 

@@ -3,10 +3,11 @@ The gateway's own failure detector: which nodes this gateway can reach, and how 
 for each.
 
 Every quorum call to a node reports back: an answer brings its latency, which feeds a
-smoothed mean and mean deviation (as TCP estimates round-trip times); a timeout, a refusal
-or a reset marks the node I{unreachable} at once, for this gateway, whatever the registry
-says. An unreachable node gets no quorum traffic: it is probed (C{GET /healthz}) with
-exponential backoff until it answers 200, and is then used again.
+smoothed mean and mean deviation (as TCP estimates round-trip times); a timeout, a refusal,
+a reset or an answer that is not the call's JSON (garbage: no quorum can use it) marks the
+node I{unreachable} at once, for this gateway, whatever the registry says. An unreachable
+node gets no quorum traffic: it is probed (C{GET /healthz}) with exponential backoff until it
+answers 200 with its JSON, and is then used again.
 
 The learned figures give each call its deadline (L{Health.timeout}: a few times the usual
 worst case, between L{MIN_TIMEOUT} and the configured C{--timeout}) and give reads the delay
@@ -133,7 +134,8 @@ class Health:
 
     def failed(self, node_id: str, reason: str, timed_out: bool = False) -> bool:
         """
-        A call timed out, was refused or was reset: route around the node until a probe answers.
+        A call timed out, was refused or reset, or was answered with garbage: route around the
+        node until a probe answers.
 
         @return: whether the node is judged unreachable now (it was already, or this judged
             it), rather than kept as one of the last L{keep_at_least} after a time-out.

@@ -15,7 +15,8 @@ cuts its read answers the same way, so the size of an internal message follows f
 value limit (see L{kvd.keys.internal_message_limit}).
 
 The quorum paths report to the gateway's failure detector (L{kvd.gateway.health.Health}):
-each batch has the node's learned deadline, its latency or its loss is recorded, and a node
+each batch has the node's learned deadline, its latency or its loss (a garbled answer counting
+as one) is recorded, and a node
 judged unreachable is not asked at all: its items fail at once with a L{PeerUnreachable}.
 A queue holds at most L{MAX_QUEUED} items and L{MAX_QUEUED_CHARS} characters of values;
 past that an item fails at once, so a node that stops answering cannot grow the gateway's
@@ -45,6 +46,11 @@ from kvd.transport import Answer, PeerError, Peers, PeerTimeout, PeerUnreachable
 _log = Logger()
 
 T = TypeVar("T")
+
+
+class GarbledAnswer(PeerError):
+    """A node answered an internal call with something that is not that call's JSON."""
+
 
 #: Items per internal request.
 MAX_BATCH = 512
@@ -213,7 +219,7 @@ class NodeClient:
         try:
             return parse(answer.json())
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
-            raise PeerError(self.node.url, f"internal {path} answered something that is not its JSON") from None
+            raise GarbledAnswer(self.node.url, f"internal {path} answered something that is not its JSON") from None
 
     # Whole batches, for the repair sweep and the queues below.
 
@@ -588,7 +594,8 @@ class NodeClient:
                 timer.cancel()
             if overdue:
                 return Failure(overdue[0])
-            if failure.check(PeerTimeout, PeerUnreachable):
+            if failure.check(PeerTimeout, PeerUnreachable, GarbledAnswer):
+                # A node answering garbage serves no quorum either: routed around and probed, as a refusal.
                 health.failed(node_id, failure.getErrorMessage(), timed_out=bool(failure.check(PeerTimeout)))
             return failure
 
@@ -676,12 +683,12 @@ class NodeClients:
         return client
 
     def probe(self, node_id: str, timeout: float) -> Deferred[bool]:
-        """Whether the node answers C{GET /healthz} with 200 within C{timeout}."""
+        """Whether the node answers C{GET /healthz} with 200 and its JSON within C{timeout}."""
         client = self._clients.get(node_id)
         if client is None:
             return fail(PeerError(node_id, "not a member"))
         d = client.counted().call("GET", f"{client.node.url}/healthz", timeout=timeout)
-        return d.addCallback(lambda answer: answer.status == 200)
+        return d.addCallback(_healthy)
 
     def cork(self) -> None:
         """Hold every single-key call until L{uncork}: see L{Cork}. Calls nest."""
@@ -694,3 +701,14 @@ class NodeClients:
             corked, cork.corked = cork.corked, []
             for client in corked:
                 client.uncorked()
+
+
+def _healthy(answer: Answer) -> bool:
+    """Whether a C{/healthz} answer is a node's saying it is well (not just any 200: garbage is no node)."""
+    if answer.status != 200:
+        return False
+    try:
+        body = answer.json()
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(body, dict) and body.get("success") is True

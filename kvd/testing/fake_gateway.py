@@ -11,6 +11,7 @@ the blocking client and the command).
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from collections.abc import Iterator
@@ -35,6 +36,8 @@ class FakeGateway:
 
     def __init__(self, token: str | None = None) -> None:
         self.data: dict[str, tuple[str, str, float | None]] = {}
+        #: The keys whose value is bytes (not UTF-8), held in C{data} in base64 as answers carry them.
+        self.bytes_keys: set[str] = set()
         self.counter = 0
         self.log: list[tuple[str, str]] = []
         self.changes: list[tuple[int, str]] = []
@@ -55,6 +58,7 @@ class FakeGateway:
         version = self._version()
         if value is None:
             self.data.pop(key, None)
+            self.bytes_keys.discard(key)
         else:
             self.data[key] = (value, version, ttl)
         self.changes.append((self.counter, key))
@@ -120,6 +124,8 @@ class FakeGateway:
             if current is None:
                 return _json(404, {"success": False, "key": key, "error": "no such key"})
             answer: dict[str, Any] = {"success": True, "key": key, "value": current[0], "version": current[1]}
+            if key in self.bytes_keys:
+                answer["encoding"] = "base64"
             return _json(200, answer, {"ETag": f'"{current[1]}"'})
         if method not in ("PUT", "DELETE"):
             return _json(405, {"success": False, "error": "method not allowed"}, {"Allow": "GET, PUT, DELETE"})
@@ -143,11 +149,15 @@ class FakeGateway:
             return _json(200, {"success": True, "key": key, "version": version, "replicas": ["a"]})
         try:
             value = body.decode("utf-8")
-        except UnicodeDecodeError:
-            return _json(400, {"success": False, "key": key, "error": "the value is not UTF-8"})
+            self.bytes_keys.discard(key)
+        except UnicodeDecodeError:  # kept as bytes, answered in base64, as a gateway does
+            value = base64.b64encode(body).decode("ascii")
+            self.bytes_keys.add(key)
         ttl = float(query["ttl"]) if "ttl" in query else None
         version = self._write(key, value, ttl)
         answer = {"success": True, "key": key, "value": value, "version": version, "replicas": ["a"], "hinted": {}}
+        if key in self.bytes_keys:
+            answer["encoding"] = "base64"
         if ttl is not None:
             answer["expires"] = 1e9 + ttl
         return _json(200, answer, {"ETag": f'"{version}"'})

@@ -2,9 +2,9 @@
 Issue 8's "Done when", shown on real ``twistd kvd`` processes.
 
 - A fake node answering every internal call with malformed chunked framing (a negative
-  chunk size, a non-hex one, chunk data without its CRLF) leaves the gateway serving
-  /healthz at once, and the request that met it gets a 503 naming the node, well within
-  the gateway's --timeout.
+  chunk size, a non-hex one, chunk data without its CRLF) or with a well-framed answer that
+  is not JSON leaves the gateway serving /healthz at once, the request that met it gets a
+  503 naming the node, well within the gateway's --timeout, and /cluster shows it unreachable.
 - A value of --max-value-bytes bytes, of control characters (JSON escapes each into six
   bytes), written through the gateway reads back through it, exactly.
 - Without --access-log, a loop of 404s (GETs and DELETEs of absent keys) writes no log line.
@@ -109,6 +109,8 @@ MALFORMED = {
     "negative size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-6\r\nabcdef\r\n0\r\n\r\n",
     "non-hex size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabcdef\r\n0\r\n\r\n",
     "missing CRLF": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nabcdefXY0\r\n\r\n",
+    # Well framed, but no kvd node's JSON, to /internal/ calls and /healthz probes alike.
+    "not JSON": b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 14\r\n\r\n<html>no</html",
 }
 
 
@@ -171,6 +173,11 @@ def test_a_node_answering_malformed_chunks_gets_a_503_naming_it_and_healthz_stay
         assert seconds < GATEWAY_TIMEOUT / 4, (method, seconds, error)
     # And it still answers once the fake has been met many times.
     assert http_request(gateway.port, "GET", "/healthz", timeout=1).status == 200
+    # /cluster says the gateway cannot use it, and goes on saying so while its probes get garbage.
+    for _ in range(2):
+        status, cluster = request(gateway.port, "GET", "/cluster")
+        assert status == 200 and [(n["id"], n["reachable"]) for n in cluster["nodes"]] == [("fake", False)], cluster
+        time.sleep(1.0)
 
 
 # --- limits follow --max-value-bytes -----------------------------------------------------------

@@ -205,7 +205,7 @@ class Coordinator:
         before this returns; what the routing raises (L{NoNodes}) is raised here.
         """
         view = self.cluster.view()
-        route = view.route(key, self.nodes.health.reachable)
+        route = view.route(key, self.nodes.health.judged_unreachable)
         needed = min(self.write_quorum, view.replicas)
         expires = None if ttl is None else self.clock.now() + ttl
         _Write(self, key, value, view, route, needed, expires, reply).attempt()
@@ -227,7 +227,7 @@ class Coordinator:
         @raise NoNodes: when there are no members.
         """
         view = self.cluster.view()
-        route = view.route(key, self.nodes.health.reachable)
+        route = view.route(key, self.nodes.health.judged_unreachable)
         needed = min(self.write_quorum, view.replicas)
         self.clock.observe(version)
 
@@ -274,7 +274,7 @@ class Coordinator:
         raises (L{NoNodes}) is raised here.
         """
         view = self.cluster.view()
-        route = view.route(key, self.nodes.health.reachable)
+        route = view.route(key, self.nodes.health.judged_unreachable)
         owners = route.owners
         needed = min(self.read_quorum, view.replicas)
         candidates = route.targets + route.spares

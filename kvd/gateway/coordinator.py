@@ -121,6 +121,8 @@ class _Write:
             version = with_expiry(version, self.expires)
         self.version = version
         self.rounds += 1
+        # Nobody skipped (the usual route): no errors to name and no fallback standing in.
+        skipped = bool(route.skipped)
         gather_to(
             self.answer,
             self.tell,
@@ -128,8 +130,8 @@ class _Write:
             route.spares,
             self.needed,
             self.taken,
-            errors=coordinator._skipped(route),
-            standing_in=route.hints(),
+            errors=coordinator._skipped(route) if skipped else (),
+            standing_in=route.hints() if skipped else None,
             usable=coordinator._usable(self.view),
             on_failure=self.failed,
         )

@@ -92,12 +92,17 @@ class ChangeIndex:
 
     def changed(self, key: str) -> None:
         """C{key} changed now: it moves to the end of the order; its waiters wake."""
-        if key in self._seq_of:
-            self._unlink(key)
+        seq_of, key_at = self._seq_of, self._key_at
+        old = seq_of.pop(key, None)
+        if old is not None:  # L{_unlink}'s work, without its call: most writes are to keys held
+            del key_at[old]
+            self._stale += 1
+            if self._stale > 1024 and self._stale * 2 > len(self._seqs):
+                self._drop_stale()
         position = self.position = self.position + 1
         self._seqs.append(position)
-        self._key_at[position] = key
-        self._seq_of[key] = position
+        key_at[position] = key
+        seq_of[key] = position
         if self._key_waiters or self._feed_waiters:  # most writes have nobody waiting
             self._wake(key)
 
@@ -112,9 +117,13 @@ class ChangeIndex:
         del self._key_at[old]
         self._stale += 1
         if self._stale > 1024 and self._stale * 2 > len(self._seqs):
-            # The live sequence numbers, in order: the dict's own order, as they were added in it.
-            self._seqs = array("q", self._key_at)
-            self._stale = 0
+            self._drop_stale()
+
+    def _drop_stale(self) -> None:
+        """Keep only the live sequence numbers, once most are stale."""
+        # In order: the dict's own order, as they were added in it.
+        self._seqs = array("q", self._key_at)
+        self._stale = 0
 
     def seq_of(self, key: str) -> int | None:
         """The sequence number of C{key}'s latest change, if the index holds it."""

@@ -11,10 +11,10 @@ not the server's (C{--access-log} records every request).
 
 from __future__ import annotations
 
-import inspect
 import json
 import secrets
 from collections.abc import Callable
+from types import CoroutineType
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote_to_bytes
 
@@ -240,7 +240,10 @@ def _number_arg(request: HotRequest, name: bytes, kind: type[float] | type[int])
 
 
 def _precondition(request: HotRequest, delete: bool = False) -> Precondition | None:
-    return parse_precondition(request.getHeader(b"if-match"), request.getHeader(b"if-none-match"), delete)
+    if_match, if_none_match = request.getHeader(b"if-match"), request.getHeader(b"if-none-match")
+    if if_match is None and if_none_match is None:
+        return None  # parse_precondition's answer, without its call: most writes are not conditional
+    return parse_precondition(if_match, if_none_match, delete)
 
 
 def _watch_args(request: HotRequest) -> tuple[float, str]:
@@ -294,7 +297,7 @@ def render_error(request: HotRequest, failure: Failure, key: str | None = None) 
 
 def _settled(result: Rendered, request: HotRequest, key: str | None) -> Rendered:
     """A handler's result with its errors rendered: bytes, or a Deferred that fires with bytes."""
-    if inspect.iscoroutine(result):
+    if isinstance(result, CoroutineType):  # inspect.iscoroutine's test, without its call
         result = Deferred.fromCoroutine(result)
     if isinstance(result, Deferred):
         return result.addErrback(_render_failure, request, key)

@@ -73,7 +73,7 @@ from kvd.journal import (
     write_all,
     write_snapshot,
 )
-from kvd.keys import BATCH_VALUE_BUDGET, BadKey, BadValue, check_key, check_value
+from kvd.keys import BATCH_VALUE_BUDGET, MAX_KEY_BYTES, BadKey, BadValue, check_key, check_value
 from kvd.ttl import MARK, expired, expiry_ms, with_expiry
 from kvd.versions import HybridClock, is_version
 
@@ -167,21 +167,36 @@ class _Pending:
     undo: tuple[tuple[str, str | None], ...]
 
 
-def _write_item(item: object) -> tuple[str, str | None, str]:
-    if not (isinstance(item, (list, tuple)) and len(item) == 3 and (item[1] is None or isinstance(item[1], str))):
-        raise BadBatch("each item is [key, value or null, version]")
-    try:
-        key = check_key(item[0])
-    except BadKey as e:
-        raise BadBatch(str(e)) from None
-    if not is_version(item[2]) or BIN in item[2]:
-        raise BadBatch(f"not a version: {item[2]!r}")
-    if item[1] is not None:
-        try:
-            check_value(item[1])
-        except BadValue as e:
-            raise BadBatch(str(e)) from None
-    return key, item[1], item[2]
+def _write_items(items: Sequence[object]) -> list[tuple[str, str | None, str]]:
+    """
+    Each of a replicated batch's items as (key, value or None, version), all of them checked
+    before any is applied. One pass with the usual item (an ASCII key and value) checked
+    inline: a node checks every item of every batch (about 14 a request); an unusual one
+    goes through the checks the client API uses, which say what is wrong.
+
+    @raise BadBatch: for the first item that is not [key, value or null, version].
+    """
+    writes = []
+    for item in items:
+        if not (isinstance(item, (list, tuple)) and len(item) == 3):
+            raise BadBatch("each item is [key, value or null, version]")
+        key, value, version = item
+        if not (value is None or isinstance(value, str)):
+            raise BadBatch("each item is [key, value or null, version]")
+        if not (type(key) is str and key.isascii() and key.isprintable() and 0 < len(key) <= MAX_KEY_BYTES):
+            try:
+                check_key(key)
+            except BadKey as e:
+                raise BadBatch(str(e)) from None
+        if not is_version(version) or BIN in version:
+            raise BadBatch(f"not a version: {version!r}")
+        if value is not None and not value.isascii():
+            try:
+                check_value(value)
+            except BadValue as e:
+                raise BadBatch(str(e)) from None
+        writes.append((key, value, version))
+    return writes
 
 
 def _drop_item(item: object) -> tuple[str, str]:
@@ -678,7 +693,7 @@ class Store:
 
         @raise BadBatch: (before anything is applied) when any item is not such a write.
         """
-        writes = [_write_item(item) for item in items]
+        writes = _write_items(items)
         data, live, held = self._data, [], []
         records, undo = [], []
         refusal = self._refusal()
@@ -691,7 +706,8 @@ class Store:
                 held_version = ""
             else:
                 held_version = version_of(current)
-                live.append(SEP in current and not expired(held_version, now))
+                # Most versions carry no expiry: L{expired}'s call only for those that do.
+                live.append(SEP in current and not (MARK in held_version and expired(held_version, now)))
                 if held_version >= version:
                     held.append(held_version)
                     continue

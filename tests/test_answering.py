@@ -136,6 +136,7 @@ class _Node:
 
 class _Health:
     clock = Clock()
+    judged_unreachable: frozenset[str] = frozenset()
 
     def reachable(self, node_id: str) -> bool:
         return True

@@ -77,6 +77,17 @@ def test_a_failure_marks_a_node_unreachable_at_once_and_probes_back_off_until_on
     assert len(probes) == count, "a reachable node is not probed"
 
 
+def test_a_member_that_left_while_unreachable_is_asked_again_when_it_joins_again() -> None:
+    """Its judgement leaves with it: nothing is left to probe it, so it would never be asked again."""
+    health = Health(Clock(), ceiling=2.0, probe=lambda node_id, timeout: Deferred())
+    health.failed("a", "refused")
+    health.failed("b", "refused")
+    assert not health.reachable("a") and not health.reachable("b")
+    health.keep(["b", "c"])
+    assert health.reachable("a"), "a left: forgotten, judged anew if it joins again"
+    assert not health.reachable("b") and health.unreachable() == ["b"]
+
+
 def test_time_outs_never_leave_fewer_nodes_reachable_than_the_quorums_need_but_refusals_do() -> None:
     """When every node is slow the gateway is likely the slow one: it keeps asking the last ones."""
     health = Health(Clock(), ceiling=2.0, probe=lambda node_id, timeout: Deferred(), keep_at_least=2)

@@ -501,6 +501,33 @@ def test_a_batch_with_one_bad_item_applies_nothing(tmp_path: Path, opened: list[
     assert (tmp_path / journal_name(0)).read_bytes() == journal
 
 
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        pytest.param("a\x85b", "no control characters", id="control-beyond-ascii"),
+        pytest.param("\u00e9" * 257, "1 to 512 bytes", id="over-512-bytes-under-512-characters"),
+        pytest.param("k" * 513, "1 to 512 bytes", id="over-512-ascii"),
+        pytest.param("a\x7fb", "no control characters", id="delete-character"),
+    ],
+)
+def test_a_batch_refuses_the_keys_the_client_api_refuses(
+    tmp_path: Path, opened: list[Store], key: str, message: str
+) -> None:
+    """Batch items are checked by the same rules as keys on the client API, beyond ASCII too."""
+    store = open_store(opened, tmp_path)
+    with pytest.raises(BadBatch, match=message):
+        store.apply_batch([["k", "v", V1], [key, "v", V1]])
+    assert len(store) == 0
+
+
+def test_a_batch_takes_keys_and_values_beyond_ascii(tmp_path: Path, opened: list[Store]) -> None:
+    """A key of 512 bytes, and keys and values of any UTF-8 text, are written as sent."""
+    store = open_store(opened, tmp_path)
+    keys = ["k" * 512, "\u00e9" * 256, "\u043a\u043b\u044e\u0447", "a b"]
+    result(store.apply_batch([[key, f"\u0437\u043d\u0430\u0447 {i}", V1] for i, key in enumerate(keys)]))
+    assert [store.get(key) for key in keys] == [f"\u0437\u043d\u0430\u0447 {i}" for i in range(4)]
+
+
 def test_a_batch_of_nothing_new_writes_nothing(tmp_path: Path, opened: list[Store]) -> None:
     runner = ManualRunner()
     store = open_store(opened, tmp_path, run=runner)

@@ -17,7 +17,7 @@ build, not one each.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 from attrs import define, field, frozen
@@ -72,36 +72,36 @@ class ClusterView:
         """Whether quorum traffic may go to the member: the registry has it up and C{reachable} says yes."""
         return self.members[node_id].status != "down" and reachable(node_id)
 
-    def route(self, key: str, reachable: Callable[[str], bool]) -> Route:
+    def route(self, key: str, unreachable: Container[str]) -> Route:
         """
-        Where a key's quorum traffic goes when only the members C{reachable} says yes to (and
-        that the registry does not have down) can be asked: its reachable owners, each
-        unreachable owner replaced by the next reachable member clockwise.
+        Where a key's quorum traffic goes when the members in C{unreachable} (and those the
+        registry has down) cannot be asked: its reachable owners, each unreachable owner
+        replaced by the next reachable member clockwise.
 
         @raise NoNodes: when there are no members.
         """
         owners, fallbacks = self.placement(key)
         members = self.members
-        # Each member asked once (the write path's every PUT comes here); when every member is
-        # usable (the usual case), one pass and no sorting out.
+        # Each member looked at once, without a call (the write path's every PUT comes here);
+        # when every member is usable (the usual case), one pass and no sorting out.
         for node_id in owners:
-            if members[node_id].status == "down" or not reachable(node_id):
+            if members[node_id].status == "down" or node_id in unreachable:
                 break
         else:
             for node_id in fallbacks:
-                if members[node_id].status == "down" or not reachable(node_id):
+                if members[node_id].status == "down" or node_id in unreachable:
                     break
             else:
                 return Route(owners, owners[:], fallbacks, [])
         live, last_resort, spares, skipped = [], [], [], []
         for node_id in owners:
-            if members[node_id].status != "down" and reachable(node_id):
+            if members[node_id].status != "down" and node_id not in unreachable:
                 live.append(node_id)
             else:
                 last_resort.append(node_id)
                 skipped.append(node_id)
         for node_id in fallbacks:
-            if members[node_id].status != "down" and reachable(node_id):
+            if members[node_id].status != "down" and node_id not in unreachable:
                 spares.append(node_id)
             else:
                 skipped.append(node_id)

@@ -121,6 +121,8 @@ class _Write:
             version = with_expiry(version, self.expires)
         self.version = version
         self.rounds += 1
+        # Nobody skipped (the usual route): no errors to name and no fallback standing in.
+        skipped = bool(route.skipped)
         gather_to(
             self.answer,
             self.tell,
@@ -128,8 +130,8 @@ class _Write:
             route.spares,
             self.needed,
             self.taken,
-            errors=coordinator._skipped(route),
-            standing_in=route.hints(),
+            errors=coordinator._skipped(route) if skipped else (),
+            standing_in=route.hints() if skipped else None,
             usable=coordinator._usable(self.view),
             on_failure=self.failed,
         )
@@ -205,7 +207,7 @@ class Coordinator:
         before this returns; what the routing raises (L{NoNodes}) is raised here.
         """
         view = self.cluster.view()
-        route = view.route(key, self.nodes.health.reachable)
+        route = view.route(key, self.nodes.health.judged_unreachable)
         needed = min(self.write_quorum, view.replicas)
         expires = None if ttl is None else self.clock.now() + ttl
         _Write(self, key, value, view, route, needed, expires, reply).attempt()
@@ -227,7 +229,7 @@ class Coordinator:
         @raise NoNodes: when there are no members.
         """
         view = self.cluster.view()
-        route = view.route(key, self.nodes.health.reachable)
+        route = view.route(key, self.nodes.health.judged_unreachable)
         needed = min(self.write_quorum, view.replicas)
         self.clock.observe(version)
 
@@ -274,7 +276,7 @@ class Coordinator:
         raises (L{NoNodes}) is raised here.
         """
         view = self.cluster.view()
-        route = view.route(key, self.nodes.health.reachable)
+        route = view.route(key, self.nodes.health.judged_unreachable)
         owners = route.owners
         needed = min(self.read_quorum, view.replicas)
         candidates = route.targets + route.spares

@@ -76,6 +76,9 @@ class Health:
     #: routing around all of them would only turn slow answers into failed ones.
     keep_at_least: int = 0
     _nodes: dict[str, _Node] = field(factory=dict)
+    #: The ids of the nodes judged unreachable (each one's C{reachable} false), kept as they
+    #: are judged: the write path asks of every replica, and a set answers without a call.
+    judged_unreachable: set[str] = field(factory=set, init=False)
     #: The members the registry has down: no quorum traffic goes to them, so they are no spares.
     _down: frozenset[str] = frozenset()
 
@@ -86,8 +89,7 @@ class Health:
         return node
 
     def reachable(self, node_id: str) -> bool:
-        node = self._nodes.get(node_id)
-        return node is None or node.reachable
+        return node_id not in self.judged_unreachable
 
     def unreachable(self) -> list[str]:
         """The ids of the nodes judged unreachable, sorted."""
@@ -146,6 +148,7 @@ class Health:
         if timed_out and self._among_the_last(node_id):
             return False  # the last ones a quorum needs: slow, but still asked
         node.reachable, node.reason, node.backoff = False, reason, 0.0
+        self.judged_unreachable.add(node_id)
         _log.warn(
             "node {node} judged unreachable: {reason}; routing around it and probing", node=node_id, reason=reason
         )
@@ -188,6 +191,7 @@ class Health:
 
     def _reachable(self, node_id: str, node: _Node, why: str) -> None:
         node.reachable, node.reason, node.backoff = True, "", 0.0
+        self.judged_unreachable.discard(node_id)
         self._cancel(node)
         _log.info("node {node} reachable again: {why}", node=node_id, why=why)
 
@@ -205,6 +209,7 @@ class Health:
         wanted = set(node_ids)
         for node_id in [n for n in self._nodes if n not in wanted]:
             self._cancel(self._nodes.pop(node_id))
+            self.judged_unreachable.discard(node_id)
 
     def adopt(self, members: Mapping[str, NodeInfo]) -> None:
         """

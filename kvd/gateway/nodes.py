@@ -512,8 +512,8 @@ class NodeClient:
 
     def _queue(self, queue: _Queue, item: Any, chars: int, send: Callable[[], None], reply: Reply[Any]) -> None:
         """Queue C{item} for the node's next batch; its outcome goes to C{reply}."""
-        health = self.health  # L{reachable}, without its call: this runs for every replica asked
-        if health is not None and not health.reachable(self.node.id):
+        health = self.health  # L{reachable}, without its calls: this runs for every replica asked
+        if health is not None and self.node.id in health.judged_unreachable:
             reply.errback(Failure(PeerUnreachable(self.node.url, "judged unreachable by this gateway (being probed)")))
             return
         if len(queue.items) >= MAX_QUEUED or (queue.items and queue.chars + chars > MAX_QUEUED_CHARS):

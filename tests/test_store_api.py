@@ -290,3 +290,44 @@ def test_paging_through_merged_answers_lists_each_newest_live_key_once_in_order(
         assert after is None or page.next > after, "every page moves on"
         after = page.next
     assert listed == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.text("ab/", min_size=1, max_size=4), st.one_of(st.none(), st.text("xy", max_size=3)), max_size=30
+    ),
+    st.text("ab/", max_size=2),
+    st.one_of(st.none(), st.text("ab/", max_size=4)),
+    st.integers(1, 6),
+    st.booleans(),
+    st.integers(0, 6),
+)
+def test_a_listing_is_the_sorted_model_cut_at_its_prefix_limit_and_budget(
+    tmp_path_factory: pytest.TempPathFactory,
+    entries: dict[str, str | None],
+    prefix: str,
+    after: str | None,
+    limit: int,
+    values: bool,
+    max_chars: int,
+) -> None:
+    store = Store.open(str(tmp_path_factory.mktemp("listing")), clock=HybridClock(lambda: START, "n1"))
+    try:
+        store.apply_batch([[key, value, encode(1000, 0, "x")] for key, value in entries.items()])
+        following = sorted(k for k in entries if k.startswith(prefix) and (after is None or k > after))
+        expected: list[tuple[str, str | None]] = []
+        budget, more = max_chars, False
+        for key in following:
+            if len(expected) >= limit or (values and budget < 0):
+                more = True
+                break
+            value = entries[key]
+            if value is not None and values:
+                budget -= len(value)
+            expected.append((key, value if values or value is None else ""))
+        listed = store.listing(prefix, after, limit, values, max_chars)
+        assert [(key, value) for key, value, _ in listed.entries] == expected, (entries, prefix, after, limit)
+        assert listed.more is more
+    finally:
+        store.abandon()

@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 
 from kvd.gateway.cluster import ClusterView
 from kvd.gateway.coordinator import Coordinator
-from kvd.gateway.health import FIRST_PROBE_INTERVAL, MAX_PROBE_INTERVAL, MIN_TIMEOUT, Health
+from kvd.gateway.health import FIRST_PROBE_INTERVAL, FLAP_WINDOW, MAX_PROBE_INTERVAL, MIN_TIMEOUT, Health
 from kvd.gateway.nodes import MAX_QUEUED, NodeClient, NodeClients
 from kvd.gateway.quorum import QuorumFailed, gather
 from kvd.membership import NodeInfo
@@ -75,6 +75,36 @@ def test_a_failure_marks_a_node_unreachable_at_once_and_probes_back_off_until_on
     count = len(probes)
     clock.advance(MAX_PROBE_INTERVAL * 5)
     assert len(probes) == count, "a reachable node is not probed"
+
+
+def test_a_node_that_answers_probes_but_fails_its_calls_is_probed_ever_less_often_not_every_tenth_of_a_second() -> None:
+    """A half-broken node: its /healthz is well, its quorum answers garbage each time it is used again."""
+    clock = Clock()
+    probed: list[float] = []
+
+    def probe(node_id: str, timeout: float) -> Deferred[bool]:
+        probed.append(clock.seconds())
+        return succeed(True)
+
+    health = Health(clock, ceiling=2.0, probe=probe)
+
+    def until_probed() -> float:
+        """Seconds from now to the next probe, in steps of a hundredth of the first interval."""
+        started, count = clock.seconds(), len(probed)
+        while len(probed) == count:
+            clock.advance(FIRST_PROBE_INTERVAL / 100)
+        return clock.seconds() - started
+
+    waits = []
+    for _ in range(8):
+        health.failed("a", "answered garbage")
+        waits.append(until_probed())
+        assert health.reachable("a"), "its probe answered"
+    step = FIRST_PROBE_INTERVAL / 100
+    assert waits == pytest.approx([min(MAX_PROBE_INTERVAL, FIRST_PROBE_INTERVAL * 2**n) for n in range(8)], abs=step)
+    clock.advance(FLAP_WINDOW + step)
+    health.failed("a", "refused")
+    assert until_probed() == pytest.approx(FIRST_PROBE_INTERVAL, abs=step), "well for a while: it starts over"
 
 
 def test_a_member_that_left_while_unreachable_is_asked_again_when_it_joins_again() -> None:

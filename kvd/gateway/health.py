@@ -7,7 +7,9 @@ smoothed mean and mean deviation (as TCP estimates round-trip times); a timeout,
 a reset or an answer that is not the call's JSON (garbage: no quorum can use it) marks the
 node I{unreachable} at once, for this gateway, whatever the registry says. An unreachable
 node gets no quorum traffic: it is probed (C{GET /healthz}) with exponential backoff until it
-answers 200 with its JSON, and is then used again.
+answers 200 with its JSON, and is then used again. One judged unreachable again soon after
+(L{FLAP_WINDOW}) goes on from its last probe interval, so a node that answers probes but not
+quorum calls is not given traffic every tenth of a second.
 
 The learned figures give each call its deadline (L{Health.timeout}: a few times the usual
 worst case, between L{MIN_TIMEOUT} and the configured C{--timeout}) and give reads the delay
@@ -46,6 +48,11 @@ MIN_HEDGE = 0.005
 #: Probes of an unreachable node start this far apart and double up to MAX_PROBE_INTERVAL.
 FIRST_PROBE_INTERVAL = 0.1
 MAX_PROBE_INTERVAL = 2.0
+#: A node judged unreachable again within this many seconds of being used again goes on from
+#: its last probe interval rather than starting over: one that answers its probes but fails
+#: its quorum calls (a half-broken node) then gets a call every MAX_PROBE_INTERVAL at most, not
+#: every FIRST_PROBE_INTERVAL, and shows as unreachable nearly all the time.
+FLAP_WINDOW = 10.0
 
 #: How a probe asks a node whether it answers: (node id, timeout) -> fires with whether it is healthy.
 Probe = Callable[[str, float], "Deferred[bool]"]
@@ -58,6 +65,8 @@ class _Node:
     reachable: bool = True
     reason: str = ""
     backoff: float = 0.0
+    #: When it was last judged reachable again (None: never judged unreachable).
+    restored: float | None = None
     probe: IDelayedCall | None = None
     probing: Deferred[bool] | None = None
 
@@ -147,7 +156,9 @@ class Health:
             return True
         if timed_out and self._among_the_last(node_id):
             return False  # the last ones a quorum needs: slow, but still asked
-        node.reachable, node.reason, node.backoff = False, reason, 0.0
+        if node.restored is None or self.clock.seconds() - node.restored >= FLAP_WINDOW:
+            node.backoff = 0.0  # else it flaps: go on from the last interval
+        node.reachable, node.reason = False, reason
         self.judged_unreachable.add(node_id)
         _log.warn(
             "node {node} judged unreachable: {reason}; routing around it and probing", node=node_id, reason=reason
@@ -190,7 +201,7 @@ class Health:
         d.addCallbacks(answered, failed)
 
     def _reachable(self, node_id: str, node: _Node, why: str) -> None:
-        node.reachable, node.reason, node.backoff = True, "", 0.0
+        node.reachable, node.reason, node.restored = True, "", self.clock.seconds()
         self.judged_unreachable.discard(node_id)
         self._cancel(node)
         _log.info("node {node} reachable again: {why}", node=node_id, why=why)

@@ -498,6 +498,34 @@ def test_a_node_answering_garbage_is_judged_unreachable_at_once_and_reachable_ag
     assert cluster.stores["b"].entry("after") is not None, "writes go to it again"
 
 
+class OtherSecret(Resource):
+    """A node started with another cluster secret: /healthz well, every internal call 401."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        if request.path == b"/healthz":
+            return b'{"success": true}'
+        request.setResponseCode(401)
+        return b'{"success": false, "error": "this request needs the cluster secret"}'
+
+
+def test_a_node_refusing_the_cluster_secret_is_judged_unreachable_and_says_why(cluster: GatewayHarness) -> None:
+    """
+    A member whose every internal call is answered 401 (its --cluster-secret-file is not the
+    gateway's) serves no quorum: /cluster says it is unreachable and why, and requests are
+    routed around it, not sent to it every time while it is counted as reachable.
+    """
+    cluster.network.serve("b.test", OtherSecret())
+    for i in range(5):
+        assert cluster.start("PUT", f"/kv/s{i}", b"v")[0][0] == 200, "answered without the clock moving"
+    assert not cluster.health.reachable("b")
+    nodes = {n["id"]: n for n in cluster.gateway("GET", "/cluster")[1]["nodes"]}
+    assert nodes["b"]["reachable"] is False and "cluster-secret" in nodes["b"]["unreachable_because"]
+    assert nodes["a"]["reachable"] is True and nodes["c"]["reachable"] is True
+
+
 def test_the_gateway_metrics_count_unreachable_nodes(cluster: GatewayHarness) -> None:
     cluster.crash_node("b")
     cluster.start("GET", "/kv/warm0")

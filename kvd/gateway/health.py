@@ -4,8 +4,9 @@ for each.
 
 Every quorum call to a node reports back: an answer brings its latency, which feeds a
 smoothed mean and mean deviation (as TCP estimates round-trip times); a timeout, a refusal,
-a reset or an answer that is not the call's JSON (garbage: no quorum can use it) marks the
-node I{unreachable} at once, for this gateway, whatever the registry says. An unreachable
+a reset, an answer that is not the call's JSON (garbage: no quorum can use it) or a 401 (the
+node refuses the cluster secret) marks the node I{unreachable} at once, for this gateway,
+whatever the registry says. An unreachable
 node gets no quorum traffic: it is probed (C{GET /healthz}) with exponential backoff until it
 answers 200 with its JSON, and is then used again. One judged unreachable again soon after
 (L{FLAP_WINDOW}) goes on from its last probe interval, so a node that answers probes but not

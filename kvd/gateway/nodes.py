@@ -52,6 +52,14 @@ class GarbledAnswer(PeerError):
     """A node answered an internal call with something that is not that call's JSON."""
 
 
+class SecretRefused(GarbledAnswer):
+    """
+    A node answered an internal call 401: it refuses this gateway's cluster secret, so no
+    quorum call to it can work until one of them is given the other's (a node that answers
+    its probes but none of its calls, as one answering garbage).
+    """
+
+
 #: Items per internal request.
 MAX_BATCH = 512
 
@@ -214,6 +222,10 @@ class NodeClient:
         return d.addCallback(self._checked, path, parse)
 
     def _checked(self, answer: Answer, path: str, parse: Callable[[Any], T]) -> T:
+        if answer.status == 401:
+            raise SecretRefused(
+                self.node.url, f"internal {path} answered 401: the node refuses this gateway's --cluster-secret-file"
+            )
         if answer.status != 200:
             raise PeerError(self.node.url, f"internal {path} answered {answer.status}")
         try:

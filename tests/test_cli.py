@@ -5,6 +5,7 @@ memory by the fake gateway (no sockets): what it sends, prints and exits with.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -89,3 +90,13 @@ def test_get_raw_with_json_is_a_usage_error(pool: InMemoryPool) -> None:
     result = kvd("--json", "get", "--raw", "k")
     assert result.exit_code == 2 and "give --raw or --json, not both" in result.output
     assert pool.bodies == [], "nothing was asked"
+
+
+def test_ls_values_prints_bytes_in_base64_as_get_does_and_text_as_it_is(pool: InMemoryPool) -> None:
+    assert kvd("put", "b/blob", "-", stdin=BINARY).exit_code == 0
+    assert kvd("put", "b/text", "plain words").exit_code == 0
+    got = kvd("get", "b/blob")
+    listed = kvd("ls", "b/", "--values")
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.splitlines() == [f"b/blob\t{got.output.strip()}", "b/text\tplain words"]
+    assert base64.b64decode(got.output.strip()) == BINARY

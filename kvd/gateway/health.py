@@ -6,11 +6,11 @@ Every quorum call to a node reports back: an answer brings its latency, which fe
 smoothed mean and mean deviation (as TCP estimates round-trip times); a timeout, a refusal,
 a reset, an answer that is not the call's JSON (garbage: no quorum can use it) or a 401 (the
 node refuses the cluster secret) marks the node I{unreachable} at once, for this gateway,
-whatever the registry says. An unreachable
-node gets no quorum traffic: it is probed (C{GET /healthz}) with exponential backoff until it
-answers 200 with its JSON, and is then used again. One judged unreachable again soon after
-(L{FLAP_WINDOW}) goes on from its last probe interval, so a node that answers probes but not
-quorum calls is not given traffic every tenth of a second.
+whatever the registry says. An unreachable node gets no quorum traffic: it is probed (C{GET
+/healthz}) with exponential backoff until it answers 200 with its JSON, and is then used
+again. One judged unreachable again soon after (L{FLAP_WINDOW}) goes on from its last probe
+interval, so a node that answers probes but not quorum calls is not given traffic every tenth
+of a second.
 
 The learned figures give each call its deadline (L{Health.timeout}: a few times the usual
 worst case, between L{MIN_TIMEOUT} and the configured C{--timeout}) and give reads the delay

@@ -105,6 +105,14 @@ def test_a_node_that_answers_probes_but_fails_its_calls_is_probed_ever_less_ofte
     clock.advance(FLAP_WINDOW + step)
     health.failed("a", "refused")
     assert until_probed() == pytest.approx(FIRST_PROBE_INTERVAL, abs=step), "well for a while: it starts over"
+    for _ in range(8):
+        health.failed("a", "answered garbage")
+        until_probed()
+    health.succeeded("a", 0.002)
+    health.failed("a", "refused")
+    assert until_probed() == pytest.approx(FIRST_PROBE_INTERVAL, abs=step), (
+        "it answered a call: no flap, it starts over"
+    )
 
 
 def test_a_member_that_left_while_unreachable_is_asked_again_when_it_joins_again() -> None:

@@ -8,9 +8,9 @@ a reset, an answer that is not the call's JSON (garbage: no quorum can use it) o
 node refuses the cluster secret) marks the node I{unreachable} at once, for this gateway,
 whatever the registry says. An unreachable node gets no quorum traffic: it is probed (C{GET
 /healthz}) with exponential backoff until it answers 200 with its JSON, and is then used
-again. One judged unreachable again soon after (L{FLAP_WINDOW}) goes on from its last probe
-interval, so a node that answers probes but not quorum calls is not given traffic every tenth
-of a second.
+again. One judged unreachable again soon after (L{FLAP_WINDOW}), having answered no call
+since, goes on doubling its last probe interval, so a node that answers probes but not
+quorum calls is not given traffic every tenth of a second.
 
 The learned figures give each call its deadline (L{Health.timeout}: a few times the usual
 worst case, between L{MIN_TIMEOUT} and the configured C{--timeout}) and give reads the delay
@@ -66,7 +66,7 @@ class _Node:
     reachable: bool = True
     reason: str = ""
     backoff: float = 0.0
-    #: When it was last judged reachable again (None: never judged unreachable).
+    #: When it was last judged reachable again, until it answers a call (None: no flap to damp).
     restored: float | None = None
     probe: IDelayedCall | None = None
     probing: Deferred[bool] | None = None
@@ -143,6 +143,9 @@ class Health:
             node.deviation += (abs(error) - node.deviation) / 4
         if not node.reachable:
             self._reachable(node_id, node, "it answered")
+        if node.restored is not None:
+            # It answered a call, so it is not one that passes probes only: no flap to damp.
+            node.restored, node.backoff = None, 0.0
 
     def failed(self, node_id: str, reason: str, timed_out: bool = False) -> bool:
         """

@@ -224,7 +224,9 @@ class NodeClient:
     def _checked(self, answer: Answer, path: str, parse: Callable[[Any], T]) -> T:
         if answer.status == 401:
             raise SecretRefused(
-                self.node.url, f"internal {path} answered 401: the node refuses this gateway's --cluster-secret-file"
+                self.node.url,
+                f"internal {path} answered 401: the node needs the cluster secret (--cluster-secret-file),"
+                " which this gateway sends wrong or not at all",
             )
         if answer.status != 200:
             raise PeerError(self.node.url, f"internal {path} answered {answer.status}")
